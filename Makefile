@@ -1,0 +1,34 @@
+# One entry point for newcomers and CI. Every target installs what it needs.
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTHON ?= python3
+
+.PHONY: run test lint unit clean
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --constraint constraints.txt --editable '.[test]'
+	touch $@
+
+## run: serve the extender on 127.0.0.1:8888 with the shipped single-fleet chains
+run: $(STAMP)
+	$(BIN)/migchain chains validate chains/a100-40gb.yaml chains/a100-80gb.yaml chains/a30-24gb.yaml chains/h100-80gb.yaml chains/h200-141gb.yaml
+	$(BIN)/migchain-extender --bind 127.0.0.1:8888 \
+	  --chains chains/a100-40gb.yaml chains/a100-80gb.yaml chains/a30-24gb.yaml chains/h100-80gb.yaml chains/h200-141gb.yaml
+
+## test: the whole suite: lint, types, import contracts, unit and property tests
+test: lint unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+unit: $(STAMP)
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""The pure decision core: chains, policy, snapshot in; decisions out. Imports nothing that does I/O."""

@@ -1,0 +1,201 @@
+"""Pods, nodes and the cluster snapshot as the core sees them, read from Kubernetes object dicts; no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from extender.core.mig import is_mig_resource
+
+# Annotation keys: one domain prefix, documented in README.
+ANNOTATION_PREFIX = "migchain.io/"
+BORROW_ANNOTATION = ANNOTATION_PREFIX + "borrow"  # "false" opts a pod out of borrowing
+
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+MIG_CONFIG_STATE_LABEL = "nvidia.com/mig.config.state"
+
+
+class ObjectError(ValueError):
+    """A pod or node object that cannot be read; the message names the field."""
+
+
+MigCounts = tuple[tuple[str, int], ...]  # sorted (resource, count) pairs: hashable and ordered
+
+
+@dataclass(frozen=True)
+class PodRequest:
+    """What a pod asks of the extender: its MIG slices, and whether it may borrow."""
+
+    namespace: str
+    name: str
+    uid: str
+    mig: MigCounts
+    borrow_opt_out: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """One node's MIG slices: what it offers and what bound pods and reservations already use."""
+
+    name: str
+    gpu_product: str = ""
+    mig_config_state: str | None = None  # None: no MIG manager label on the node
+    allocatable: Mapping[str, int] = field(default_factory=dict)
+    used: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def offers_slices(self) -> bool:
+        # The MIG manager sets the label to `pending`/`rebooting`/`failed` while it
+        # repartitions; the slices advertised then are about to vanish. A node
+        # without the label is partitioned by hand and is taken as it stands.
+        return self.mig_config_state in (None, "success")
+
+    @cached_property
+    def free(self) -> Mapping[str, int]:
+        return {t: max(0, n - self.used.get(t, 0)) for t, n in self.allocatable.items()}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An immutable view of every node the extender knows; readers take one and never see it change."""
+
+    nodes: Mapping[str, NodeState] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, nodes: Iterable[NodeState]) -> Snapshot:
+        return cls({node.name: node for node in nodes})
+
+
+def quantity(value: Any, where: str) -> int:
+    """A whole-number quantity of an extended resource (`"2"` or `2`); extended resources are never fractional."""
+    if isinstance(value, bool):
+        raise ObjectError(f"{where}: expected a whole number, got {value!r}")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    else:
+        raise ObjectError(f"{where}: expected a whole number, got {value!r}")
+    if number < 0:
+        raise ObjectError(f"{where}: expected a whole number, got {value!r}")
+    return number
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ObjectError(f"{where}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _sequence(value: Any, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ObjectError(f"{where}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _string(value: Any, where: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ObjectError(f"{where}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _container_mig(container: Any, where: str) -> dict[str, int]:
+    resources = _mapping(_mapping(container, where).get("resources"), f"{where}.resources")
+    requests = _mapping(resources.get("requests"), f"{where}.resources.requests")
+    limits = _mapping(resources.get("limits"), f"{where}.resources.limits")
+    counts: dict[str, int] = {}
+    # Extended resources may give only limits; the API server then copies them to requests.
+    for section_name, section in (("limits", limits), ("requests", requests)):
+        for resource, value in section.items():
+            if is_mig_resource(resource):
+                counts[resource] = quantity(value, f"{where}.resources.{section_name}[{resource}]")
+    return counts
+
+
+def _add(total: dict[str, int], extra: Mapping[str, int]) -> None:
+    for resource, count in extra.items():
+        total[resource] = total.get(resource, 0) + count
+
+
+def _maximum(total: dict[str, int], other: Mapping[str, int]) -> None:
+    for resource, count in other.items():
+        total[resource] = max(total.get(resource, 0), count)
+
+
+def pod_mig_requests(spec: Mapping[str, Any]) -> MigCounts:
+    """The pod's effective MIG request, computed the way kube-scheduler does for any resource.
+
+    App containers and restartable (sidecar) init containers add up; each
+    ordinary init container runs alone beside the sidecars started before it,
+    and the pod needs the larger of the two.
+    """
+    total: dict[str, int] = {}
+    for index, container in enumerate(_sequence(spec.get("containers"), "spec.containers")):
+        _add(total, _container_mig(container, f"spec.containers[{index}]"))
+    sidecars: dict[str, int] = {}
+    init_peak: dict[str, int] = {}
+    for index, container in enumerate(_sequence(spec.get("initContainers"), "spec.initContainers")):
+        where = f"spec.initContainers[{index}]"
+        counts = _container_mig(container, where)
+        if _mapping(container, where).get("restartPolicy") == "Always":
+            _add(total, counts)
+            _add(sidecars, counts)
+            _maximum(init_peak, sidecars)
+        else:
+            running = dict(sidecars)
+            _add(running, counts)
+            _maximum(init_peak, running)
+    _maximum(total, init_peak)
+    return tuple(sorted((resource, count) for resource, count in total.items() if count > 0))
+
+
+def pod_request(pod: Any) -> PodRequest:
+    """Read a Pod object (as JSON) into the core's request; raise ObjectError naming the bad field."""
+    pod = _mapping(pod, "Pod")
+    metadata = _mapping(pod.get("metadata"), "Pod.metadata")
+    annotations = _mapping(metadata.get("annotations"), "Pod.metadata.annotations")
+    opt = annotations.get(BORROW_ANNOTATION)
+    return PodRequest(
+        namespace=_string(metadata.get("namespace"), "Pod.metadata.namespace") or "default",
+        name=_string(metadata.get("name"), "Pod.metadata.name"),
+        uid=_string(metadata.get("uid"), "Pod.metadata.uid"),
+        mig=pod_mig_requests(_mapping(pod.get("spec"), "Pod.spec")),
+        # Anything but an absent annotation or "true" opts out: a typo must not enable borrowing.
+        borrow_opt_out=opt is not None and opt != "true",
+    )
+
+
+def node_state(node: Any, used: Mapping[str, int] | None = None) -> NodeState:
+    """Read a Node object (as JSON): its MIG allocatable and the labels the core decides by."""
+    node = _mapping(node, "Node")
+    metadata = _mapping(node.get("metadata"), "Node.metadata")
+    name = _string(metadata.get("name"), "Node.metadata.name")
+    if not name:
+        raise ObjectError("Node.metadata.name: missing")
+    labels = _mapping(metadata.get("labels"), f"Node {name}: metadata.labels")
+    status = _mapping(node.get("status"), f"Node {name}: status")
+    allocatable = _mapping(status.get("allocatable"), f"Node {name}: status.allocatable")
+    state = labels.get(MIG_CONFIG_STATE_LABEL)
+    return NodeState(
+        name=name,
+        gpu_product=_string(labels.get(GPU_PRODUCT_LABEL), f"Node {name}: labels[{GPU_PRODUCT_LABEL}]"),
+        mig_config_state=None if state is None else _string(state, f"Node {name}: labels[{MIG_CONFIG_STATE_LABEL}]"),
+        allocatable={
+            resource: quantity(value, f"Node {name}: status.allocatable[{resource}]")
+            for resource, value in allocatable.items()
+            if is_mig_resource(resource)
+        },
+        used=dict(used or {}),
+    )

@@ -1,0 +1,248 @@
+"""The decisions: which nodes fit a pod, how each scores, what a bind grants; pure functions, no I/O.
+
+A pod's MIG requests are granted all-or-nothing on one node. Each requested
+type is granted as one type: its own (an exact fit) or a larger type up a chain
+(a borrow, `steps` positions higher). Among the ways to grant a pod on a node
+the cheapest wins, cost being slices moved times steps moved; ties go to the
+order the chains prefer, so the same input always gives the same answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from extender.core.cluster import BORROW_ANNOTATION, NodeState, PodRequest, Snapshot
+from extender.core.mig import short_name
+from extender.core.rules import BorrowOption, ChainRules
+
+MAX_SCORE = 10  # k8s.io/kube-scheduler/extender/v1 MaxExtenderPriority
+
+# Borrow search is exponential in the number of distinct MIG types one pod asks
+# for; real pods ask for one or two. Beyond this only exact fits are tried, so a
+# pathological pod cannot stall the scheduler.
+MAX_BORROW_DEMANDS = 4
+
+
+@dataclass(frozen=True)
+class Grant:
+    """`count` slices of `granted` given for a request of `requested` (equal when exact)."""
+
+    requested: str
+    granted: str
+    count: int
+    steps: int = 0
+    chain: str | None = None
+
+    @property
+    def borrowed(self) -> bool:
+        return self.steps > 0
+
+    def describe(self) -> str:
+        if not self.borrowed:
+            return f"{self.count}x {short_name(self.granted)}"
+        steps = "step" if self.steps == 1 else "steps"
+        return (
+            f"{self.count}x {short_name(self.granted)} for {short_name(self.requested)} "
+            f"({self.steps} {steps} up chain {self.chain})"
+        )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A way to run the pod on `node`: what each request is granted, and how tight the fit is."""
+
+    node: str
+    grants: tuple[Grant, ...]
+    leftover: int  # free slices of the granted types left on the node afterwards
+
+    @property
+    def cost(self) -> int:
+        return sum(grant.count * grant.steps for grant in self.grants)
+
+    @property
+    def borrows(self) -> bool:
+        return self.cost > 0
+
+    def describe(self) -> str:
+        if not self.grants:
+            return "no MIG request"
+        kind = "borrows" if self.borrows else "fits exactly"
+        return f"{kind}: " + ", ".join(grant.describe() for grant in self.grants)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why the pod cannot run on `node` now; `resolvable` is False when freeing every slice would not help."""
+
+    node: str
+    reason: str
+    resolvable: bool = True
+
+
+Verdict = Placement | Rejection
+
+
+@dataclass(frozen=True)
+class FilterDecision:
+    passed: tuple[str, ...]
+    failed: Mapping[str, str]
+    unresolvable: Mapping[str, str]
+    verdicts: Mapping[str, Verdict]
+
+
+def place(pod: PodRequest, node: NodeState | None, node_name: str, rules: ChainRules) -> Verdict:
+    """The cheapest way to run `pod` on one node, or why there is none."""
+    if node is None:
+        return Rejection(node_name, f"node {node_name} is not in migchain's cluster cache yet")
+    if not pod.mig:
+        return Placement(node.name, (), 0)
+    if not node.offers_slices:
+        return Rejection(
+            node.name, f"MIG is being reconfigured on this node (nvidia.com/mig.config.state={node.mig_config_state})"
+        )
+    options = _options(pod, node, rules)
+    grants = _cheapest(pod.mig, options, node.free)
+    if grants is not None:
+        return Placement(node.name, grants, _leftover(grants, node.free))
+    resolvable = _cheapest(pod.mig, options, node.allocatable) is not None
+    return Rejection(node.name, _why_not(pod, node, rules), resolvable)
+
+
+def filter_nodes(pod: PodRequest, node_names: Iterable[str], snapshot: Snapshot, rules: ChainRules) -> FilterDecision:
+    """Split the candidate nodes into those that pass and those that fail, with a reason each.
+
+    Only the cheapest fits pass: if any node fits exactly, nodes that would need
+    a borrow fail with a reason saying so. Scores alone could not promise this,
+    because kube-scheduler adds the extender's score to its own plugins' scores.
+    """
+    verdicts: dict[str, Verdict] = {}
+    for name in node_names:
+        if name not in verdicts:
+            verdicts[name] = place(pod, snapshot.nodes.get(name), name, rules)
+    placements = [verdict for verdict in verdicts.values() if isinstance(verdict, Placement)]
+    cheapest = min((placement.cost for placement in placements), default=0)
+    rivals = sum(1 for placement in placements if placement.cost == cheapest)
+    passed: list[str] = []
+    failed: dict[str, str] = {}
+    unresolvable: dict[str, str] = {}
+    for name, verdict in verdicts.items():
+        if isinstance(verdict, Rejection):
+            (failed if verdict.resolvable else unresolvable)[name] = verdict.reason
+        elif verdict.cost == cheapest:
+            passed.append(name)
+        else:
+            better = "an exact fit" if cheapest == 0 else f"a borrow of cost {cheapest}"
+            failed[name] = f"{verdict.describe()}; {rivals} other node(s) offer {better}"
+    return FilterDecision(tuple(passed), failed, unresolvable, verdicts)
+
+
+def score(verdict: Verdict) -> int:
+    """0..10: an exact fit beats any borrow, fewer steps beat more, and a tighter fit beats a looser one.
+
+    Tighter means fewer free slices of the granted types left on the node (best
+    fit): nodes with many free slices stay whole for pods that ask for several.
+    The bands never overlap, so packing never outweighs steps.
+    """
+    if isinstance(verdict, Rejection):
+        return 0
+    tight = verdict.leftover == 0
+    close = verdict.leftover <= 2
+    if verdict.cost == 0:
+        return 10 if tight else 9 if close else 8
+    if verdict.cost == 1:
+        return 7 if tight else 6
+    if verdict.cost == 2:
+        return 5 if tight else 4
+    return max(0, 6 - verdict.cost)  # 3 steps -> 3, 4 -> 2, 5 -> 1, more -> 0
+
+
+def score_nodes(pod: PodRequest, node_names: Iterable[str], snapshot: Snapshot, rules: ChainRules) -> dict[str, int]:
+    return {name: score(place(pod, snapshot.nodes.get(name), name, rules)) for name in node_names}
+
+
+def _options(pod: PodRequest, node: NodeState, rules: ChainRules) -> list[list[Grant]]:
+    """Per requested type, the grants worth trying in order of preference: exact first."""
+    may_borrow = not pod.borrow_opt_out and len(pod.mig) <= MAX_BORROW_DEMANDS
+    options = []
+    for requested, count in pod.mig:
+        tries = [Grant(requested, requested, count)]
+        if may_borrow:
+            tries += [
+                Grant(requested, option.granted, count, option.steps, option.chain)
+                for option in rules.borrow_options(requested, node.gpu_product, pod.namespace)
+                if option.allowed
+            ]
+        options.append(tries)
+    return options
+
+
+def _cheapest(
+    demands: tuple[tuple[str, int], ...], options: list[list[Grant]], free: Mapping[str, int]
+) -> tuple[Grant, ...] | None:
+    """Depth-first over the grant options with branch-and-bound on cost.
+
+    Options are visited in preference order and only a strictly cheaper
+    solution replaces the best, so ties keep the first one found.
+    """
+    best: tuple[Grant, ...] | None = None
+    best_cost = -1
+    remaining = dict(free)
+    chosen: list[Grant] = []
+
+    def visit(index: int, cost: int) -> None:
+        nonlocal best, best_cost
+        if best is not None and cost >= best_cost:
+            return
+        if index == len(demands):
+            best, best_cost = tuple(chosen), cost
+            return
+        for grant in options[index]:
+            if remaining.get(grant.granted, 0) >= grant.count:
+                remaining[grant.granted] -= grant.count
+                chosen.append(grant)
+                visit(index + 1, cost + grant.count * grant.steps)
+                chosen.pop()
+                remaining[grant.granted] += grant.count
+
+    visit(0, 0)
+    return best
+
+
+def _leftover(grants: tuple[Grant, ...], free: Mapping[str, int]) -> int:
+    taken: dict[str, int] = {}
+    for grant in grants:
+        taken[grant.granted] = taken.get(grant.granted, 0) + grant.count
+    return sum(free.get(granted, 0) - count for granted, count in taken.items())
+
+
+def _why_not(pod: PodRequest, node: NodeState, rules: ChainRules) -> str:
+    """One line a human understands: what is short, and why no larger type could stand in."""
+    parts = []
+    for requested, count in pod.mig:
+        have = node.allocatable.get(requested, 0)
+        if have == 0:
+            part = f"no {short_name(requested)} on this node"
+        else:
+            part = f"{short_name(requested)}: {node.free.get(requested, 0)} of {have} free, need {count}"
+        parts.append(part + _borrow_note(pod, node, rules, requested, count))
+    return "; ".join(parts)
+
+
+def _borrow_note(pod: PodRequest, node: NodeState, rules: ChainRules, requested: str, count: int) -> str:
+    if node.free.get(requested, 0) >= count:
+        return ""
+    if pod.borrow_opt_out:
+        return f" (borrowing off: pod annotation {BORROW_ANNOTATION})"
+    if len(pod.mig) > MAX_BORROW_DEMANDS:
+        return f" (borrowing is tried only for pods with at most {MAX_BORROW_DEMANDS} MIG types)"
+    if not rules.has_chain_for(requested, node.gpu_product):
+        return f" (no chain for it on GPU model {node.gpu_product or '(unlabelled)'})"
+    options = rules.borrow_options(requested, node.gpu_product, pod.namespace)
+    return " (larger: " + ", ".join(_option_note(option, node) for option in options) + ")"
+
+
+def _option_note(option: BorrowOption, node: NodeState) -> str:
+    if option.denied is not None:
+        return f"{short_name(option.granted)} denied: {option.denied}"
+    return f"{short_name(option.granted)} {node.free.get(option.granted, 0)} free"

@@ -1,0 +1,77 @@
+"""`migchain-extender`: load the chain rules, then serve the HTTP API under gunicorn; wiring only."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from extender.config import ConfigError, load_rules
+from extender.store import SnapshotStore
+from extender.web.app import DEFAULT_MAX_BODY_BYTES, WebSettings, create_app
+
+# ONE worker process, several threads. Every bind must see the slices reserved
+# by the binds before it; that state lives in this process's memory (the cache
+# of the cluster plus its own reservations). Two processes would each keep a
+# cache of their own and hand the same free slice to two pods. Threads share
+# the one cache, and the decisions are short, pure and read an immutable
+# snapshot, so threads are enough to keep kube-scheduler's calls from queueing.
+WORKERS = 1
+
+
+class _Server(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type hints
+    def __init__(self, app: Any, options: dict[str, Any]) -> None:
+        self._app = app
+        self._options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        return self._app
+
+
+def parser() -> argparse.ArgumentParser:
+    cli = argparse.ArgumentParser(prog="migchain-extender", description=__doc__)
+    cli.add_argument("--bind", default="127.0.0.1:8888", help="HOST:PORT to listen on (default %(default)s)")
+    cli.add_argument("--chains", nargs="+", required=True, metavar="FILE", help="chain rule files (YAML)")
+    cli.add_argument("--threads", type=int, default=8, help="request threads (default %(default)s)")
+    cli.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body")
+    cli.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return cli
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        rules = load_rules(args.chains)
+    except ConfigError as error:
+        print(f"migchain-extender: invalid chain rules:\n{error}", file=sys.stderr)
+        return 2
+    app = create_app(WebSettings(max_body_bytes=args.max_body_bytes), rules, SnapshotStore())
+    options = {
+        "bind": args.bind,
+        "workers": WORKERS,
+        "worker_class": "gthread",
+        "threads": args.threads,
+        "loglevel": args.log_level,
+        "accesslog": "-" if args.log_level == "debug" else None,
+        # kube-scheduler keeps connections alive; a short keep-alive frees threads.
+        "keepalive": 5,
+        "graceful_timeout": 10,
+        # gunicorn's control socket can add workers at run time; one worker is a must (above).
+        "control_socket_disable": True,
+    }
+    _Server(app, options).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

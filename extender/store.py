@@ -1,0 +1,38 @@
+"""The holder of the current cluster snapshot: one writer swaps whole immutable snapshots in, readers take one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from extender.core.cluster import Snapshot
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    detail: str
+
+
+class SnapshotStore:
+    """Readers call `snapshot()` once per request and keep that object; a swap is one reference assignment.
+
+    Standalone (no cluster) the store starts ready with an empty snapshot;
+    a cluster cache starts it not ready and publishes after its first full list.
+    """
+
+    def __init__(self, snapshot: Snapshot | None = None, *, ready: bool = True, detail: str = "standalone") -> None:
+        self._snapshot = snapshot if snapshot is not None else Snapshot()
+        self._readiness = Readiness(ready, detail)
+
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def readiness(self) -> Readiness:
+        return self._readiness
+
+    def publish(self, snapshot: Snapshot, *, detail: str | None = None) -> None:
+        self._snapshot = snapshot
+        self._readiness = Readiness(True, detail if detail is not None else self._readiness.detail)
+
+    def mark_unready(self, detail: str) -> None:
+        self._readiness = Readiness(False, detail)

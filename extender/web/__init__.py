@@ -1,0 +1,1 @@
+"""The HTTP adapter: kube-scheduler's extender calls in, core decisions out. The only package that imports flask."""

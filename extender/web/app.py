@@ -1,0 +1,110 @@
+"""The Flask application: routes kube-scheduler's filter and prioritize calls to the core; no decisions here."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from flask import Blueprint, Flask, Response, current_app, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, UnsupportedMediaType
+
+from extender.core.decide import filter_nodes, score_nodes
+from extender.core.rules import ChainRules
+from extender.store import SnapshotStore
+from extender.web import wire
+
+log = logging.getLogger(__name__)
+
+# Full `Nodes` mode sends whole Node objects (images lists included); 64 MiB
+# holds about 5,000 of them. NodeNames mode, the one scheduler-config.yaml
+# uses, sends a few hundred kilobytes at most.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+
+@dataclass(frozen=True)
+class _Context:
+    rules: ChainRules
+    store: SnapshotStore
+
+
+routes = Blueprint("extender", __name__)
+
+
+def create_app(settings: WebSettings, rules: ChainRules, store: SnapshotStore) -> Flask:
+    app = Flask("migchain")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["migchain"] = _Context(rules, store)
+    app.register_blueprint(routes)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(wire.WireError, _bad_request)
+    app.register_error_handler(Exception, _unexpected)
+    return app
+
+
+def _context() -> _Context:
+    context: _Context = current_app.extensions["migchain"]
+    return context
+
+
+def _json(document: object, status: int = 200) -> Response:
+    return Response(wire.encode(document), status=status, mimetype="application/json")
+
+
+def _body() -> bytes:
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType(f"Content-Type must be application/json, got {request.mimetype or 'none'}")
+    return request.get_data(cache=False)
+
+
+@routes.post("/filter")
+def filter_() -> Response:
+    args = wire.extender_args(_body())
+    context = _context()
+    snapshot = wire.overlay(args, context.store.snapshot())
+    decision = filter_nodes(args.pod, args.node_names, snapshot, context.rules)
+    return _json(wire.filter_result(args, decision))
+
+
+@routes.post("/prioritize")
+def prioritize() -> Response:
+    args = wire.extender_args(_body())
+    context = _context()
+    snapshot = wire.overlay(args, context.store.snapshot())
+    return _json(wire.host_priority_list(score_nodes(args.pod, args.node_names, snapshot, context.rules)))
+
+
+@routes.get("/healthz")
+def healthz() -> Response:
+    return _json({"status": "ok"})
+
+
+@routes.get("/readyz")
+def readyz() -> Response:
+    readiness = _context().store.readiness()
+    return _json({"ready": readiness.ready, "detail": readiness.detail}, 200 if readiness.ready else 503)
+
+
+def _bad_request(error: wire.WireError) -> Response:
+    return _json(wire.error_result(str(error)), 400)
+
+
+def _http_error(error: HTTPException) -> Response:
+    # An oversized body is bad input like any other; kube-scheduler reads only `Error`.
+    status = 400 if isinstance(error, RequestEntityTooLarge) else error.code or 500
+    message = (
+        f"body larger than {current_app.config['MAX_CONTENT_LENGTH']} bytes"
+        if isinstance(error, RequestEntityTooLarge)
+        else error.description or error.name
+    )
+    return _json(wire.error_result(message), status)
+
+
+def _unexpected(error: Exception) -> Response:
+    # A bug, not bad input: log it with its trace, answer without one.
+    log.exception("unexpected error in %s %s", request.method, request.path)
+    return _json(wire.error_result(f"internal error: {type(error).__name__}"), 500)
