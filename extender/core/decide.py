@@ -217,21 +217,31 @@ def _leftover(grants: tuple[Grant, ...], free: Mapping[str, int]) -> int:
 
 
 def _why_not(pod: PodRequest, node: NodeState, rules: ChainRules) -> str:
-    """One line a human understands: what is short, and why no larger type could stand in."""
+    """One line a human understands: what is short, and why no larger type could stand in.
+
+    It names no per-node counts: kube-scheduler folds equal reasons into one
+    line of the FailedScheduling event ("0/20 nodes are available: 20 <reason>"),
+    so nodes in the same state must give the same words.
+    """
     parts = []
     for requested, count in pod.mig:
-        have = node.allocatable.get(requested, 0)
-        if have == 0:
-            part = f"no {short_name(requested)} on this node"
+        if node.allocatable.get(requested, 0) < count:
+            part = (
+                f"no {short_name(requested)} on this node"
+                if count == 1
+                else (f"fewer than {count} {short_name(requested)} on this node")
+            )
+        elif node.free.get(requested, 0) < count:
+            part = (
+                f"no free {short_name(requested)}" if count == 1 else f"fewer than {count} free {short_name(requested)}"
+            )
         else:
-            part = f"{short_name(requested)}: {node.free.get(requested, 0)} of {have} free, need {count}"
+            continue
         parts.append(part + _borrow_note(pod, node, rules, requested, count))
     return "; ".join(parts)
 
 
 def _borrow_note(pod: PodRequest, node: NodeState, rules: ChainRules, requested: str, count: int) -> str:
-    if node.free.get(requested, 0) >= count:
-        return ""
     if pod.borrow_opt_out:
         return f" (borrowing off: pod annotation {BORROW_ANNOTATION})"
     if len(pod.mig) > MAX_BORROW_DEMANDS:
@@ -239,10 +249,10 @@ def _borrow_note(pod: PodRequest, node: NodeState, rules: ChainRules, requested:
     if not rules.has_chain_for(requested, node.gpu_product):
         return f" (no chain for it on GPU model {node.gpu_product or '(unlabelled)'})"
     options = rules.borrow_options(requested, node.gpu_product, pod.namespace)
-    return " (larger: " + ", ".join(_option_note(option, node) for option in options) + ")"
+    return " (larger: " + ", ".join(_option_note(option, node, count) for option in options) + ")"
 
 
-def _option_note(option: BorrowOption, node: NodeState) -> str:
+def _option_note(option: BorrowOption, node: NodeState, count: int) -> str:
     if option.denied is not None:
         return f"{short_name(option.granted)} denied: {option.denied}"
-    return f"{short_name(option.granted)} {node.free.get(option.granted, 0)} free"
+    return f"{short_name(option.granted)} none free" if count == 1 else f"{short_name(option.granted)} too few free"
