@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: run test lint unit clean
+.PHONY: run test lint unit e2e control-plane clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,13 @@ run: $(STAMP)
 	$(BIN)/migchain-extender --bind 127.0.0.1:8888 \
 	  --chains chains/a100-40gb.yaml chains/a100-80gb.yaml chains/a30-24gb.yaml chains/h100-80gb.yaml chains/h200-141gb.yaml
 
-## test: the whole suite: lint, types, import contracts, unit and property tests
-test: lint unit
+## test: the whole suite: lint, types, import contracts, then every test (unit, property, e2e)
+test: lint control-plane
+	$(BIN)/pytest
+
+## control-plane: build kube-apiserver, kube-scheduler, kube-controller-manager, kubectl, etcd (cached)
+control-plane:
+	bash tests/e2e/kube/build.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -28,7 +33,10 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 unit: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not e2e"
+
+e2e: $(STAMP) control-plane
+	$(BIN)/pytest -m e2e
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache .hypothesis

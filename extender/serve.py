@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from flask import Flask
 from gunicorn.app.base import BaseApplication
 
 from extender.config import ConfigError, load_rules
+from extender.core.rules import ChainRules
 from extender.store import SnapshotStore
 from extender.web.app import DEFAULT_MAX_BODY_BYTES, WebSettings, create_app
+
+log = logging.getLogger("migchain.extender")
 
 # ONE worker process, several threads. Every bind must see the slices reserved
 # by the binds before it; that state lives in this process's memory (the cache
@@ -24,8 +29,10 @@ WORKERS = 1
 
 
 class _Server(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type hints
-    def __init__(self, app: Any, options: dict[str, Any]) -> None:
-        self._app = app
+    """gunicorn calls `load` in the worker after the fork, so the watch threads start where they serve."""
+
+    def __init__(self, build: Callable[[], Flask], options: dict[str, Any]) -> None:
+        self._build = build
         self._options = options
         super().__init__()
 
@@ -34,13 +41,35 @@ class _Server(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type 
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        return self._app
+        return self._build()
+
+
+def build_app(args: argparse.Namespace, rules: ChainRules) -> Flask:
+    """Standalone without a cluster; otherwise the watch-fed cache and the binder."""
+    settings = WebSettings(max_body_bytes=args.max_body_bytes)
+    if not args.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        log.warning("no --kubeconfig and not in a cluster: running standalone (no cache, no /bind)")
+        return create_app(settings, rules, SnapshotStore())
+    from extender.kube.api import Connection, KubeApi
+    from extender.kube.binder import Binder
+    from extender.kube.cache import ClusterCache
+
+    api = KubeApi(Connection.load(args.kubeconfig), pool_size=args.threads + 4)
+    store = SnapshotStore(ready=False, detail="waiting for the first list of nodes and pods")
+    cache = ClusterCache(api, store)
+    cache.start()
+    return create_app(settings, rules, store, Binder(api, cache, rules))
 
 
 def parser() -> argparse.ArgumentParser:
     cli = argparse.ArgumentParser(prog="migchain-extender", description=__doc__)
     cli.add_argument("--bind", default="127.0.0.1:8888", help="HOST:PORT to listen on (default %(default)s)")
     cli.add_argument("--chains", nargs="+", required=True, metavar="FILE", help="chain rule files (YAML)")
+    cli.add_argument(
+        "--kubeconfig",
+        default=os.environ.get("KUBECONFIG"),
+        help="kubeconfig of the cluster (default $KUBECONFIG; in a pod, the service account)",
+    )
     cli.add_argument("--threads", type=int, default=8, help="request threads (default %(default)s)")
     cli.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body")
     cli.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -55,7 +84,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"migchain-extender: invalid chain rules:\n{error}", file=sys.stderr)
         return 2
-    app = create_app(WebSettings(max_body_bytes=args.max_body_bytes), rules, SnapshotStore())
     options = {
         "bind": args.bind,
         "workers": WORKERS,
@@ -69,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # gunicorn's control socket can add workers at run time; one worker is a must (above).
         "control_socket_disable": True,
     }
-    _Server(app, options).run()
+    _Server(lambda: build_app(args, rules), options).run()
     return 0
 
 

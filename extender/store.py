@@ -30,9 +30,8 @@ class SnapshotStore:
     def readiness(self) -> Readiness:
         return self._readiness
 
-    def publish(self, snapshot: Snapshot, *, detail: str | None = None) -> None:
+    def publish(self, snapshot: Snapshot, *, ready: bool = True) -> None:
         self._snapshot = snapshot
-        self._readiness = Readiness(True, detail if detail is not None else self._readiness.detail)
-
-    def mark_unready(self, detail: str) -> None:
-        self._readiness = Readiness(False, detail)
+        if ready != self._readiness.ready:
+            detail = "cluster cache in sync" if ready else "waiting for the first list of nodes and pods"
+            self._readiness = Readiness(ready, detail)

@@ -76,5 +76,5 @@ def pods(draw: st.DrawFn, name: str = "pod") -> PodRequest:
         name=name,
         uid=f"uid-{name}",
         mig=tuple(sorted(mig.items())),
-        borrow_opt_out=draw(st.booleans()),
+        no_borrow=draw(st.sampled_from(("", "", "pod annotation migchain.io/borrow=false"))),
     )

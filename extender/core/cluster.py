@@ -12,6 +12,12 @@ from extender.core.mig import is_mig_resource
 # Annotation keys: one domain prefix, documented in README.
 ANNOTATION_PREFIX = "migchain.io/"
 BORROW_ANNOTATION = ANNOTATION_PREFIX + "borrow"  # "false" opts a pod out of borrowing
+REPLACED_UID_ANNOTATION = ANNOTATION_PREFIX + "replaced-uid"  # on a borrower: the pod it replaced
+
+# Controllers that recreate their pods by name or by node from their own
+# template: a replacement would be fought (StatefulSet recreates the name it
+# owns; DaemonSet one pod per node), so their pods never borrow.
+PINNED_OWNERS = ("StatefulSet", "DaemonSet")
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 MIG_CONFIG_STATE_LABEL = "nvidia.com/mig.config.state"
@@ -32,11 +38,39 @@ class PodRequest:
     name: str
     uid: str
     mig: MigCounts
-    borrow_opt_out: bool = False
+    no_borrow: str = ""  # why this pod may not borrow; empty when it may
+
+    @property
+    def may_borrow(self) -> bool:
+        return not self.no_borrow
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class BindRequest:
+    """kube-scheduler's ExtenderBindingArgs: bind this pod (if it still has this UID) to this node."""
+
+    pod_namespace: str
+    pod_name: str
+    pod_uid: str
+    node: str
+
+
+@dataclass(frozen=True)
+class PodRecord:
+    """What the cluster cache keeps of a pod: its request, where it is bound, whether it still holds slices."""
+
+    request: PodRequest
+    node: str  # "" while unbound
+    terminal: bool  # Succeeded or Failed: its slices are free again
+    replaces: str = ""  # for a borrower: the UID of the pod it replaced (annotation REPLACED_UID_ANNOTATION)
+
+    @property
+    def holds_slices(self) -> bool:
+        return bool(self.node) and not self.terminal and bool(self.request.mig)
 
 
 @dataclass(frozen=True)
@@ -161,19 +195,51 @@ def pod_mig_requests(spec: Mapping[str, Any]) -> MigCounts:
     return tuple(sorted((resource, count) for resource, count in total.items() if count > 0))
 
 
+def controller_of(metadata: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The ownerReference with controller: true, if any."""
+    for index, item in enumerate(_sequence(metadata.get("ownerReferences"), "Pod.metadata.ownerReferences")):
+        owner = _mapping(item, f"Pod.metadata.ownerReferences[{index}]")
+        if owner.get("controller") is True:
+            return owner
+    return None
+
+
+def _no_borrow(metadata: Mapping[str, Any], annotations: Mapping[str, Any]) -> str:
+    opt = annotations.get(BORROW_ANNOTATION)
+    # Anything but an absent annotation or "true" opts out: a typo must not enable borrowing.
+    if opt is not None and opt != "true":
+        return f"pod annotation {BORROW_ANNOTATION}={opt}"
+    controller = controller_of(metadata)
+    if controller is not None and controller.get("kind") in PINNED_OWNERS:
+        return f"{controller.get('kind')} pods never borrow (their controller recreates them from its template)"
+    return ""
+
+
 def pod_request(pod: Any) -> PodRequest:
     """Read a Pod object (as JSON) into the core's request; raise ObjectError naming the bad field."""
     pod = _mapping(pod, "Pod")
     metadata = _mapping(pod.get("metadata"), "Pod.metadata")
     annotations = _mapping(metadata.get("annotations"), "Pod.metadata.annotations")
-    opt = annotations.get(BORROW_ANNOTATION)
     return PodRequest(
         namespace=_string(metadata.get("namespace"), "Pod.metadata.namespace") or "default",
         name=_string(metadata.get("name"), "Pod.metadata.name"),
         uid=_string(metadata.get("uid"), "Pod.metadata.uid"),
         mig=pod_mig_requests(_mapping(pod.get("spec"), "Pod.spec")),
-        # Anything but an absent annotation or "true" opts out: a typo must not enable borrowing.
-        borrow_opt_out=opt is not None and opt != "true",
+        no_borrow=_no_borrow(metadata, annotations),
+    )
+
+
+def pod_record(pod: Any) -> PodRecord:
+    """Read a Pod object (as JSON) into what the cache keeps of it."""
+    request = pod_request(pod)
+    spec = _mapping(pod.get("spec"), "Pod.spec")
+    status = _mapping(pod.get("status"), "Pod.status")
+    annotations = _mapping(pod["metadata"].get("annotations"), "Pod.metadata.annotations")
+    return PodRecord(
+        request=request,
+        node=_string(spec.get("nodeName"), "Pod.spec.nodeName"),
+        terminal=status.get("phase") in ("Succeeded", "Failed"),
+        replaces=_string(annotations.get(REPLACED_UID_ANNOTATION), f"annotations[{REPLACED_UID_ANNOTATION}]"),
     )
 
 

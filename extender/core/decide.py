@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from extender.core.cluster import BORROW_ANNOTATION, NodeState, PodRequest, Snapshot
+from extender.core.cluster import MigCounts, NodeState, PodRequest, Snapshot
 from extender.core.mig import short_name
 from extender.core.rules import BorrowOption, ChainRules
 
@@ -59,6 +59,14 @@ class Placement:
     @property
     def cost(self) -> int:
         return sum(grant.count * grant.steps for grant in self.grants)
+
+    @property
+    def slices(self) -> MigCounts:
+        """What the pod will hold on the node: granted type -> count."""
+        taken: dict[str, int] = {}
+        for grant in self.grants:
+            taken[grant.granted] = taken.get(grant.granted, 0) + grant.count
+        return tuple(sorted(taken.items()))
 
     @property
     def borrows(self) -> bool:
@@ -163,7 +171,7 @@ def score_nodes(pod: PodRequest, node_names: Iterable[str], snapshot: Snapshot, 
 
 def _options(pod: PodRequest, node: NodeState, rules: ChainRules) -> list[list[Grant]]:
     """Per requested type, the grants worth trying in order of preference: exact first."""
-    may_borrow = not pod.borrow_opt_out and len(pod.mig) <= MAX_BORROW_DEMANDS
+    may_borrow = pod.may_borrow and len(pod.mig) <= MAX_BORROW_DEMANDS
     options = []
     for requested, count in pod.mig:
         tries = [Grant(requested, requested, count)]
@@ -210,10 +218,8 @@ def _cheapest(
 
 
 def _leftover(grants: tuple[Grant, ...], free: Mapping[str, int]) -> int:
-    taken: dict[str, int] = {}
-    for grant in grants:
-        taken[grant.granted] = taken.get(grant.granted, 0) + grant.count
-    return sum(free.get(granted, 0) - count for granted, count in taken.items())
+    taken = Placement("", grants, 0).slices
+    return sum(free.get(granted, 0) - count for granted, count in taken)
 
 
 def _why_not(pod: PodRequest, node: NodeState, rules: ChainRules) -> str:
@@ -242,8 +248,8 @@ def _why_not(pod: PodRequest, node: NodeState, rules: ChainRules) -> str:
 
 
 def _borrow_note(pod: PodRequest, node: NodeState, rules: ChainRules, requested: str, count: int) -> str:
-    if pod.borrow_opt_out:
-        return f" (borrowing off: pod annotation {BORROW_ANNOTATION})"
+    if pod.no_borrow:
+        return f" (borrowing off: {pod.no_borrow})"
     if len(pod.mig) > MAX_BORROW_DEMANDS:
         return f" (borrowing is tried only for pods with at most {MAX_BORROW_DEMANDS} MIG types)"
     if not rules.has_chain_for(requested, node.gpu_product):

@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
+from typing import Protocol
 
-from flask import Blueprint, Flask, Response, current_app, request
+from flask import Blueprint, Flask, Response, current_app, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, UnsupportedMediaType
 
-from extender.core.decide import filter_nodes, score_nodes
+from extender.core.cluster import BindRequest
+from extender.core.decide import Placement, filter_nodes, score_nodes
 from extender.core.rules import ChainRules
+from extender.metrics import Metrics
 from extender.store import SnapshotStore
 from extender.web import wire
+
+
+class BindResult(Protocol):
+    @property
+    def error(self) -> str: ...
+    @property
+    def placement(self) -> Placement | None: ...
+
+
+class Binder(Protocol):
+    def bind(self, args: BindRequest) -> BindResult: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +47,28 @@ class WebSettings:
 class _Context:
     rules: ChainRules
     store: SnapshotStore
+    binder: Binder | None
+    metrics: Metrics
 
 
 routes = Blueprint("extender", __name__)
+VERBS = {"/filter": "filter", "/prioritize": "prioritize", "/bind": "bind"}
 
 
-def create_app(settings: WebSettings, rules: ChainRules, store: SnapshotStore) -> Flask:
+def create_app(
+    settings: WebSettings,
+    rules: ChainRules,
+    store: SnapshotStore,
+    binder: Binder | None = None,
+    metrics: Metrics | None = None,
+) -> Flask:
+    """The extender's WSGI app. Without a binder (standalone, no cluster) /bind answers 503."""
     app = Flask("migchain")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.extensions["migchain"] = _Context(rules, store)
+    app.extensions["migchain"] = _Context(rules, store, binder, metrics if metrics is not None else Metrics())
     app.register_blueprint(routes)
+    app.before_request(_start_clock)
+    app.after_request(_count)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(wire.WireError, _bad_request)
     app.register_error_handler(Exception, _unexpected)
@@ -78,6 +107,23 @@ def prioritize() -> Response:
     return _json(wire.host_priority_list(score_nodes(args.pod, args.node_names, snapshot, context.rules)))
 
 
+@routes.post("/bind")
+def bind() -> Response:
+    args = wire.binding_args(_body())
+    context = _context()
+    if context.binder is None:
+        return _json(wire.error_result("migchain runs standalone (no cluster connection) and cannot bind"), 503)
+    outcome = context.binder.bind(args)
+    kind = "none" if outcome.placement is None else "borrow" if outcome.placement.borrows else "exact"
+    context.metrics.binds.labels("refused" if outcome.error else "bound", kind).inc()
+    return _json(wire.error_result(outcome.error))
+
+
+@routes.get("/metrics")
+def metrics() -> Response:
+    return Response(generate_latest(_context().metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+
 @routes.get("/healthz")
 def healthz() -> Response:
     return _json({"status": "ok"})
@@ -87,6 +133,19 @@ def healthz() -> Response:
 def readyz() -> Response:
     readiness = _context().store.readiness()
     return _json({"ready": readiness.ready, "detail": readiness.detail}, 200 if readiness.ready else 503)
+
+
+def _start_clock() -> None:
+    g.started = time.perf_counter()
+
+
+def _count(response: Response) -> Response:
+    verb = VERBS.get(request.path)
+    if verb is not None:
+        context = _context()
+        context.metrics.requests.labels(verb, str(response.status_code)).inc()
+        context.metrics.latency.labels(verb).observe(time.perf_counter() - g.started)
+    return response
 
 
 def _bad_request(error: wire.WireError) -> Response:

@@ -1,7 +1,7 @@
 """The kube-scheduler extender v1 wire format (Go field names, no json tags); the only module that knows it.
 
 Shapes follow k8s.io/kube-scheduler/extender/v1: ExtenderArgs, ExtenderFilterResult,
-HostPriorityList (and, with /bind, ExtenderBindingArgs and ExtenderBindingResult).
+HostPriorityList, ExtenderBindingArgs, ExtenderBindingResult.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from extender.core.cluster import ObjectError, PodRequest, Snapshot, node_state, pod_request
+from extender.core.cluster import BindRequest, ObjectError, PodRequest, Snapshot, node_state, pod_request
 from extender.core.decide import MAX_SCORE, FilterDecision
 
 
@@ -111,6 +111,18 @@ def filter_result(args: ExtenderArgs, decision: FilterDecision) -> dict[str, Any
 
 def host_priority_list(scores: Mapping[str, int]) -> list[dict[str, Any]]:
     return [{"Host": host, "Score": min(MAX_SCORE, max(0, score))} for host, score in scores.items()]
+
+
+def binding_args(body: bytes) -> BindRequest:
+    """Read ExtenderBindingArgs: `PodName`, `PodNamespace`, `PodUID`, `Node`, all required."""
+    document = decode(body)
+    values = {}
+    for key in ("PodName", "PodNamespace", "PodUID", "Node"):
+        value = document.get(key)
+        if not isinstance(value, str) or not value:
+            raise WireError(f"{key}: expected a non-empty string")
+        values[key] = value
+    return BindRequest(values["PodNamespace"], values["PodName"], values["PodUID"], values["Node"])
 
 
 def error_result(message: str) -> dict[str, str]:

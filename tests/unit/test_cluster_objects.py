@@ -55,9 +55,17 @@ def test_effective_mig_request(spec, expected):
 
 def test_namespace_name_uid_and_borrow_opt_out():
     request = pod_request(pod(annotations={"migchain.io/borrow": "false"}))
-    assert (request.namespace, request.name, request.uid, request.borrow_opt_out) == ("ml", "p", "u", True)
-    assert not pod_request(pod(annotations={"migchain.io/borrow": "true"})).borrow_opt_out
-    assert pod_request(pod(annotations={"migchain.io/borrow": "nope"})).borrow_opt_out  # a typo must not enable
+    assert (request.namespace, request.name, request.uid) == ("ml", "p", "u")
+    assert request.no_borrow == "pod annotation migchain.io/borrow=false"
+    assert pod_request(pod(annotations={"migchain.io/borrow": "true"})).may_borrow
+    assert not pod_request(pod(annotations={"migchain.io/borrow": "nope"})).may_borrow  # a typo must not enable
+
+
+@pytest.mark.parametrize(("kind", "may_borrow"), [("ReplicaSet", True), ("Job", True), ("StatefulSet", False)])
+def test_pods_of_controllers_that_recreate_by_name_never_borrow(kind, may_borrow):
+    spec = pod()
+    spec["metadata"]["ownerReferences"] = [{"kind": kind, "name": "x", "uid": "o", "controller": True}]
+    assert pod_request(spec).may_borrow is may_borrow
 
 
 @pytest.mark.parametrize(

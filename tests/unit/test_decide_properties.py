@@ -15,10 +15,7 @@ from tests.strategies import chain_rules, nodes, pods, snapshots
 
 
 def granted_counts(placement: Placement) -> dict[str, int]:
-    taken: dict[str, int] = {}
-    for grant in placement.grants:
-        taken[grant.granted] = taken.get(grant.granted, 0) + grant.count
-    return taken
+    return dict(placement.slices)
 
 
 def assert_borrow_is_lawful(pod: PodRequest, node: NodeState, rules: ChainRules, placement: Placement) -> None:
@@ -27,7 +24,7 @@ def assert_borrow_is_lawful(pod: PodRequest, node: NodeState, rules: ChainRules,
         if not grant.borrowed:
             assert grant.granted == grant.requested
             continue
-        assert not pod.borrow_opt_out
+        assert pod.may_borrow
         lawful = False
         for chain in rules.chains:
             if chain.name != grant.chain or node.gpu_product not in chain.gpu_products:

@@ -29,7 +29,9 @@ def a100_rules() -> ChainRules:
 
 
 def pod(*mig: tuple[str, int], namespace: str = "default", opt_out: bool = False) -> PodRequest:
-    return PodRequest(namespace, "p", "uid", tuple(sorted(mig)), opt_out)
+    return PodRequest(
+        namespace, "p", "uid", tuple(sorted(mig)), "pod annotation migchain.io/borrow=false" if opt_out else ""
+    )
 
 
 def node(free: dict[str, int] | None = None, product: str = A100, state: str | None = "success") -> NodeState:

@@ -182,10 +182,10 @@ def test_health_and_readiness(store):
     client = create_app(WebSettings(), RULES, store).test_client()
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").get_json() == {"ready": True, "detail": "standalone"}
-    store.mark_unready("waiting for the first list of nodes")
+    store.publish(store.snapshot(), ready=False)
     response = client.get("/readyz")
     assert response.status_code == 503
-    assert response.get_json()["detail"] == "waiting for the first list of nodes"
+    assert response.get_json()["detail"] == "waiting for the first list of nodes and pods"
 
 
 json_values = st.recursive(

@@ -1,0 +1,215 @@
+"""The cluster cache: list + watch of nodes and pods feeding the ledger, which publishes snapshots to the store.
+
+Watch discipline (as kopf's continuous_watch and client-go's reflector): list,
+remember the resourceVersion, watch from there with bookmarks; on 410 Gone
+relist; on any other break, back off and watch again from the last version.
+`/readyz` stays false until both first lists are in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from extender.core.cluster import MigCounts, NodeState, ObjectError, PodRecord, node_state, pod_record
+from extender.kube.api import ApiError, KubeApi
+from extender.ledger import Ledger
+from extender.store import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+# A full relist this often, as client-go's resync: a safety net should an event
+# ever be lost between watches (each watch stream is renewed every 5 minutes).
+RESYNC_SECONDS = 1800.0
+
+# How long a reservation may wait for the watch to show its pod bound. The
+# watch normally confirms within milliseconds; this only bounds the damage of
+# a bind whose outcome was never learned.
+RESERVATION_TTL = 60.0
+
+
+class _Informer:
+    """One list + watch loop in a daemon thread, for one kind of object."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        *,
+        kind: str,
+        resource: str,
+        on_list: Callable[[list[dict[str, Any]]], None],
+        on_event: Callable[[str, dict[str, Any]], None],
+        stop: threading.Event,
+    ) -> None:
+        self.api = api
+        self.kind = kind
+        self.resource = resource
+        self.on_list = on_list
+        self.on_event = on_event
+        self.stop = stop
+        self.listed = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"watch-{kind}", daemon=True)
+
+    def _run(self) -> None:
+        backoff = 0.5
+        version = ""
+        listed_at = 0.0
+        while not self.stop.is_set():
+            try:
+                if not version or time.monotonic() - listed_at > RESYNC_SECONDS:
+                    listed_at = time.monotonic()
+                    items, version = self.api.list_all(self.resource)
+                    self.on_list(items)
+                    self.listed.set()
+                    log.info("listed %d %s at resourceVersion %s", len(items), self.kind, version)
+                for event in self.api.watch(self.resource, version):
+                    if self.stop.is_set():
+                        return
+                    kind, obj = str(event.get("type", "")), event.get("object") or {}
+                    if kind == "ERROR":
+                        code = obj.get("code")
+                        log.info("watch of %s ended with %s %s; relisting", self.kind, code, obj.get("message"))
+                        version = ""  # 410 Gone (or worse): only a fresh list is safe
+                        break
+                    version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                    if kind != "BOOKMARK":
+                        self.on_event(kind, obj)
+                backoff = 0.5
+            except ApiError as error:
+                if error.status == 410:
+                    version = ""
+                    continue
+                log.warning("watch of %s failed: %s; retrying in %.1fs", self.kind, error, backoff)
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            except Exception as error:  # the watch must outlive any broken connection
+                log.warning("watch of %s broke: %s; retrying in %.1fs", self.kind, error, backoff)
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+
+class ClusterCache:
+    """The one writer of cluster state. Readers use the store's snapshots; binds reserve through `lock`."""
+
+    def __init__(self, api: KubeApi, store: SnapshotStore, clock: Callable[[], float] = time.monotonic) -> None:
+        self.api = api
+        self.store = store
+        self.clock = clock
+        self.ledger = Ledger()
+        self.lock = threading.RLock()
+        self._stop = threading.Event()
+        self._listed: set[str] = set()  # kinds whose first list is in
+        self._informers = [
+            _Informer(
+                api,
+                kind="nodes",
+                resource="/api/v1/nodes",
+                on_list=self._list_nodes,
+                on_event=self._node_event,
+                stop=self._stop,
+            ),
+            _Informer(
+                api,
+                kind="pods",
+                resource="/api/v1/pods",
+                on_list=self._list_pods,
+                on_event=self._pod_event,
+                stop=self._stop,
+            ),
+        ]
+        self._janitor = threading.Thread(target=self._expire_loop, name="reservations", daemon=True)
+        store.publish(self.ledger.snapshot(), ready=False)
+
+    def start(self) -> None:
+        for informer in self._informers:
+            informer.thread.start()
+        self._janitor.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        return all(informer.listed.wait(max(0.0, deadline - time.monotonic())) for informer in self._informers)
+
+    # -- writes from binds ----------------------------------------------------
+
+    def reserve(self, uid: str, node: str, slices: MigCounts) -> None:
+        with self.lock:
+            self.ledger.reserve(uid, node, slices, self.clock() + RESERVATION_TTL)
+            self._publish()
+
+    def release(self, uid: str) -> None:
+        with self.lock:
+            self.ledger.release(uid)
+            self._publish()
+
+    def pod(self, namespace: str, name: str) -> PodRecord | None:
+        with self.lock:
+            return self.ledger.pod(namespace, name)
+
+    # -- watch callbacks ------------------------------------------------------
+
+    def _list_nodes(self, items: list[dict[str, Any]]) -> None:
+        states = [state for state in map(_node, items) if state is not None]
+        with self.lock:
+            self.ledger.replace_nodes(states)
+            self._listed.add("nodes")
+            self._publish()
+
+    def _node_event(self, kind: str, obj: dict[str, Any]) -> None:
+        with self.lock:
+            if kind == "DELETED":
+                self.ledger.remove_node((obj.get("metadata") or {}).get("name", ""))
+            else:
+                state = _node(obj)
+                if state is not None:
+                    self.ledger.put_node(state)
+            self._publish()
+
+    def _list_pods(self, items: list[dict[str, Any]]) -> None:
+        records = [record for record in map(_pod, items) if record is not None]
+        with self.lock:
+            self.ledger.replace_pods(records)
+            self._listed.add("pods")
+            self._publish()
+
+    def _pod_event(self, kind: str, obj: dict[str, Any]) -> None:
+        with self.lock:
+            if kind == "DELETED":
+                self.ledger.remove_pod((obj.get("metadata") or {}).get("uid", ""))
+            else:
+                record = _pod(obj)
+                if record is not None:
+                    self.ledger.put_pod(record)
+            self._publish()
+
+    def _expire_loop(self) -> None:
+        while not self._stop.wait(5.0):
+            with self.lock:
+                gone = self.ledger.expire(self.clock())
+                if gone:
+                    log.warning("reservations of %d pod(s) expired unconfirmed: %s", len(gone), gone)
+                    self._publish()
+
+    def _publish(self) -> None:
+        self.store.publish(self.ledger.snapshot(), ready=self._listed >= {"nodes", "pods"})
+
+
+def _node(obj: dict[str, Any]) -> NodeState | None:
+    try:
+        return node_state(obj)
+    except ObjectError as error:
+        log.warning("ignoring unreadable node: %s", error)
+        return None
+
+
+def _pod(obj: dict[str, Any]) -> PodRecord | None:
+    try:
+        return pod_record(obj)
+    except ObjectError as error:
+        log.warning("ignoring unreadable pod: %s", error)
+        return None

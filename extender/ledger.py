@@ -1,0 +1,161 @@
+"""The slices in use on every node, from bound pods and from the extender's own reservations; no I/O.
+
+The cluster cache is its only writer (under the cache's lock); it publishes
+`snapshot()` for readers. A reservation counts the slices of a pod the moment
+the extender decides to bind it, before the watch reports the binding, so a
+burst of binds never hands one free slice to two pods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+from extender.core.cluster import MigCounts, NodeState, PodRecord, Snapshot
+
+
+@dataclass(frozen=True)
+class Reservation:
+    node: str
+    slices: MigCounts
+    expires_at: float
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self._nodes: dict[str, NodeState] = {}  # as the API reports them, `used` empty
+        self._pods: dict[str, PodRecord] = {}  # by uid
+        self._keys: dict[str, str] = {}  # namespace/name -> uid
+        self._reserved: dict[str, Reservation] = {}  # by the UID of the pod being bound
+        self._holders: dict[str, set[str]] = {}  # node -> uids of pods holding slices there
+        self._states: dict[str, NodeState] = {}  # nodes with `used` filled: what readers see
+
+    # -- nodes ----------------------------------------------------------------
+
+    def replace_nodes(self, nodes: Iterable[NodeState]) -> None:
+        self._nodes = {node.name: node for node in nodes}
+        self._states = {}
+        for name in self._nodes:
+            self._refresh(name)
+
+    def put_node(self, node: NodeState) -> None:
+        self._nodes[node.name] = node
+        self._refresh(node.name)
+
+    def remove_node(self, name: str) -> None:
+        self._nodes.pop(name, None)
+        self._states.pop(name, None)
+
+    # -- pods -----------------------------------------------------------------
+
+    def replace_pods(self, pods: Iterable[PodRecord]) -> None:
+        self._pods = {}
+        self._keys = {}
+        self._holders = {}
+        for record in pods:
+            self._store(record)
+        # A reservation whose pod (or replacement) the list shows bound is now
+        # counted through that pod. Others stay until confirmed or expired: the
+        # list may predate the bind, and dropping them could give a slice twice.
+        confirmed = {
+            key for record in self._pods.values() if record.node for key in (record.request.uid, record.replaces)
+        }
+        for key in [key for key in self._reserved if key in confirmed]:
+            del self._reserved[key]
+        self._states = {}
+        for name in self._nodes:
+            self._refresh(name)
+
+    def put_pod(self, record: PodRecord) -> None:
+        uid = record.request.uid
+        before = self._pods.get(uid)
+        self._store(record)
+        touched = {record.node, before.node if before else ""}
+        for key in (uid, record.replaces):
+            reservation = self._reserved.get(key) if key else None
+            if reservation is not None:
+                touched.add(reservation.node)
+                if record.node:
+                    del self._reserved[key]  # the watch confirmed the bind: the pod itself counts now
+        self._refresh_all(touched)
+
+    def remove_pod(self, uid: str) -> None:
+        # A reservation outlives its pod: a borrow deletes the original before
+        # the watch shows the replacement bound, and its slices must stay taken.
+        before = self._pods.pop(uid, None)
+        if before is not None:
+            if self._keys.get(before.request.key) == uid:
+                del self._keys[before.request.key]
+            self._holders.get(before.node, set()).discard(uid)
+            self._refresh(before.node)
+
+    def pod(self, namespace: str, name: str) -> PodRecord | None:
+        uid = self._keys.get(f"{namespace}/{name}")
+        return self._pods.get(uid) if uid is not None else None
+
+    def pods(self) -> Iterable[PodRecord]:
+        return self._pods.values()
+
+    # -- reservations ---------------------------------------------------------
+
+    def reserve(self, key: str, node: str, slices: MigCounts, expires_at: float) -> None:
+        """Count `slices` on `node` until a bound pod with UID `key`, or replacing UID `key`, shows up."""
+        previous = self._reserved.get(key)
+        self._reserved[key] = Reservation(node, slices, expires_at)
+        self._refresh_all({node, previous.node if previous else ""})
+
+    def release(self, key: str) -> None:
+        reservation = self._reserved.pop(key, None)
+        if reservation is not None:
+            self._refresh(reservation.node)
+
+    def expire(self, now: float) -> list[str]:
+        """Drop reservations the watch never confirmed; returns their pod uids."""
+        gone = [uid for uid, reservation in self._reserved.items() if reservation.expires_at <= now]
+        for uid in gone:
+            self.release(uid)
+        return gone
+
+    def reservations(self) -> dict[str, Reservation]:
+        return dict(self._reserved)
+
+    # -- what readers see -----------------------------------------------------
+
+    def node_state(self, name: str) -> NodeState | None:
+        return self._states.get(name)
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(dict(self._states))
+
+    # -- bookkeeping ----------------------------------------------------------
+
+    def _store(self, record: PodRecord) -> None:
+        uid = record.request.uid
+        before = self._pods.get(uid)
+        if before is not None:
+            self._holders.get(before.node, set()).discard(uid)
+        self._pods[uid] = record
+        self._keys[record.request.key] = uid
+        if record.holds_slices:
+            self._holders.setdefault(record.node, set()).add(uid)
+
+    def _refresh_all(self, names: Iterable[str]) -> None:
+        for name in names:
+            if name:
+                self._refresh(name)
+
+    def _refresh(self, name: str) -> None:
+        node = self._nodes.get(name)
+        if node is None:
+            self._states.pop(name, None)
+            return
+        used: dict[str, int] = {}
+        for uid in self._holders.get(name, ()):
+            for resource, count in self._pods[uid].request.mig:
+                used[resource] = used.get(resource, 0) + count
+        # Reservations are few (binds the watch has not confirmed yet): a scan is cheap.
+        for reservation in self._reserved.values():
+            if reservation.node == name:
+                for resource, count in reservation.slices:
+                    used[resource] = used.get(resource, 0) + count
+        self._states[name] = replace(node, used=used)

@@ -1,0 +1,175 @@
+"""Fixtures that start the real control plane, the fake kubelet, migchain and kube-scheduler on loopback."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from extender.kube.api import ApiError, KubeApi, path
+from tests.e2e.controlplane import ROOT, ControlPlane, Process, free_port, running, wait_until
+from tests.e2e.fleet import TEST_LABEL, mig_pod
+
+CHAINS = [str(ROOT / "chains" / name) for name in ("a100-40gb.yaml", "a100-80gb.yaml", "h100-80gb.yaml")]
+
+
+@dataclass
+class Cluster:
+    plane: ControlPlane
+    extender: Process
+    extender_port: int
+
+    @property
+    def api(self) -> KubeApi:
+        return self.plane.api
+
+    @property
+    def extender_url(self) -> str:
+        return f"http://127.0.0.1:{self.extender_port}"
+
+    def restart_extender(self, *, kill: bool = True) -> None:
+        if kill:
+            self.extender.kill()
+        else:
+            self.extender.stop()
+        self.extender.start()
+        self.wait_extender_ready()
+
+    def wait_extender_ready(self) -> None:
+        wait_until(lambda: _get(f"{self.extender_url}/readyz") == 200, 60, "migchain /readyz")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A counter or gauge sample of the extender's /metrics (0 when absent)."""
+        with urllib.request.urlopen(f"{self.extender_url}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        total = 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    total += sample.value
+        return total
+
+    def logs(self) -> str:
+        return self.plane.logs()
+
+
+@dataclass
+class Scenario:
+    """One test's corner of the cluster: its namespace, and a label its nodes carry and its pods select."""
+
+    cluster: Cluster
+    namespace: str
+    test: str
+    nodes: list[str] = field(default_factory=list)
+
+    @property
+    def api(self) -> KubeApi:
+        return self.cluster.api
+
+    def create_pod(self, name: str, requests: dict[str, int], **kwargs: Any) -> dict[str, Any]:
+        return self.api.create(
+            path("api", "v1", "namespaces", self.namespace, "pods"), mig_pod(name, self.test, requests, **kwargs)
+        )
+
+    def pods(self) -> list[dict[str, Any]]:
+        items, _ = self.api.list_all(path("api", "v1", "namespaces", self.namespace, "pods"))
+        return items
+
+    def pod(self, name: str) -> dict[str, Any]:
+        return self.api.get(path("api", "v1", "namespaces", self.namespace, "pods", name))
+
+    def wait_bound(self, name: str, timeout: float = 30) -> str:
+        node: str = wait_until(lambda: self.pod(name)["spec"].get("nodeName"), timeout, f"pod {name} bound")
+        return node
+
+    def events(self, name: str, reason: str) -> list[str]:
+        items, _ = self.api.list_all(
+            path("api", "v1", "namespaces", self.namespace, "events"),
+            fieldSelector=f"involvedObject.name={name},reason={reason}",
+        )
+        return [item.get("message", "") for item in items]
+
+    def set_phase(self, name: str, phase: str) -> None:
+        self.api.patch(
+            path("api", "v1", "namespaces", self.namespace, "pods", name, "status"), {"status": {"phase": phase}}
+        )
+
+
+def _get(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return int(response.status)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    folder = tmp_path_factory.mktemp("cluster")
+    with running(ControlPlane(folder)) as plane:
+        kubelet = Process(
+            "fake-kubelet", [sys.executable, "-m", "tests.e2e.kubelet", str(plane.kubeconfig)], folder / "kubelet.log"
+        )
+        plane.processes["fake-kubelet"] = kubelet
+        kubelet.start()
+        port = free_port()
+        extender = Process(
+            "migchain-extender",
+            [
+                sys.executable,
+                "-m",
+                "extender.serve",
+                f"--bind=127.0.0.1:{port}",
+                f"--kubeconfig={plane.kubeconfig}",
+                "--chains",
+                *CHAINS,
+            ],
+            folder / "extender.log",
+        )
+        plane.processes["migchain-extender"] = extender
+        extender.start()
+        live = Cluster(plane, extender, port)
+        live.wait_extender_ready()
+        plane.start_scheduler(live.extender_url)
+        wait_until(lambda: _scheduler_leads(plane), 60, "kube-scheduler to take its lease")
+        yield live
+
+
+def _scheduler_leads(plane: ControlPlane) -> bool:
+    try:
+        lease = plane.api.get(
+            path("apis", "coordination.k8s.io", "v1", "namespaces", "migchain-system", "leases", "migchain-scheduler")
+        )
+    except ApiError:
+        return False
+    return bool(lease.get("spec", {}).get("holderIdentity"))
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def scenario(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[Scenario]:
+    test = f"t{next(_counter)}-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    cluster.plane.ensure_namespace(test)
+    yield Scenario(cluster, test, test)
+    # Clean up: the namespace (its pods go with it) and this test's nodes.
+    try:
+        cluster.api.delete(path("api", "v1", "namespaces", test))
+        nodes, _ = cluster.api.list_all("/api/v1/nodes", labelSelector=f"{TEST_LABEL}={test}")
+        for node in nodes:
+            cluster.api.delete(path("api", "v1", "nodes", node["metadata"]["name"]))
+    except ApiError:
+        pass
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed and "cluster" in getattr(item, "funcargs", {}):
+        report.sections.append(("control plane and migchain logs", item.funcargs["cluster"].logs()))  # type: ignore[attr-defined]
+    return report

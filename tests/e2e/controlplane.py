@@ -1,0 +1,348 @@
+"""A real Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager, kube-scheduler.
+
+Binaries come from tests/e2e/kube/build.sh (built from Go modules). Every
+process listens on a free 127.0.0.1 port, logs to a file in the run's folder,
+and is stopped at the end; logs are printed when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from extender.kube.api import ApiError, Connection, KubeApi
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = ROOT / ".cache" / "kube" / "bin"
+ADMIN_TOKEN = "migchain-e2e-admin"  # a throwaway token of a throwaway cluster on loopback
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            last = predicate()
+            if last:
+                return last
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+@dataclass
+class Process:
+    name: str
+    argv: list[str]
+    log: Path
+    env: dict[str, str] | None = None
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        handle = self.log.open("ab")
+        handle.write(f"\n=== start {time.strftime('%H:%M:%S')}: {' '.join(self.argv)}\n".encode())
+        handle.flush()
+        self.popen = subprocess.Popen(
+            self.argv, stdout=handle, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        handle.close()
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, sig)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(5)
+
+    def kill(self) -> None:
+        """kill -9: no chance to clean up, as a crash."""
+        self.stop(signal.SIGKILL)
+
+    def tail(self, lines: int = 60) -> str:
+        if not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _write_service_account_keys(folder: Path) -> tuple[Path, Path]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = folder / "sa.key"
+    public = folder / "sa.pub"
+    private.write_bytes(_pem_key(key))
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return private, public
+
+
+@dataclass(frozen=True)
+class Credentials:
+    certificate: Path
+    key: Path
+
+
+def _pem_key(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _certificate(
+    subject: str,
+    key: rsa.RSAPrivateKey,
+    issuer: tuple[x509.Certificate, rsa.RSAPrivateKey] | None,
+    *,
+    ca: bool,
+    hosts: Sequence[str] = (),
+    organizations: Sequence[str] = (),
+) -> x509.Certificate:
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, subject)]
+    attributes += [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org) for org in organizations]
+    name = x509.Name(attributes)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer[0].subject if issuer else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if hosts:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(h)) if h[0].isdigit() else x509.DNSName(h) for h in hosts]
+            ),
+            critical=False,
+        )
+    return builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+
+
+class CertificateAuthority:
+    """A throwaway CA for one test run: serving and client certificates for every component."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder = folder
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.certificate = _certificate(name, self.key, None, ca=True)
+        self.path = folder / f"{name}.crt"
+        self.path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, name: str, *, hosts: Sequence[str] = (), organizations: Sequence[str] = ()) -> Credentials:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        certificate = _certificate(
+            name, key, (self.certificate, self.key), ca=False, hosts=hosts, organizations=organizations
+        )
+        credentials = Credentials(self.folder / f"{name}.crt", self.folder / f"{name}.key")
+        credentials.certificate.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        credentials.key.write_bytes(_pem_key(key))
+        return credentials
+
+
+@dataclass
+class ControlPlane:
+    folder: Path
+    processes: dict[str, Process] = field(default_factory=dict)
+    api_port: int = 0
+    kubeconfig: Path = Path()
+
+    # -- start ----------------------------------------------------------------
+
+    def start(self) -> None:
+        for binary in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"):
+            if not (BIN / binary).exists():
+                raise RuntimeError(f"{BIN / binary} is missing: run `bash tests/e2e/kube/build.sh` (make test does)")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._start_etcd()
+        self._start_apiserver()
+        self._start_controller_manager()
+
+    def _process(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Process:
+        process = Process(name, list(argv), self.folder / f"{name}.log", env)
+        self.processes[name] = process
+        process.start()
+        return process
+
+    def _start_etcd(self) -> None:
+        client, peer = free_port(), free_port()
+        self.etcd_url = f"http://127.0.0.1:{client}"
+        self._process(
+            "etcd",
+            [
+                str(BIN / "etcd"),
+                f"--data-dir={self.folder / 'etcd'}",
+                f"--listen-client-urls={self.etcd_url}",
+                f"--advertise-client-urls={self.etcd_url}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-cluster=default=http://127.0.0.1:{peer}",
+                "--listen-metrics-urls=",
+                "--unsafe-no-fsync",  # a throwaway store: durability buys nothing, fsync costs seconds
+                "--log-level=warn",
+            ],
+        )
+        wait_until(lambda: _http_ok(f"{self.etcd_url}/health"), 30, "etcd health")
+
+    def _start_apiserver(self) -> None:
+        self.api_port = free_port()
+        sa_key, sa_pub = _write_service_account_keys(self.folder)
+        self.ca = CertificateAuthority(self.folder, "e2e-ca")
+        serving = self.ca.issue("kube-apiserver", hosts=("127.0.0.1", "localhost"))
+        tokens = self.folder / "tokens.csv"
+        tokens.write_text(f'{ADMIN_TOKEN},admin,admin,"system:masters"\n')
+        self._process(
+            "kube-apiserver",
+            [
+                str(BIN / "kube-apiserver"),
+                f"--etcd-servers={self.etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.api_port}",
+                f"--tls-cert-file={serving.certificate}",
+                f"--tls-private-key-file={serving.key}",
+                f"--client-ca-file={self.ca.path}",
+                f"--token-auth-file={tokens}",
+                "--authorization-mode=RBAC",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                f"--service-account-key-file={sa_pub}",
+                f"--service-account-signing-key-file={sa_key}",
+                # Nothing would ever lift the not-ready taint this plugin puts on new nodes (no kubelets).
+                # Pods need no service-account token: nothing runs in them.
+                "--disable-admission-plugins=TaintNodesByCondition,ServiceAccount",
+                "--endpoint-reconciler-type=none",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
+        self.kubeconfig = self.folder / "admin.kubeconfig"
+        self.kubeconfig.write_text(yaml.safe_dump(self.kubeconfig_document(ADMIN_TOKEN)))
+        self.api = KubeApi(Connection.load(str(self.kubeconfig)))
+        wait_until(self.api.healthy, 60, "kube-apiserver /readyz")
+        # kube-scheduler's leader election lease lives in the namespace manifests/ create.
+        self.ensure_namespace("migchain-system")
+        self.sa_key = sa_key
+
+    def kubeconfig_document(self, token: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "e2e",
+                    "cluster": {
+                        "server": f"https://127.0.0.1:{self.api_port}",
+                        "certificate-authority": str(self.ca.path),
+                    },
+                }
+            ],
+            "users": [{"name": "e2e", "user": {"token": token}}],
+            "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": "e2e"}}],
+            "current-context": "e2e",
+        }
+
+    def _start_controller_manager(self) -> None:
+        self._process(
+            "kube-controller-manager",
+            [
+                str(BIN / "kube-controller-manager"),
+                f"--kubeconfig={self.kubeconfig}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                # The workload controllers the tests need; no node lifecycle (no kubelets heartbeat).
+                "--controllers=deployment,replicaset,job,statefulset,garbagecollector,disruption,"
+                "serviceaccount,serviceaccount-token,namespace,podgc",
+                f"--service-account-private-key-file={self.sa_key}",
+                "--use-service-account-credentials=false",
+                "--concurrent-deployment-syncs=10",
+                "--concurrent-replicaset-syncs=10",
+                "--v=1",
+            ],
+        )
+
+    def start_scheduler(self, extender_url: str, config_path: Path | None = None) -> Process:
+        """kube-scheduler with the repo's scheduler-config.yaml; only the extender URL and kubeconfig rewritten."""
+        document = yaml.safe_load((config_path or ROOT / "scheduler-config.yaml").read_text())
+        document["clientConnection"]["kubeconfig"] = str(self.kubeconfig)
+        for extender in document["extenders"]:
+            extender["urlPrefix"] = extender_url
+        config = self.folder / "scheduler-config.yaml"
+        config.write_text(yaml.safe_dump(document))
+        return self._process(
+            "kube-scheduler",
+            [
+                str(BIN / "kube-scheduler"),
+                f"--config={config}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                "--v=2",
+            ],
+        )
+
+    # -- helpers --------------------------------------------------------------
+
+    def ensure_namespace(self, name: str) -> None:
+        with contextlib.suppress(ApiError):
+            self.api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+
+    def logs(self) -> str:
+        return "\n".join(f"----- {name} -----\n{process.tail()}" for name, process in self.processes.items())
+
+    def stop(self) -> None:
+        for process in reversed(list(self.processes.values())):
+            process.stop()
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return bool(response.status == 200)
+
+
+def python_process_argv(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+@contextlib.contextmanager
+def running(plane: ControlPlane) -> Iterator[ControlPlane]:
+    try:
+        plane.start()
+        yield plane
+    finally:
+        plane.stop()
+        shutil.rmtree(plane.folder / "etcd", ignore_errors=True)

@@ -1,0 +1,111 @@
+"""The ledger against a brute-force model: usage per node is always bound pods plus unconfirmed reservations."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from extender.core.cluster import NodeState, PodRecord, PodRequest
+from extender.ledger import Ledger
+
+NODES = ("n0", "n1", "n2")
+TYPES = ("nvidia.com/mig-1g.5gb", "nvidia.com/mig-2g.10gb")
+UIDS = tuple(f"uid-{index}" for index in range(6))
+
+slices = st.dictionaries(st.sampled_from(TYPES), st.integers(1, 3), min_size=1).map(lambda d: tuple(sorted(d.items())))
+
+
+def record(uid: str, node: str, mig: tuple[tuple[str, int], ...], terminal: bool, replaces: str = "") -> PodRecord:
+    return PodRecord(PodRequest("ns", f"pod-{uid}", uid, mig), node, terminal, replaces)
+
+
+class LedgerModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ledger = Ledger()
+        self.ledger.replace_nodes(NodeState(name, allocatable=dict.fromkeys(TYPES, 8)) for name in NODES)
+        self.pods: dict[str, PodRecord] = {}
+        self.reserved: dict[str, tuple[str, tuple[tuple[str, int], ...], float]] = {}
+        self.now = 0.0
+
+    @rule(
+        uid=st.sampled_from(UIDS),
+        node=st.sampled_from(("", *NODES)),
+        mig=slices,
+        terminal=st.booleans(),
+        replaces=st.sampled_from(("", *UIDS)),
+    )
+    def pod_event(self, uid: str, node: str, mig: tuple[tuple[str, int], ...], terminal: bool, replaces: str) -> None:
+        self.ledger.put_pod(record(uid, node, mig, terminal, replaces))
+        self.pods[uid] = record(uid, node, mig, terminal, replaces)
+        if node:  # the watch confirmed the bind of this pod, or of the one it replaces
+            self.reserved.pop(uid, None)
+            self.reserved.pop(replaces, None)
+
+    @rule(uid=st.sampled_from(UIDS))
+    def pod_deleted(self, uid: str) -> None:
+        self.ledger.remove_pod(uid)
+        self.pods.pop(uid, None)  # its reservation, if any, stays: a borrow deletes the original first
+
+    @rule(uid=st.sampled_from(UIDS), node=st.sampled_from(NODES), mig=slices, ttl=st.floats(1, 10))
+    def reserve(self, uid: str, node: str, mig: tuple[tuple[str, int], ...], ttl: float) -> None:
+        self.ledger.reserve(uid, node, mig, self.now + ttl)
+        self.reserved[uid] = (node, mig, self.now + ttl)
+
+    @rule(uid=st.sampled_from(UIDS))
+    def release(self, uid: str) -> None:
+        self.ledger.release(uid)
+        self.reserved.pop(uid, None)
+
+    @rule(step=st.floats(0, 5))
+    def time_passes(self, step: float) -> None:
+        self.now += step
+        self.ledger.expire(self.now)
+        self.reserved = {uid: r for uid, r in self.reserved.items() if r[2] > self.now}
+
+    @rule(keep=st.sets(st.sampled_from(UIDS)))
+    def relist(self, keep: set[str]) -> None:
+        listed = [pod for uid, pod in self.pods.items() if uid in keep]
+        self.ledger.replace_pods(listed)
+        self.pods = {pod.request.uid: pod for pod in listed}
+        # A reservation survives a relist unless the list shows its pod, or its replacement, bound.
+        confirmed = {key for pod in self.pods.values() if pod.node for key in (pod.request.uid, pod.replaces)}
+        self.reserved = {uid: r for uid, r in self.reserved.items() if uid not in confirmed}
+
+    @invariant()
+    def usage_is_bound_pods_plus_unconfirmed_reservations(self) -> None:
+        for name in NODES:
+            expected: dict[str, int] = {}
+            for pod in self.pods.values():
+                if pod.node == name and not pod.terminal:
+                    for resource, count in pod.request.mig:
+                        expected[resource] = expected.get(resource, 0) + count
+            for node, mig, _ in self.reserved.values():
+                if node == name:
+                    for resource, count in mig:
+                        expected[resource] = expected.get(resource, 0) + count
+            state = self.ledger.node_state(name)
+            assert state is not None
+            assert {t: n for t, n in state.used.items() if n} == expected
+            assert self.ledger.snapshot().nodes[name] == state
+
+
+TestLedger = LedgerModel.TestCase
+
+
+def test_a_removed_node_leaves_the_snapshot():
+    ledger = Ledger()
+    ledger.replace_nodes([NodeState("a"), NodeState("b")])
+    ledger.remove_node("a")
+    assert set(ledger.snapshot().nodes) == {"b"}
+
+
+def test_lookup_by_namespace_and_name_follows_the_latest_uid():
+    ledger = Ledger()
+    ledger.put_pod(record("old", "", (), False))
+    ledger.remove_pod("old")
+    ledger.put_pod(record("new", "", (), False))
+    found = ledger.pod("ns", "pod-new")
+    assert found is not None
+    assert found.request.uid == "new"
+    assert ledger.pod("ns", "pod-old") is None
