@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,12 +55,23 @@ def build_app(args: argparse.Namespace, rules: ChainRules) -> Flask:
     from extender.kube.api import Connection, KubeApi
     from extender.kube.binder import Binder
     from extender.kube.cache import ClusterCache
+    from extender.kube.events import EventRecorder
+    from extender.kube.executor import Executor
 
     api = KubeApi(Connection.load(args.kubeconfig), pool_size=args.threads + 4)
     store = SnapshotStore(ready=False, detail="waiting for the first list of nodes and pods")
     cache = ClusterCache(api, store)
     cache.start()
-    return create_app(settings, rules, store, Binder(api, cache, rules))
+    binder = Binder(api, cache, rules, Executor(api, args.namespace), EventRecorder(api, socket.gethostname()))
+
+    def recover_when_synced() -> None:
+        # Journaled borrows need the cache: a replacement is recreated only if it still fits.
+        while not cache.wait_ready(timeout=60):
+            log.warning("cluster cache not in sync yet; journal recovery waits")
+        binder.recover()
+
+    threading.Thread(target=recover_when_synced, name="journal-recovery", daemon=True).start()
+    return create_app(settings, rules, store, binder)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -69,6 +82,11 @@ def parser() -> argparse.ArgumentParser:
         "--kubeconfig",
         default=os.environ.get("KUBECONFIG"),
         help="kubeconfig of the cluster (default $KUBECONFIG; in a pod, the service account)",
+    )
+    cli.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE", "migchain-system"),
+        help="namespace of migchain's own objects: the borrow journal (default $POD_NAMESPACE or %(default)s)",
     )
     cli.add_argument("--threads", type=int, default=8, help="request threads (default %(default)s)")
     cli.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body")

@@ -1,19 +1,34 @@
-"""The binder: re-decides the placement on the current state, reserves its slices, then binds through the API.
+"""The binder: re-decides the placement on the current state, reserves its slices, then binds or borrows.
 
 Deciding and reserving happen under the cache's lock, so two binds can never
-take the same free slice; the API call happens outside it.
+take the same free slice; the API calls happen outside it. An exact fit is a
+Binding; a borrow is a replacement pod run by the executor.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from extender.core.cluster import BindRequest, ObjectError, PodRecord, pod_record
+from extender.core.cluster import (
+    REPLACED_UID_ANNOTATION,
+    BindRequest,
+    ObjectError,
+    PodRecord,
+    pod_record,
+    pod_request,
+)
 from extender.core.decide import Placement, Rejection, place
+from extender.core.loan import plan_borrow
 from extender.core.rules import ChainRules
-from extender.kube.api import ApiError, KubeApi, path
+from extender.kube.api import ApiError, KubeApi
 from extender.kube.cache import ClusterCache
+from extender.kube.events import EventRecorder
+from extender.kube.executor import BorrowError, Executor, pod_path
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +40,14 @@ class BindOutcome:
 
 
 class Binder:
-    def __init__(self, api: KubeApi, cache: ClusterCache, rules: ChainRules) -> None:
+    def __init__(
+        self, api: KubeApi, cache: ClusterCache, rules: ChainRules, executor: Executor, events: EventRecorder
+    ) -> None:
         self.api = api
         self.cache = cache
         self.rules = rules
+        self.executor = executor
+        self.events = events
 
     def bind(self, args: BindRequest) -> BindOutcome:
         record = self._pod(args)
@@ -47,30 +66,47 @@ class Binder:
             verdict = place(record.request, self.cache.ledger.node_state(args.node), args.node, self.rules)
             if isinstance(verdict, Rejection):
                 return BindOutcome(f"node {args.node} no longer fits pod {record.request.key}: {verdict.reason}")
-            if verdict.borrows:
-                return BindOutcome(f"node {args.node} fits pod {record.request.key} only by borrowing: not bound")
             self.cache.reserve(record.request.uid, args.node, verdict.slices)
         try:
-            self.api.create(
-                path("api", "v1", "namespaces", args.pod_namespace, "pods", args.pod_name, "binding"),
-                {
-                    "apiVersion": "v1",
-                    "kind": "Binding",
-                    # The UID makes the API server refuse the bind if the pod was replaced meanwhile.
-                    "metadata": {"name": args.pod_name, "namespace": args.pod_namespace, "uid": args.pod_uid},
-                    "target": {"apiVersion": "v1", "kind": "Node", "name": args.node},
-                },
-            )
-        except ApiError as error:
-            if error.definitive:
+            if verdict.borrows:
+                self._borrow(args, verdict)
+            else:
+                self._bind(args)
+        except (ApiError, BorrowError) as error:
+            if not isinstance(error, ApiError) or error.definitive:
                 self.cache.release(record.request.uid)
-            return BindOutcome(f"binding {record.request.key} to {args.node} failed: {error}")
+            return BindOutcome(f"placing {record.request.key} on {args.node} failed: {error}")
         except Exception as error:
-            # The bind may or may not have happened: keep the reservation until
+            # The write may or may not have happened: keep the reservation until
             # the watch tells (or it expires), so its slices are not given twice.
-            return BindOutcome(f"binding {record.request.key} to {args.node} failed: {error}")
-        log.info("bound %s to %s: %s", record.request.key, args.node, verdict.describe())
+            log.exception("placing %s on %s failed", record.request.key, args.node)
+            return BindOutcome(f"placing {record.request.key} on {args.node} failed: {error}")
+        log.info("placed %s on %s: %s", record.request.key, args.node, verdict.describe())
         return BindOutcome("", verdict)
+
+    def _bind(self, args: BindRequest) -> None:
+        self.api.create(
+            pod_path(args.pod_namespace, args.pod_name) + "/binding",
+            {
+                "apiVersion": "v1",
+                "kind": "Binding",
+                # The UID makes the API server refuse the bind if the pod was replaced meanwhile.
+                "metadata": {"name": args.pod_name, "namespace": args.pod_namespace, "uid": args.pod_uid},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": args.node},
+            },
+        )
+
+    def _borrow(self, args: BindRequest, placement: Placement) -> None:
+        pod = self.api.get(pod_path(args.pod_namespace, args.pod_name))
+        if pod["metadata"].get("uid") != args.pod_uid or pod["spec"].get("nodeName"):
+            raise BorrowError(f"pod {args.pod_namespace}/{args.pod_name} changed before it could borrow")
+        plan = plan_borrow(pod, placement)
+        replacement = self.executor.borrow(plan)
+        message = plan.describe()
+        self.events.record(pod, "Borrowed", f"{message}; replaced by pod {plan.replacement_name}")
+        self.events.record(
+            replacement, "Borrowed", f"{message}; replaces pod {plan.original_name} ({plan.original_uid})"
+        )
 
     def _pod(self, args: BindRequest) -> PodRecord | str:
         record = self.cache.pod(args.pod_namespace, args.pod_name)
@@ -78,8 +114,35 @@ class Binder:
             return record
         # The watch may be behind the scheduler's own informer: ask the API server.
         try:
-            return pod_record(self.api.get(path("api", "v1", "namespaces", args.pod_namespace, "pods", args.pod_name)))
-        except ApiError as error:
+            return pod_record(self.api.get(pod_path(args.pod_namespace, args.pod_name)))
+        except (ApiError, ObjectError) as error:
             return f"cannot read pod {args.pod_namespace}/{args.pod_name}: {error}"
-        except ObjectError as error:
-            return f"cannot read pod {args.pod_namespace}/{args.pod_name}: {error}"
+
+    # -- recovery -------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Finish every journaled bare-pod borrow a crash interrupted; run once the cache is in sync."""
+        for original, replacement in self.executor.journal():
+            outcome = self.executor.finish(original, replacement, functools.partial(self._reserve_for, replacement))
+            metadata = original["metadata"]
+            log.warning(
+                "journaled borrow of %s/%s finished after a restart: %s",
+                metadata.get("namespace"),
+                metadata["name"],
+                outcome,
+            )
+            if outcome.startswith("recreated"):
+                self.events.record(replacement, "BorrowRecovered", f"migchain restarted mid-borrow and {outcome}")
+
+    def _reserve_for(self, replacement: Mapping[str, Any]) -> bool:
+        """Whether the replacement still fits its node exactly; if so, its slices are reserved."""
+        request = pod_request(replacement)
+        node = replacement["spec"].get("nodeName", "")
+        replaced_uid = replacement["metadata"]["annotations"][REPLACED_UID_ANNOTATION]
+        exact_only = dataclasses.replace(request, no_borrow="recreating a journaled borrow")
+        with self.cache.lock:
+            verdict = place(exact_only, self.cache.ledger.node_state(node), node, self.rules)
+            if isinstance(verdict, Rejection):
+                return False
+            self.cache.reserve(replaced_uid, node, verdict.slices)
+        return True

@@ -1,0 +1,195 @@
+"""Loans: the replacement pod a borrow creates and the annotations that are the only record of it; pure.
+
+A borrow cannot change a pod's requests (they are immutable), so it replaces
+the pod with a copy asking for the granted types, bound to the chosen node.
+The copy carries everything needed to undo it: the original requests of each
+container, the chain, the steps and the UID it replaced.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from extender.core.cluster import ANNOTATION_PREFIX, REPLACED_UID_ANNOTATION, MigCounts, controller_of
+from extender.core.decide import Placement
+from extender.core.mig import is_mig_resource
+
+# The loan annotations, set by migchain on a borrower; documented in README.
+ORIGINAL_REQUESTS_ANNOTATION = ANNOTATION_PREFIX + "original-requests"  # "nvidia.com/mig-1g.5gb=1"
+BORROWED_REQUESTS_ANNOTATION = ANNOTATION_PREFIX + "borrowed-requests"  # "nvidia.com/mig-2g.10gb=1"
+CHAIN_ANNOTATION = ANNOTATION_PREFIX + "chain"  # chain name(s), comma-separated
+STEPS_ANNOTATION = ANNOTATION_PREFIX + "steps"  # total steps borrowed (slices x steps)
+ORIGINAL_RESOURCES_ANNOTATION = ANNOTATION_PREFIX + "original-resources"  # JSON: container -> its MIG resources
+LOAN_ANNOTATIONS = (
+    ORIGINAL_REQUESTS_ANNOTATION,
+    BORROWED_REQUESTS_ANNOTATION,
+    CHAIN_ANNOTATION,
+    STEPS_ANNOTATION,
+    ORIGINAL_RESOURCES_ANNOTATION,
+    REPLACED_UID_ANNOTATION,
+)
+
+# Fields the API server owns: a new object must not carry them.
+_SERVER_METADATA = (
+    "uid",
+    "resourceVersion",
+    "creationTimestamp",
+    "managedFields",
+    "generation",
+    "selfLink",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+)
+
+
+@dataclass(frozen=True)
+class Loan:
+    """A borrower's record, read back from its annotations."""
+
+    original: MigCounts
+    borrowed: MigCounts
+    chains: tuple[str, ...]
+    steps: int
+    replaced_uid: str
+
+
+@dataclass(frozen=True)
+class BorrowPlan:
+    """Replace `original` (pending) by `replacement` (bound to the node), keeping the pod's name or not.
+
+    Owned pods (ReplicaSet, Job, any controller) get a new name and are
+    created before the original is deleted, so the controller never counts
+    fewer pods than it wants. Bare pods keep their name: nothing else would
+    remember them, so the original is journaled, deleted, then recreated.
+    """
+
+    original: Mapping[str, Any]
+    replacement: Mapping[str, Any]
+    placement: Placement
+    keeps_name: bool
+
+    @property
+    def namespace(self) -> str:
+        return str(self.original["metadata"].get("namespace") or "default")
+
+    @property
+    def original_name(self) -> str:
+        return str(self.original["metadata"]["name"])
+
+    @property
+    def original_uid(self) -> str:
+        return str(self.original["metadata"]["uid"])
+
+    @property
+    def replacement_name(self) -> str:
+        return str(self.replacement["metadata"]["name"])
+
+    def describe(self) -> str:
+        grants = ", ".join(
+            f"{grant.granted} for {grant.requested}" for grant in self.placement.grants if grant.borrowed
+        )
+        return f"borrowed {grants} on node {self.placement.node}"
+
+
+def counts_text(counts: MigCounts) -> str:
+    return ",".join(f"{resource}={count}" for resource, count in counts)
+
+
+def parse_counts(text: str) -> MigCounts:
+    pairs = []
+    for item in filter(None, text.split(",")):
+        resource, _, count = item.partition("=")
+        pairs.append((resource, int(count)))
+    return tuple(sorted(pairs))
+
+
+def loan_of(annotations: Mapping[str, str]) -> Loan | None:
+    """The loan recorded on a pod, or None for a pod that borrows nothing (or a record that is unreadable)."""
+    if REPLACED_UID_ANNOTATION not in annotations or ORIGINAL_REQUESTS_ANNOTATION not in annotations:
+        return None
+    try:
+        return Loan(
+            original=parse_counts(annotations[ORIGINAL_REQUESTS_ANNOTATION]),
+            borrowed=parse_counts(annotations.get(BORROWED_REQUESTS_ANNOTATION, "")),
+            chains=tuple(filter(None, annotations.get(CHAIN_ANNOTATION, "").split(","))),
+            steps=int(annotations.get(STEPS_ANNOTATION, "0")),
+            replaced_uid=annotations[REPLACED_UID_ANNOTATION],
+        )
+    except ValueError:
+        return None
+
+
+def replacement_name(name: str, uid: str) -> str:
+    """A name derived from the original's UID: a retried borrow finds the replacement it already made."""
+    suffix = hashlib.sha256(uid.encode()).hexdigest()[:5]
+    return f"{name[:57]}-{suffix}"
+
+
+def recreatable(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of `pod` that can be created again: server-owned fields and status dropped."""
+    fresh = copy.deepcopy(dict(pod))
+    fresh.pop("status", None)
+    for key in _SERVER_METADATA:
+        fresh["metadata"].pop(key, None)
+    return fresh
+
+
+def plan_borrow(pod: Mapping[str, Any], placement: Placement) -> BorrowPlan:
+    """The replacement of a pending `pod` that asks for the placement's granted types on its node."""
+    metadata = pod["metadata"]
+    keeps_name = controller_of(metadata) is None
+    replacement = recreatable(pod)
+    new_metadata = replacement["metadata"]
+    if not keeps_name:
+        new_metadata["name"] = replacement_name(metadata["name"], metadata["uid"])
+        new_metadata.pop("generateName", None)
+    grants = {grant.requested: grant.granted for grant in placement.grants}
+    original_resources: dict[str, Any] = {}
+    spec = replacement["spec"]
+    for section in ("initContainers", "containers"):
+        for container in spec.get(section) or []:
+            resources = container.get("resources") or {}
+            kept = {}
+            for kind in ("limits", "requests"):
+                values = resources.get(kind) or {}
+                mig = {resource: value for resource, value in values.items() if is_mig_resource(resource)}
+                if mig:
+                    kept[kind] = mig
+                    for resource, value in mig.items():
+                        del values[resource]
+                        granted = grants.get(resource, resource)
+                        # Two requested types granted as one type add up.
+                        values[granted] = str(_count(values.get(granted, 0)) + _count(value))
+            if kept:
+                original_resources[f"{section}/{container['name']}"] = kept
+    spec["nodeName"] = placement.node
+    original = tuple(sorted((grant.requested, grant.count) for grant in placement.grants))
+    annotations = dict(new_metadata.get("annotations") or {})
+    annotations.update(
+        {
+            ORIGINAL_REQUESTS_ANNOTATION: counts_text(_merge(original)),
+            BORROWED_REQUESTS_ANNOTATION: counts_text(placement.slices),
+            CHAIN_ANNOTATION: ",".join(sorted({grant.chain for grant in placement.grants if grant.chain})),
+            STEPS_ANNOTATION: str(placement.cost),
+            ORIGINAL_RESOURCES_ANNOTATION: json.dumps(original_resources, sort_keys=True, separators=(",", ":")),
+            REPLACED_UID_ANNOTATION: metadata["uid"],
+        }
+    )
+    new_metadata["annotations"] = annotations
+    return BorrowPlan(original=pod, replacement=replacement, placement=placement, keeps_name=keeps_name)
+
+
+def _count(value: Any) -> int:
+    return int(value)
+
+
+def _merge(counts: MigCounts) -> MigCounts:
+    merged: dict[str, int] = {}
+    for resource, count in counts:
+        merged[resource] = merged.get(resource, 0) + count
+    return tuple(sorted(merged.items()))

@@ -1,0 +1,237 @@
+"""The one executor of borrow plans: creates, deletes and journals pods in an order that never loses one.
+
+Owned pods: create the replacement, then delete the original (its controller
+counts the replacement, so it never sees fewer pods than it wants). Bare pods:
+journal the original in a ConfigMap, delete it, create the replacement under
+the same name, clear the journal. A process killed between any two steps is
+finished by `recover()` on the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+
+from extender.core.cluster import REPLACED_UID_ANNOTATION, controller_of
+from extender.core.loan import BorrowPlan, recreatable
+from extender.kube.api import JSON_PATCH, ApiError, KubeApi, path
+
+log = logging.getLogger(__name__)
+
+JOURNAL_LABEL = "migchain.io/journal"
+JOB_TRACKING_FINALIZER = "batch.kubernetes.io/job-tracking"
+FAILPOINTS_ENV = "MIGCHAIN_FAILPOINTS"
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+LOWEST_COST = str(-(2**31))
+
+
+class BorrowError(Exception):
+    """A borrow that could not be carried out; the pod is left (or put back) as the scheduler can retry it."""
+
+
+def failpoint(name: str) -> None:
+    """Die here, as a crash would, when the test harness asks for it (MIGCHAIN_FAILPOINTS=name,...).
+
+    The whole process group goes, gunicorn's master with its worker, as when
+    the container is killed: a lone worker would just be respawned.
+    """
+    if name in os.environ.get(FAILPOINTS_ENV, "").split(","):
+        log.warning("failpoint %s: killing the process group", name)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def pod_path(namespace: str, name: str) -> str:
+    return path("api", "v1", "namespaces", namespace, "pods", name)
+
+
+class Executor:
+    def __init__(self, api: KubeApi, journal_namespace: str) -> None:
+        self.api = api
+        self.journal_namespace = journal_namespace
+
+    # -- borrow ---------------------------------------------------------------
+
+    def borrow(self, plan: BorrowPlan) -> dict[str, Any]:
+        """Carry out the plan; returns the replacement pod as the API server stored it."""
+        if plan.keeps_name:
+            return self._borrow_bare(plan)
+        return self._borrow_owned(plan)
+
+    def _borrow_owned(self, plan: BorrowPlan) -> dict[str, Any]:
+        if (controller_of(plan.original["metadata"]) or {}).get("kind") == "ReplicaSet":
+            self._cheapest_to_delete(plan)
+        replacement = self._create_replacement(plan)
+        failpoint("owned-after-create")
+        self._delete_original(plan)
+        return replacement
+
+    def _borrow_bare(self, plan: BorrowPlan) -> dict[str, Any]:
+        self._write_journal(plan)
+        failpoint("bare-after-journal")
+        self._delete_original(plan)
+        self._wait_gone(plan)
+        failpoint("bare-after-delete")
+        replacement = self._create_replacement(plan)
+        failpoint("bare-after-create")
+        self._clear_journal(plan.original_uid)
+        return replacement
+
+    def _cheapest_to_delete(self, plan: BorrowPlan) -> None:
+        """Mark the original as the pod its ReplicaSet should drop first.
+
+        Seeing the replacement, the ReplicaSet has one pod too many and deletes
+        one of its unscheduled pods; with the lowest deletion cost that is the
+        original, not a sibling it would then have to create again.
+        """
+        with contextlib.suppress(ApiError):
+            self.api.patch(
+                pod_path(plan.namespace, plan.original_name),
+                [
+                    {"op": "test", "path": "/metadata/uid", "value": plan.original_uid},
+                    {
+                        "op": "add",
+                        "path": "/metadata/annotations",
+                        "value": {**(plan.original["metadata"].get("annotations") or {}), DELETION_COST: LOWEST_COST},
+                    },
+                ],
+                content_type=JSON_PATCH,
+            )
+
+    def _create_replacement(self, plan: BorrowPlan) -> dict[str, Any]:
+        try:
+            return self.api.create(path("api", "v1", "namespaces", plan.namespace, "pods"), plan.replacement)
+        except ApiError as error:
+            if error.status != 409:
+                raise
+        # It exists: ours from an earlier try, or somebody else's pod of that name.
+        existing = self.api.get(pod_path(plan.namespace, plan.replacement_name))
+        if (existing["metadata"].get("annotations") or {}).get(REPLACED_UID_ANNOTATION) != plan.original_uid:
+            raise BorrowError(f"a pod named {plan.namespace}/{plan.replacement_name} already exists and is not ours")
+        return existing
+
+    def _delete_original(self, plan: BorrowPlan) -> None:
+        resource = pod_path(plan.namespace, plan.original_name)
+        finalizers = plan.original["metadata"].get("finalizers") or []
+        if JOB_TRACKING_FINALIZER in finalizers:
+            # The Job controller counts a deleted, unfinished pod that still has its
+            # tracking finalizer as a failure; it removes the finalizer itself before
+            # deleting surplus pods, and so do we: the replacement carries the count.
+            index = finalizers.index(JOB_TRACKING_FINALIZER)
+            with contextlib.suppress(ApiError):
+                self.api.patch(
+                    resource,
+                    [
+                        {"op": "test", "path": "/metadata/uid", "value": plan.original_uid},
+                        {"op": "test", "path": f"/metadata/finalizers/{index}", "value": JOB_TRACKING_FINALIZER},
+                        {"op": "remove", "path": f"/metadata/finalizers/{index}"},
+                    ],
+                    content_type=JSON_PATCH,
+                )
+        try:
+            self.api.delete(
+                resource,
+                {
+                    "apiVersion": "v1",
+                    "kind": "DeleteOptions",
+                    "gracePeriodSeconds": 0,  # it never ran: nothing to shut down
+                    "preconditions": {"uid": plan.original_uid},
+                },
+            )
+        except ApiError as error:
+            if error.status not in (404, 409):  # gone already, or replaced by another pod of that name
+                raise
+
+    def _wait_gone(self, plan: BorrowPlan, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                current = self.api.get(pod_path(plan.namespace, plan.original_name))
+            except ApiError as error:
+                if error.status == 404:
+                    return
+                raise
+            if current["metadata"].get("uid") != plan.original_uid:
+                return
+            time.sleep(0.05)
+        raise BorrowError(f"pod {plan.namespace}/{plan.original_name} is still terminating; it stays journaled")
+
+    # -- journal --------------------------------------------------------------
+
+    def _journal_name(self, uid: str) -> str:
+        return f"migchain-journal-{uid}"
+
+    def _write_journal(self, plan: BorrowPlan) -> None:
+        self.api.create(
+            path("api", "v1", "namespaces", self.journal_namespace, "configmaps"),
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": self._journal_name(plan.original_uid),
+                    "labels": {JOURNAL_LABEL: "borrow", "app.kubernetes.io/managed-by": "migchain"},
+                },
+                "data": {
+                    "original": orjson.dumps(plan.original).decode(),
+                    "replacement": orjson.dumps(plan.replacement).decode(),
+                    "written": datetime.datetime.now(datetime.UTC).isoformat(),
+                },
+            },
+        )
+
+    def _clear_journal(self, uid: str) -> None:
+        with contextlib.suppress(ApiError):
+            self.api.delete(
+                path("api", "v1", "namespaces", self.journal_namespace, "configmaps", self._journal_name(uid))
+            )
+
+    def journal(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Unfinished bare-pod borrows: (original, replacement) pairs."""
+        items, _ = self.api.list_all(
+            path("api", "v1", "namespaces", self.journal_namespace, "configmaps"), labelSelector=JOURNAL_LABEL
+        )
+        entries = []
+        for item in items:
+            data = item.get("data") or {}
+            try:
+                entries.append((orjson.loads(data["original"]), orjson.loads(data["replacement"])))
+            except (KeyError, orjson.JSONDecodeError):
+                log.error("journal entry %s is unreadable; leaving it for an admin", item["metadata"]["name"])
+        return entries
+
+    def finish(
+        self, original: Mapping[str, Any], replacement: Mapping[str, Any], replacement_fits: Callable[[], bool]
+    ) -> str:
+        """Finish one journaled borrow after a crash; returns what was done, for the log."""
+        metadata = original["metadata"]
+        namespace, name, uid = metadata.get("namespace") or "default", metadata["name"], metadata["uid"]
+        try:
+            current = self.api.get(pod_path(namespace, name))
+        except ApiError as error:
+            if error.status != 404:
+                raise
+            current = None
+        if current is not None:
+            annotations = current["metadata"].get("annotations") or {}
+            if current["metadata"].get("uid") == uid:
+                outcome = "the original was never deleted; it stays pending"
+            elif annotations.get(REPLACED_UID_ANNOTATION) == uid:
+                outcome = "the replacement was already created"
+            else:
+                log.error("pod %s/%s was recreated by someone else; journal kept for an admin", namespace, name)
+                return "kept: the name is taken by another pod"
+        elif replacement_fits():
+            self.api.create(path("api", "v1", "namespaces", namespace, "pods"), replacement)
+            outcome = "recreated the replacement on its node"
+        else:
+            self.api.create(path("api", "v1", "namespaces", namespace, "pods"), recreatable(original))
+            outcome = "its node is full now: recreated the original, pending, for the scheduler"
+        self._clear_journal(uid)
+        return outcome
