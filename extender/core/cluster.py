@@ -67,6 +67,9 @@ class PodRecord:
     node: str  # "" while unbound
     terminal: bool  # Succeeded or Failed: its slices are free again
     replaces: str = ""  # for a borrower: the UID of the pod it replaced (annotation REPLACED_UID_ANNOTATION)
+    terminating: bool = False  # deletionTimestamp set: on its way out
+    created: str = ""  # creationTimestamp (RFC 3339 sorts as text)
+    migchain: Mapping[str, str] = field(default_factory=dict)  # its migchain.io/ annotations (the loan record)
 
     @property
     def holds_slices(self) -> bool:
@@ -234,12 +237,20 @@ def pod_record(pod: Any) -> PodRecord:
     request = pod_request(pod)
     spec = _mapping(pod.get("spec"), "Pod.spec")
     status = _mapping(pod.get("status"), "Pod.status")
-    annotations = _mapping(pod["metadata"].get("annotations"), "Pod.metadata.annotations")
+    metadata = pod["metadata"]
+    annotations = _mapping(metadata.get("annotations"), "Pod.metadata.annotations")
     return PodRecord(
         request=request,
         node=_string(spec.get("nodeName"), "Pod.spec.nodeName"),
         terminal=status.get("phase") in ("Succeeded", "Failed"),
         replaces=_string(annotations.get(REPLACED_UID_ANNOTATION), f"annotations[{REPLACED_UID_ANNOTATION}]"),
+        terminating=bool(metadata.get("deletionTimestamp")),
+        created=_string(metadata.get("creationTimestamp"), "Pod.metadata.creationTimestamp"),
+        migchain={
+            key: value
+            for key, value in annotations.items()
+            if key.startswith(ANNOTATION_PREFIX) and isinstance(value, str)
+        },
     )
 
 

@@ -25,6 +25,7 @@ BORROWED_REQUESTS_ANNOTATION = ANNOTATION_PREFIX + "borrowed-requests"  # "nvidi
 CHAIN_ANNOTATION = ANNOTATION_PREFIX + "chain"  # chain name(s), comma-separated
 STEPS_ANNOTATION = ANNOTATION_PREFIX + "steps"  # total steps borrowed (slices x steps)
 ORIGINAL_RESOURCES_ANNOTATION = ANNOTATION_PREFIX + "original-resources"  # JSON: container -> its MIG resources
+RESTARTS_ANNOTATION = ANNOTATION_PREFIX + "restarts"  # returns so far, carried by bare pods
 LOAN_ANNOTATIONS = (
     ORIGINAL_REQUESTS_ANNOTATION,
     BORROWED_REQUESTS_ANNOTATION,
@@ -182,6 +183,37 @@ def plan_borrow(pod: Mapping[str, Any], placement: Placement) -> BorrowPlan:
     )
     new_metadata["annotations"] = annotations
     return BorrowPlan(original=pod, replacement=replacement, placement=placement, keeps_name=keeps_name)
+
+
+def restored_pod(borrower: Mapping[str, Any], restarts: int) -> dict[str, Any]:
+    """The borrower as it was before it borrowed: original requests, unbound, no loan record; for bare pods.
+
+    `restarts` is written to the restarts annotation, so the restart cap holds
+    across returns. The scheduler places it again (on a slice of its own type).
+    """
+    restored = recreatable(borrower)
+    annotations = dict(restored["metadata"].get("annotations") or {})
+    original = json.loads(annotations.get(ORIGINAL_RESOURCES_ANNOTATION, "{}"))
+    for key in LOAN_ANNOTATIONS:
+        annotations.pop(key, None)
+    annotations[RESTARTS_ANNOTATION] = str(restarts)
+    restored["metadata"]["annotations"] = annotations
+    spec = restored["spec"]
+    spec.pop("nodeName", None)
+    for section in ("initContainers", "containers"):
+        for container in spec.get(section) or []:
+            kept = original.get(f"{section}/{container['name']}")
+            if kept is None:
+                continue
+            resources = container.setdefault("resources", {})
+            for kind in ("limits", "requests"):
+                values = {k: v for k, v in (resources.get(kind) or {}).items() if not is_mig_resource(k)}
+                values.update(kept.get(kind) or {})
+                if values:
+                    resources[kind] = values
+                else:
+                    resources.pop(kind, None)
+    return restored
 
 
 def _count(value: Any) -> int:

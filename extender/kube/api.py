@@ -34,6 +34,13 @@ class ApiError(Exception):
         super().__init__(f"{status} {reason}: {message}")
 
     @property
+    def namespace_gone(self) -> bool:
+        """The namespace is being deleted, or is gone: nothing can be created in it any more."""
+        return (self.status == 403 and "because it is being terminated" in self.message) or (
+            self.status == 404 and self.message.startswith('namespaces "')
+        )
+
+    @property
     def definitive(self) -> bool:
         """The request certainly had no effect (a 4xx other than a timeout or throttling)."""
         return 400 <= self.status < 500 and self.status not in (408, 429)

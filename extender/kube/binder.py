@@ -123,8 +123,17 @@ class Binder:
     def recover(self) -> None:
         """Finish every journaled bare-pod borrow a crash interrupted; run once the cache is in sync."""
         for original, replacement in self.executor.journal():
-            outcome = self.executor.finish(original, replacement, functools.partial(self._reserve_for, replacement))
             metadata = original["metadata"]
+            try:
+                outcome = self.executor.finish(original, replacement, functools.partial(self._reserve_for, replacement))
+            except (ApiError, BorrowError) as error:
+                log.error(
+                    "journaled borrow of %s/%s cannot be finished: %s; it stays journaled",
+                    metadata.get("namespace"),
+                    metadata["name"],
+                    error,
+                )
+                continue
             log.warning(
                 "journaled borrow of %s/%s finished after a restart: %s",
                 metadata.get("namespace"),

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from extender.core.cluster import MigCounts, NodeState, ObjectError, PodRecord, node_state, pod_record
+from extender.core.cluster import MigCounts, NodeState, ObjectError, PodRecord, Snapshot, node_state, pod_record
 from extender.kube.api import ApiError, KubeApi
 from extender.ledger import Ledger
 from extender.store import SnapshotStore
@@ -102,6 +102,7 @@ class ClusterCache:
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._listed: set[str] = set()  # kinds whose first list is in
+        self.changed = threading.Event()  # set on every publish; a consumer clears it
         self._informers = [
             _Informer(
                 api,
@@ -197,6 +198,12 @@ class ClusterCache:
 
     def _publish(self) -> None:
         self.store.publish(self.ledger.snapshot(), ready=self._listed >= {"nodes", "pods"})
+        self.changed.set()
+
+    def view(self) -> tuple[Snapshot, list[PodRecord]]:
+        """The current snapshot and every pod record, taken together."""
+        with self.lock:
+            return self.ledger.snapshot(), list(self.ledger.pods())
 
 
 def _node(obj: dict[str, Any]) -> NodeState | None:

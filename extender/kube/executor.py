@@ -37,6 +37,10 @@ class BorrowError(Exception):
     """A borrow that could not be carried out; the pod is left (or put back) as the scheduler can retry it."""
 
 
+class EvictionBlocked(Exception):
+    """The Eviction API refused (429): a PodDisruptionBudget allows no disruption now. Retry later, never force."""
+
+
 def failpoint(name: str) -> None:
     """Die here, as a crash would, when the test harness asks for it (MIGCHAIN_FAILPOINTS=name,...).
 
@@ -150,18 +154,104 @@ class Executor:
                 raise
 
     def _wait_gone(self, plan: BorrowPlan, timeout: float = 30.0) -> None:
+        self._wait_pod_gone(plan.namespace, plan.original_name, plan.original_uid, timeout)
+
+    def _wait_pod_gone(self, namespace: str, name: str, uid: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                current = self.api.get(pod_path(plan.namespace, plan.original_name))
+                current = self.api.get(pod_path(namespace, name))
             except ApiError as error:
                 if error.status == 404:
                     return
                 raise
-            if current["metadata"].get("uid") != plan.original_uid:
+            if current["metadata"].get("uid") != uid:
                 return
             time.sleep(0.05)
-        raise BorrowError(f"pod {plan.namespace}/{plan.original_name} is still terminating; it stays journaled")
+        raise BorrowError(f"pod {namespace}/{name} is still terminating; it stays journaled")
+
+    # -- return ---------------------------------------------------------------
+
+    def evict(self, pod: Mapping[str, Any]) -> None:
+        """Evict through the Eviction API, so PodDisruptionBudgets hold; raise EvictionBlocked on 429."""
+        metadata = pod["metadata"]
+        namespace = metadata.get("namespace") or "default"
+        try:
+            self.api.create(
+                pod_path(namespace, metadata["name"]) + "/eviction",
+                {
+                    "apiVersion": "policy/v1",
+                    "kind": "Eviction",
+                    "metadata": {"name": metadata["name"], "namespace": namespace},
+                    "deleteOptions": {"preconditions": {"uid": metadata["uid"]}},
+                },
+            )
+        except ApiError as error:
+            if error.status == 429:
+                raise EvictionBlocked(error.message) from None
+            if error.status not in (404, 409):  # gone already
+                raise
+
+    def restore(self, borrower: Mapping[str, Any], restored: Mapping[str, Any], owned: bool) -> str:
+        """Move a borrower back to its original request; returns what was done, for the log and the event.
+
+        Owned pods are evicted and their controller recreates them from its
+        template, which asks for the original request. Bare pods are journaled,
+        evicted, and recreated under their name with their original request.
+        """
+        if owned:
+            self.evict(borrower)
+            return "evicted; its controller recreates it with its original request"
+        metadata = borrower["metadata"]
+        namespace = metadata.get("namespace") or "default"
+        self._journal_entry("return", metadata["uid"], borrower, restored)
+        try:
+            self.evict(borrower)
+        except Exception:
+            # Not evicted (a PDB, its namespace going, an API error): nothing to finish later.
+            self._clear_journal(metadata["uid"])
+            raise
+        failpoint("return-after-evict")
+        self._wait_pod_gone(namespace, metadata["name"], metadata["uid"], timeout=120)
+        outcome = self._recreate(namespace, restored, "evicted and recreated under its name with its original request")
+        self._clear_journal(metadata["uid"])
+        return outcome
+
+    def _recreate(self, namespace: str, pod: Mapping[str, Any], done: str) -> str:
+        """Create a journaled pod; a namespace being deleted takes its pods with it, so that is done too."""
+        try:
+            self.api.create(path("api", "v1", "namespaces", namespace, "pods"), pod)
+        except ApiError as error:
+            if error.status == 409:
+                return "it was already recreated"
+            if not error.namespace_gone:
+                raise
+            return f"not recreated: its namespace {namespace} is being deleted"
+        return done
+
+    def finish_return(self, borrower: Mapping[str, Any], restored: Mapping[str, Any]) -> str:
+        """Finish one journaled return after a crash; returns what was done, for the log."""
+        metadata = borrower["metadata"]
+        namespace, name, uid = metadata.get("namespace") or "default", metadata["name"], metadata["uid"]
+        try:
+            current = self.api.get(pod_path(namespace, name))
+        except ApiError as error:
+            if error.status != 404:
+                raise
+            current = None
+        if current is not None and current["metadata"].get("uid") == uid:
+            if not current["metadata"].get("deletionTimestamp"):
+                self._clear_journal(uid)
+                return "the eviction never happened; the borrower keeps running"
+            self._wait_pod_gone(namespace, name, uid, timeout=120)
+            current = None
+        outcome = (
+            self._recreate(namespace, restored, "recreated it with its original request")
+            if current is None
+            else "it was already recreated"
+        )
+        self._clear_journal(uid)
+        return outcome
 
     # -- journal --------------------------------------------------------------
 
@@ -169,18 +259,21 @@ class Executor:
         return f"migchain-journal-{uid}"
 
     def _write_journal(self, plan: BorrowPlan) -> None:
+        self._journal_entry("borrow", plan.original_uid, plan.original, plan.replacement)
+
+    def _journal_entry(self, kind: str, uid: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> None:
         self.api.create(
             path("api", "v1", "namespaces", self.journal_namespace, "configmaps"),
             {
                 "apiVersion": "v1",
                 "kind": "ConfigMap",
                 "metadata": {
-                    "name": self._journal_name(plan.original_uid),
-                    "labels": {JOURNAL_LABEL: "borrow", "app.kubernetes.io/managed-by": "migchain"},
+                    "name": self._journal_name(uid),
+                    "labels": {JOURNAL_LABEL: kind, "app.kubernetes.io/managed-by": "migchain"},
                 },
                 "data": {
-                    "original": orjson.dumps(plan.original).decode(),
-                    "replacement": orjson.dumps(plan.replacement).decode(),
+                    "original": orjson.dumps(before).decode(),
+                    "replacement": orjson.dumps(after).decode(),
                     "written": datetime.datetime.now(datetime.UTC).isoformat(),
                 },
             },
@@ -192,10 +285,11 @@ class Executor:
                 path("api", "v1", "namespaces", self.journal_namespace, "configmaps", self._journal_name(uid))
             )
 
-    def journal(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        """Unfinished bare-pod borrows: (original, replacement) pairs."""
+    def journal(self, kind: str = "borrow") -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Unfinished bare-pod replacements of one kind (borrow, return): (before, after) pairs."""
         items, _ = self.api.list_all(
-            path("api", "v1", "namespaces", self.journal_namespace, "configmaps"), labelSelector=JOURNAL_LABEL
+            path("api", "v1", "namespaces", self.journal_namespace, "configmaps"),
+            labelSelector=f"{JOURNAL_LABEL}={kind}",
         )
         entries = []
         for item in items:
@@ -228,10 +322,10 @@ class Executor:
                 log.error("pod %s/%s was recreated by someone else; journal kept for an admin", namespace, name)
                 return "kept: the name is taken by another pod"
         elif replacement_fits():
-            self.api.create(path("api", "v1", "namespaces", namespace, "pods"), replacement)
-            outcome = "recreated the replacement on its node"
+            outcome = self._recreate(namespace, replacement, "recreated the replacement on its node")
         else:
-            self.api.create(path("api", "v1", "namespaces", namespace, "pods"), recreatable(original))
-            outcome = "its node is full now: recreated the original, pending, for the scheduler"
+            outcome = self._recreate(
+                namespace, recreatable(original), "its node is full now: recreated the original, pending"
+            )
         self._clear_journal(uid)
         return outcome

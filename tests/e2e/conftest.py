@@ -18,6 +18,7 @@ from tests.e2e.controlplane import ROOT, ControlPlane, Process, free_port, runni
 from tests.e2e.fleet import TEST_LABEL, mig_pod
 
 CHAINS = [str(ROOT / "chains" / name) for name in ("a100-40gb.yaml", "a100-80gb.yaml", "h100-80gb.yaml")]
+CHAINS.append(str(ROOT / "tests" / "fixtures" / "chains" / "e2e-eager.yaml"))
 
 
 @dataclass
@@ -25,6 +26,42 @@ class Cluster:
     plane: ControlPlane
     extender: Process
     extender_port: int
+    returners: list[Process] = field(default_factory=list)
+
+    def start_returner(self, identity: str, env: dict[str, str] | None = None) -> Process:
+        """A migchain-returner replica with its own lease identity; its log is kept with the others'."""
+        process = self.plane.processes.get(f"returner-{identity}")
+        if process is None:
+            process = Process(
+                f"returner-{identity}",
+                [
+                    sys.executable,
+                    "-m",
+                    "extender.returner_cli",
+                    f"--kubeconfig={self.plane.kubeconfig}",
+                    f"--identity={identity}",
+                    f"--health-bind=127.0.0.1:{free_port()}",
+                    "--chains",
+                    *CHAINS,
+                ],
+                self.plane.folder / f"returner-{identity}.log",
+            )
+            self.plane.processes[process.name] = process
+            self.returners.append(process)
+        process.env = env
+        process.start()
+        return process
+
+    def lease_holder(self) -> str:
+        try:
+            lease = self.api.get(
+                path(
+                    "apis", "coordination.k8s.io", "v1", "namespaces", "migchain-system", "leases", "migchain-returner"
+                )
+            )
+        except ApiError:
+            return ""
+        return str(lease.get("spec", {}).get("holderIdentity") or "")
 
     @property
     def api(self) -> KubeApi:
@@ -136,6 +173,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         live.wait_extender_ready()
         plane.start_scheduler(live.extender_url)
         wait_until(lambda: _scheduler_leads(plane), 60, "kube-scheduler to take its lease")
+        live.start_returner("returner-a")
+        wait_until(lambda: live.lease_holder() == "returner-a", 60, "the returner to take its lease")
         yield live
 
 

@@ -1,0 +1,128 @@
+"""The returner loop: on every change of the cluster, while leading, plan returns and carry them out.
+
+Planning is the pure `plan_returns`; this module reads the cache, checks the
+lease before every action, and turns each Restore into an eviction (owned
+pods) or a journaled evict-and-recreate (bare pods). A borrower whose eviction
+a PodDisruptionBudget refuses is retried after a pause, never forced.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from extender.core.cluster import MigCounts, controller_of
+from extender.core.loan import restored_pod
+from extender.core.returns import Restore, borrowers_of, plan_returns
+from extender.core.rules import ChainRules
+from extender.kube.api import ApiError
+from extender.kube.cache import ClusterCache
+from extender.kube.events import EventRecorder
+from extender.kube.executor import BorrowError, EvictionBlocked, Executor, pod_path
+from extender.kube.lease import LeaderElection
+
+log = logging.getLogger(__name__)
+
+PDB_RETRY_SECONDS = 10.0
+# After an eviction the borrower's controller takes a moment to create the pod
+# that comes back; until it shows up (pending), its slice is held for it.
+CLAIM_SECONDS = 30.0
+
+
+class Returner:
+    def __init__(
+        self,
+        cache: ClusterCache,
+        rules: ChainRules,
+        executor: Executor,
+        events: EventRecorder,
+        election: LeaderElection,
+        *,
+        interval: float = 2.0,
+    ) -> None:
+        self.cache = cache
+        self.rules = rules
+        self.executor = executor
+        self.events = events
+        self.election = election
+        self.interval = interval
+        self._blocked: dict[str, float] = {}  # borrower key -> when to try again
+        self._claims: dict[str, tuple[float, str, MigCounts]] = {}  # borrower key -> (until, node, original)
+        self._recover_at: float | None = 0.0  # when to (re)read the journal; None once it is clean
+
+    def run(self, stop: threading.Event) -> None:
+        while not self.cache.wait_ready(timeout=60):
+            log.warning("cluster cache not in sync yet; the returner waits")
+        while not stop.is_set():
+            self.cache.changed.wait(self.interval)
+            self.cache.changed.clear()
+            if not self.election.leading():
+                self._recover_at = 0.0  # a new term starts with the journal
+                continue
+            try:
+                self.round()
+            except Exception:  # one bad round must not stop the returner
+                log.exception("return round failed")
+
+    def round(self) -> None:
+        if self._recover_at is not None and time.monotonic() >= self._recover_at:
+            self._recover_at = None if self.recover() else time.monotonic() + 30.0
+        snapshot, records = self.cache.view()
+        borrowers = borrowers_of(records, self.rules)
+        pending = [r.request for r in records if not r.node and not r.terminal and not r.terminating and r.request.mig]
+        now = time.monotonic()
+        self._claims = {key: claim for key, claim in self._claims.items() if claim[0] > now}
+        claims = [(node, counts) for _, node, counts in self._claims.values()]
+        for restore in plan_returns(snapshot, borrowers, pending, self.rules, claims):
+            if not self.election.leading():
+                return  # the lease may pass to another replica: stop before acting
+            if self._blocked.get(restore.borrower.key, 0.0) > now:
+                continue
+            self.execute(restore)
+
+    def execute(self, restore: Restore) -> None:
+        request = restore.borrower.record.request
+        try:
+            borrower = self.executor.api.get(pod_path(request.namespace, request.name))
+        except ApiError as error:
+            log.info("borrower %s is gone (%s); nothing to return", request.key, error)
+            return
+        if borrower["metadata"].get("uid") != request.uid or borrower["metadata"].get("deletionTimestamp"):
+            return  # replaced or leaving already: the cache was behind
+        original = ", ".join(resource for resource, _ in restore.borrower.loan.original)
+        message = f"returning to {original}: {restore.reason}"
+        owned = controller_of(borrower["metadata"]) is not None
+        try:
+            self.events.record(borrower, "Returning", message)
+            outcome = self.executor.restore(borrower, restored_pod(borrower, restore.borrower.restarts + 1), owned)
+        except EvictionBlocked as blocked:
+            self._blocked[request.key] = time.monotonic() + PDB_RETRY_SECONDS
+            log.info("return of %s blocked by a PodDisruptionBudget: %s; retrying later", request.key, blocked)
+            self.events.record(borrower, "ReturnBlocked", f"eviction refused, will retry: {blocked}", "Warning")
+            return
+        except (ApiError, BorrowError) as error:
+            log.warning("return of %s failed: %s", request.key, error)
+            return
+        self._blocked.pop(request.key, None)
+        if owned:
+            self._claims[request.key] = (
+                time.monotonic() + CLAIM_SECONDS,
+                restore.target,
+                restore.borrower.loan.original,
+            )
+        log.info("returned %s: %s; %s", request.key, message, outcome)
+
+    def recover(self) -> bool:
+        """Finish bare-pod returns a crash interrupted (the journal says which); False if some must wait."""
+        clean = True
+        for borrower, restored in self.executor.journal("return"):
+            name = f"{borrower['metadata'].get('namespace')}/{borrower['metadata']['name']}"
+            try:
+                outcome = self.executor.finish_return(borrower, restored)
+            except (ApiError, BorrowError) as error:
+                log.warning("journaled return of %s cannot be finished yet: %s", name, error)
+                clean = False
+                continue
+            log.warning("journaled return of %s finished after a restart: %s", name, outcome)
+        return clean

@@ -1,0 +1,87 @@
+"""`migchain-returner`: the sidecar that moves borrowers back to the type they asked for; wiring only."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from extender.config import ConfigError, load_rules
+from extender.kube.api import Connection, KubeApi
+from extender.kube.cache import ClusterCache
+from extender.kube.events import EventRecorder
+from extender.kube.executor import Executor
+from extender.kube.lease import LeaderElection
+from extender.kube.returner import Returner
+from extender.store import SnapshotStore
+
+log = logging.getLogger("migchain.returner")
+
+
+def parser() -> argparse.ArgumentParser:
+    cli = argparse.ArgumentParser(prog="migchain-returner", description=__doc__)
+    cli.add_argument("--chains", nargs="+", required=True, metavar="FILE", help="chain rule files (YAML)")
+    cli.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"), help="default $KUBECONFIG, else in-cluster")
+    cli.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE", "migchain-system"),
+        help="namespace of the lease and the journal (default $POD_NAMESPACE or %(default)s)",
+    )
+    cli.add_argument("--identity", default=os.environ.get("POD_NAME", socket.gethostname()), help="lease holder name")
+    cli.add_argument("--health-bind", default="127.0.0.1:8889", help="HOST:PORT of /healthz and /readyz")
+    cli.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return cli
+
+
+def _serve_health(bind: str, store: SnapshotStore) -> ThreadingHTTPServer:
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ready = store.readiness().ready
+            status = 200 if self.path == "/healthz" or (self.path == "/readyz" and ready) else 503
+            if self.path not in ("/healthz", "/readyz"):
+                status = 404
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(b"ok\n" if status == 200 else b"not ready\n")
+
+        def log_message(self, *args: object) -> None:  # probes are not news
+            return
+
+    host, _, port = bind.rpartition(":")
+    server = ThreadingHTTPServer((host, int(port)), Health)
+    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
+    return server
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        rules = load_rules(args.chains)
+    except ConfigError as error:
+        print(f"migchain-returner: invalid chain rules:\n{error}", file=sys.stderr)
+        return 2
+    api = KubeApi(Connection.load(args.kubeconfig))
+    store = SnapshotStore(ready=False, detail="waiting for the first list of nodes and pods")
+    cache = ClusterCache(api, store)
+    cache.start()
+    _serve_health(args.health_bind, store)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    election = LeaderElection(api, args.namespace, "migchain-returner", args.identity)
+    threading.Thread(target=election.run, args=(stop,), name="lease", daemon=True).start()
+    returner = Returner(cache, rules, Executor(api, args.namespace), EventRecorder(api, args.identity), election)
+    log.info("returner %s started; acting only while it holds the lease", args.identity)
+    returner.run(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
