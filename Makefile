@@ -4,12 +4,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: run test lint unit e2e control-plane clean
+.PHONY: run test lint unit e2e control-plane bench clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --constraint constraints.txt --editable '.[test]'
+	$(BIN)/pip install --quiet --constraint constraints.txt --editable '.[test,sim]'
 	touch $@
 
 ## run: serve the extender on 127.0.0.1:8888 with the shipped single-fleet chains
@@ -37,6 +37,10 @@ unit: $(STAMP)
 
 e2e: $(STAMP) control-plane
 	$(BIN)/pytest -m e2e
+
+## bench: the efficiency benchmark (simulator; about two minutes)
+bench: $(STAMP)
+	$(BIN)/python bench/efficiency.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -27,8 +28,9 @@ def is_mig_resource(name: str) -> bool:
     return name.startswith(MIG_RESOURCE_PREFIX)
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_mig_resource(name: str) -> MigProfile:
-    """Parse `nvidia.com/mig-3g.20gb`; raise ValueError with a readable reason."""
+    """Parse `nvidia.com/mig-3g.20gb`; raise ValueError with a readable reason. Memoised: names repeat a lot."""
     if not is_mig_resource(name):
         raise ValueError(f"{name!r} is not a MIG resource name (expected {MIG_RESOURCE_PREFIX}<profile>)")
     match = _PROFILE.match(name[len(MIG_RESOURCE_PREFIX) :])

@@ -72,7 +72,7 @@ def borrowers_of(records: Iterable[PodRecord], rules: ChainRules) -> list[Borrow
             held_back = f"pod annotation {RETURN_ANNOTATION}={record.migchain[RETURN_ANNOTATION]}"
         elif cap is not None and restarts >= cap:
             held_back = f"restarted {restarts} time(s), {MAX_RESTARTS_ANNOTATION}={cap}"
-        found.append(Borrower(record, loan, _mode(loan, rules), restarts, held_back))
+        found.append(Borrower(record, loan, return_mode_of(loan, rules), restarts, held_back))
     return found
 
 
@@ -89,23 +89,25 @@ def plan_returns(
     `claims` (returns under way whose pods are not back yet) are not free:
     counting them would restart a borrower only for it to borrow again.
     """
-    free = {name: dict(node.free) for name, node in snapshot.nodes.items() if node.offers_slices}
+    free = _Free({name: dict(node.free) for name, node in snapshot.nodes.items() if node.offers_slices})
     for node, counts in claims:
-        if node in free:
-            _take(free[node], counts)
+        if node in free.nodes:
+            free.take(node, counts)
     blocked = []
     for waiting in sorted(pending, key=lambda pod: pod.key):
-        spot = _best_spot(waiting, snapshot, free, rules)
+        spot = _best_spot(waiting, snapshot, free.nodes, rules)
         if spot is None:
             blocked.append(waiting)
         else:
-            _take(free[spot.node], spot.slices)
+            free.take(spot.node, spot.slices)
     plans: list[Restore] = []
     movable = sorted((b for b in borrowers if not b.held_back and b.mode is not ReturnMode.NEVER), key=Borrower.order)
     for borrower in (b for b in movable if b.mode is ReturnMode.EAGER):
-        target = _exact_home(borrower.loan.original, borrower.record.request, snapshot, free, rules)
+        if not free.enough(borrower.loan.original):
+            continue
+        target = _exact_home(borrower.loan.original, borrower.record.request, snapshot, free.nodes, rules)
         if target is not None:
-            _take(free[target], borrower.loan.original)
+            free.take(target, borrower.loan.original)
             plans.append(Restore(borrower, target, "", f"a free {_names(borrower.loan.original)} on {target} (eager)"))
     planned = {plan.borrower.key for plan in plans}
     on_demand = [b for b in movable if b.mode is ReturnMode.ON_DEMAND]
@@ -122,30 +124,64 @@ def plan_returns(
 
 
 def _unblock(
-    borrower: Borrower, waiting: PodRequest, snapshot: Snapshot, free: dict[str, dict[str, int]], rules: ChainRules
+    borrower: Borrower, waiting: PodRequest, snapshot: Snapshot, free: _Free, rules: ChainRules
 ) -> Restore | None:
     """Plan `borrower`'s return if, with its slices given back, `waiting` fits on its node."""
     home = borrower.record.node
-    if home not in free:
+    if home not in free.nodes or not free.enough(borrower.loan.original):
         return None
-    target = _exact_home(borrower.loan.original, borrower.record.request, snapshot, free, rules)
+    given_back = dict(free.nodes[home])
+    for resource, count in borrower.loan.borrowed:
+        given_back[resource] = given_back.get(resource, 0) + count
+    if not isinstance(place(waiting, _with_free(snapshot.nodes[home], given_back), home, rules), Placement):
+        return None  # cheap test first: would the waiting pod fit there at all?
+    target = _exact_home(borrower.loan.original, borrower.record.request, snapshot, free.nodes, rules)
     if target is None:
         return None
-    trial = {name: dict(slices) for name, slices in free.items()}
-    _take(trial[target], borrower.loan.original)
-    _give(trial[home], borrower.loan.borrowed)
-    placement = place(waiting, _with_free(snapshot.nodes[home], trial[home]), home, rules)
+    trial = free.copy()
+    trial.take(target, borrower.loan.original)
+    trial.give(home, borrower.loan.borrowed)
+    placement = place(waiting, _with_free(snapshot.nodes[home], trial.nodes[home]), home, rules)
     if not isinstance(placement, Placement):
         return None
-    _take(trial[home], placement.slices)  # the unblocked pod will take them: no one else may
-    free.clear()
-    free.update(trial)
+    trial.take(home, placement.slices)  # the unblocked pod will take them: no one else may
+    free.adopt(trial)
     return Restore(
         borrower,
         target,
         waiting.key,
         f"{waiting.key} is waiting and fits the {_names(borrower.loan.borrowed)} it gives back on {home} (on-demand)",
     )
+
+
+class _Free:
+    """Free slices per node during planning, with fleet-wide totals for quick tests."""
+
+    def __init__(self, nodes: dict[str, dict[str, int]]) -> None:
+        self.nodes = nodes
+        self.totals: dict[str, int] = {}
+        for slices in nodes.values():
+            for resource, count in slices.items():
+                self.totals[resource] = self.totals.get(resource, 0) + count
+
+    def copy(self) -> _Free:
+        return _Free({name: dict(slices) for name, slices in self.nodes.items()})
+
+    def adopt(self, other: _Free) -> None:
+        self.nodes, self.totals = other.nodes, other.totals
+
+    def enough(self, counts: MigCounts) -> bool:
+        """A quick necessary test before a search: the fleet has that many free slices of each type at all."""
+        return all(self.totals.get(resource, 0) >= count for resource, count in counts)
+
+    def take(self, node: str, counts: MigCounts) -> None:
+        self.give(node, tuple((resource, -count) for resource, count in counts))
+
+    def give(self, node: str, counts: MigCounts) -> None:
+        slices = self.nodes[node]
+        for resource, count in counts:
+            slices[resource] = slices.get(resource, 0) + count
+            self.totals[resource] = self.totals.get(resource, 0) + count
 
 
 def _exact_home(
@@ -187,21 +223,11 @@ def _with_free(node: NodeState, free: Mapping[str, int]) -> NodeState:
     return dataclasses.replace(node, used=used)
 
 
-def _take(free: dict[str, int], counts: MigCounts) -> None:
-    for resource, count in counts:
-        free[resource] = free.get(resource, 0) - count
-
-
-def _give(free: dict[str, int], counts: MigCounts) -> None:
-    for resource, count in counts:
-        free[resource] = free.get(resource, 0) + count
-
-
 def _names(counts: MigCounts) -> str:
     return ", ".join(f"{count}x {resource}" for resource, count in counts)
 
 
-def _mode(loan: Loan, rules: ChainRules) -> ReturnMode:
+def return_mode_of(loan: Loan, rules: ChainRules) -> ReturnMode:
     # Loans outlive rule edits: the chain's current policy decides, and a loan
     # whose chain is gone returns on demand, the default.
     for chain in rules.chains:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from extender import cli, serve
@@ -25,3 +26,29 @@ def test_validate_exits_1_and_names_file_line_field(capsys):
 def test_the_extender_will_not_start_on_bad_rules(capsys):
     assert serve.main(["--chains", str(BROKEN)]) == 2
     assert "policy.maxSteps" in capsys.readouterr().err
+
+
+def test_simulate_prints_every_policy_beside_the_bounds(tmp_path, capsys):
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(
+        "gpusPerNode: 2\ngpus:\n  - product: NVIDIA-A100-SXM4-40GB\n    count: 2\n    layout: all-balanced\n"
+    )
+    trace = tmp_path / "trace.csv"
+    rows = [f"p{index},{index},1g.5gb,100" for index in range(5)]  # 2 GPUs hold 4 x 1g.5gb
+    trace.write_text("name,arrival_s,type,runtime_s\n" + "\n".join(rows) + "\n")
+    chains = str(ROOT / "chains" / "a100-40gb.yaml")
+    args = ["simulate", "--fleet", str(fleet), "--chains", chains, "--workload", str(trace), "-o", "json"]
+    assert cli.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["runs"]) == {"static", "eager", "on-demand"}
+    assert report["runs"]["static"]["borrows"] == 0
+    assert report["runs"]["on-demand"]["borrows"] == 1  # the fifth 1g.5gb pod takes a larger slice
+    assert 0 < report["bounds"]["static"] <= report["bounds"]["borrowing"] <= report["bounds"]["fluid"] <= 1
+
+
+def test_simulate_reports_a_bad_fleet_without_a_trace(tmp_path, capsys):
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("gpus: []\n")
+    args = ["simulate", "--fleet", str(fleet), "--chains", str(ROOT / "chains" / "a100-40gb.yaml"), "--workload", "x"]
+    assert cli.main(args) == 1
+    assert "gpus: expected a non-empty list" in capsys.readouterr().err

@@ -1,0 +1,308 @@
+"""The discrete-event simulator: pods arrive, are placed, run, complete and are returned by the SAME pure core.
+
+Placement is `filter_nodes` + `score_nodes` + `place`, as the live extender
+answers kube-scheduler; returns are `plan_returns`, as the returner decides.
+No I/O, no clock: a run is a function of (fleet, rules, jobs, policy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import heapq
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from extender.core.cluster import MigCounts, NodeState, PodRecord, PodRequest, Snapshot
+from extender.core.decide import Placement, filter_nodes, score_nodes
+from extender.core.loan import Loan
+from extender.core.returns import Borrower, plan_returns, return_mode_of
+from extender.core.rules import ChainRules, ReturnMode
+from extender.sim.geometry import compute_slices
+
+
+class SimPolicy(enum.Enum):
+    STATIC = "static"  # no borrowing: the plain mixed strategy
+    EAGER = "eager"  # borrow, and return eagerly (the reference behaviour)
+    ON_DEMAND = "on-demand"  # borrow, and return only when it unblocks a pending pod
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    arrival: float  # seconds from the start of the trace
+    resource: str  # the MIG resource it asks for, one slice
+    runtime: float  # seconds of work it needs
+
+
+@dataclass
+class _Pod:
+    job: Job
+    pending_since: float
+    waited: float = 0.0
+    node: str = ""
+    placement: Placement | None = None
+    started: float = 0.0
+    epoch: int = 0  # bumped on every restart, so a stale finish event is ignored
+    restarts: int = 0
+    placed_once: bool = False
+    finished: float | None = None
+
+    @property
+    def request(self) -> PodRequest:
+        return PodRequest("default", self.job.name, self.job.name, ((self.job.resource, 1),))
+
+
+@dataclass
+class Metrics:
+    pods: int = 0
+    never_placed: int = 0
+    mean_pending_s: float = 0.0
+    p95_pending_s: float = 0.0
+    borrows: int = 0
+    restarts: int = 0
+    lost_work_slice_hours: float = 0.0  # compute-slice hours of work thrown away by restarts
+    useful_utilisation: float = 0.0  # compute slices asked for x time, over capacity x horizon
+    held_utilisation: float = 0.0  # compute slices held (borrowed ones count whole) x time, over the same
+    utilisation_by_type: dict[str, float] = field(default_factory=dict)  # slice-hours held / offered, per type
+    timeline: list[tuple[float, float, int]] = field(default_factory=list)  # (time, useful utilisation, pending)
+
+
+def rules_for(policy: SimPolicy, rules: ChainRules) -> ChainRules:
+    """The chains a policy runs with: none for static; the given ones with its return mode otherwise."""
+    if policy is SimPolicy.STATIC:
+        return ChainRules([])
+    mode = ReturnMode.EAGER if policy is SimPolicy.EAGER else ReturnMode.ON_DEMAND
+    return ChainRules(
+        dataclasses.replace(chain, policy=dataclasses.replace(chain.policy, return_mode=mode)) for chain in rules.chains
+    )
+
+
+def simulate(
+    nodes: Sequence[NodeState],
+    rules: ChainRules,
+    jobs: Iterable[Job],
+    policy: SimPolicy,
+    *,
+    horizon: float | None = None,
+    sample_every: float = 600.0,
+    observe: Callable[[Snapshot, Mapping[str, tuple[str, MigCounts]]], None] | None = None,
+) -> Metrics:
+    """Replay `jobs` on `nodes` under `policy`; utilisation is measured over [0, horizon] (default: last arrival).
+
+    `observe`, if given, sees the nodes and the running pods (name -> node, slices) after every step: tests check
+    conservation with it.
+    """
+    run = _Run(list(nodes), rules_for(policy, rules), sorted(jobs, key=lambda job: (job.arrival, job.name)))
+    run.observe = observe
+    return run.go(horizon, sample_every)
+
+
+class _Run:
+    def __init__(self, nodes: list[NodeState], rules: ChainRules, jobs: list[Job]) -> None:
+        self.rules = rules
+        self.state = {node.name: dataclasses.replace(node, used={}) for node in nodes}
+        self.jobs = jobs
+        self.by_name = {job.name: job for job in jobs}
+        self.pods: dict[str, _Pod] = {}
+        self.borrowing: dict[str, Borrower] = {}  # running borrowers, as the returner would read them
+        self.observe: Callable[[Snapshot, Mapping[str, tuple[str, MigCounts]]], None] | None = None
+        self.pending: list[str] = []  # pod names, oldest first
+        self.events: list[tuple[float, int, str, str, int]] = []  # (time, seq, kind, pod, epoch)
+        self.seq = 0
+        self.metrics = Metrics(pods=len(jobs))
+        self.now = 0.0
+        self.end = 0.0
+        # time integrals, and the rates they grow at (kept as pods start and stop)
+        self.useful = 0.0
+        self.held = 0.0
+        self.held_by_type: dict[str, float] = {}
+        self.useful_rate = 0
+        self.held_rate = 0
+        self.held_now: dict[str, int] = {}
+        self.capacity_by_type: dict[str, int] = {}
+        for node in nodes:
+            for resource, count in node.allocatable.items():
+                self.capacity_by_type[resource] = self.capacity_by_type.get(resource, 0) + count
+        self.capacity = sum(compute_slices(r) * n for r, n in self.capacity_by_type.items())
+
+    def push(self, time: float, kind: str, pod: str, epoch: int = 0) -> None:
+        heapq.heappush(self.events, (time, self.seq, kind, pod, epoch))
+        self.seq += 1
+
+    def go(self, horizon: float | None, sample_every: float) -> Metrics:
+        end = horizon if horizon is not None else max((job.arrival for job in self.jobs), default=0.0)
+        self.end = end
+        for job in self.jobs:
+            self.push(job.arrival, "arrive", job.name)
+        next_sample = 0.0
+        while self.events:
+            time = self.events[0][0]
+            self.advance(min(time, end), end)
+            while next_sample <= min(time, end) and next_sample <= end:
+                self.metrics.timeline.append(
+                    (next_sample, self._useful_now() / max(1, self.capacity), len(self.pending))
+                )
+                next_sample += sample_every
+            self.now = time
+            while self.events and self.events[0][0] == time:
+                _, _, kind, name, epoch = heapq.heappop(self.events)
+                if kind == "arrive":
+                    self.pods[name] = _Pod(self.by_name[name], pending_since=time)
+                    self.pending.append(name)
+                elif kind == "finish":
+                    pod = self.pods[name]
+                    if pod.epoch == epoch and pod.node:
+                        self.release(pod)
+                        pod.finished = time
+            self.schedule()
+            if self.rules.chains:
+                self.returns()
+            if self.observe is not None:
+                running = {n: (p.node, p.placement.slices) for n, p in self.pods.items() if p.placement is not None}
+                self.observe(self.snapshot(), running)
+        self.finish_metrics(end)
+        return self.metrics
+
+    # -- time integrals -------------------------------------------------------
+
+    def _useful_now(self) -> float:
+        return float(self.useful_rate)
+
+    def advance(self, to: float, end: float) -> None:
+        span = max(0.0, min(to, end) - min(self.now, end))
+        if span <= 0:
+            return
+        self.useful += self.useful_rate * span
+        self.held += self.held_rate * span
+        for resource, count in self.held_now.items():
+            self.held_by_type[resource] = self.held_by_type.get(resource, 0.0) + count * span
+
+    # -- placement ------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.state)
+
+    def schedule(self) -> None:
+        """Place pending pods oldest first, as the scheduler would; a request that fit nowhere is not retried."""
+        failed: set[str] = set()
+        still: list[str] = []
+        names = list(self.state)
+        for name in self.pending:
+            pod = self.pods[name]
+            if pod.job.resource in failed:
+                still.append(name)
+                continue
+            snapshot = self.snapshot()
+            decision = filter_nodes(pod.request, names, snapshot, self.rules)
+            if not decision.passed:
+                failed.add(pod.job.resource)
+                still.append(name)
+                continue
+            scores = score_nodes(pod.request, decision.passed, snapshot, self.rules)
+            chosen = max(decision.passed, key=lambda node: scores[node])  # the first best, as listed
+            verdict = decision.verdicts[chosen]
+            assert isinstance(verdict, Placement)
+            self.start(pod, verdict)
+        self.pending = still
+
+    def start(self, pod: _Pod, placement: Placement) -> None:
+        pod.waited += self.now - pod.pending_since
+        pod.node, pod.placement, pod.started = placement.node, placement, self.now
+        pod.placed_once = True
+        if placement.borrows:
+            self.metrics.borrows += 1
+            self.borrowing[pod.job.name] = self._borrower(pod, placement)
+        self._use(placement.node, placement.slices, +1)
+        self._rates(pod.job.resource, placement.slices, +1)
+        self.push(self.now + pod.job.runtime, "finish", pod.job.name, pod.epoch)
+
+    def release(self, pod: _Pod) -> None:
+        assert pod.placement is not None
+        self._use(pod.node, pod.placement.slices, -1)
+        self._rates(pod.job.resource, pod.placement.slices, -1)
+        self.borrowing.pop(pod.job.name, None)
+        pod.node, pod.placement = "", None
+
+    def _rates(self, asked: str, slices: MigCounts, sign: int) -> None:
+        self.useful_rate += sign * compute_slices(asked)
+        for resource, count in slices:
+            self.held_rate += sign * compute_slices(resource) * count
+            self.held_now[resource] = self.held_now.get(resource, 0) + sign * count
+
+    def _use(self, node: str, slices: MigCounts, sign: int) -> None:
+        state = self.state[node]
+        used = dict(state.used)
+        for resource, count in slices:
+            used[resource] = used.get(resource, 0) + sign * count
+            assert 0 <= used[resource] <= state.allocatable.get(resource, 0), (node, resource, used[resource])
+        self.state[node] = dataclasses.replace(state, used=used)
+
+    # -- returns --------------------------------------------------------------
+
+    def _borrower(self, pod: _Pod, placement: Placement) -> Borrower:
+        loan = Loan(
+            original=((pod.job.resource, 1),),
+            borrowed=placement.slices,
+            chains=tuple(sorted({g.chain for g in placement.grants if g.chain})),
+            steps=placement.cost,
+            replaced_uid=pod.job.name,
+        )
+        record = PodRecord(
+            PodRequest("default", pod.job.name, pod.job.name, placement.slices),
+            placement.node,
+            False,
+            created=f"{self.now:016.3f}",
+        )
+        return Borrower(record, loan, return_mode_of(loan, self.rules), pod.restarts, "")
+
+    def returns(self) -> None:
+        borrowers = list(self.borrowing.values())
+        if not borrowers:
+            return
+        # Pending pods of one type are interchangeable here: one of each is
+        # enough to find a return worth doing, and keeps a round cheap.
+        pending = list({self.pods[name].job.resource: self.pods[name].request for name in self.pending}.values())
+        plans = plan_returns(self.snapshot(), borrowers, pending, self.rules)
+        for plan in plans:
+            pod = self.pods[plan.borrower.record.request.name]
+            # A restart throws away the work done so far: the pod starts over,
+            # and what it did no longer counts as useful.
+            slices = compute_slices(pod.job.resource)
+            self.metrics.lost_work_slice_hours += slices * (self.now - pod.started) / 3600
+            self.useful -= slices * max(0.0, min(self.now, self.end) - min(pod.started, self.end))
+            self.metrics.restarts += 1
+            pod.restarts += 1
+            pod.epoch += 1
+            self.release(pod)
+            pod.pending_since = self.now
+            self.pending.append(pod.job.name)
+        if plans:
+            self.pending.sort(key=lambda name: (self.pods[name].job.arrival, name))
+            self.schedule()
+
+    # -- results --------------------------------------------------------------
+
+    def finish_metrics(self, end: float) -> None:
+        waits = []
+        for name, pod in self.pods.items():
+            if not pod.placed_once:
+                self.metrics.never_placed += 1
+            elif name in self.pending:  # restarted and never placed again: it waited till the end
+                waits.append(pod.waited + self.now - pod.pending_since)
+            else:
+                waits.append(pod.waited)
+        self.metrics.never_placed += len(self.jobs) - len(self.pods)
+        if waits:
+            waits.sort()
+            self.metrics.mean_pending_s = sum(waits) / len(waits)
+            self.metrics.p95_pending_s = waits[min(len(waits) - 1, math.ceil(0.95 * len(waits)) - 1)]
+        if end > 0 and self.capacity:
+            self.metrics.useful_utilisation = self.useful / (self.capacity * end)
+            self.metrics.held_utilisation = self.held / (self.capacity * end)
+            self.metrics.utilisation_by_type = {
+                resource: self.held_by_type.get(resource, 0.0) / (count * end)
+                for resource, count in sorted(self.capacity_by_type.items())
+                if count
+            }
