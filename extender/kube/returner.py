@@ -25,8 +25,8 @@ from extender.kube.lease import LeaderElection
 log = logging.getLogger(__name__)
 
 PDB_RETRY_SECONDS = 10.0
-# After an eviction the borrower's controller takes a moment to create the pod
-# that comes back; until it shows up (pending), its slice is held for it.
+# After a return the pod takes a moment to come back (a controller's new pod,
+# or the watch showing our recreated one); until then its slice is held for it.
 CLAIM_SECONDS = 30.0
 
 
@@ -48,7 +48,9 @@ class Returner:
         self.election = election
         self.interval = interval
         self._blocked: dict[str, float] = {}  # borrower key -> when to try again
-        self._claims: dict[str, tuple[float, str, MigCounts]] = {}  # borrower key -> (until, node, original)
+        # Returns under way whose pod is not back yet hold their target slice:
+        # borrower key -> (borrower uid, until, node, original request).
+        self._claims: dict[str, tuple[str, float, str, MigCounts]] = {}
         self._recover_at: float | None = 0.0  # when to (re)read the journal; None once it is clean
 
     def run(self, stop: threading.Event) -> None:
@@ -72,8 +74,13 @@ class Returner:
         borrowers = borrowers_of(records, self.rules)
         pending = [r.request for r in records if not r.node and not r.terminal and not r.terminating and r.request.mig]
         now = time.monotonic()
-        self._claims = {key: claim for key, claim in self._claims.items() if claim[0] > now}
-        claims = [(node, counts) for _, node, counts in self._claims.values()]
+        back = {r.request.key: r.request.uid for r in records}
+        # A claim ends when its pod is back (a bare pod: same name, new UID; then it
+        # counts as pending or bound) or, for a controller's new pod we cannot name, in time.
+        self._claims = {
+            key: claim for key, claim in self._claims.items() if claim[1] > now and back.get(key, claim[0]) == claim[0]
+        }
+        claims = [(node, counts) for _, _, node, counts in self._claims.values()]
         for restore in plan_returns(snapshot, borrowers, pending, self.rules, claims):
             if not self.election.leading():
                 return  # the lease may pass to another replica: stop before acting
@@ -105,12 +112,12 @@ class Returner:
             log.warning("return of %s failed: %s", request.key, error)
             return
         self._blocked.pop(request.key, None)
-        if owned:
-            self._claims[request.key] = (
-                time.monotonic() + CLAIM_SECONDS,
-                restore.target,
-                restore.borrower.loan.original,
-            )
+        self._claims[request.key] = (
+            request.uid,
+            time.monotonic() + CLAIM_SECONDS,
+            restore.target,
+            restore.borrower.loan.original,
+        )
         log.info("returned %s: %s; %s", request.key, message, outcome)
 
     def recover(self) -> bool:
