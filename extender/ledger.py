@@ -158,4 +158,6 @@ class Ledger:
             if reservation.node == name:
                 for resource, count in reservation.slices:
                     used[resource] = used.get(resource, 0) + count
-        self._states[name] = replace(node, used=used)
+        state = replace(node, used=used)
+        state.signature  # noqa: B018 - computed here, on the watch thread, not on a request's path
+        self._states[name] = state

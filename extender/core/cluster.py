@@ -97,6 +97,16 @@ class NodeState:
     def free(self) -> Mapping[str, int]:
         return {t: max(0, n - self.used.get(t, 0)) for t, n in self.allocatable.items()}
 
+    @cached_property
+    def signature(self) -> tuple[object, ...]:
+        """Everything a decision reads of this node, but its name: nodes alike here are decided alike."""
+        return (
+            self.gpu_product,
+            self.mig_config_state,
+            tuple(sorted(self.allocatable.items())),
+            tuple(sorted(self.free.items())),
+        )
+
 
 @dataclass(frozen=True)
 class Snapshot:

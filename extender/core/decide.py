@@ -96,7 +96,6 @@ class FilterDecision:
     passed: tuple[str, ...]
     failed: Mapping[str, str]
     unresolvable: Mapping[str, str]
-    verdicts: Mapping[str, Verdict]
 
 
 def place(pod: PodRequest, node: NodeState | None, node_name: str, rules: ChainRules) -> Verdict:
@@ -117,6 +116,42 @@ def place(pod: PodRequest, node: NodeState | None, node_name: str, rules: ChainR
     return Rejection(node.name, _why_not(pod, node, rules), resolvable)
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """What a verdict means for filter and prioritize, shared by every node of the same signature."""
+
+    cost: int | None  # None: it does not fit
+    text: str  # the rejection reason, or what the placement does
+    resolvable: bool
+    score: int
+
+
+def _outcomes(pod: PodRequest, node_names: Iterable[str], snapshot: Snapshot, rules: ChainRules) -> dict[str, _Outcome]:
+    """Each named node's outcome. Nodes alike in everything the decision reads (NodeState.signature) are
+    decided once: a fleet of a few GPU models and layouts has few distinct states, so the work per request
+    grows with the number of distinct states, not of nodes."""
+    lookup = snapshot.nodes.get
+    memo: dict[object, _Outcome] = {}
+    remembered = memo.get
+    outcomes: dict[str, _Outcome] = {}
+    for name in node_names:  # the hot loop: one lookup per node, the decision once per signature
+        node = lookup(name)
+        if node is None:
+            outcomes[name] = _Outcome(None, f"node {name} is not in migchain's cluster cache yet", True, 0)
+            continue
+        key = node.signature
+        outcome = remembered(key)
+        if outcome is None:
+            verdict = place(pod, node, name, rules)
+            if isinstance(verdict, Placement):
+                outcome = _Outcome(verdict.cost, verdict.describe(), True, score(verdict))
+            else:
+                outcome = _Outcome(None, verdict.reason, verdict.resolvable, 0)
+            memo[key] = outcome
+        outcomes[name] = outcome
+    return outcomes
+
+
 def filter_nodes(pod: PodRequest, node_names: Iterable[str], snapshot: Snapshot, rules: ChainRules) -> FilterDecision:
     """Split the candidate nodes into those that pass and those that fail, with a reason each.
 
@@ -124,25 +159,22 @@ def filter_nodes(pod: PodRequest, node_names: Iterable[str], snapshot: Snapshot,
     a borrow fail with a reason saying so. Scores alone could not promise this,
     because kube-scheduler adds the extender's score to its own plugins' scores.
     """
-    verdicts: dict[str, Verdict] = {}
-    for name in node_names:
-        if name not in verdicts:
-            verdicts[name] = place(pod, snapshot.nodes.get(name), name, rules)
-    placements = [verdict for verdict in verdicts.values() if isinstance(verdict, Placement)]
-    cheapest = min((placement.cost for placement in placements), default=0)
-    rivals = sum(1 for placement in placements if placement.cost == cheapest)
+    outcomes = _outcomes(pod, node_names, snapshot, rules)
+    costs = [outcome.cost for outcome in outcomes.values() if outcome.cost is not None]
+    cheapest = min(costs, default=0)
+    rivals = costs.count(cheapest)
+    better = "an exact fit" if cheapest == 0 else f"a borrow of cost {cheapest}"
     passed: list[str] = []
     failed: dict[str, str] = {}
     unresolvable: dict[str, str] = {}
-    for name, verdict in verdicts.items():
-        if isinstance(verdict, Rejection):
-            (failed if verdict.resolvable else unresolvable)[name] = verdict.reason
-        elif verdict.cost == cheapest:
+    for name, outcome in outcomes.items():
+        if outcome.cost is None:
+            (failed if outcome.resolvable else unresolvable)[name] = outcome.text
+        elif outcome.cost == cheapest:
             passed.append(name)
         else:
-            better = "an exact fit" if cheapest == 0 else f"a borrow of cost {cheapest}"
-            failed[name] = f"{verdict.describe()}; {rivals} other node(s) offer {better}"
-    return FilterDecision(tuple(passed), failed, unresolvable, verdicts)
+            failed[name] = f"{outcome.text}; {rivals} other node(s) offer {better}"
+    return FilterDecision(tuple(passed), failed, unresolvable)
 
 
 def score(verdict: Verdict) -> int:
@@ -166,7 +198,7 @@ def score(verdict: Verdict) -> int:
 
 
 def score_nodes(pod: PodRequest, node_names: Iterable[str], snapshot: Snapshot, rules: ChainRules) -> dict[str, int]:
-    return {name: score(place(pod, snapshot.nodes.get(name), name, rules)) for name in node_names}
+    return {name: outcome.score for name, outcome in _outcomes(pod, node_names, snapshot, rules).items()}
 
 
 def _options(pod: PodRequest, node: NodeState, rules: ChainRules) -> list[list[Grant]]:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from extender.core.cluster import MigCounts, NodeState, PodRecord, PodRequest, Snapshot
-from extender.core.decide import Placement, filter_nodes, score_nodes
+from extender.core.decide import Placement, filter_nodes, place, score_nodes
 from extender.core.loan import Loan
 from extender.core.returns import Borrower, plan_returns, return_mode_of
 from extender.core.rules import ChainRules, ReturnMode
@@ -202,7 +202,7 @@ class _Run:
                 continue
             scores = score_nodes(pod.request, decision.passed, snapshot, self.rules)
             chosen = max(decision.passed, key=lambda node: scores[node])  # the first best, as listed
-            verdict = decision.verdicts[chosen]
+            verdict = place(pod.request, snapshot.nodes[chosen], chosen, self.rules)  # what /bind decides
             assert isinstance(verdict, Placement)
             self.start(pod, verdict)
         self.pending = still
