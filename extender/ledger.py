@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from typing import Any
 
-from extender.core.cluster import MigCounts, NodeState, PodRecord, Snapshot
+from extender.core.cluster import MigCounts, NodeState, PodRecord, Snapshot, node_state, pod_record
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,15 @@ class Reservation:
 
 
 class Ledger:
+    @classmethod
+    def of_objects(cls, items: Iterable[Any]) -> Ledger:
+        """A ledger of Node and Pod objects (as `kubectl get nodes,pods -A -o json` lists them)."""
+        items = list(items)
+        ledger = cls()
+        ledger.replace_nodes(node_state(item) for item in items if item.get("kind") == "Node")
+        ledger.replace_pods(pod_record(item) for item in items if item.get("kind") == "Pod")
+        return ledger
+
     def __init__(self) -> None:
         self._nodes: dict[str, NodeState] = {}  # as the API reports them, `used` empty
         self._pods: dict[str, PodRecord] = {}  # by uid

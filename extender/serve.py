@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import orjson
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
 from extender.config import ConfigError, load_rules
+from extender.core.cluster import Snapshot
 from extender.core.rules import ChainRules
+from extender.ledger import Ledger
 from extender.store import SnapshotStore
 from extender.web.app import DEFAULT_MAX_BODY_BYTES, WebSettings, create_app
 
@@ -49,6 +54,10 @@ class _Server(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type 
 def build_app(args: argparse.Namespace, rules: ChainRules) -> Flask:
     """Standalone without a cluster; otherwise the watch-fed cache and the binder."""
     settings = WebSettings(max_body_bytes=args.max_body_bytes)
+    if args.snapshot:
+        return create_app(
+            settings, rules, SnapshotStore(read_snapshot(args.snapshot), detail=f"snapshot {args.snapshot}")
+        )
     if not args.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
         log.warning("no --kubeconfig and not in a cluster: running standalone (no cache, no /bind)")
         return create_app(settings, rules, SnapshotStore())
@@ -74,6 +83,13 @@ def build_app(args: argparse.Namespace, rules: ChainRules) -> Flask:
     return create_app(settings, rules, store, binder)
 
 
+def read_snapshot(path: str) -> Snapshot:
+    """A frozen cluster from a file: a List of Node and Pod objects, as `kubectl get nodes,pods -A -o json` writes."""
+    document = orjson.loads(Path(path).read_bytes())
+    items = document.get("items", []) if isinstance(document, dict) else []
+    return Ledger.of_objects(items).snapshot()
+
+
 def parser() -> argparse.ArgumentParser:
     cli = argparse.ArgumentParser(prog="migchain-extender", description=__doc__)
     cli.add_argument("--bind", default="127.0.0.1:8888", help="HOST:PORT to listen on (default %(default)s)")
@@ -87,6 +103,12 @@ def parser() -> argparse.ArgumentParser:
         "--namespace",
         default=os.environ.get("POD_NAMESPACE", "migchain-system"),
         help="namespace of migchain's own objects: the borrow journal (default $POD_NAMESPACE or %(default)s)",
+    )
+    cli.add_argument(
+        "--snapshot",
+        metavar="FILE.json",
+        help="decide on a frozen cluster read from FILE (kubectl get nodes,pods -A -o json) instead of watching one; "
+        "filter and prioritize only, for trials and benchmarks",
     )
     cli.add_argument("--threads", type=int, default=8, help="request threads (default %(default)s)")
     cli.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body")
