@@ -55,9 +55,9 @@ def build_app(args: argparse.Namespace, rules: ChainRules) -> Flask:
     """Standalone without a cluster; otherwise the watch-fed cache and the binder."""
     settings = WebSettings(max_body_bytes=args.max_body_bytes)
     if args.snapshot:
-        return create_app(
-            settings, rules, SnapshotStore(read_snapshot(args.snapshot), detail=f"snapshot {args.snapshot}")
-        )
+        store = SnapshotStore(read_snapshot(args.snapshot), detail=f"snapshot {args.snapshot}")
+        gc.freeze()  # the snapshot lives as long as the process: keep the collector from re-scanning it
+        return create_app(settings, rules, store)
     if not args.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
         log.warning("no --kubeconfig and not in a cluster: running standalone (no cache, no /bind)")
         return create_app(settings, rules, SnapshotStore())

@@ -8,6 +8,7 @@ relist; on any other break, back off and watch again from the last version.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -197,7 +198,12 @@ class ClusterCache:
                     self._publish()
 
     def _publish(self) -> None:
-        self.store.publish(self.ledger.snapshot(), ready=self._listed >= {"nodes", "pods"})
+        ready = self._listed >= {"nodes", "pods"}
+        if ready and not self.store.readiness().ready:
+            # The first lists are most of what this process will ever hold: keep the
+            # cyclic collector from re-scanning them (its full passes were the p99 tail).
+            gc.freeze()
+        self.store.publish(self.ledger.snapshot(), ready=ready)
         self.changed.set()
 
     def view(self) -> tuple[Snapshot, list[PodRecord]]:
