@@ -302,6 +302,10 @@ class ControlPlane:
             extender["urlPrefix"] = extender_url
         config = self.folder / "scheduler-config.yaml"
         config.write_text(yaml.safe_dump(document))
+        return self.start_scheduler_with(config)
+
+    def start_scheduler_with(self, config: Path) -> Process:
+        """kube-scheduler with a configuration file as it is."""
         return self._process(
             "kube-scheduler",
             [
