@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,15 @@ def load_rules(paths: Iterable[str | Path]) -> ChainRules:
     if not chains:
         raise ConfigError([Problem("(no file)", 0, "", "no chain rule files given")])
     return ChainRules(chains)
+
+
+def load_rules_at_start(program: str, paths: Iterable[str | Path]) -> ChainRules | None:
+    """For a process starting up: the rules, or None after printing every problem (the process exits 2)."""
+    try:
+        return load_rules(paths)
+    except ConfigError as error:
+        print(f"{program}: invalid chain rules:\n{error}", file=sys.stderr)
+        return None
 
 
 Located = list[tuple[Chain, int, str]]  # each chain with the line and field of its name, for messages

@@ -7,12 +7,11 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from extender.config import ConfigError, load_rules
+from extender.config import load_rules_at_start
 from extender.kube.api import Connection, KubeApi
 from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder
@@ -63,10 +62,8 @@ def _serve_health(bind: str, store: SnapshotStore) -> ThreadingHTTPServer:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        rules = load_rules(args.chains)
-    except ConfigError as error:
-        print(f"migchain-returner: invalid chain rules:\n{error}", file=sys.stderr)
+    rules = load_rules_at_start("migchain-returner", args.chains)
+    if rules is None:
         return 2
     api = KubeApi(Connection.load(args.kubeconfig))
     store = SnapshotStore(ready=False, detail="waiting for the first list of nodes and pods")

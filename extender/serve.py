@@ -7,7 +7,6 @@ import gc
 import logging
 import os
 import socket
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ import orjson
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
-from extender.config import ConfigError, load_rules
+from extender.config import load_rules_at_start
 from extender.core.cluster import Snapshot
 from extender.core.rules import ChainRules
 from extender.ledger import Ledger
@@ -119,10 +118,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        rules = load_rules(args.chains)
-    except ConfigError as error:
-        print(f"migchain-extender: invalid chain rules:\n{error}", file=sys.stderr)
+    rules = load_rules_at_start("migchain-extender", args.chains)
+    if rules is None:
         return 2
     options = {
         "bind": args.bind,

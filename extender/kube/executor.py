@@ -233,12 +233,7 @@ class Executor:
         """Finish one journaled return after a crash; returns what was done, for the log."""
         metadata = borrower["metadata"]
         namespace, name, uid = metadata.get("namespace") or "default", metadata["name"], metadata["uid"]
-        try:
-            current = self.api.get(pod_path(namespace, name))
-        except ApiError as error:
-            if error.status != 404:
-                raise
-            current = None
+        current = self._current(namespace, name)
         if current is not None and current["metadata"].get("uid") == uid:
             if not current["metadata"].get("deletionTimestamp"):
                 self._clear_journal(uid)
@@ -254,6 +249,15 @@ class Executor:
         return outcome
 
     # -- journal --------------------------------------------------------------
+
+    def _current(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The pod of that name now, or None when there is none."""
+        try:
+            return self.api.get(pod_path(namespace, name))
+        except ApiError as error:
+            if error.status != 404:
+                raise
+            return None
 
     def _journal_name(self, uid: str) -> str:
         return f"migchain-journal-{uid}"
@@ -306,12 +310,7 @@ class Executor:
         """Finish one journaled borrow after a crash; returns what was done, for the log."""
         metadata = original["metadata"]
         namespace, name, uid = metadata.get("namespace") or "default", metadata["name"], metadata["uid"]
-        try:
-            current = self.api.get(pod_path(namespace, name))
-        except ApiError as error:
-            if error.status != 404:
-                raise
-            current = None
+        current = self._current(namespace, name)
         if current is not None:
             annotations = current["metadata"].get("annotations") or {}
             if current["metadata"].get("uid") == uid:
