@@ -98,13 +98,14 @@ class NodeState:
         return {t: max(0, n - self.used.get(t, 0)) for t, n in self.allocatable.items()}
 
     @cached_property
-    def signature(self) -> tuple[object, ...]:
-        """Everything a decision reads of this node, but its name: nodes alike here are decided alike."""
-        return (
-            self.gpu_product,
-            self.mig_config_state,
-            tuple(sorted(self.allocatable.items())),
-            tuple(sorted(self.free.items())),
+    def signature(self) -> str:
+        """Everything a decision reads of this node, but its name: nodes alike here are decided alike.
+
+        A string, not a tuple: a string keeps its hash once computed, so the
+        per-request memo lookup costs what a name lookup costs.
+        """
+        return repr(
+            (self.gpu_product, self.mig_config_state, sorted(self.allocatable.items()), sorted(self.free.items()))
         )
 
 

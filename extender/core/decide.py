@@ -131,7 +131,7 @@ def _outcomes(pod: PodRequest, node_names: Iterable[str], snapshot: Snapshot, ru
     decided once: a fleet of a few GPU models and layouts has few distinct states, so the work per request
     grows with the number of distinct states, not of nodes."""
     lookup = snapshot.nodes.get
-    memo: dict[object, _Outcome] = {}
+    memo: dict[str, _Outcome] = {}
     remembered = memo.get
     outcomes: dict[str, _Outcome] = {}
     for name in node_names:  # the hot loop: one lookup per node, the decision once per signature

@@ -59,7 +59,7 @@ def extender_args(body: bytes) -> ExtenderArgs:
         raise WireError(str(error)) from None
     names = document.get("NodeNames")
     if names is not None:
-        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        if not isinstance(names, list) or not set(map(type, names)) <= {str}:  # map(type): C speed for 10k names
             raise WireError("NodeNames: expected a list of node names")
         return ExtenderArgs(request, tuple(names), None)
     nodes = document.get("Nodes")
