@@ -6,6 +6,8 @@ written as `kubectl get nodes,pods -o json` would, served by
 kube-scheduler sends (NodeNames mode; full Nodes mode). Prints p50/p99 per
 verb, requests per second with 4 client threads, and the worker's RSS.
 Binding needs an API server: bench/scheduler_throughput.py measures it.
+First, per size, the pure core alone: filter plus score of one pod over every
+node, in this process, no HTTP.
 
 Run: .venv/bin/python bench/latency.py [--sizes 1000 5000 10000]
 """
@@ -27,6 +29,7 @@ from typing import Any
 import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 CHAINS = [str(ROOT / "chains" / f) for f in ("a100-40gb.yaml", "a100-80gb.yaml", "h100-80gb.yaml", "a30-24gb.yaml")]
 FLEET = [  # share of nodes, product, per-GPU layout (GPU Operator names), GPUs per node
     (0.6, "NVIDIA-A100-SXM4-40GB", {"1g.5gb": 2, "2g.10gb": 1, "3g.20gb": 1}, 8),
@@ -177,9 +180,32 @@ def quantiles(times: list[float]) -> str:
     return f"{times[len(times) // 2] * 1000:7.2f} {times[min(len(times) - 1, int(len(times) * 0.99))] * 1000:7.2f}"
 
 
+def core_times(nodes: list[dict[str, Any]], pods: list[dict[str, Any]], samples: int) -> list[float]:
+    """Seconds for filter_nodes plus score_nodes of one pending pod over every node, straight on the core."""
+    from extender.config import load_rules
+    from extender.core.cluster import pod_request
+    from extender.core.decide import filter_nodes, nodes_to_pass, score_nodes
+    from extender.ledger import Ledger
+
+    snapshot = Ledger.of_objects(nodes + pods).snapshot()
+    rules = load_rules(CHAINS)
+    request = pod_request(pending_pod("nvidia.com/mig-1g.5gb"))
+    names = list(snapshot.nodes)
+    times = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        decision = filter_nodes(request, names, snapshot, rules, nodes_to_pass(len(names)))
+        score_nodes(request, decision.passed, snapshot, rules)
+        times.append(time.perf_counter() - started)
+    return sorted(times)
+
+
 def run(size: int, samples: int) -> None:
     rng = random.Random(size)
     nodes, pods = cluster(size, rng)
+    core = core_times(nodes, pods, samples)
+    p50, p99 = core[len(core) // 2] * 1000, core[int(len(core) * 0.99)] * 1000
+    print(f"\n{size} nodes: core filter+score of one pod over all of them: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
     with tempfile.TemporaryDirectory() as folder:
         snapshot = Path(folder) / "cluster.json"
         snapshot.write_bytes(orjson.dumps({"kind": "List", "apiVersion": "v1", "items": nodes + pods}))

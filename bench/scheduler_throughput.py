@@ -13,6 +13,7 @@ Run: .venv/bin/python bench/scheduler_throughput.py [--nodes 1000] [--pods 1000]
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import threading
@@ -45,11 +46,32 @@ def in_threads(count: int, work, threads: int = 6) -> None:  # type: ignore[no-u
         worker.join()
 
 
-def burst(plane: ControlPlane, namespace: str, pods: int, config: Path) -> float:
-    """Create `pods` pending pods, start kube-scheduler with `config`, return pods bound per second."""
+def cpu_seconds(process: Process) -> float:
+    """User plus system CPU time of a process group (gunicorn's workers are in the master's group)."""
+    if process.popen is None:
+        return 0.0
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[2]) == process.popen.pid:  # field 5, pgrp, counted after the ")"
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def burst(plane: ControlPlane, namespace: str, pods: int, config: Path) -> tuple[float, dict[str, float]]:
+    """Create `pods` pending pods, start kube-scheduler with `config`.
+
+    Returns pods bound per second and the CPU seconds each component spent from
+    the scheduler's start until the last pod was bound (on 2 cores the
+    components compete for CPU, so this shows where the time goes).
+    """
     plane.ensure_namespace(namespace)
     collection = path("api", "v1", "namespaces", namespace, "pods")
     in_threads(pods, lambda i: plane.api.create(collection, mig_pod(f"p{i:05d}", "bench", {"1g.5gb": 1})))
+    before = {name: cpu_seconds(process) for name, process in plane.processes.items()}
     scheduler = plane.start_scheduler_with(config)
     first = last = 0.0
     bound = 0
@@ -63,10 +85,11 @@ def burst(plane: ControlPlane, namespace: str, pods: int, config: Path) -> float
         if now_bound > bound:
             bound, last = now_bound, now
         time.sleep(0.25)
+    spent = {name: cpu_seconds(process) - before.get(name, 0.0) for name, process in plane.processes.items()}
     scheduler.stop()
     if bound < pods:
         raise RuntimeError(f"only {bound} of {pods} pods were bound")
-    return pods / max(last - first, 1e-3)
+    return pods / max(last - first, 1e-3), spent
 
 
 def bind_latency(url: str) -> str:
@@ -134,14 +157,19 @@ def main() -> int:
             del document["extenders"]
             without = Path(folder) / "without.yaml"
             without.write_text(yaml.safe_dump(document))
-            rate_with = burst(plane, "with-migchain", args.pods, with_migchain)
+            rate_with, cpu_with = burst(plane, "with-migchain", args.pods, with_migchain)
             latency = bind_latency(url)
-            rate_without = burst(plane, "without-extender", args.pods, without)
+            rate_without, cpu_without = burst(plane, "without-extender", args.pods, without)
             print(f"\n{args.pods} MIG pods onto {args.nodes} nodes, real kube-scheduler v1.37.2:")
             print(f"  (a) with migchain (filter, prioritize, bind): {rate_with:7.1f} pods/s")
             print(f"  (b) no extender, MIG counted by the scheduler: {rate_without:7.1f} pods/s")
             print(f"  ratio a/b: {rate_with / rate_without:.0%}")
             print(f"  {latency}")
+            print("\nCPU ms per pod, by component (2 cores shared):")
+            print(f"  {'component':24} {'(a)':>7} {'(b)':>7}")
+            for name in sorted(cpu_with, key=lambda n: -cpu_with[n]):
+                per_pod = (cpu_with[name] * 1000 / args.pods, cpu_without.get(name, 0.0) * 1000 / args.pods)
+                print(f"  {name:24} {per_pod[0]:7.2f} {per_pod[1]:7.2f}")
         finally:
             plane.stop()
     return 0

@@ -52,7 +52,7 @@ class _Server(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type 
 
 def build_app(args: argparse.Namespace, rules: ChainRules) -> Flask:
     """Standalone without a cluster; otherwise the watch-fed cache and the binder."""
-    settings = WebSettings(max_body_bytes=args.max_body_bytes)
+    settings = WebSettings(max_body_bytes=args.max_body_bytes, pass_all_nodes=args.pass_all_nodes)
     if args.snapshot:
         store = SnapshotStore(read_snapshot(args.snapshot), detail=f"snapshot {args.snapshot}")
         gc.freeze()  # the snapshot lives as long as the process: keep the collector from re-scanning it
@@ -108,6 +108,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="FILE.json",
         help="decide on a frozen cluster read from FILE (kubectl get nodes,pods -A -o json) instead of watching one; "
         "filter and prioritize only, for trials and benchmarks",
+    )
+    cli.add_argument(
+        "--pass-all-nodes",
+        action="store_true",
+        help="filter passes every fitting node to kube-scheduler's scoring; by default only the best of them, "
+        "as many as kube-scheduler's default percentageOfNodesToScore would score",
     )
     cli.add_argument("--threads", type=int, default=8, help="request threads (default %(default)s)")
     cli.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body")

@@ -23,6 +23,28 @@ MAX_SCORE = 10  # k8s.io/kube-scheduler/extender/v1 MaxExtenderPriority
 # pathological pod cannot stall the scheduler.
 MAX_BORROW_DEMANDS = 4
 
+# kube-scheduler's own scoring budget (numFeasibleNodesToFind in
+# pkg/scheduler/schedule_one.go, with percentageOfNodesToScore unset): every
+# node of a small cluster, else 50 % minus 1 % per 125 nodes, at least 5 % and
+# at least 100 nodes.
+MIN_NODES_TO_PASS = 100
+MIN_PERCENT_TO_PASS = 5
+
+
+def nodes_to_pass(cluster_size: int) -> int:
+    """How many fitting nodes the filter passes on, kube-scheduler's default budget for `cluster_size` nodes.
+
+    scheduler-config.yaml sets percentageOfNodesToScore to 100 so that migchain,
+    the one judge of MIG fit, sees every node. Passing every fitting node on
+    would make kube-scheduler score them all too, which its default never does
+    on a large cluster; so the filter passes the best of them, as many as the
+    default would have scored.
+    """
+    if cluster_size < MIN_NODES_TO_PASS:
+        return cluster_size
+    percent = max(50 - cluster_size // 125, MIN_PERCENT_TO_PASS)
+    return max(cluster_size * percent // 100, MIN_NODES_TO_PASS)
+
 
 @dataclass(frozen=True)
 class Grant:
@@ -152,12 +174,21 @@ def _outcomes(pod: PodRequest, node_names: Iterable[str], snapshot: Snapshot, ru
     return outcomes
 
 
-def filter_nodes(pod: PodRequest, node_names: Iterable[str], snapshot: Snapshot, rules: ChainRules) -> FilterDecision:
+def filter_nodes(
+    pod: PodRequest,
+    node_names: Iterable[str],
+    snapshot: Snapshot,
+    rules: ChainRules,
+    keep: int | None = None,
+) -> FilterDecision:
     """Split the candidate nodes into those that pass and those that fail, with a reason each.
 
     Only the cheapest fits pass: if any node fits exactly, nodes that would need
     a borrow fail with a reason saying so. Scores alone could not promise this,
     because kube-scheduler adds the extender's score to its own plugins' scores.
+    With `keep`, at most that many pass: the best scored, ties in the order
+    given. The fitting nodes left out are in neither list: nothing is wrong
+    with them, and a reason each would only grow the reply.
     """
     outcomes = _outcomes(pod, node_names, snapshot, rules)
     costs = [outcome.cost for outcome in outcomes.values() if outcome.cost is not None]
@@ -174,6 +205,9 @@ def filter_nodes(pod: PodRequest, node_names: Iterable[str], snapshot: Snapshot,
             passed.append(name)
         else:
             failed[name] = f"{outcome.text}; {rivals} other node(s) offer {better}"
+    if keep is not None and len(passed) > keep:
+        passed.sort(key=lambda name: -outcomes[name].score)  # stable: ties keep the scheduler's order
+        del passed[keep:]
     return FilterDecision(tuple(passed), failed, unresolvable)
 
 

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, UnsupportedMediaType
 
 from extender.core.cluster import BindRequest
-from extender.core.decide import Placement, filter_nodes, score_nodes
+from extender.core.decide import Placement, filter_nodes, nodes_to_pass, score_nodes
 from extender.core.rules import ChainRules
 from extender.metrics import Metrics
 from extender.store import SnapshotStore
@@ -41,6 +41,8 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 @dataclass(frozen=True)
 class WebSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Pass every fitting node to kube-scheduler's scoring, not just its default budget of the best.
+    pass_all_nodes: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class _Context:
     store: SnapshotStore
     binder: Binder | None
     metrics: Metrics
+    pass_all_nodes: bool
 
 
 routes = Blueprint("extender", __name__)
@@ -65,7 +68,9 @@ def create_app(
     """The extender's WSGI app. Without a binder (standalone, no cluster) /bind answers 503."""
     app = Flask("migchain")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.extensions["migchain"] = _Context(rules, store, binder, metrics if metrics is not None else Metrics())
+    app.extensions["migchain"] = _Context(
+        rules, store, binder, metrics if metrics is not None else Metrics(), settings.pass_all_nodes
+    )
     app.register_blueprint(routes)
     app.before_request(_start_clock)
     app.after_request(_count)
@@ -95,7 +100,8 @@ def filter_() -> Response:
     args = wire.extender_args(_body())
     context = _context()
     snapshot = wire.overlay(args, context.store.snapshot())
-    decision = filter_nodes(args.pod, args.node_names, snapshot, context.rules)
+    keep = None if context.pass_all_nodes else nodes_to_pass(len(snapshot.nodes))
+    decision = filter_nodes(args.pod, args.node_names, snapshot, context.rules, keep)
     return _json(wire.filter_result(args, decision))
 
 

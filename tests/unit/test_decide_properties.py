@@ -9,7 +9,16 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from extender.core.cluster import NodeState, PodRequest, Snapshot
-from extender.core.decide import MAX_SCORE, Placement, Rejection, filter_nodes, place, score, score_nodes
+from extender.core.decide import (
+    MAX_SCORE,
+    Placement,
+    Rejection,
+    filter_nodes,
+    nodes_to_pass,
+    place,
+    score,
+    score_nodes,
+)
 from extender.core.rules import ChainRules
 from tests.strategies import chain_rules, nodes, pods, snapshots
 
@@ -64,6 +73,28 @@ def test_filter_splits_the_input_nodes_exactly(rules, snapshot, pod, data):
     assert list(decision.passed) == [name for name in names if name in passed]  # input order kept
     assert "not-in-cache" in failed
     assert all(reason for reason in (*decision.failed.values(), *decision.unresolvable.values()))
+
+
+@given(rules=chain_rules(), snapshot=snapshots(), pod=pods(), keep=st.integers(0, 6), data=st.data())
+def test_a_budget_passes_the_best_scored_of_the_nodes_that_would_pass_and_drops_no_reason(
+    rules, snapshot, pod, keep, data
+):
+    names = data.draw(st.permutations(list(snapshot.nodes)))
+    everyone = filter_nodes(pod, names, snapshot, rules)
+    budgeted = filter_nodes(pod, names, snapshot, rules, keep)
+    assert len(budgeted.passed) == min(keep, len(everyone.passed))
+    assert set(budgeted.passed) <= set(everyone.passed)
+    assert budgeted.failed == everyone.failed and budgeted.unresolvable == everyone.unresolvable
+    scores = score_nodes(pod, names, snapshot, rules)
+    left_out = set(everyone.passed) - set(budgeted.passed)
+    assert all(scores[kept] >= scores[other] for kept in budgeted.passed for other in left_out)
+
+
+def test_the_budget_is_kube_schedulers_default_number_of_nodes_to_score():
+    # numFeasibleNodesToFind with percentageOfNodesToScore unset, worked by hand.
+    assert [nodes_to_pass(size) for size in (0, 7, 99, 100, 250, 1000, 5000, 6000, 10000)] == [
+        0, 7, 99, 100, 120, 420, 500, 300, 500,
+    ]  # fmt: skip
 
 
 @given(rules=chain_rules(), snapshot=snapshots(), pod=pods(), data=st.data())
