@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from extender.kube.api import path  # noqa: E402
-from tests.e2e.controlplane import ControlPlane, Process, free_port, wait_until  # noqa: E402
+from tests.e2e.controlplane import ControlPlane, ExtenderTls, Process, free_port, wait_until  # noqa: E402
 from tests.e2e.fleet import create_node, mig_pod  # noqa: E402
 
 CHAINS = [str(ROOT / "chains" / "a100-40gb.yaml")]
@@ -92,8 +92,8 @@ def burst(plane: ControlPlane, namespace: str, pods: int, config: Path) -> tuple
     return pods / max(last - first, 1e-3), spent
 
 
-def bind_latency(url: str) -> str:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+def bind_latency(url: str, tls: ExtenderTls) -> str:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5, context=tls.context(as_scheduler=False)) as response:
         text = response.read().decode()
     buckets: list[tuple[float, float]] = []
     for family in text_string_to_metric_families(text):
@@ -130,6 +130,7 @@ def main() -> int:
             )
             print(f"{args.nodes} nodes created in {time.monotonic() - started:.0f} s")
             port = free_port()
+            tls = ExtenderTls.issue(Path(folder))  # mutual TLS, as shipped: its cost is part of the figure
             extender = Process(
                 "migchain-extender",
                 [
@@ -139,6 +140,7 @@ def main() -> int:
                     f"--bind=127.0.0.1:{port}",
                     f"--kubeconfig={plane.kubeconfig}",
                     "--log-level=warning",
+                    *tls.extender_flags(),
                     "--chains",
                     *CHAINS,
                 ],
@@ -146,19 +148,23 @@ def main() -> int:
             )
             plane.processes["migchain-extender"] = extender
             extender.start()
-            url = f"http://127.0.0.1:{port}"
-            wait_until(lambda: urllib.request.urlopen(f"{url}/readyz", timeout=2).status == 200, 60, "migchain")
+            url = f"https://127.0.0.1:{port}"
+            probe = tls.context(as_scheduler=False)
+            wait_until(
+                lambda: urllib.request.urlopen(f"{url}/readyz", timeout=2, context=probe).status == 200, 60, "migchain"
+            )
             document = yaml.safe_load((ROOT / "scheduler-config.yaml").read_text())
             document["clientConnection"]["kubeconfig"] = str(plane.kubeconfig)
             document["leaderElection"] = {"leaderElect": False}
             document["extenders"][0]["urlPrefix"] = url
+            document["extenders"][0]["tlsConfig"] = tls.scheduler_config()
             with_migchain = Path(folder) / "with.yaml"
             with_migchain.write_text(yaml.safe_dump(document))
             del document["extenders"]
             without = Path(folder) / "without.yaml"
             without.write_text(yaml.safe_dump(document))
             rate_with, cpu_with = burst(plane, "with-migchain", args.pods, with_migchain)
-            latency = bind_latency(url)
+            latency = bind_latency(url, tls)
             rate_without, cpu_without = burst(plane, "without-extender", args.pods, without)
             print(f"\n{args.pods} MIG pods onto {args.nodes} nodes, real kube-scheduler v1.37.2:")
             print(f"  (a) with migchain (filter, prioritize, bind): {rate_with:7.1f} pods/s")

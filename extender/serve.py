@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import ipaddress
 import logging
 import os
 import socket
+import ssl
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,7 +55,11 @@ class _Server(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type 
 
 def build_app(args: argparse.Namespace, rules: ChainRules) -> Flask:
     """Standalone without a cluster; otherwise the watch-fed cache and the binder."""
-    settings = WebSettings(max_body_bytes=args.max_body_bytes, pass_all_nodes=args.pass_all_nodes)
+    settings = WebSettings(
+        max_body_bytes=args.max_body_bytes,
+        pass_all_nodes=args.pass_all_nodes,
+        require_client_certificate=bool(args.client_ca_file),
+    )
     if args.snapshot:
         store = SnapshotStore(read_snapshot(args.snapshot), detail=f"snapshot {args.snapshot}")
         gc.freeze()  # the snapshot lives as long as the process: keep the collector from re-scanning it
@@ -89,6 +96,41 @@ def read_snapshot(path: str) -> Snapshot:
     return Ledger.of_objects(items).snapshot()
 
 
+def transport_problem(bind: str, cert: str | None, key: str | None, client_ca: str | None) -> str:
+    """Why these listen and TLS settings are unsafe or incomplete; "" when they are fine.
+
+    /bind moves pods, so anything that can reach it must be kube-scheduler:
+    off loopback that takes mutual TLS (a plain-HTTP or server-only-TLS port
+    on a pod IP is reachable by every pod of the cluster).
+    """
+    if bool(cert) != bool(key):
+        return "--tls-cert-file and --tls-key-file go together"
+    if client_ca and not cert:
+        return "--client-ca-file needs --tls-cert-file and --tls-key-file (client certificates are a TLS feature)"
+    for path in (cert, key, client_ca):
+        if path and not Path(path).is_file():
+            return f"{path}: no such file"
+    if not client_ca and not _loopback(bind):
+        return (
+            f"--bind {bind} is not a loopback address: serving there without mutual TLS would let any pod that "
+            "reaches the port bind pods; give --tls-cert-file, --tls-key-file and --client-ca-file, or bind "
+            "127.0.0.1 (kube-scheduler on the same host or in the same pod)"
+        )
+    return ""
+
+
+def _loopback(bind: str) -> bool:
+    if bind.startswith("unix:"):
+        return True
+    host = bind.rsplit(":", 1)[0].strip("[]") if ":" in bind else bind
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, it is not provably local
+
+
 def parser() -> argparse.ArgumentParser:
     cli = argparse.ArgumentParser(prog="migchain-extender", description=__doc__)
     cli.add_argument("--bind", default="127.0.0.1:8888", help="HOST:PORT to listen on (default %(default)s)")
@@ -115,6 +157,17 @@ def parser() -> argparse.ArgumentParser:
         help="filter passes every fitting node to kube-scheduler's scoring; by default only the best of them, "
         "as many as kube-scheduler's default percentageOfNodesToScore would score",
     )
+    tls = cli.add_argument_group(
+        "TLS", "the supported production setup is mutual TLS; plain HTTP is allowed only on a loopback address"
+    )
+    tls.add_argument("--tls-cert-file", metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    tls.add_argument("--tls-key-file", metavar="PEM", help="the certificate's private key")
+    tls.add_argument(
+        "--client-ca-file",
+        metavar="PEM",
+        help="verify client certificates against this CA; /filter, /prioritize and /bind then answer 403 "
+        "to callers without one (kube-scheduler's extender tlsConfig certFile/keyFile)",
+    )
     cli.add_argument("--threads", type=int, default=8, help="request threads (default %(default)s)")
     cli.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body")
     cli.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -124,10 +177,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    problem = transport_problem(args.bind, args.tls_cert_file, args.tls_key_file, args.client_ca_file)
+    if problem:
+        print(f"migchain-extender: {problem}", file=sys.stderr)
+        return 2
     rules = load_rules_at_start("migchain-extender", args.chains)
     if rules is None:
         return 2
-    options = {
+    options: dict[str, Any] = {
         "bind": args.bind,
         "workers": WORKERS,
         "worker_class": "gthread",
@@ -140,6 +197,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # gunicorn's control socket can add workers at run time; one worker is a must (above).
         "control_socket_disable": True,
     }
+    if args.tls_cert_file:
+        options |= {"certfile": args.tls_cert_file, "keyfile": args.tls_key_file}
+    if args.client_ca_file:
+        # Optional at the handshake, so kubelet's probes and Prometheus get in;
+        # a certificate that is shown must verify, and the app refuses the
+        # verbs to callers that showed none.
+        options |= {"ca_certs": args.client_ca_file, "cert_reqs": ssl.CERT_OPTIONAL}
     _Server(lambda: build_app(args, rules), options).run()
     return 0
 

@@ -43,6 +43,10 @@ class WebSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Pass every fitting node to kube-scheduler's scoring, not just its default budget of the best.
     pass_all_nodes: bool = False
+    # Mutual TLS: the verbs (which can move pods) answer only a caller that
+    # showed a client certificate the TLS layer verified; probes and metrics
+    # stay open, since kubelet and Prometheus present none.
+    require_client_certificate: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,8 @@ def create_app(
     )
     app.register_blueprint(routes)
     app.before_request(_start_clock)
+    if settings.require_client_certificate:
+        app.before_request(_require_client_certificate)
     app.after_request(_count)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(wire.WireError, _bad_request)
@@ -143,6 +149,19 @@ def readyz() -> Response:
 
 def _start_clock() -> None:
     g.started = time.perf_counter()
+
+
+def _require_client_certificate() -> Response | None:
+    if request.path not in VERBS or _peer_certificate(request.environ):
+        return None
+    return _json(wire.error_result(f"{request.path} needs a client certificate signed by migchain's client CA"), 403)
+
+
+def _peer_certificate(environ: dict[str, object]) -> object:
+    """The client certificate the TLS handshake verified, or None (plain HTTP, or none was shown)."""
+    connection = environ.get("gunicorn.socket")
+    getpeercert = getattr(connection, "getpeercert", None)
+    return getpeercert() if getpeercert is not None else None
 
 
 def _count(response: Response) -> Response:

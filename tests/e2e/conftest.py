@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import re
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from extender.kube.api import ApiError, KubeApi, path
-from tests.e2e.controlplane import ROOT, ControlPlane, Process, free_port, running, wait_until
+from tests.e2e.controlplane import ROOT, ControlPlane, ExtenderTls, Process, free_port, running, wait_until
 from tests.e2e.fleet import TEST_LABEL, mig_pod
 
 CHAINS = [str(ROOT / "chains" / name) for name in ("a100-40gb.yaml", "a100-80gb.yaml", "h100-80gb.yaml")]
@@ -26,6 +27,7 @@ class Cluster:
     plane: ControlPlane
     extender: Process
     extender_port: int
+    tls: ExtenderTls
     returners: list[Process] = field(default_factory=list)
 
     def start_returner(self, identity: str, env: dict[str, str] | None = None) -> Process:
@@ -69,7 +71,19 @@ class Cluster:
 
     @property
     def extender_url(self) -> str:
-        return f"http://127.0.0.1:{self.extender_port}"
+        return f"https://127.0.0.1:{self.extender_port}"
+
+    def call(self, route: str, body: bytes | None = None, *, as_scheduler: bool = True) -> tuple[int, bytes]:
+        """GET (no body) or POST JSON to the extender over its mutual TLS; with the scheduler's client
+        certificate or, with as_scheduler=False, with none (as kubelet's probes and Prometheus come)."""
+        request = urllib.request.Request(
+            f"{self.extender_url}{route}", data=body, headers={"Content-Type": "application/json"} if body else {}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5, context=self.tls.context(as_scheduler=as_scheduler)) as r:
+                return int(r.status), r.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
 
     def restart_extender(self, *, kill: bool = True) -> None:
         if kill:
@@ -80,12 +94,11 @@ class Cluster:
         self.wait_extender_ready()
 
     def wait_extender_ready(self) -> None:
-        wait_until(lambda: _get(f"{self.extender_url}/readyz") == 200, 60, "migchain /readyz")
+        wait_until(lambda: self.call("/readyz", as_scheduler=False)[0] == 200, 60, "migchain /readyz")
 
     def metric(self, name: str, **labels: str) -> float:
         """A counter or gauge sample of the extender's /metrics (0 when absent)."""
-        with urllib.request.urlopen(f"{self.extender_url}/metrics", timeout=5) as response:
-            text = response.read().decode()
+        text = self.call("/metrics", as_scheduler=False)[1].decode()
         total = 0.0
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -139,11 +152,6 @@ class Scenario:
         )
 
 
-def _get(url: str) -> int:
-    with urllib.request.urlopen(url, timeout=2) as response:
-        return int(response.status)
-
-
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     folder = tmp_path_factory.mktemp("cluster")
@@ -154,6 +162,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         plane.processes["fake-kubelet"] = kubelet
         kubelet.start()
         port = free_port()
+        tls = ExtenderTls.issue(folder)
         extender = Process(
             "migchain-extender",
             [
@@ -162,6 +171,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 "extender.serve",
                 f"--bind=127.0.0.1:{port}",
                 f"--kubeconfig={plane.kubeconfig}",
+                *tls.extender_flags(),
                 "--chains",
                 *CHAINS,
             ],
@@ -169,9 +179,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         )
         plane.processes["migchain-extender"] = extender
         extender.start()
-        live = Cluster(plane, extender, port)
+        live = Cluster(plane, extender, port, tls)
         live.wait_extender_ready()
-        plane.start_scheduler(live.extender_url)
+        plane.start_scheduler(live.extender_url, tls)
         wait_until(lambda: _scheduler_leads(plane), 60, "kube-scheduler to take its lease")
         live.start_returner("returner-a")
         wait_until(lambda: live.lease_holder() == "returner-a", 60, "the returner to take its lease")

@@ -8,12 +8,11 @@ and is stopped at the end; logs are printed when a test fails.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import ipaddress
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
+from extender import certs
 from extender.kube.api import ApiError, Connection, KubeApi
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,58 +116,62 @@ def _pem_key(key: rsa.RSAPrivateKey) -> bytes:
     )
 
 
-def _certificate(
-    subject: str,
-    key: rsa.RSAPrivateKey,
-    issuer: tuple[x509.Certificate, rsa.RSAPrivateKey] | None,
-    *,
-    ca: bool,
-    hosts: Sequence[str] = (),
-    organizations: Sequence[str] = (),
-) -> x509.Certificate:
-    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, subject)]
-    attributes += [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org) for org in organizations]
-    name = x509.Name(attributes)
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer[0].subject if issuer else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if hosts:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address(h)) if h[0].isdigit() else x509.DNSName(h) for h in hosts]
-            ),
-            critical=False,
-        )
-    return builder.sign(issuer[1] if issuer else key, hashes.SHA256())
-
-
 class CertificateAuthority:
-    """A throwaway CA for one test run: serving and client certificates for every component."""
+    """A throwaway CA for one test run (extender.certs issues), its certificates written as files."""
 
     def __init__(self, folder: Path, name: str) -> None:
         self.folder = folder
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.certificate = _certificate(name, self.key, None, ca=True)
+        self.authority = certs.CertificateAuthority(name)
         self.path = folder / f"{name}.crt"
-        self.path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
+        self.path.write_bytes(self.authority.certificate)
 
-    def issue(self, name: str, *, hosts: Sequence[str] = (), organizations: Sequence[str] = ()) -> Credentials:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        certificate = _certificate(
-            name, key, (self.certificate, self.key), ca=False, hosts=hosts, organizations=organizations
-        )
+    def issue(
+        self,
+        name: str,
+        *,
+        hosts: Sequence[str] = (),
+        organizations: Sequence[str] = (),
+        server: bool = False,
+        client: bool = False,
+    ) -> Credentials:
+        pair = self.authority.issue(name, hosts=hosts, organizations=organizations, server=server, client=client)
         credentials = Credentials(self.folder / f"{name}.crt", self.folder / f"{name}.key")
-        credentials.certificate.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-        credentials.key.write_bytes(_pem_key(key))
+        credentials.certificate.write_bytes(pair.certificate)
+        credentials.key.write_bytes(pair.key)
         return credentials
+
+
+@dataclass(frozen=True)
+class ExtenderTls:
+    """Mutual TLS between kube-scheduler and migchain-extender, as `migchain certs` sets it up in a cluster."""
+
+    ca: Path
+    serving: Credentials
+    client: Credentials
+
+    @classmethod
+    def issue(cls, folder: Path) -> ExtenderTls:
+        authority = CertificateAuthority(folder, "migchain-ca")
+        serving = authority.issue("migchain-extender", hosts=("127.0.0.1", "localhost"), server=True)
+        return cls(authority.path, serving, authority.issue("migchain-scheduler", client=True))
+
+    def extender_flags(self) -> list[str]:
+        return [
+            f"--tls-cert-file={self.serving.certificate}",
+            f"--tls-key-file={self.serving.key}",
+            f"--client-ca-file={self.ca}",
+        ]
+
+    def scheduler_config(self) -> dict[str, str]:
+        """The `tlsConfig` of an extender entry in a KubeSchedulerConfiguration."""
+        return {"caFile": str(self.ca), "certFile": str(self.client.certificate), "keyFile": str(self.client.key)}
+
+    def context(self, *, as_scheduler: bool) -> ssl.SSLContext:
+        """A client context trusting the extender; with the scheduler's client certificate or none."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        if as_scheduler:
+            context.load_cert_chain(str(self.client.certificate), str(self.client.key))
+        return context
 
 
 @dataclass
@@ -220,7 +222,7 @@ class ControlPlane:
         self.api_port = free_port()
         sa_key, sa_pub = _write_service_account_keys(self.folder)
         self.ca = CertificateAuthority(self.folder, "e2e-ca")
-        serving = self.ca.issue("kube-apiserver", hosts=("127.0.0.1", "localhost"))
+        serving = self.ca.issue("kube-apiserver", hosts=("127.0.0.1", "localhost"), server=True)
         tokens = self.folder / "tokens.csv"
         tokens.write_text(f'{ADMIN_TOKEN},admin,admin,"system:masters"\n')
         self._process(
@@ -294,12 +296,14 @@ class ControlPlane:
             ],
         )
 
-    def start_scheduler(self, extender_url: str, config_path: Path | None = None) -> Process:
-        """kube-scheduler with the repo's scheduler-config.yaml; only the extender URL and kubeconfig rewritten."""
+    def start_scheduler(self, extender_url: str, tls: ExtenderTls, config_path: Path | None = None) -> Process:
+        """kube-scheduler with the repo's scheduler-config.yaml; only the extender URL, TLS files and kubeconfig
+        rewritten."""
         document = yaml.safe_load((config_path or ROOT / "scheduler-config.yaml").read_text())
         document["clientConnection"]["kubeconfig"] = str(self.kubeconfig)
         for extender in document["extenders"]:
             extender["urlPrefix"] = extender_url
+            extender["tlsConfig"] = tls.scheduler_config()
         config = self.folder / "scheduler-config.yaml"
         config.write_text(yaml.safe_dump(document))
         return self.start_scheduler_with(config)

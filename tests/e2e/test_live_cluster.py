@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 from collections import Counter
 from typing import Any
 
@@ -162,10 +161,26 @@ def test_a_bind_for_a_pod_whose_uid_changed_is_refused(scenario: Scenario):
     body = orjson.dumps(
         {"PodName": "renamed", "PodNamespace": scenario.namespace, "PodUID": "not-its-uid", "Node": "anywhere"}
     )
-    request = urllib.request.Request(
-        f"{scenario.cluster.extender_url}/bind", data=body, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=5) as response:
-        answer = orjson.loads(response.read())
-    assert "not binding" in answer["Error"]
+    status, answer = scenario.cluster.call("/bind", body)
+    assert status == 200
+    assert "not binding" in orjson.loads(answer)["Error"]
     assert not scenario.pod("renamed")["spec"].get("nodeName")
+
+
+def test_the_verbs_need_the_schedulers_client_certificate_and_probes_do_not(scenario: Scenario):
+    """Mutual TLS: /bind moves pods, so a caller without the scheduler's certificate gets 403 and no bind."""
+    create_node(scenario.api, f"gpu-{scenario.test}-a", A100, {"7g.40gb": 1}, scenario.test)
+    pod = scenario.create_pod("guarded", {"1g.5gb": 1})  # cannot fit: it stays unbound
+    bind = orjson.dumps(
+        {"PodName": "guarded", "PodNamespace": scenario.namespace, "PodUID": pod["metadata"]["uid"],
+         "Node": f"gpu-{scenario.test}-a"}
+    )  # fmt: skip
+    filter_args = orjson.dumps({"Pod": pod, "NodeNames": [f"gpu-{scenario.test}-a"]})
+    for route, body in (("/bind", bind), ("/filter", filter_args), ("/prioritize", filter_args)):
+        status, answer = scenario.cluster.call(route, body, as_scheduler=False)
+        assert status == 403, route
+        assert "client certificate" in orjson.loads(answer)["Error"]
+    assert scenario.cluster.call("/filter", filter_args)[0] == 200
+    assert scenario.cluster.call("/readyz", as_scheduler=False)[0] == 200
+    assert scenario.cluster.call("/metrics", as_scheduler=False)[0] == 200
+    assert not scenario.pod("guarded")["spec"].get("nodeName")

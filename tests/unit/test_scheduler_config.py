@@ -27,7 +27,14 @@ def test_it_is_a_v1_kube_scheduler_configuration_with_one_binding_extender():
     assert extender["bindVerb"] == "bind"
     assert extender["nodeCacheCapable"] is True
     assert extender["weight"] > 0
-    assert extender["urlPrefix"].startswith("http")
+    # mutual TLS to the Service that manifests/ creates, with the files the scheduler's Secret mounts
+    assert extender["urlPrefix"] == "https://migchain-extender.migchain-system.svc:443"
+    assert extender["enableHTTPS"] is True
+    assert extender["tlsConfig"] == {
+        "caFile": "/etc/migchain/tls/ca.crt",
+        "certFile": "/etc/migchain/tls/tls.crt",
+        "keyFile": "/etc/migchain/tls/tls.key",
+    }
     assert extender["httpTimeout"].endswith("s")
     # the extender is the one authority on MIG fit: it must see every feasible node
     assert document["percentageOfNodesToScore"] == 100
