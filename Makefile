@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: run test lint unit e2e control-plane bench clean
+.PHONY: run serve test lint unit e2e control-plane bench clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -12,8 +12,12 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --constraint constraints.txt --editable '.[test,sim]'
 	touch $@
 
-## run: serve the extender on 127.0.0.1:8888 with the shipped single-fleet chains
-run: $(STAMP)
+## run: the demo: a real control plane on loopback, a borrow and a return step by step, with migchain status
+run: $(STAMP) control-plane
+	$(BIN)/python scripts/demo.py
+
+## serve: the extender alone on 127.0.0.1:8888 with the shipped single-fleet chains (no cluster: Nodes mode)
+serve: $(STAMP)
 	$(BIN)/migchain chains validate chains/a100-40gb.yaml chains/a100-80gb.yaml chains/a30-24gb.yaml chains/h100-80gb.yaml chains/h200-141gb.yaml
 	$(BIN)/migchain-extender --bind 127.0.0.1:8888 \
 	  --chains chains/a100-40gb.yaml chains/a100-80gb.yaml chains/a30-24gb.yaml chains/h100-80gb.yaml chains/h200-141gb.yaml

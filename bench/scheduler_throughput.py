@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from extender.kube.api import path  # noqa: E402
-from tests.e2e.controlplane import ControlPlane, ExtenderTls, Process, free_port, wait_until  # noqa: E402
+from tests.e2e.controlplane import ControlPlane, ExtenderTls, Process  # noqa: E402
 from tests.e2e.fleet import create_node, mig_pod  # noqa: E402
 
 CHAINS = [str(ROOT / "chains" / "a100-40gb.yaml")]
@@ -116,43 +116,15 @@ def main() -> int:
         plane = ControlPlane(Path(folder))
         try:
             plane.start()
-            kubelet = Process(
-                "kubelet",
-                [sys.executable, "-m", "tests.e2e.kubelet", str(plane.kubeconfig)],
-                Path(folder) / "kubelet.log",
-            )
-            plane.processes["kubelet"] = kubelet
-            kubelet.start()
+            plane.start_fake_kubelet()
             started = time.monotonic()
             layout = {"1g.5gb": 16, "2g.10gb": 8, "3g.20gb": 8}  # 8 GPUs, all-balanced
             in_threads(
                 args.nodes, lambda i: create_node(plane.api, f"gpu-{i:05d}", "NVIDIA-A100-SXM4-40GB", layout, "bench")
             )
             print(f"{args.nodes} nodes created in {time.monotonic() - started:.0f} s")
-            port = free_port()
             tls = ExtenderTls.issue(Path(folder))  # mutual TLS, as shipped: its cost is part of the figure
-            extender = Process(
-                "migchain-extender",
-                [
-                    sys.executable,
-                    "-m",
-                    "extender.serve",
-                    f"--bind=127.0.0.1:{port}",
-                    f"--kubeconfig={plane.kubeconfig}",
-                    "--log-level=warning",
-                    *tls.extender_flags(),
-                    "--chains",
-                    *CHAINS,
-                ],
-                Path(folder) / "extender.log",
-            )
-            plane.processes["migchain-extender"] = extender
-            extender.start()
-            url = f"https://127.0.0.1:{port}"
-            probe = tls.context(as_scheduler=False)
-            wait_until(
-                lambda: urllib.request.urlopen(f"{url}/readyz", timeout=2, context=probe).status == 200, 60, "migchain"
-            )
+            _, url = plane.start_extender(tls, CHAINS, "--log-level=warning")
             document = yaml.safe_load((ROOT / "scheduler-config.yaml").read_text())
             document["clientConnection"]["kubeconfig"] = str(plane.kubeconfig)
             document["leaderElection"] = {"leaderElect": False}

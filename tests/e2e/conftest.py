@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from extender.kube.api import ApiError, KubeApi, path
-from tests.e2e.controlplane import ROOT, ControlPlane, ExtenderTls, Process, free_port, running, wait_until
+from tests.e2e.controlplane import ROOT, ControlPlane, ExtenderTls, Process, running, wait_until
 from tests.e2e.fleet import TEST_LABEL, mig_pod
 
 CHAINS = [str(ROOT / "chains" / name) for name in ("a100-40gb.yaml", "a100-80gb.yaml", "h100-80gb.yaml")]
@@ -32,26 +31,9 @@ class Cluster:
 
     def start_returner(self, identity: str, env: dict[str, str] | None = None) -> Process:
         """A migchain-returner replica with its own lease identity; its log is kept with the others'."""
-        process = self.plane.processes.get(f"returner-{identity}")
-        if process is None:
-            process = Process(
-                f"returner-{identity}",
-                [
-                    sys.executable,
-                    "-m",
-                    "extender.returner_cli",
-                    f"--kubeconfig={self.plane.kubeconfig}",
-                    f"--identity={identity}",
-                    f"--health-bind=127.0.0.1:{free_port()}",
-                    "--chains",
-                    *CHAINS,
-                ],
-                self.plane.folder / f"returner-{identity}.log",
-            )
-            self.plane.processes[process.name] = process
+        process = self.plane.start_returner(CHAINS, identity, env)
+        if process not in self.returners:
             self.returners.append(process)
-        process.env = env
-        process.start()
         return process
 
     def lease_holder(self) -> str:
@@ -156,31 +138,10 @@ class Scenario:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     folder = tmp_path_factory.mktemp("cluster")
     with running(ControlPlane(folder)) as plane:
-        kubelet = Process(
-            "fake-kubelet", [sys.executable, "-m", "tests.e2e.kubelet", str(plane.kubeconfig)], folder / "kubelet.log"
-        )
-        plane.processes["fake-kubelet"] = kubelet
-        kubelet.start()
-        port = free_port()
+        plane.start_fake_kubelet()
         tls = ExtenderTls.issue(folder)
-        extender = Process(
-            "migchain-extender",
-            [
-                sys.executable,
-                "-m",
-                "extender.serve",
-                f"--bind=127.0.0.1:{port}",
-                f"--kubeconfig={plane.kubeconfig}",
-                *tls.extender_flags(),
-                "--chains",
-                *CHAINS,
-            ],
-            folder / "extender.log",
-        )
-        plane.processes["migchain-extender"] = extender
-        extender.start()
-        live = Cluster(plane, extender, port, tls)
-        live.wait_extender_ready()
+        extender, url = plane.start_extender(tls, CHAINS)
+        live = Cluster(plane, extender, int(url.rsplit(":", 1)[1]), tls)
         plane.start_scheduler(live.extender_url, tls)
         wait_until(lambda: _scheduler_leads(plane), 60, "kube-scheduler to take its lease")
         live.start_returner("returner-a")

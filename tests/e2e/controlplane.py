@@ -308,6 +308,55 @@ class ControlPlane:
         config.write_text(yaml.safe_dump(document))
         return self.start_scheduler_with(config)
 
+    def start_fake_kubelet(self) -> Process:
+        """The stand-in kubelet (tests/e2e/kubelet.py): runs pods bound to fake nodes, finishes deletions."""
+        return self._process("fake-kubelet", [sys.executable, "-m", "tests.e2e.kubelet", str(self.kubeconfig)])
+
+    def start_extender(self, tls: ExtenderTls, chains: Sequence[str], *flags: str) -> tuple[Process, str]:
+        """migchain-extender watching this control plane over mutual TLS; returns it and its URL, once ready."""
+        port = free_port()
+        extender = self._process(
+            "migchain-extender",
+            [
+                sys.executable,
+                "-m",
+                "extender.serve",
+                f"--bind=127.0.0.1:{port}",
+                f"--kubeconfig={self.kubeconfig}",
+                *tls.extender_flags(),
+                *flags,
+                "--chains",
+                *chains,
+            ],
+        )
+        url = f"https://127.0.0.1:{port}"
+        probe = tls.context(as_scheduler=False)
+        wait_until(lambda: _http_ok(f"{url}/readyz", probe), 60, "migchain-extender /readyz")
+        return extender, url
+
+    def start_returner(
+        self, chains: Sequence[str], identity: str = "returner-a", env: dict[str, str] | None = None
+    ) -> Process:
+        """A migchain-returner replica with its own lease identity (started again if it exists)."""
+        name = f"returner-{identity}"
+        process = self.processes.get(name)
+        if process is None:
+            argv = [
+                sys.executable,
+                "-m",
+                "extender.returner_cli",
+                f"--kubeconfig={self.kubeconfig}",
+                f"--identity={identity}",
+                f"--health-bind=127.0.0.1:{free_port()}",
+                "--chains",
+                *chains,
+            ]
+            process = Process(name, argv, self.folder / f"{name}.log")
+            self.processes[name] = process
+        process.env = env
+        process.start()
+        return process
+
     def start_scheduler_with(self, config: Path) -> Process:
         """kube-scheduler with a configuration file as it is."""
         return self._process(
@@ -335,15 +384,11 @@ class ControlPlane:
             process.stop()
 
 
-def _http_ok(url: str) -> bool:
+def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=2) as response:
+    with urllib.request.urlopen(url, timeout=2, context=context) as response:
         return bool(response.status == 200)
-
-
-def python_process_argv(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]
 
 
 @contextlib.contextmanager
