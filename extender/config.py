@@ -82,17 +82,27 @@ Located = list[tuple[Chain, int, str]]  # each chain with the line and field of 
 
 def _load_file(path: Path) -> tuple[Located, list[Problem]]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        return [], [Problem(str(path), 0, "", f"cannot read: {error}")]
+        data = path.read_bytes()
+    except OSError as error:
+        return [], [Problem(str(path), 0, "", f"cannot read: {error.strerror or error}")]  # no line to name
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        return [], [Problem(str(path), line, "", f"not UTF-8: byte {data[error.start]:#04x} ({error.reason})")]
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
-        line = mark.line + 1 if mark is not None else 0
+        line = mark.line + 1 if mark is not None else 1
         return [], [Problem(str(path), line, "", f"not valid YAML: {error.problem or error}")]
+    except yaml.reader.ReaderError as error:  # a character YAML forbids; it knows the offset, not the line
+        line = text[: error.position].count("\n") + 1
+        return [], [Problem(str(path), line, "", f"not valid YAML: character {error.character!r} is not allowed")]
     except yaml.YAMLError as error:
-        return [], [Problem(str(path), 0, "", f"not valid YAML: {error}")]
+        return [], [Problem(str(path), 1, "", f"not valid YAML: {error}")]
+    except RecursionError:  # nesting deeper than the parser's recursion: no rules file looks like that
+        return [], [Problem(str(path), 1, "", "not valid YAML: nested too deeply")]
     reader = _Reader(str(path))
     if root is None:
         reader.problem(None, "", "the file is empty")

@@ -17,7 +17,9 @@ from typing import Any
 
 import orjson
 from flask import Flask
+from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
+from gunicorn.workers.gthread import ThreadWorker
 
 from extender.config import load_rules_at_start
 from extender.core.cluster import Snapshot
@@ -35,6 +37,30 @@ log = logging.getLogger("migchain.extender")
 # the one cache, and the decisions are short, pure and read an immutable
 # snapshot, so threads are enough to keep kube-scheduler's calls from queueing.
 WORKERS = 1
+
+
+def write_json_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
+    """gunicorn's answer to a request it cannot parse (bad request line, headers, chunking), as JSON.
+
+    Every other error the extender gives is `{"Error": ...}`; a client that
+    speaks broken HTTP gets the same shape rather than gunicorn's HTML page.
+    """
+    body = orjson.dumps({"Error": f"{reason}: {message}" if message else reason})
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+class JsonErrorWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no type hints
+    """gunicorn's threaded worker, answering unparseable requests with JSON (see write_json_error)."""
+
+    def init_process(self) -> None:
+        # gunicorn writes those answers through this module function and has no
+        # hook for it; the worker process is ours alone, so replace it here.
+        gunicorn_util.write_error = write_json_error
+        super().init_process()
 
 
 class _Server(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type hints
@@ -187,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options: dict[str, Any] = {
         "bind": args.bind,
         "workers": WORKERS,
-        "worker_class": "gthread",
+        "worker_class": "extender.serve.JsonErrorWorker",
         "threads": args.threads,
         "loglevel": args.log_level,
         "accesslog": "-" if args.log_level == "debug" else None,

@@ -9,7 +9,7 @@ from typing import Protocol
 
 from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, UnsupportedMediaType
+from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge, UnsupportedMediaType
 
 from extender.core.cluster import BindRequest
 from extender.core.decide import Placement, filter_nodes, nodes_to_pass, score_nodes
@@ -98,7 +98,15 @@ def _json(document: object, status: int = 200) -> Response:
 def _body() -> bytes:
     if request.mimetype != "application/json":
         raise UnsupportedMediaType(f"Content-Type must be application/json, got {request.mimetype or 'none'}")
-    return request.get_data(cache=False)
+    try:
+        return request.get_data(cache=False)
+    except HTTPException:
+        raise  # the body-size limit: already a 400
+    except Exception as error:
+        # Reading bytes can only fail on the client's side of the wire (broken
+        # chunking, a connection cut mid-body); gunicorn's parser raises its own
+        # exception types for that, which this layer does not import.
+        raise BadRequest(f"the body could not be read: {error}") from error
 
 
 @routes.post("/filter")

@@ -1,0 +1,119 @@
+"""Fuzzing the extender's HTTP API in-process: every answer is JSON, 2xx or 4xx, and bad input never reaches a bind."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from extender.core.cluster import BindRequest
+from extender.core.decide import Placement
+from extender.store import SnapshotStore
+from extender.web.app import WebSettings, create_app
+from tests.unit.test_http import RULES, node_json, pod_json
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    error: str = ""
+    placement: Placement | None = None
+
+
+@dataclass
+class RecordingBinder:
+    """Stands where the Kubernetes binder would: records what reached it, binds nothing."""
+
+    calls: list[BindRequest] = field(default_factory=list)
+
+    def bind(self, args: BindRequest) -> _Outcome:
+        self.calls.append(args)
+        return _Outcome()
+
+
+def assert_json_answer(response: Any) -> None:
+    assert response.status_code < 500, response.get_data(as_text=True)
+    assert response.is_json
+    if response.status_code >= 400:
+        assert response.get_json()["Error"]
+
+
+binding_fields = st.sampled_from(["PodName", "PodNamespace", "PodUID", "Node"])
+
+
+@given(body=st.dictionaries(binding_fields, json_values | st.text(min_size=1, max_size=10), max_size=4) | json_values)
+def test_bind_reaches_the_binder_only_with_four_non_empty_strings(body):
+    binder = RecordingBinder()
+    client = create_app(WebSettings(), RULES, SnapshotStore(), binder).test_client()
+    response = client.post("/bind", data=json.dumps(body), content_type="application/json")
+    assert_json_answer(response)
+    valid = isinstance(body, dict) and all(
+        isinstance(body.get(key), str) and body[key] for key in ("PodName", "PodNamespace", "PodUID", "Node")
+    )
+    assert response.status_code == (200 if valid else 400)
+    if valid:
+        assert binder.calls == [BindRequest(body["PodNamespace"], body["PodName"], body["PodUID"], body["Node"])]
+    else:
+        assert binder.calls == []
+
+
+def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [prefix]
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found += _paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += _paths(value, (*prefix, index))
+    return found
+
+
+VALID_ARGS = {
+    "Pod": pod_json(),
+    "Nodes": {"items": [node_json("a", **{"nvidia.com/mig-2g.10gb": "1"})]},
+    "NodeNames": None,
+}
+
+
+@given(data=st.data(), replacement=json_values, verb=st.sampled_from(["filter", "prioritize"]))
+def test_a_real_request_with_any_one_value_replaced_gets_json_2xx_or_4xx(data, replacement, verb):
+    """What a buggy or hostile client sends: kube-scheduler's own body, one field anywhere set to anything."""
+    body = copy.deepcopy(VALID_ARGS)
+    where = data.draw(st.sampled_from(_paths(body)[1:]))
+    parent: Any = body
+    for step in where[:-1]:
+        parent = parent[step]
+    parent[where[-1]] = replacement
+    client = create_app(WebSettings(), RULES, SnapshotStore()).test_client()
+    assert_json_answer(client.post(f"/{verb}", data=json.dumps(body), content_type="application/json"))
+
+
+@given(
+    path=st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="?#%"), max_size=20),
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
+)
+def test_any_path_and_method_get_a_json_answer(path, method):
+    client = create_app(WebSettings(), RULES, SnapshotStore()).test_client()
+    response = client.open(f"/{path}", method=method, data=b"{}", content_type="application/json")
+    if response.status_code == 200:  # /metrics answers Prometheus text; everything else JSON
+        assert f"/{path}" in ("/healthz", "/readyz", "/metrics", "/filter", "/prioritize", "/bind")
+    else:
+        assert_json_answer(response)
+
+
+@given(content_type=st.text(max_size=30).filter(lambda value: "\n" not in value and "\r" not in value))
+def test_only_json_bodies_are_read(content_type):
+    client = create_app(WebSettings(), RULES, SnapshotStore()).test_client()
+    response = client.post("/filter", data=json.dumps(VALID_ARGS), content_type=content_type)
+    assert_json_answer(response)
+    is_json = content_type.split(";")[0].strip().lower() == "application/json"
+    assert (response.status_code == 415) != is_json
