@@ -67,6 +67,10 @@ class Metrics:
     held_utilisation: float = 0.0  # compute slices held (borrowed ones count whole) x time, over the same
     utilisation_by_type: dict[str, float] = field(default_factory=dict)  # slice-hours held / offered, per type
     timeline: list[tuple[float, float, int]] = field(default_factory=list)  # (time, useful utilisation, pending)
+    # Where every pod ended: finished + running + pending == pods, or a pod was lost (the soak checks it).
+    finished: int = 0
+    running_at_end: int = 0
+    pending_at_end: int = 0
 
 
 def rules_for(policy: SimPolicy, rules: ChainRules) -> ChainRules:
@@ -285,6 +289,9 @@ class _Run:
     # -- results --------------------------------------------------------------
 
     def finish_metrics(self, end: float) -> None:
+        self.metrics.finished = sum(1 for pod in self.pods.values() if pod.finished is not None)
+        self.metrics.running_at_end = sum(1 for pod in self.pods.values() if pod.placement is not None)
+        self.metrics.pending_at_end = len(self.pending) + len(self.jobs) - len(self.pods)
         waits = []
         for name, pod in self.pods.items():
             if not pod.placed_once:
