@@ -12,7 +12,7 @@ import pytest
 
 from extender.kube.api import path
 from tests.e2e.conftest import Scenario
-from tests.e2e.controlplane import ROOT, wait_until
+from tests.e2e.controlplane import ADMIN_TOKEN, ROOT, wait_until
 from tests.e2e.fleet import SCHEDULER, TEST_LABEL, create_node, fleet_from_chain
 
 pytestmark = pytest.mark.e2e
@@ -184,3 +184,17 @@ def test_the_verbs_need_the_schedulers_client_certificate_and_probes_do_not(scen
     assert scenario.cluster.call("/readyz", as_scheduler=False)[0] == 200
     assert scenario.cluster.call("/metrics", as_scheduler=False)[0] == 200
     assert not scenario.pod("guarded")["spec"].get("nodeName")
+
+
+def test_no_secret_reaches_migchains_logs(scenario: Scenario):
+    """The API token and the TLS keys migchain holds never appear in what it logs."""
+    cluster = scenario.cluster
+    create_node(scenario.api, f"gpu-{scenario.test}-a", A100, {"1g.5gb": 1}, scenario.test)
+    scenario.create_pod("logged", {"1g.5gb": 1})
+    scenario.wait_bound("logged")
+    secrets = [ADMIN_TOKEN, cluster.tls.serving.key.read_text().splitlines()[1]]
+    logs = [process.log.read_text(errors="replace") for process in (cluster.extender, *cluster.returners)]
+    assert all(logs)
+    for text in logs:
+        for secret in secrets:
+            assert secret not in text
