@@ -48,3 +48,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+## manifests: refresh the copies of chains/*.yaml and scheduler-config.yaml that manifests/ ships (kustomize reads no file outside its folder)
+.PHONY: manifests
+manifests:
+	rm -rf manifests/copies
+	mkdir -p manifests/copies/chains
+	cp chains/*.yaml manifests/copies/chains/
+	cp scheduler-config.yaml manifests/copies/

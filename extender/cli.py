@@ -29,16 +29,26 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from extender.sim.report import run_policies
+    from extender.sim.report import Report, run_policies
 
     try:
         rules = load_rules(args.chains)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 1
+    policies = [SimPolicy(p) for p in args.policy]
+    report: Report
     try:
-        report = run_policies(Path(args.fleet), rules, args.workload, args.openb, [SimPolicy(p) for p in args.policy])
-    except ValueError as error:  # FleetError, trace errors: they name the file and field
+        if args.from_cluster:
+            from extender.kube.snapshot import open_cluster
+            from extender.sim.from_cluster import run_from_cluster, starting_state
+
+            cluster = open_cluster(args.kubeconfig)
+            start = starting_state(cluster.snapshot, cluster.records)
+            report = run_from_cluster(start, rules, args.workload, args.openb, policies, skipped=cluster.skipped)
+        else:
+            report = run_policies(Path(args.fleet), rules, args.workload, args.openb, policies)
+    except ValueError as error:  # FleetError, trace errors, an unreachable cluster: they say where
         print(f"migchain simulate: {error}", file=sys.stderr)
         return 1
     print(report.json() if args.output == "json" else report.table())
@@ -117,8 +127,27 @@ def _store_secrets(args: argparse.Namespace, pairs: dict[str, KeyPair], ca: byte
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    cli = argparse.ArgumentParser(prog="migchain", description="migchain: MIG borrowing for kube-scheduler")
+def _status(args: argparse.Namespace) -> int:
+    from extender.kube.status import connect, run
+
+    try:
+        api = connect(args.kubeconfig)
+    except ValueError as error:
+        print(f"migchain status: {error}", file=sys.stderr)
+        return 1
+    return run(api, args.output, args.watch)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from extender.kube.explain import run
+
+    return run(
+        args.pod, args.namespace, kubeconfig=args.kubeconfig, chains=args.chains, nodes=args.nodes, output=args.output
+    )
+
+
+def parser(prog: str = "migchain") -> argparse.ArgumentParser:
+    cli = argparse.ArgumentParser(prog=prog, description="migchain: MIG borrowing for kube-scheduler")
     verbs = cli.add_subparsers(dest="verb", required=True)
     chains = verbs.add_parser("chains", help="work with chain rule files")
     chain_verbs = chains.add_subparsers(dest="chains_verb", required=True)
@@ -126,7 +155,18 @@ def parser() -> argparse.ArgumentParser:
     validate.add_argument("files", nargs="+", metavar="FILE")
     validate.set_defaults(run=_validate)
     simulate = verbs.add_parser("simulate", help="replay a workload on a fleet under borrowing policies")
-    simulate.add_argument("--fleet", required=True, metavar="FLEET.yaml", help="GPUs per model and their MIG layout")
+    start = simulate.add_mutually_exclusive_group(required=True)
+    start.add_argument("--fleet", metavar="FLEET.yaml", help="GPUs per model and their MIG layout")
+    start.add_argument(
+        "--from-cluster",
+        action="store_true",
+        help="start from the live cluster instead: its nodes, and its running pods (loans included) holding their "
+        "slices for the whole replay, since their remaining runtime is unknown (never finished, returned or moved); "
+        "pods pending now are not replayed",
+    )
+    simulate.add_argument(
+        "--kubeconfig", default=None, help="with --from-cluster: default $KUBECONFIG, ~/.kube/config, or in-cluster"
+    )
     simulate.add_argument("--chains", nargs="+", required=True, metavar="FILE", help="chain rule files")
     source = simulate.add_mutually_exclusive_group(required=True)
     source.add_argument("--workload", metavar="TRACE.csv", help="a trace in migchain's CSV format (bench/README.md)")
@@ -154,13 +194,51 @@ def parser() -> argparse.ArgumentParser:
     certs.add_argument("--kubeconfig", default=None, help="default $KUBECONFIG, ~/.kube/config, or in-cluster")
     certs.add_argument("--out", metavar="DIR", help="write files DIR/<secret>/{tls.crt,tls.key,ca.crt} instead")
     certs.set_defaults(run=_certs)
+    status = verbs.add_parser(
+        "status",
+        help="MIG slices per node (allocatable, used, borrowed) and the loans in force, read from the cluster",
+    )
+    status.add_argument("--kubeconfig", default=None, help="default $KUBECONFIG, ~/.kube/config, or in-cluster")
+    status.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    status.add_argument("-w", "--watch", action="store_true", help="print again on every change; Ctrl-C stops")
+    status.set_defaults(run=_status)
+    explain = verbs.add_parser(
+        "explain",
+        help="why migchain places a pod where it does: verdict and score per node, the policy, its loan's return",
+        description="For one pod, against the live cluster: which nodes fit exactly, which by borrowing, which not "
+        "and why (the extender's own FailedNodes reasons), the score of each (what /filter and /prioritize answer), "
+        "the policy lines that decided, and, for a borrower, whether and when it would be returned.",
+    )
+    explain.add_argument("pod", metavar="POD")
+    explain.add_argument("-n", "--namespace", default="default")
+    explain.add_argument("--kubeconfig", default=None, help="default $KUBECONFIG, ~/.kube/config, or in-cluster")
+    explain.add_argument(
+        "--chains",
+        nargs="+",
+        metavar="FILE",
+        help="the chain rule files the extender runs with; default: chains/*.yaml of the current directory",
+    )
+    explain.add_argument(
+        "--nodes",
+        nargs="+",
+        metavar="NODE",
+        help="the candidate nodes, as kube-scheduler would send them; default: the nodes matching the pod's "
+        "spec.nodeSelector (kube-scheduler's other filters, such as taints and CPU, are not applied)",
+    )
+    explain.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    explain.set_defaults(run=_explain)
     return cli
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "migchain") -> int:
+    args = parser(prog).parse_args(argv)
     code: int = args.run(args)
     return code
+
+
+def kubectl_plugin() -> int:
+    """`kubectl migchain ...`: kubectl runs `kubectl-migchain` from $PATH with the words after `migchain`."""
+    return main(prog="kubectl migchain")
 
 
 if __name__ == "__main__":

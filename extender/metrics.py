@@ -1,15 +1,51 @@
-"""Prometheus metrics of the extender, on a registry of its own (tests make a fresh one each)."""
+"""Prometheus metrics of the extender and the returner, each on a registry of its own (tests make a fresh one each).
+
+Counters are incremented where things happen (binder, returner, watch);
+the state of the cluster (loans, free slices) is read from the watch cache
+at scrape time by `ClusterCollector`, never updated per event.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from extender.core.cluster import PodRecord, Snapshot
+from extender.core.decide import Placement
+from extender.core.loan import Loan
+from extender.core.mig import short_name
+from extender.core.status import loan_pairs, loan_rows, on_loan, slice_totals
 
 # Filter and prioritize answer in well under a millisecond per hundred nodes;
 # buckets resolve the range kube-scheduler cares about (its timeout is seconds).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
+# What `ClusterCollector` reads: the snapshot and every pod record, or None while the cache is not in sync.
+ClusterView = Callable[[], tuple[Snapshot, Iterable[PodRecord]] | None]
+
+
+class Errors:
+    """`migchain_errors_total{component, kind}`: API errors, refused binds, watch restarts, failed returns..."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # Without a registry (a component built alone, as in tests) the counts go nowhere.
+        self.counter = Counter(
+            "migchain_errors",
+            "Errors by component (binder, watch, cache, journal, events, lease, returner, http) and kind.",
+            ["component", "kind"],
+            registry=registry if registry is not None else CollectorRegistry(),
+        )
+
+    def count(self, component: str, kind: str, amount: int = 1) -> None:
+        self.counter.labels(component, kind).inc(amount)
+
 
 class Metrics:
+    """The extender's: its HTTP verbs, binds and borrows, errors, and the cluster as the watch sees it."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.requests = Counter(
@@ -31,3 +67,89 @@ class Metrics:
             ["outcome", "kind"],
             registry=self.registry,
         )
+        self.borrows = Counter(
+            "migchain_borrows",
+            "Slices borrowed: a slice of type `granted` given to a pod that asked for type `requested`.",
+            ["requested", "granted"],
+            registry=self.registry,
+        )
+        self.errors = Errors(self.registry)
+
+    def count_borrow(self, placement: Placement) -> None:
+        for grant in placement.grants:
+            if grant.borrowed:
+                self.borrows.labels(short_name(grant.requested), short_name(grant.granted)).inc(grant.count)
+
+    def watch_cluster(self, view: ClusterView) -> None:
+        """Export loans and slices read from `view` at every scrape."""
+        self.registry.register(ClusterCollector(view))
+
+
+class ReturnerMetrics:
+    """The returner's: returns by outcome, errors, and whether this replica leads."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.returns = Counter(
+            "migchain_returns",
+            "Borrowed slices the returner tried to give back, by type and outcome: returned, blocked "
+            "(a PodDisruptionBudget refused the eviction; retried later), failed (API error), "
+            "gone (the borrower left or changed first).",
+            ["requested", "granted", "outcome"],
+            registry=self.registry,
+        )
+        self.leader = Gauge(
+            "migchain_returner_leader",
+            "1 while this returner replica holds the lease (and so acts), else 0.",
+            registry=self.registry,
+        )
+        self.errors = Errors(self.registry)
+
+    def count_return(self, loan: Loan, outcome: str) -> None:
+        for requested, granted, count in loan_pairs(loan):
+            self.returns.labels(short_name(requested), short_name(granted), outcome).inc(count)
+
+    def watch_leadership(self, leading: Callable[[], bool]) -> None:
+        self.leader.set_function(lambda: 1.0 if leading() else 0.0)
+
+
+class ClusterCollector:
+    """Gauges computed at scrape time from the cache's current snapshot and pod records."""
+
+    def __init__(self, view: ClusterView) -> None:
+        self._view = view
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "migchain_loans",
+                "Slices on loan now: held by a running borrower of type `granted` for a request of type `requested`.",
+                labels=["requested", "granted"],
+            ),
+            GaugeMetricFamily(
+                "migchain_free_slices",
+                "Free MIG slices per type, over nodes that offer slices (not being repartitioned).",
+                labels=["type"],
+            ),
+            GaugeMetricFamily(
+                "migchain_allocatable_slices",
+                "Allocatable MIG slices per type, over all nodes.",
+                labels=["type"],
+            ),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        loans, free, allocatable = self._families()
+        current = self._view()
+        if current is not None:  # before the first lists, no numbers rather than zeros
+            snapshot, records = current
+            for (requested, granted), count in sorted(on_loan(loan_rows(records)).items()):
+                loans.add_metric([short_name(requested), short_name(granted)], count)
+            for resource, (total, available) in sorted(slice_totals(snapshot).items()):
+                free.add_metric([short_name(resource)], available)
+                allocatable.add_metric([short_name(resource)], total)
+        yield from (loans, free, allocatable)

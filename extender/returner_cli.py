@@ -11,6 +11,9 @@ import threading
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from extender import logs
 from extender.config import load_rules_at_start
 from extender.kube.api import Connection, KubeApi
 from extender.kube.cache import ClusterCache
@@ -18,6 +21,7 @@ from extender.kube.events import EventRecorder
 from extender.kube.executor import Executor
 from extender.kube.lease import LeaderElection
 from extender.kube.returner import Returner
+from extender.metrics import ReturnerMetrics
 from extender.store import SnapshotStore
 
 log = logging.getLogger("migchain.returner")
@@ -33,14 +37,23 @@ def parser() -> argparse.ArgumentParser:
         help="namespace of the lease and the journal (default $POD_NAMESPACE or %(default)s)",
     )
     cli.add_argument("--identity", default=os.environ.get("POD_NAME", socket.gethostname()), help="lease holder name")
-    cli.add_argument("--health-bind", default="127.0.0.1:8889", help="HOST:PORT of /healthz and /readyz")
+    cli.add_argument("--health-bind", default="127.0.0.1:8889", help="HOST:PORT of /healthz, /readyz and /metrics")
     cli.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    cli.add_argument("--log-format", default="text", choices=logs.FORMATS, help="text lines, or one JSON object a line")
     return cli
 
 
-def _serve_health(bind: str, store: SnapshotStore) -> ThreadingHTTPServer:
+def _serve_health(bind: str, store: SnapshotStore, registry: CollectorRegistry) -> ThreadingHTTPServer:
     class Health(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if self.path == "/metrics":
+                body = generate_latest(registry)
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
             ready = store.readiness().ready
             status = 200 if self.path == "/healthz" or (self.path == "/readyz" and ready) else 503
             if self.path not in ("/healthz", "/readyz"):
@@ -61,20 +74,23 @@ def _serve_health(bind: str, store: SnapshotStore) -> ThreadingHTTPServer:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format)
     rules = load_rules_at_start("migchain-returner", args.chains)
     if rules is None:
         return 2
     api = KubeApi(Connection.load(args.kubeconfig))
     store = SnapshotStore(ready=False, detail="waiting for the first list of nodes and pods")
-    cache = ClusterCache(api, store)
+    metrics = ReturnerMetrics()
+    cache = ClusterCache(api, store, errors=metrics.errors)
     cache.start()
-    _serve_health(args.health_bind, store)
+    _serve_health(args.health_bind, store, metrics.registry)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    election = LeaderElection(api, args.namespace, "migchain-returner", args.identity)
+    election = LeaderElection(api, args.namespace, "migchain-returner", args.identity, errors=metrics.errors)
+    metrics.watch_leadership(election.leading)
     threading.Thread(target=election.run, args=(stop,), name="lease", daemon=True).start()
-    returner = Returner(cache, rules, Executor(api, args.namespace), EventRecorder(api, args.identity), election)
+    events = EventRecorder(api, args.identity, metrics.errors)
+    returner = Returner(cache, rules, Executor(api, args.namespace), events, election, metrics=metrics)
     log.info("returner %s started; acting only while it holds the lease", args.identity)
     returner.run(stop)
     return 0

@@ -21,10 +21,12 @@ from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
 
+from extender import logs
 from extender.config import load_rules_at_start
 from extender.core.cluster import Snapshot
 from extender.core.rules import ChainRules
 from extender.ledger import Ledger
+from extender.metrics import Metrics
 from extender.store import SnapshotStore
 from extender.web.app import DEFAULT_MAX_BODY_BYTES, WebSettings, create_app
 
@@ -101,9 +103,12 @@ def build_app(args: argparse.Namespace, rules: ChainRules) -> Flask:
 
     api = KubeApi(Connection.load(args.kubeconfig), pool_size=args.threads + 4)
     store = SnapshotStore(ready=False, detail="waiting for the first list of nodes and pods")
-    cache = ClusterCache(api, store)
+    metrics = Metrics()
+    cache = ClusterCache(api, store, errors=metrics.errors)
+    metrics.watch_cluster(lambda: cache.view() if store.readiness().ready else None)
     cache.start()
-    binder = Binder(api, cache, rules, Executor(api, args.namespace), EventRecorder(api, socket.gethostname()))
+    events = EventRecorder(api, socket.gethostname(), metrics.errors)
+    binder = Binder(api, cache, rules, Executor(api, args.namespace), events, metrics=metrics)
 
     def recover_when_synced() -> None:
         # Journaled borrows need the cache: a replacement is recreated only if it still fits.
@@ -112,7 +117,7 @@ def build_app(args: argparse.Namespace, rules: ChainRules) -> Flask:
         binder.recover()
 
     threading.Thread(target=recover_when_synced, name="journal-recovery", daemon=True).start()
-    return create_app(settings, rules, store, binder)
+    return create_app(settings, rules, store, binder, metrics)
 
 
 def read_snapshot(path: str) -> Snapshot:
@@ -197,12 +202,13 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--threads", type=int, default=8, help="request threads (default %(default)s)")
     cli.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body")
     cli.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    cli.add_argument("--log-format", default="text", choices=logs.FORMATS, help="text lines, or one JSON object a line")
     return cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format)
     problem = transport_problem(args.bind, args.tls_cert_file, args.tls_key_file, args.client_ca_file)
     if problem:
         print(f"migchain-extender: {problem}", file=sys.stderr)
@@ -217,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "threads": args.threads,
         "loglevel": args.log_level,
         "accesslog": "-" if args.log_level == "debug" else None,
+        "logger_class": logs.GunicornLogger,  # gunicorn's lines in --log-format too
         # kube-scheduler keeps connections alive; a short keep-alive frees threads.
         "keepalive": 5,
         "graceful_timeout": 10,

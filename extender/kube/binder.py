@@ -29,6 +29,7 @@ from extender.kube.api import ApiError, KubeApi
 from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder
 from extender.kube.executor import BorrowError, Executor, pod_path
+from extender.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -41,31 +42,39 @@ class BindOutcome:
 
 class Binder:
     def __init__(
-        self, api: KubeApi, cache: ClusterCache, rules: ChainRules, executor: Executor, events: EventRecorder
+        self,
+        api: KubeApi,
+        cache: ClusterCache,
+        rules: ChainRules,
+        executor: Executor,
+        events: EventRecorder,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self.api = api
         self.cache = cache
         self.rules = rules
         self.executor = executor
         self.events = events
+        self.metrics = metrics if metrics is not None else Metrics()
 
     def bind(self, args: BindRequest) -> BindOutcome:
         record = self._pod(args)
         if isinstance(record, str):
-            return BindOutcome(record)
+            return self._refuse(record)
         if record.request.uid != args.pod_uid:
-            return BindOutcome(
+            return self._refuse(
                 f"pod {args.pod_namespace}/{args.pod_name} now has UID {record.request.uid}, not {args.pod_uid}: "
                 "it was replaced; not binding"
             )
         if record.node:
             if record.node == args.node:
                 return BindOutcome("")  # a retried bind that already succeeded
-            return BindOutcome(f"pod {record.request.key} is already bound to {record.node}")
+            return self._refuse(f"pod {record.request.key} is already bound to {record.node}")
         with self.cache.lock:
             verdict = place(record.request, self.cache.ledger.node_state(args.node), args.node, self.rules)
             if isinstance(verdict, Rejection):
-                return BindOutcome(f"node {args.node} no longer fits pod {record.request.key}: {verdict.reason}")
+                return self._refuse(f"node {args.node} no longer fits pod {record.request.key}: {verdict.reason}")
             self.cache.reserve(record.request.uid, args.node, verdict.slices)
         try:
             if verdict.borrows:
@@ -75,14 +84,29 @@ class Binder:
         except (ApiError, BorrowError) as error:
             if not isinstance(error, ApiError) or error.definitive:
                 self.cache.release(record.request.uid)
+            self.metrics.errors.count("binder", "api")
             return BindOutcome(f"placing {record.request.key} on {args.node} failed: {error}")
         except Exception as error:
             # The write may or may not have happened: keep the reservation until
             # the watch tells (or it expires), so its slices are not given twice.
             log.exception("placing %s on %s failed", record.request.key, args.node)
+            self.metrics.errors.count("binder", "unexpected")
             return BindOutcome(f"placing {record.request.key} on {args.node} failed: {error}")
-        log.info("placed %s on %s: %s", record.request.key, args.node, verdict.describe())
+        if verdict.borrows:
+            self.metrics.count_borrow(verdict)
+        log.info(
+            "placed %s on %s: %s",
+            record.request.key,
+            args.node,
+            verdict.describe(),
+            extra={"pod": record.request.key, "node": args.node, "borrowed": verdict.borrows},
+        )
         return BindOutcome("", verdict)
+
+    def _refuse(self, reason: str) -> BindOutcome:
+        """A bind this state of the cluster does not allow (the pod changed, or the node filled up)."""
+        self.metrics.errors.count("binder", "refused")
+        return BindOutcome(reason)
 
     def _bind(self, args: BindRequest) -> None:
         self.api.create(
@@ -127,6 +151,7 @@ class Binder:
             try:
                 outcome = self.executor.finish(original, replacement, functools.partial(self._reserve_for, replacement))
             except (ApiError, BorrowError) as error:
+                self.metrics.errors.count("journal", "recovery")
                 log.error(
                     "journaled borrow of %s/%s cannot be finished: %s; it stays journaled",
                     metadata.get("namespace"),

@@ -18,6 +18,7 @@ from typing import Any
 from extender.core.cluster import MigCounts, NodeState, ObjectError, PodRecord, Snapshot, node_state, pod_record
 from extender.kube.api import ApiError, KubeApi
 from extender.ledger import Ledger
+from extender.metrics import Errors
 from extender.store import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class _Informer:
         on_list: Callable[[list[dict[str, Any]]], None],
         on_event: Callable[[str, dict[str, Any]], None],
         stop: threading.Event,
+        errors: Errors,
     ) -> None:
         self.api = api
         self.kind = kind
@@ -51,6 +53,7 @@ class _Informer:
         self.on_list = on_list
         self.on_event = on_event
         self.stop = stop
+        self.errors = errors
         self.listed = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"watch-{kind}", daemon=True)
 
@@ -73,6 +76,7 @@ class _Informer:
                     if kind == "ERROR":
                         code = obj.get("code")
                         log.info("watch of %s ended with %s %s; relisting", self.kind, code, obj.get("message"))
+                        self.errors.count("watch", "expired")
                         version = ""  # 410 Gone (or worse): only a fresh list is safe
                         break
                     version = (obj.get("metadata") or {}).get("resourceVersion") or version
@@ -81,12 +85,15 @@ class _Informer:
                 backoff = 0.5
             except ApiError as error:
                 if error.status == 410:
+                    self.errors.count("watch", "expired")
                     version = ""
                     continue
+                self.errors.count("watch", "api")
                 log.warning("watch of %s failed: %s; retrying in %.1fs", self.kind, error, backoff)
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
             except Exception as error:  # the watch must outlive any broken connection
+                self.errors.count("watch", "connection")
                 log.warning("watch of %s broke: %s; retrying in %.1fs", self.kind, error, backoff)
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -95,10 +102,17 @@ class _Informer:
 class ClusterCache:
     """The one writer of cluster state. Readers use the store's snapshots; binds reserve through `lock`."""
 
-    def __init__(self, api: KubeApi, store: SnapshotStore, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        api: KubeApi,
+        store: SnapshotStore,
+        clock: Callable[[], float] = time.monotonic,
+        errors: Errors | None = None,
+    ) -> None:
         self.api = api
         self.store = store
         self.clock = clock
+        self.errors = errors if errors is not None else Errors()
         self.ledger = Ledger()
         self.lock = threading.RLock()
         self._stop = threading.Event()
@@ -112,6 +126,7 @@ class ClusterCache:
                 on_list=self._list_nodes,
                 on_event=self._node_event,
                 stop=self._stop,
+                errors=self.errors,
             ),
             _Informer(
                 api,
@@ -120,6 +135,7 @@ class ClusterCache:
                 on_list=self._list_pods,
                 on_event=self._pod_event,
                 stop=self._stop,
+                errors=self.errors,
             ),
         ]
         self._janitor = threading.Thread(target=self._expire_loop, name="reservations", daemon=True)
@@ -157,6 +173,7 @@ class ClusterCache:
 
     def _list_nodes(self, items: list[dict[str, Any]]) -> None:
         states = [state for state in map(_node, items) if state is not None]
+        self._count_unreadable(len(items) - len(states))
         with self.lock:
             self.ledger.replace_nodes(states)
             self._listed.add("nodes")
@@ -168,12 +185,15 @@ class ClusterCache:
                 self.ledger.remove_node((obj.get("metadata") or {}).get("name", ""))
             else:
                 state = _node(obj)
-                if state is not None:
+                if state is None:
+                    self._count_unreadable(1)
+                else:
                     self.ledger.put_node(state)
             self._publish()
 
     def _list_pods(self, items: list[dict[str, Any]]) -> None:
         records = [record for record in map(_pod, items) if record is not None]
+        self._count_unreadable(len(items) - len(records))
         with self.lock:
             self.ledger.replace_pods(records)
             self._listed.add("pods")
@@ -185,7 +205,9 @@ class ClusterCache:
                 self.ledger.remove_pod((obj.get("metadata") or {}).get("uid", ""))
             else:
                 record = _pod(obj)
-                if record is not None:
+                if record is None:
+                    self._count_unreadable(1)
+                else:
                     self.ledger.put_pod(record)
             self._publish()
 
@@ -194,8 +216,13 @@ class ClusterCache:
             with self.lock:
                 gone = self.ledger.expire(self.clock())
                 if gone:
+                    self.errors.count("cache", "reservation_expired", len(gone))
                     log.warning("reservations of %d pod(s) expired unconfirmed: %s", len(gone), gone)
                     self._publish()
+
+    def _count_unreadable(self, count: int) -> None:
+        if count:
+            self.errors.count("watch", "unreadable", count)
 
     def _publish(self) -> None:
         ready = self._listed >= {"nodes", "pods"}

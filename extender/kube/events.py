@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from extender.kube.api import ApiError, KubeApi, path
+from extender.metrics import Errors
 
 log = logging.getLogger(__name__)
 
@@ -15,9 +16,10 @@ COMPONENT = "migchain"
 
 
 class EventRecorder:
-    def __init__(self, api: KubeApi, host: str = "") -> None:
+    def __init__(self, api: KubeApi, host: str = "", errors: Errors | None = None) -> None:
         self.api = api
         self.host = host
+        self.errors = errors if errors is not None else Errors()
 
     def record(self, pod: Mapping[str, Any], reason: str, message: str, kind: str = "Normal") -> None:
         """Best effort: an event that cannot be written is logged, never fails the action it reports."""
@@ -50,4 +52,5 @@ class EventRecorder:
                 },
             )
         except ApiError as error:
+            self.errors.count("events", "api")
             log.warning("could not record event %s on %s/%s: %s", reason, namespace, metadata["name"], error)

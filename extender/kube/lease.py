@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from extender.kube.api import ApiError, KubeApi, path
+from extender.metrics import Errors
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,18 @@ def _micro(moment: datetime.datetime) -> str:
 
 class LeaderElection:
     def __init__(
-        self, api: KubeApi, namespace: str, name: str, identity: str, *, duration: float = 15.0, renew: float = 5.0
+        self,
+        api: KubeApi,
+        namespace: str,
+        name: str,
+        identity: str,
+        *,
+        duration: float = 15.0,
+        renew: float = 5.0,
+        errors: Errors | None = None,
     ) -> None:
         self.api = api
+        self.errors = errors if errors is not None else Errors()
         self.resource = path("apis", "coordination.k8s.io", "v1", "namespaces", namespace, "leases", name)
         self.collection = path("apis", "coordination.k8s.io", "v1", "namespaces", namespace, "leases")
         self.name = name
@@ -49,6 +59,7 @@ class LeaderElection:
             try:
                 won = self._acquire_or_renew()
             except Exception as error:  # a broken connection is a lost renewal, nothing worse
+                self.errors.count("lease", "api")
                 log.warning("lease %s: %s", self.name, error)
                 won = False
             if won:

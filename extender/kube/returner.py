@@ -21,6 +21,7 @@ from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder
 from extender.kube.executor import BorrowError, EvictionBlocked, Executor, pod_path
 from extender.kube.lease import LeaderElection
+from extender.metrics import ReturnerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class Returner:
         election: LeaderElection,
         *,
         interval: float = 2.0,
+        metrics: ReturnerMetrics | None = None,
     ) -> None:
         self.cache = cache
         self.rules = rules
@@ -47,6 +49,7 @@ class Returner:
         self.events = events
         self.election = election
         self.interval = interval
+        self.metrics = metrics if metrics is not None else ReturnerMetrics()
         self._blocked: dict[str, float] = {}  # borrower key -> when to try again
         # Returns under way whose pod is not back yet hold their target slice:
         # borrower key -> (borrower uid, until, node, original request).
@@ -65,6 +68,7 @@ class Returner:
             try:
                 self.round()
             except Exception:  # one bad round must not stop the returner
+                self.metrics.errors.count("returner", "round")
                 log.exception("return round failed")
 
     def round(self) -> None:
@@ -90,12 +94,15 @@ class Returner:
 
     def execute(self, restore: Restore) -> None:
         request = restore.borrower.record.request
+        loan = restore.borrower.loan
         try:
             borrower = self.executor.api.get(pod_path(request.namespace, request.name))
         except ApiError as error:
             log.info("borrower %s is gone (%s); nothing to return", request.key, error)
+            self.metrics.count_return(loan, "gone")
             return
         if borrower["metadata"].get("uid") != request.uid or borrower["metadata"].get("deletionTimestamp"):
+            self.metrics.count_return(loan, "gone")
             return  # replaced or leaving already: the cache was behind
         original = ", ".join(resource for resource, _ in restore.borrower.loan.original)
         message = f"returning to {original}: {restore.reason}"
@@ -105,10 +112,13 @@ class Returner:
             outcome = self.executor.restore(borrower, restored_pod(borrower, restore.borrower.restarts + 1), owned)
         except EvictionBlocked as blocked:
             self._blocked[request.key] = time.monotonic() + PDB_RETRY_SECONDS
+            self.metrics.count_return(loan, "blocked")
             log.info("return of %s blocked by a PodDisruptionBudget: %s; retrying later", request.key, blocked)
             self.events.record(borrower, "ReturnBlocked", f"eviction refused, will retry: {blocked}", "Warning")
             return
         except (ApiError, BorrowError) as error:
+            self.metrics.count_return(loan, "failed")
+            self.metrics.errors.count("returner", "api")
             log.warning("return of %s failed: %s", request.key, error)
             return
         self._blocked.pop(request.key, None)
@@ -118,7 +128,14 @@ class Returner:
             restore.target,
             restore.borrower.loan.original,
         )
-        log.info("returned %s: %s; %s", request.key, message, outcome)
+        self.metrics.count_return(loan, "returned")
+        log.info(
+            "returned %s: %s; %s",
+            request.key,
+            message,
+            outcome,
+            extra={"pod": request.key, "node": restore.borrower.record.node, "target": restore.target},
+        )
 
     def recover(self) -> bool:
         """Finish bare-pod returns a crash interrupted (the journal says which); False if some must wait."""
@@ -128,6 +145,7 @@ class Returner:
             try:
                 outcome = self.executor.finish_return(borrower, restored)
             except (ApiError, BorrowError) as error:
+                self.metrics.errors.count("journal", "recovery")
                 log.warning("journaled return of %s cannot be finished yet: %s", name, error)
                 clean = False
                 continue

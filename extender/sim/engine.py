@@ -36,6 +36,20 @@ class Job:
     runtime: float  # seconds of work it needs
 
 
+@dataclass(frozen=True)
+class Running:
+    """A pod already running when the replay starts (`migchain simulate --from-cluster`).
+
+    Its remaining runtime is unknown, so it holds `slices` on `node` for the
+    whole replay: it never finishes, is never returned and never moves.
+    """
+
+    name: str
+    node: str
+    slices: MigCounts  # what it holds (for a borrower, the larger types it was granted)
+    asked: MigCounts  # what it asked for: the useful work it does
+
+
 @dataclass
 class _Pod:
     job: Job
@@ -92,19 +106,22 @@ def simulate(
     horizon: float | None = None,
     sample_every: float = 600.0,
     observe: Callable[[Snapshot, Mapping[str, tuple[str, MigCounts]]], None] | None = None,
+    initial: Sequence[Running] = (),
 ) -> Metrics:
     """Replay `jobs` on `nodes` under `policy`; utilisation is measured over [0, horizon] (default: last arrival).
 
-    `observe`, if given, sees the nodes and the running pods (name -> node, slices) after every step: tests check
+    `initial` pods run from the start to the end, on the slices they hold: they count in utilisation, not in
+    the pod counts, pending times, borrows or restarts, which are the trace's. `observe`, if given, sees the
+    nodes and the running pods (name -> node, slices; initial ones too) after every step: tests check
     conservation with it.
     """
-    run = _Run(list(nodes), rules_for(policy, rules), sorted(jobs, key=lambda job: (job.arrival, job.name)))
+    run = _Run(list(nodes), rules_for(policy, rules), sorted(jobs, key=lambda job: (job.arrival, job.name)), initial)
     run.observe = observe
     return run.go(horizon, sample_every)
 
 
 class _Run:
-    def __init__(self, nodes: list[NodeState], rules: ChainRules, jobs: list[Job]) -> None:
+    def __init__(self, nodes: list[NodeState], rules: ChainRules, jobs: list[Job], initial: Sequence[Running]) -> None:
         self.rules = rules
         self.state = {node.name: dataclasses.replace(node, used={}) for node in nodes}
         self.jobs = jobs
@@ -130,6 +147,11 @@ class _Run:
             for resource, count in node.allocatable.items():
                 self.capacity_by_type[resource] = self.capacity_by_type.get(resource, 0) + count
         self.capacity = sum(compute_slices(r) * n for r, n in self.capacity_by_type.items())
+        # Pods running from start to end hold their slices before the first arrival.
+        self.initial = {pod.name: (pod.node, pod.slices) for pod in initial}
+        for pod in initial:
+            self._use(pod.node, pod.slices, +1)
+            self._rates(sum(compute_slices(r) * n for r, n in pod.asked), pod.slices, +1)
 
     def push(self, time: float, kind: str, pod: str, epoch: int = 0) -> None:
         heapq.heappush(self.events, (time, self.seq, kind, pod, epoch))
@@ -164,8 +186,12 @@ class _Run:
             if self.rules.chains:
                 self.returns()
             if self.observe is not None:
-                running = {n: (p.node, p.placement.slices) for n, p in self.pods.items() if p.placement is not None}
+                running = dict(self.initial)
+                running.update(
+                    (n, (p.node, p.placement.slices)) for n, p in self.pods.items() if p.placement is not None
+                )
                 self.observe(self.snapshot(), running)
+        self.advance(end, end)  # pods that never finish (`initial`) work on after the last event
         self.finish_metrics(end)
         return self.metrics
 
@@ -219,18 +245,19 @@ class _Run:
             self.metrics.borrows += 1
             self.borrowing[pod.job.name] = self._borrower(pod, placement)
         self._use(placement.node, placement.slices, +1)
-        self._rates(pod.job.resource, placement.slices, +1)
+        self._rates(compute_slices(pod.job.resource), placement.slices, +1)
         self.push(self.now + pod.job.runtime, "finish", pod.job.name, pod.epoch)
 
     def release(self, pod: _Pod) -> None:
         assert pod.placement is not None
         self._use(pod.node, pod.placement.slices, -1)
-        self._rates(pod.job.resource, pod.placement.slices, -1)
+        self._rates(compute_slices(pod.job.resource), pod.placement.slices, -1)
         self.borrowing.pop(pod.job.name, None)
         pod.node, pod.placement = "", None
 
-    def _rates(self, asked: str, slices: MigCounts, sign: int) -> None:
-        self.useful_rate += sign * compute_slices(asked)
+    def _rates(self, useful: int, slices: MigCounts, sign: int) -> None:
+        """Start (+1) or stop (-1) counting `useful` compute slices of work done on `slices` held."""
+        self.useful_rate += sign * useful
         for resource, count in slices:
             self.held_rate += sign * compute_slices(resource) * count
             self.held_now[resource] = self.held_now.get(resource, 0) + sign * count

@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from extender.core.mig import short_name
 from extender.core.rules import ChainRules
@@ -46,17 +47,15 @@ class Report:
         return "\n".join(lines)
 
     def json(self) -> str:
-        return json.dumps(
-            {
-                "pods": self.pods,
-                "horizon_h": self.horizon_h,
-                "bounds": asdict(self.bounds),
-                "runs": {
-                    name: {k: v for k, v in asdict(m).items() if k != "timeline"} for name, m in self.runs.items()
-                },
-            },
-            indent=2,
-        )
+        return json.dumps(self.document(), indent=2)
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "pods": self.pods,
+            "horizon_h": self.horizon_h,
+            "bounds": asdict(self.bounds),
+            "runs": {name: {k: v for k, v in asdict(m).items() if k != "timeline"} for name, m in self.runs.items()},
+        }
 
 
 def load_jobs(workload: str | None, openb: str | None, rules: ChainRules) -> list[Job]:

@@ -199,4 +199,5 @@ def _http_error(error: HTTPException) -> Response:
 def _unexpected(error: Exception) -> Response:
     # A bug, not bad input: log it with its trace, answer without one.
     log.exception("unexpected error in %s %s", request.method, request.path)
+    _context().metrics.errors.count("http", "unexpected")
     return _json(wire.error_result(f"internal error: {type(error).__name__}"), 500)

@@ -1,0 +1,625 @@
+"""`migchain explain`: what migchain answers for one pod, node by node, with the rules that made it; pure.
+
+Nothing here decides. Every verdict and score is what `filter_nodes` and
+`score_nodes` answer (with the extender's `nodes_to_pass` budget), every
+placement what `place` gives, every return what `plan_returns` plans: this
+module only puts those answers beside the policy lines they read, so that an
+admin sees why. No I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from extender.core.cluster import MigCounts, NodeState, PodRecord, PodRequest, Snapshot
+from extender.core.decide import (
+    MAX_BORROW_DEMANDS,
+    FilterDecision,
+    Placement,
+    filter_nodes,
+    nodes_to_pass,
+    place,
+    score_nodes,
+)
+from extender.core.loan import RESTARTS_ANNOTATION, Loan, loan_of
+from extender.core.mig import short_name
+from extender.core.returns import (
+    MAX_RESTARTS_ANNOTATION,
+    Borrower,
+    Restore,
+    borrowers_of,
+    plan_returns,
+    return_mode_of,
+)
+from extender.core.rules import BorrowOption, Chain, ChainRules, ReturnMode
+
+
+class Fit(enum.Enum):
+    """What a node is for the pod, in the words of the filter's answer."""
+
+    EXACT = "exact"  # passes: its own types fit
+    BORROW = "borrow"  # passes: fits by borrowing larger types
+    COSTLIER = "costlier"  # fits, but fails: other nodes fit more cheaply (an exact fit, or fewer steps)
+    BUDGET = "over budget"  # fits as cheaply as the best, but the filter passes only the best-scored `budget`
+    NO_FIT = "no fit"  # fails now (FailedNodes): freeing slices could help
+    UNRESOLVABLE = "unresolvable"  # fails even if every slice were free (FailedAndUnresolvableNodes)
+
+
+class Answer(enum.Enum):
+    """Where the node is in the extender's ExtenderFilterResult."""
+
+    PASSED = "passed"  # NodeNames
+    FAILED = "failed"  # FailedNodes
+    UNRESOLVABLE = "unresolvable"  # FailedAndUnresolvableNodes
+    LEFT_OUT = "left out"  # in no list: it fits, but the budget was full
+
+
+@dataclass(frozen=True)
+class NodeVerdict:
+    name: str
+    gpu_product: str  # "" for a node migchain does not know
+    fit: Fit
+    answer: Answer
+    reason: str  # the FailedNodes text for a failing node; what the placement grants otherwise
+    score: int  # what /prioritize answers for it
+    placement: Placement | None  # how it would run there, when it fits at all
+
+
+@dataclass(frozen=True)
+class RequestPolicy:
+    """One requested type on one GPU model: the chains that cover it and what each larger type may do."""
+
+    requested: str
+    count: int
+    gpu_product: str
+    chains: tuple[str, ...]  # chains listing the type for this model; none: only an exact fit
+    options: tuple[BorrowOption, ...]  # from ChainRules.borrow_options, best first, each allowed or denied
+
+
+@dataclass(frozen=True)
+class ReturnOutlook:
+    """A borrower's loan and whether, when and why the returner would give it back."""
+
+    loan: Loan
+    node: str
+    running: bool  # only a running borrower is ever returned
+    chain_modes: tuple[tuple[str, ReturnMode | None], ...]  # each chain of the loan, its returnMode now (None: gone)
+    mode: ReturnMode  # what the returner applies (return_mode_of)
+    restarts: int
+    max_restarts: str | None  # the pod's migchain.io/max-restarts, as written
+    held_back: str  # why it may not be returned at all; "" when it may
+    restore: Restore | None  # the return plan_returns makes now, if any
+    condition: str  # what would make the returner return it
+    facts: tuple[str, ...]  # the cluster now, as far as the condition reads it
+    why_not: str  # why it is not returned now; "" when it is
+
+
+@dataclass(frozen=True)
+class Explanation:
+    pod: PodRecord
+    state: str  # pending, bound to NODE, finished, terminating
+    cluster_size: int  # nodes migchain knows: what the budget is computed from
+    budget: int  # at most this many fitting nodes pass the filter
+    candidates_from: str  # how the candidate nodes were chosen
+    nodes: tuple[NodeVerdict, ...]  # passed first, best score first
+    requests: tuple[RequestPolicy, ...]
+    chains: tuple[Chain, ...]  # the chains named in `requests`, in load order
+    outlook: ReturnOutlook | None  # for a borrower
+    unblocking: tuple[Restore, ...]  # returns planned now to make room for this (pending) pod
+    notes: tuple[str, ...]
+
+    @property
+    def passed(self) -> tuple[str, ...]:
+        return tuple(node.name for node in self.nodes if node.answer is Answer.PASSED)
+
+
+def candidate_nodes(pod: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The names of the Node objects whose labels match the pod's spec.nodeSelector, sorted.
+
+    A nodeSelector is how MIG pods are usually pointed at their GPU nodes.
+    kube-scheduler's other filters (taints, affinity, CPU and memory, cordons)
+    are not applied here, so this may name a node kube-scheduler would never
+    send to migchain; `migchain explain --nodes` gives the list exactly.
+    """
+    selector = (pod.get("spec") or {}).get("nodeSelector") or {}
+    names = []
+    for node in nodes:
+        metadata = node.get("metadata") or {}
+        labels = metadata.get("labels") or {}
+        if all(labels.get(key) == value for key, value in selector.items()) and metadata.get("name"):
+            names.append(str(metadata["name"]))
+    return sorted(names)
+
+
+def pending_requests(records: Iterable[PodRecord]) -> list[PodRequest]:
+    """The pods waiting for MIG slices, selected as the returner selects them (extender/kube/returner.py)."""
+    return [r.request for r in records if not r.node and not r.terminal and not r.terminating and r.request.mig]
+
+
+def explain(
+    pod: PodRecord,
+    snapshot: Snapshot,
+    rules: ChainRules,
+    candidates: Sequence[str],
+    records: Iterable[PodRecord] = (),
+    *,
+    budget: int | None = None,
+    candidates_from: str = "",
+) -> Explanation:
+    """What /filter and /prioritize answer for `pod` over `candidates`, and the returner's view of it.
+
+    `records` are every pod of the cluster (the pod itself among them): they
+    give the borrowers and the pending pods `plan_returns` plans over.
+    `budget` defaults to the extender's, `nodes_to_pass(len(snapshot.nodes))`.
+    """
+    request = pod.request
+    keep = nodes_to_pass(len(snapshot.nodes)) if budget is None else budget
+    decision = filter_nodes(request, candidates, snapshot, rules, keep)
+    scores = score_nodes(request, candidates, snapshot, rules)
+    passed = set(decision.passed)
+    verdicts = []
+    for name in dict.fromkeys(candidates):
+        node = snapshot.nodes.get(name)
+        verdict = place(request, node, name, rules)
+        placement = verdict if isinstance(verdict, Placement) else None
+        verdicts.append(
+            _verdict(name, node, placement, decision=decision, passed=passed, score=scores[name], keep=keep)
+        )
+    verdicts.sort(key=_display_order)
+    records = list(records)
+    borrowers = borrowers_of(records, rules)
+    plans = plan_returns(snapshot, borrowers, pending_requests(records), rules) if borrowers else ()
+    outlook = _outlook(pod, snapshot, rules, records=records, borrowers=borrowers, plans=plans)
+    requests = _request_policies(request, snapshot, candidates, rules)
+    named = {chain for line in requests for chain in line.chains}
+    return Explanation(
+        pod=pod,
+        state=_state(pod),
+        cluster_size=len(snapshot.nodes),
+        budget=keep,
+        candidates_from=candidates_from,
+        nodes=tuple(verdicts),
+        requests=requests,
+        chains=tuple(chain for chain in rules.chains if chain.name in named),
+        outlook=outlook,
+        unblocking=tuple(plan for plan in plans if plan.unblocks == request.key),
+        notes=_notes(pod),
+    )
+
+
+def _verdict(
+    name: str,
+    node: NodeState | None,
+    placement: Placement | None,
+    *,
+    decision: FilterDecision,
+    passed: set[str],
+    score: int,
+    keep: int,
+) -> NodeVerdict:
+    product = node.gpu_product if node is not None else ""
+    failed, unresolvable = decision.failed, decision.unresolvable
+    if name in passed:
+        assert placement is not None
+        fit = Fit.BORROW if placement.borrows else Fit.EXACT
+        return NodeVerdict(name, product, fit, Answer.PASSED, placement.describe(), score, placement)
+    if name in unresolvable:
+        return NodeVerdict(name, product, Fit.UNRESOLVABLE, Answer.UNRESOLVABLE, unresolvable[name], score, None)
+    if name in failed:
+        fit = Fit.NO_FIT if placement is None else Fit.COSTLIER
+        return NodeVerdict(name, product, fit, Answer.FAILED, failed[name], score, placement)
+    assert placement is not None  # neither passed nor failed: a fit the budget left out
+    reason = f"{placement.describe()}; left out: the filter passes only the {keep} best-scored fitting nodes"
+    return NodeVerdict(name, product, Fit.BUDGET, Answer.LEFT_OUT, reason, score, placement)
+
+
+_ANSWER_ORDER = {Answer.PASSED: 0, Answer.LEFT_OUT: 1, Answer.FAILED: 2, Answer.UNRESOLVABLE: 3}
+
+
+def _display_order(verdict: NodeVerdict) -> tuple[int, bool, int, str]:
+    # Passed nodes best first, as kube-scheduler will rank them; then near misses, then the rest.
+    return (_ANSWER_ORDER[verdict.answer], verdict.placement is None, -verdict.score, verdict.name)
+
+
+def _state(pod: PodRecord) -> str:
+    if pod.terminal:
+        return "finished"
+    if pod.terminating:
+        return "terminating"
+    return f"bound to {pod.node}" if pod.node else "pending"
+
+
+def _notes(pod: PodRecord) -> tuple[str, ...]:
+    request = pod.request
+    notes = []
+    if not request.mig:
+        notes.append("it asks for no MIG slice: kube-scheduler does not consult migchain for it")
+    if request.no_borrow:
+        notes.append(f"it may not borrow: {request.no_borrow}")
+    elif len(request.mig) > MAX_BORROW_DEMANDS:
+        notes.append(f"it asks for more than {MAX_BORROW_DEMANDS} MIG types: only exact fits are tried")
+    else:
+        notes.append(
+            "it may borrow: no migchain.io/borrow opt-out, and not a StatefulSet or DaemonSet pod "
+            "(the chains' policies below still apply)"
+        )
+    if pod.node and not pod.terminal:
+        notes.append(
+            f"it is bound to {pod.node}: the verdicts are what the extender would answer for this request now, "
+            "with the pod's own slices counted as used"
+        )
+    return tuple(notes)
+
+
+def _request_policies(
+    request: PodRequest, snapshot: Snapshot, candidates: Sequence[str], rules: ChainRules
+) -> tuple[RequestPolicy, ...]:
+    products = sorted({snapshot.nodes[name].gpu_product for name in candidates if name in snapshot.nodes})
+    lines = []
+    for requested, count in request.mig:
+        for product in products:
+            chains = tuple(c.name for c in rules.chains if requested in c.types and product in c.gpu_products)
+            options = rules.borrow_options(requested, product, request.namespace) if chains else ()
+            lines.append(RequestPolicy(requested, count, product, chains, options))
+    return tuple(lines)
+
+
+def _outlook(
+    pod: PodRecord,
+    snapshot: Snapshot,
+    rules: ChainRules,
+    *,
+    records: Sequence[PodRecord],
+    borrowers: Sequence[Borrower],
+    plans: Sequence[Restore],
+) -> ReturnOutlook | None:
+    loan = loan_of(pod.migchain)
+    if loan is None:
+        return None
+    loaded = {chain.name: chain.policy.return_mode for chain in rules.chains}
+    chain_modes = tuple((name, loaded.get(name)) for name in loan.chains)
+    cap = pod.migchain.get(MAX_RESTARTS_ANNOTATION)
+    me = next((b for b in borrowers if b.key == pod.request.key), None)
+    if me is None:
+        condition = "never while it is not running: only a running borrower is returned"
+        restarts = pod.migchain.get(RESTARTS_ANNOTATION, "0")
+        return ReturnOutlook(
+            loan=loan,
+            node=pod.node,
+            running=False,
+            chain_modes=chain_modes,
+            mode=return_mode_of(loan, rules),
+            restarts=int(restarts) if restarts.isdigit() else 0,
+            max_restarts=cap,
+            held_back="",
+            restore=None,
+            condition=condition,
+            facts=(),
+            why_not=condition,
+        )
+    restore = next((plan for plan in plans if plan.borrower.key == me.key), None)
+    original, borrowed = _counts(loan.original), _counts(loan.borrowed)
+    homes = _exact_homes(pod.request, loan, snapshot, rules)
+    facts = [
+        f"free {original} where it fits exactly: "
+        + (", ".join(homes) if homes else "none")
+        + " (before the pending pods that fit now take theirs)"
+    ]
+    waiting: list[str] = []
+    if me.mode is ReturnMode.ON_DEMAND and not me.held_back:
+        blocked = _blocked(records, snapshot, rules)
+        waiting = _waiting_for(blocked, loan, snapshot.nodes.get(pod.node), rules)
+        facts.append("pending pods that fit nowhere now: " + (", ".join(w.key for w in blocked) or "none"))
+        facts.append(
+            f"of them, fitting the {borrowed} it would give back on {pod.node}: " + (", ".join(waiting) or "none")
+        )
+    if me.held_back:
+        condition = f"never while {me.held_back}"
+    elif me.mode is ReturnMode.NEVER:
+        condition = "never: returnMode never"
+    elif me.mode is ReturnMode.EAGER:
+        condition = (
+            f"as soon as a {original} is free on a node where it fits exactly (eager); "
+            "borrowers with more steps go first, then fewer restarts, then the oldest loan"
+        )
+    else:
+        condition = (
+            f"when a {original} is free on a node where it fits exactly and a pending pod that fits nowhere "
+            f"would fit the {borrowed} it gives back on {pod.node} (on-demand)"
+        )
+    why_not = ""
+    if restore is None:
+        if me.held_back or me.mode is ReturnMode.NEVER:
+            why_not = condition
+        elif not homes:
+            why_not = f"no free {original} where it would fit exactly"
+        elif me.mode is ReturnMode.ON_DEMAND and not waiting:
+            why_not = f"no pending pod waits for the {borrowed} it holds"
+        else:
+            why_not = (
+                f"the free {original} go first to pending pods that fit now, to borrowers ahead of it "
+                "or to other returns planned in the same round"
+            )
+    return ReturnOutlook(
+        loan=loan,
+        node=pod.node,
+        running=True,
+        chain_modes=chain_modes,
+        mode=me.mode,
+        restarts=me.restarts,
+        max_restarts=cap,
+        held_back=me.held_back,
+        restore=restore,
+        condition=condition,
+        facts=tuple(facts),
+        why_not=why_not,
+    )
+
+
+def _exact_homes(request: PodRequest, loan: Loan, snapshot: Snapshot, rules: ChainRules) -> list[str]:
+    """Nodes where the borrower's original request fits exactly now, as its restored pod would ask."""
+    restored = dataclasses.replace(request, mig=loan.original, no_borrow="restoring a borrower")
+    return [
+        name
+        for name, node in sorted(snapshot.nodes.items())
+        if isinstance(place(restored, node, name, rules), Placement)
+    ]
+
+
+def _blocked(records: Sequence[PodRecord], snapshot: Snapshot, rules: ChainRules) -> list[PodRequest]:
+    names = sorted(snapshot.nodes)
+    return [
+        waiting for waiting in pending_requests(records) if not filter_nodes(waiting, names, snapshot, rules).passed
+    ]
+
+
+def _waiting_for(blocked: Sequence[PodRequest], loan: Loan, home: NodeState | None, rules: ChainRules) -> list[str]:
+    """The blocked pods that would fit on the borrower's node with its borrowed slices given back."""
+    if home is None:
+        return []
+    used = dict(home.used)
+    for resource, count in loan.borrowed:
+        used[resource] = max(0, used.get(resource, 0) - count)
+    freed = dataclasses.replace(home, used=used)
+    return [w.key for w in blocked if isinstance(place(w, freed, home.name, rules), Placement)]
+
+
+def _counts(counts: MigCounts) -> str:
+    return ", ".join(short_name(r) if n == 1 else f"{n}x {short_name(r)}" for r, n in counts) or "nothing"
+
+
+# -- showing it ---------------------------------------------------------------
+
+
+def explain_text(explanation: Explanation) -> str:
+    """A table of the nodes, then the policy lines, then the loan (for a borrower): for a human."""
+    e = explanation
+    request = e.pod.request
+    asks = _counts(request.mig) if request.mig else "no MIG slice"
+    if e.outlook is not None:
+        asks += f" (a borrower: it asked for {_counts(e.outlook.loan.original)})"
+    lines = [f"pod {request.key}: {e.state}; asks for {asks}"]
+    lines += [f"  {note}" for note in e.notes]
+    origin = f" ({e.candidates_from})" if e.candidates_from else ""
+    lines.append(
+        f"candidates: {len(e.nodes)} node(s){origin} of {e.cluster_size} migchain knows; "
+        f"the filter passes at most {e.budget} fitting node(s)"
+    )
+    lines.append("")
+    if e.nodes:
+        header = ["NODE", "GPU", "FIT", "FILTER", "SCORE", "WHY"]
+        rows = [
+            [node.name, node.gpu_product or "-", node.fit.value, node.answer.value, str(node.score), node.reason]
+            for node in e.nodes
+        ]
+        lines += _table(header, rows)
+    else:
+        lines.append("no candidate node")
+    if e.requests or e.chains:
+        lines += ["", "policy:"]
+    for line in e.requests:
+        head = f"  {_counts(((line.requested, line.count),))} on {line.gpu_product or '(unlabelled GPU model)'}: "
+        if not line.chains:
+            lines.append(head + "no chain lists it for this GPU model: only an exact fit")
+            continue
+        lines.append(head + "chain " + ", ".join(line.chains))
+        if not line.options:
+            lines.append("    no larger type on the chain")
+        for option in line.options:
+            steps = "step" if option.steps == 1 else "steps"
+            verdict = "allowed" if option.allowed else f"denied: {option.denied}"
+            lines.append(
+                f"    {short_name(option.granted):<9} {option.steps} {steps:<5} up {option.chain:<16} {verdict}"
+            )
+    for chain in e.chains:
+        source = f" ({chain.source})" if chain.source else ""
+        lines.append(f"  chain {chain.name}{source}: {_policy_text(chain, request.namespace)}")
+    for plan in e.unblocking:
+        lines += [
+            "",
+            f"a return is planned now to make room for it: {plan.borrower.key} on {plan.borrower.record.node} "
+            f"goes back to {plan.target} ({plan.reason})",
+        ]
+    if e.outlook is not None:
+        lines += ["", *_outlook_text(e.outlook)]
+    return "\n".join(lines)
+
+
+def _policy_text(chain: Chain, namespace: str) -> str:
+    policy = chain.policy
+    allowed = (
+        "all types"
+        if policy.allowed_types is None
+        else " ".join(sorted(map(short_name, policy.allowed_types))) or "none"
+    )
+    selector = policy.namespaces
+    namespaces = ", ".join(sorted(selector.include)) if selector.include else "all"
+    if selector.exclude:
+        namespaces += " except " + ", ".join(sorted(selector.exclude))
+    covered = "covered" if selector.admits(namespace) else "NOT covered"
+    return (
+        f"borrowing {'on' if policy.borrowing else 'OFF'}; "
+        f"maxSteps {'unlimited' if policy.max_steps is None else policy.max_steps}; "
+        f"allowedTypes {allowed}; namespaces {namespaces} ({namespace} {covered}); "
+        f"returnMode {policy.return_mode.value}"
+    )
+
+
+def _outlook_text(outlook: ReturnOutlook) -> list[str]:
+    loan = outlook.loan
+    steps = "step" if loan.steps == 1 else "steps"
+    modes = ", ".join(
+        f"chain {name}: {'no longer loaded, on-demand by default' if mode is None else mode.value}"
+        for name, mode in outlook.chain_modes
+    )
+    cap = f"max {outlook.max_restarts} ({MAX_RESTARTS_ANNOTATION})" if outlook.max_restarts else "no cap"
+    now = (
+        f"yes: back to {outlook.restore.target}, because {outlook.restore.reason}"
+        if outlook.restore is not None
+        else f"no: {outlook.why_not}"
+    )
+    return [
+        f"loan: {_counts(loan.original)} -> {_counts(loan.borrowed)} on {outlook.node or '(unbound)'}, "
+        f"{loan.steps} {steps} up {', '.join(loan.chains) or '(no chain recorded)'}",
+        f"  return mode: {outlook.mode.value} ({modes or 'no chain recorded: on-demand by default'})",
+        f"  restarts: {outlook.restarts}, {cap}",
+        f"  returned: {outlook.condition}",
+        f"  returned now: {now}",
+        *(f"    {fact}" for fact in outlook.facts),
+        "  (the returner also keeps slices for returns under way and waits after a PodDisruptionBudget refusal; "
+        "explain does not see those)",
+    ]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+
+
+def explain_document(explanation: Explanation) -> dict[str, Any]:
+    """The same as JSON-ready data, with full resource names, for tools."""
+    e = explanation
+    request = e.pod.request
+    return {
+        "pod": {
+            "namespace": request.namespace,
+            "name": request.name,
+            "uid": request.uid,
+            "state": e.state,
+            "node": e.pod.node,
+            "requests": dict(request.mig),
+            "may_borrow": request.may_borrow,
+            "no_borrow": request.no_borrow,
+        },
+        "cluster_size": e.cluster_size,
+        "budget": e.budget,
+        "candidates_from": e.candidates_from,
+        "nodes": [
+            {
+                "name": node.name,
+                "gpu_product": node.gpu_product,
+                "fit": node.fit.value,
+                "filter": node.answer.value,
+                "reason": node.reason,
+                "score": node.score,
+                "cost": None if node.placement is None else node.placement.cost,
+                "grants": []
+                if node.placement is None
+                else [
+                    {
+                        "requested": grant.requested,
+                        "granted": grant.granted,
+                        "count": grant.count,
+                        "steps": grant.steps,
+                        "chain": grant.chain,
+                    }
+                    for grant in node.placement.grants
+                ],
+            }
+            for node in e.nodes
+        ],
+        "policy": {
+            "requests": [
+                {
+                    "requested": line.requested,
+                    "count": line.count,
+                    "gpu_product": line.gpu_product,
+                    "chains": list(line.chains),
+                    "options": [
+                        {
+                            "granted": option.granted,
+                            "steps": option.steps,
+                            "chain": option.chain,
+                            "allowed": option.allowed,
+                            "denied": option.denied,
+                        }
+                        for option in line.options
+                    ],
+                }
+                for line in e.requests
+            ],
+            "chains": [_chain_document(chain, request.namespace) for chain in e.chains],
+        },
+        "loan": None if e.outlook is None else _outlook_document(e.outlook),
+        "returns_for_it": [_restore_document(plan) for plan in e.unblocking],
+        "notes": list(e.notes),
+    }
+
+
+def _chain_document(chain: Chain, namespace: str) -> dict[str, Any]:
+    policy = chain.policy
+    return {
+        "name": chain.name,
+        "source": chain.source,
+        "gpu_products": sorted(chain.gpu_products),
+        "types": list(chain.types),
+        "borrowing": policy.borrowing,
+        "max_steps": policy.max_steps,
+        "allowed_types": None if policy.allowed_types is None else sorted(policy.allowed_types),
+        "namespaces": {
+            "include": sorted(policy.namespaces.include),
+            "exclude": sorted(policy.namespaces.exclude),
+            "covers_pod": policy.namespaces.admits(namespace),
+        },
+        "return_mode": policy.return_mode.value,
+    }
+
+
+def _outlook_document(outlook: ReturnOutlook) -> dict[str, Any]:
+    loan = outlook.loan
+    return {
+        "original": dict(loan.original),
+        "borrowed": dict(loan.borrowed),
+        "chains": list(loan.chains),
+        "steps": loan.steps,
+        "replaced_uid": loan.replaced_uid,
+        "node": outlook.node,
+        "running": outlook.running,
+        "return_mode": outlook.mode.value,
+        "chain_return_modes": {name: None if mode is None else mode.value for name, mode in outlook.chain_modes},
+        "restarts": outlook.restarts,
+        "max_restarts": outlook.max_restarts,
+        "held_back": outlook.held_back,
+        "returned_now": outlook.restore is not None,
+        "return": None if outlook.restore is None else _restore_document(outlook.restore),
+        "condition": outlook.condition,
+        "facts": list(outlook.facts),
+        "why_not": outlook.why_not,
+    }
+
+
+def _restore_document(plan: Restore) -> dict[str, Any]:
+    return {
+        "borrower": plan.borrower.key,
+        "node": plan.borrower.record.node,
+        "target": plan.target,
+        "unblocks": plan.unblocks,
+        "reason": plan.reason,
+    }

@@ -1,0 +1,64 @@
+"""One read of the live cluster for the admin's commands: every node and pod, and the ledger's view of them.
+
+The extender's cache builds the same view from a watch; a command lists once
+and is done. Objects migchain cannot read are skipped and counted, as the
+cache skips them. Nothing here writes to the cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import urllib3
+
+from extender.core.cluster import ObjectError, PodRecord, Snapshot, node_state, pod_record
+from extender.kube.api import ApiError, KubeApi
+from extender.kube.status import connect
+from extender.ledger import Ledger
+
+
+class ClusterReadError(ValueError):
+    """The cluster could not be reached or listed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ClusterObjects:
+    nodes: list[dict[str, Any]]  # the Node objects as listed
+    pods: list[dict[str, Any]]  # every Pod object as listed, pending and finished ones too
+    snapshot: Snapshot  # slices in use per node, as the extender's ledger counts them
+    records: list[PodRecord]  # what the ledger keeps of each readable pod
+    skipped: int  # unreadable node or pod objects, left out as the extender leaves them out
+
+
+def read_cluster(api: KubeApi) -> ClusterObjects:
+    try:
+        nodes, _ = api.list_all("/api/v1/nodes")
+        pods, _ = api.list_all("/api/v1/pods")
+    except (ApiError, urllib3.exceptions.HTTPError, OSError) as error:
+        raise ClusterReadError(f"cannot list nodes and pods: {error}") from error
+    skipped = 0
+    states = []
+    for node in nodes:
+        try:
+            states.append(node_state(node))
+        except ObjectError:
+            skipped += 1
+    records = []
+    for pod in pods:
+        try:
+            records.append(pod_record(pod))
+        except ObjectError:
+            skipped += 1
+    ledger = Ledger()
+    ledger.replace_nodes(states)
+    ledger.replace_pods(records)
+    return ClusterObjects(nodes, pods, ledger.snapshot(), list(ledger.pods()), skipped)
+
+
+def open_cluster(kubeconfig: str | None) -> ClusterObjects:
+    """Connect as `migchain status` does (--kubeconfig, $KUBECONFIG, ~/.kube/config, in-cluster) and read.
+
+    Raises ValueError (ClusterReadError among them) with a message for the user.
+    """
+    return read_cluster(connect(kubeconfig))

@@ -1,0 +1,601 @@
+"""manifests/, kind/ and the Dockerfile: they parse, render with the real `kubectl kustomize`, and agree with the code.
+
+No cluster: tests/e2e/test_manifests.py sends the same rendering to a real
+API server. API_CALLS below is the inventory of the code's Kubernetes API
+calls and the access each needs; the e2e test asks the API server about each.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from extender import __version__, cli, returner_cli, serve
+from extender.config import load_rules
+from extender.core.mig import MIG_RESOURCE_PREFIX
+
+ROOT = Path(__file__).resolve().parents[2]
+MANIFESTS = ROOT / "manifests"
+KIND = ROOT / "kind"
+KUBECTL = ROOT / ".cache" / "kube" / "bin" / "kubectl"
+NAMESPACE = "migchain-system"
+
+EXTENDER = "migchain-extender"  # the ServiceAccount of the extender pod: extender and returner
+CERTS = "migchain-certs"
+SCHEDULER = "migchain-scheduler"
+
+
+class Access(NamedTuple):
+    """One access a ServiceAccount needs, in SubjectAccessReview terms. namespace "": cluster-wide or all."""
+
+    account: str
+    verb: str
+    resource: str
+    namespace: str = ""
+    group: str = ""
+    subresource: str = ""
+    name: str = ""
+
+
+# Any namespace of the cluster's users: the extender places and moves their pods.
+TEAM = "team-a"
+
+# Every KubeApi call site in extender/, by file and method, and the accesses
+# it needs. A new call (or one gone) fails test_the_api_call_inventory_is_current
+# until this table, manifests/rbac-*.yaml and manifests/README.md are revisited.
+API_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
+    ("extender/kube/cache.py", "list_all"): (
+        1,
+        [Access(EXTENDER, "list", "nodes"), Access(EXTENDER, "list", "pods")],
+    ),
+    ("extender/kube/cache.py", "watch"): (
+        1,
+        [Access(EXTENDER, "watch", "nodes"), Access(EXTENDER, "watch", "pods")],
+    ),
+    ("extender/kube/binder.py", "get"): (2, [Access(EXTENDER, "get", "pods", TEAM)]),
+    ("extender/kube/binder.py", "create"): (1, [Access(EXTENDER, "create", "pods", TEAM, subresource="binding")]),
+    ("extender/kube/events.py", "create"): (1, [Access(EXTENDER, "create", "events", TEAM)]),
+    ("extender/kube/executor.py", "create"): (
+        4,
+        [
+            Access(EXTENDER, "create", "pods", TEAM),
+            Access(EXTENDER, "create", "pods", TEAM, subresource="eviction"),
+            Access(EXTENDER, "create", "configmaps", NAMESPACE),
+        ],
+    ),
+    ("extender/kube/executor.py", "delete"): (
+        2,
+        [Access(EXTENDER, "delete", "pods", TEAM), Access(EXTENDER, "delete", "configmaps", NAMESPACE)],
+    ),
+    ("extender/kube/executor.py", "get"): (3, [Access(EXTENDER, "get", "pods", TEAM)]),
+    ("extender/kube/executor.py", "list_all"): (1, [Access(EXTENDER, "list", "configmaps", NAMESPACE)]),
+    ("extender/kube/executor.py", "patch"): (2, [Access(EXTENDER, "patch", "pods", TEAM)]),
+    ("extender/kube/lease.py", "create"): (
+        1,
+        [Access(EXTENDER, "create", "leases", NAMESPACE, group="coordination.k8s.io")],
+    ),
+    ("extender/kube/lease.py", "get"): (
+        1,
+        [Access(EXTENDER, "get", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-returner")],
+    ),
+    ("extender/kube/lease.py", "request"): (  # PUT
+        1,
+        [Access(EXTENDER, "update", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-returner")],
+    ),
+    ("extender/kube/returner.py", "get"): (1, [Access(EXTENDER, "get", "pods", TEAM)]),
+    # The admin's commands (`migchain status`, ...) with the user's kubeconfig, or
+    # in the extender's pod (kubectl exec) with its ServiceAccount.
+    ("extender/kube/status.py", "list_all"): (
+        2,
+        [Access(EXTENDER, "list", "nodes"), Access(EXTENDER, "list", "pods")],
+    ),
+    ("extender/kube/snapshot.py", "list_all"): (
+        2,
+        [Access(EXTENDER, "list", "nodes"), Access(EXTENDER, "list", "pods")],
+    ),
+    # `migchain certs`, run by the migchain-certs Job.
+    ("extender/cli.py", "get"): (
+        1,
+        [
+            Access(CERTS, "get", "secrets", NAMESPACE, name="migchain-extender-tls"),
+            Access(CERTS, "get", "secrets", NAMESPACE, name="migchain-scheduler-client-tls"),
+        ],
+    ),
+    ("extender/cli.py", "create"): (1, [Access(CERTS, "create", "secrets", NAMESPACE)]),
+}
+
+API_CALL = re.compile(r"\bapi\.(get|create|patch|delete|list_all|watch|request)\(")
+
+
+def render() -> list[dict[str, Any]]:
+    """`kubectl kustomize manifests/` with the kubectl built for the e2e tests, as objects."""
+    if not KUBECTL.exists():
+        pytest.skip(f"{KUBECTL} is not built: run `make control-plane` (make test does)")
+    result = subprocess.run(
+        [str(KUBECTL), "kustomize", str(MANIFESTS)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return [document for document in yaml.safe_load_all(result.stdout) if document]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict[str, Any]]:
+    return render()
+
+
+def the(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    [found] = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    return found
+
+
+def pod_spec(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    spec: dict[str, Any] = the(objects, kind, name)["spec"]["template"]["spec"]
+    return spec
+
+
+def container(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    [found] = [c for c in spec["containers"] if c["name"] == name]
+    return dict(found)
+
+
+def argv(c: dict[str, Any]) -> list[str]:
+    return [*c.get("command", []), *c.get("args", [])]
+
+
+def mount_path(spec: dict[str, Any], c: dict[str, Any], source: str, name: str) -> str:
+    """Where container c mounts the volume of that Secret (source "secret") or ConfigMap ("configMap"), as a folder."""
+    field = "secretName" if source == "secret" else "name"
+    volumes = {v["name"] for v in spec["volumes"] if (v.get(source) or {}).get(field) == name}
+    [path] = [m["mountPath"] for m in c["volumeMounts"] if m["name"] in volumes]
+    assert not any(m.get("subPath") for m in c["volumeMounts"] if m["name"] in volumes)
+    return str(path)
+
+
+def port_number(c: dict[str, Any], port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    [number] = [p["containerPort"] for p in c["ports"] if p["name"] == port]
+    return int(number)
+
+
+def dockerfile_uid() -> int:
+    text = (ROOT / "Dockerfile").read_text()
+    [uid] = re.findall(r"useradd --uid (\d+)", text)
+    [user] = re.findall(r"^USER (\d+)", text, re.MULTILINE)
+    assert user.startswith(uid) or user == uid
+    return int(uid)
+
+
+# -- files --------------------------------------------------------------------
+
+
+def test_every_yaml_file_of_manifests_and_kind_parses_into_kubernetes_style_objects():
+    paths = sorted([*MANIFESTS.rglob("*.yaml"), *KIND.rglob("*.yaml")])
+    assert MANIFESTS / "kustomization.yaml" in paths
+    assert KIND / "cluster.yaml" in paths
+    for path in paths:
+        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        assert documents, f"{path} is empty"
+        for document in documents:
+            assert isinstance(document, dict), path
+            assert document.get("apiVersion") and document.get("kind"), f"{path}: a document without apiVersion/kind"
+
+
+def test_the_copies_under_manifests_are_the_files_of_chains_and_scheduler_config():
+    copies = MANIFESTS / "copies"
+    shipped = {p.name for p in (ROOT / "chains").glob("*.yaml")}
+    assert {p.name for p in (copies / "chains").glob("*.yaml")} == shipped, "run `make manifests`"
+    for name in shipped:
+        assert (copies / "chains" / name).read_bytes() == (ROOT / "chains" / name).read_bytes(), (
+            f"manifests/copies/chains/{name} differs from chains/{name}: run `make manifests`"
+        )
+    assert (copies / "scheduler-config.yaml").read_bytes() == (ROOT / "scheduler-config.yaml").read_bytes(), (
+        "manifests/copies/scheduler-config.yaml differs from scheduler-config.yaml: run `make manifests`"
+    )
+
+
+# -- the rendering ------------------------------------------------------------
+
+
+def test_kustomize_renders_every_object_into_its_namespace(rendered):
+    kinds = Counter(o["kind"] for o in rendered)
+    assert kinds == {
+        "Namespace": 1,
+        "ServiceAccount": 3,
+        "ClusterRole": 1,
+        "ClusterRoleBinding": 3,
+        "Role": 3,
+        "RoleBinding": 4,
+        "ConfigMap": 2,
+        "Service": 1,
+        "Deployment": 2,
+        "Job": 1,
+        "PodDisruptionBudget": 1,
+    }
+    for o in rendered:
+        namespace = o["metadata"].get("namespace")
+        if o["kind"] in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+            assert namespace is None
+        elif o["metadata"]["name"] == "migchain-scheduler-extension-apiserver-authentication-reader":
+            assert namespace == "kube-system"
+        else:
+            assert namespace == NAMESPACE, f"{o['kind']} {o['metadata']['name']} would land in {namespace}"
+    assert the(rendered, "Namespace", NAMESPACE)["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == (
+        "restricted"
+    )
+
+
+def test_the_chain_configmap_holds_every_chain_file_verbatim_and_both_containers_mount_it(rendered):
+    chains = the(rendered, "ConfigMap", "migchain-chains")  # a fixed name: it changes in place
+    assert chains["data"] == {p.name: p.read_text() for p in (ROOT / "chains").glob("*.yaml")}
+    spec = pod_spec(rendered, "Deployment", "migchain-extender")
+    for name in ("extender", "returner"):
+        assert mount_path(spec, container(spec, name), "configMap", "migchain-chains") == "/etc/migchain/chains"
+
+
+def test_the_scheduler_configmap_is_scheduler_config_yaml_byte_for_byte(rendered):
+    [config] = [
+        o
+        for o in rendered
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("migchain-scheduler-config-")  # hashed
+    ]
+    assert config["data"] == {"scheduler-config.yaml": (ROOT / "scheduler-config.yaml").read_text()}
+    spec = pod_spec(rendered, "Deployment", "migchain-scheduler")
+    scheduler = container(spec, "kube-scheduler")
+    folder = mount_path(spec, scheduler, "configMap", config["metadata"]["name"])
+    assert argv(scheduler) == ["kube-scheduler", f"--config={folder}/scheduler-config.yaml"]
+
+
+def test_every_pod_runs_locked_down_as_the_dockerfile_user_with_resources_and_a_tmp(rendered):
+    workloads = [o for o in rendered if o["kind"] in ("Deployment", "Job")]
+    assert len(workloads) == 3
+    uid = dockerfile_uid()
+    for workload in workloads:
+        where = f"{workload['kind']} {workload['metadata']['name']}"
+        spec = workload["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, where
+        assert spec["securityContext"]["runAsUser"] == uid, where
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert not any("hostPath" in v for v in spec.get("volumes", [])), where
+        assert not spec.get("hostNetwork"), where
+        tmp = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        for c in [*spec.get("initContainers", []), *spec["containers"]]:
+            context = c["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, (where, c["name"])
+            assert context["readOnlyRootFilesystem"] is True, (where, c["name"])
+            assert context["capabilities"] == {"drop": ["ALL"]}, (where, c["name"])
+            assert not context.get("privileged"), (where, c["name"])
+            for bound in ("requests", "limits"):
+                assert set(c["resources"][bound]) >= {"cpu", "memory"}, (where, c["name"], bound)
+            assert any(m["mountPath"] == "/tmp" and m["name"] in tmp for m in c["volumeMounts"]), (where, c["name"])
+
+
+def test_the_extender_is_probed_over_https_without_a_client_certificate_on_its_serving_port(rendered):
+    spec = pod_spec(rendered, "Deployment", "migchain-extender")
+    extender = container(spec, "extender")
+    port = int(serve.parser().parse_args(argv(extender)[1:]).bind.rsplit(":", 1)[1])
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = extender[probe]["httpGet"]
+        assert (get["path"], get["scheme"], port_number(extender, get["port"])) == (path, "HTTPS", port)
+        assert "httpHeaders" not in get
+
+
+def test_the_returner_is_probed_on_its_health_port_and_does_not_gate_the_pod(rendered):
+    spec = pod_spec(rendered, "Deployment", "migchain-extender")
+    returner = container(spec, "returner")
+    port = int(returner_cli.parser().parse_args(argv(returner)[1:]).health_bind.rsplit(":", 1)[1])
+    get = returner["livenessProbe"]["httpGet"]
+    assert (get["path"], port_number(returner, get["port"])) == ("/healthz", port)
+    # Pod readiness gates the Service kube-scheduler calls: only the extender decides it.
+    assert "readinessProbe" not in returner
+
+
+def test_the_scheduler_is_probed_on_its_secure_port(rendered):
+    scheduler = container(pod_spec(rendered, "Deployment", "migchain-scheduler"), "kube-scheduler")
+    for probe, path in (("livenessProbe", "/livez"), ("readinessProbe", "/readyz")):
+        get = scheduler[probe]["httpGet"]
+        assert (get["path"], get["scheme"], port_number(scheduler, get["port"])) == (path, "HTTPS", 10259)
+
+
+def test_migchain_extender_accepts_its_flags_serves_mutual_tls_and_loads_mounted_rules_that_go_together(rendered):
+    spec = pod_spec(rendered, "Deployment", "migchain-extender")
+    extender = container(spec, "extender")
+    assert argv(extender)[0] == "migchain-extender"
+    args = serve.parser().parse_args(argv(extender)[1:])
+    assert args.bind == "0.0.0.0:8443"
+    tls = mount_path(spec, extender, "secret", "migchain-extender-tls")
+    assert (args.tls_cert_file, args.tls_key_file, args.client_ca_file) == (
+        f"{tls}/tls.crt",
+        f"{tls}/tls.key",
+        f"{tls}/ca.crt",
+    )
+    chains = mount_path(spec, extender, "configMap", "migchain-chains")
+    assert all(Path(path).parent == Path(chains) for path in args.chains)
+    names = [Path(path).name for path in args.chains]
+    assert set(names) <= set(the(rendered, "ConfigMap", "migchain-chains")["data"])
+    load_rules([ROOT / "chains" / name for name in names])  # raises if they conflict
+    env = {e["name"]: e for e in extender["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+def test_migchain_returner_accepts_its_flags_uses_the_extenders_rules_and_the_pod_name_as_lease_identity(rendered):
+    spec = pod_spec(rendered, "Deployment", "migchain-extender")
+    returner = container(spec, "returner")
+    assert argv(returner)[0] == "migchain-returner"
+    args = returner_cli.parser().parse_args(argv(returner)[1:])
+    extender_args = serve.parser().parse_args(argv(container(spec, "extender"))[1:])
+    assert args.chains == extender_args.chains  # a loan is returned by the rules it was made under
+    assert args.health_bind.startswith("0.0.0.0:")  # kubelet probes the pod IP
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in returner["env"]}
+    assert args.identity == "$(POD_NAME)"  # kubelet expands it
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    assert spec["serviceAccountName"] == EXTENDER
+
+
+def test_one_extender_at_a_time_behind_its_service_and_a_budget_that_never_blocks_a_drain(rendered):
+    deployment = the(rendered, "Deployment", "migchain-extender")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # no overlap during a rollout either
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    service = the(rendered, "Service", "migchain-extender")
+    assert service["spec"]["selector"].items() <= labels.items()
+    ports = {port["name"]: port for port in service["spec"]["ports"]}
+    assert set(ports) == {"https", "returner"}
+    extender = container(deployment["spec"]["template"]["spec"], "extender")
+    assert ports["https"]["port"] == 443
+    assert port_number(extender, ports["https"]["targetPort"]) == 8443
+    returner = container(deployment["spec"]["template"]["spec"], "returner")
+    health = returner_cli.parser().parse_args(argv(returner)[1:]).health_bind
+    assert port_number(returner, ports["returner"]["targetPort"]) == int(health.rsplit(":", 1)[1])
+    budget = the(rendered, "PodDisruptionBudget", "migchain-extender")
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert budget["spec"]["maxUnavailable"] == 1
+
+
+def test_the_scheduler_deployment_matches_scheduler_config_yaml(rendered):
+    config = yaml.safe_load((ROOT / "scheduler-config.yaml").read_text())
+    spec = pod_spec(rendered, "Deployment", "migchain-scheduler")
+    assert spec["serviceAccountName"] == SCHEDULER
+    scheduler = container(spec, "kube-scheduler")
+    [extender] = config["extenders"]
+    # the client certificate and CA come from the Secret the certs Job makes
+    tls = mount_path(spec, scheduler, "secret", "migchain-scheduler-client-tls")
+    assert {Path(path).parent for path in extender["tlsConfig"].values()} == {Path(tls)}
+    assert {Path(path).name for path in extender["tlsConfig"].values()} == {"ca.crt", "tls.crt", "tls.key"}
+    # the URL is the Service's, on its port
+    url = urlsplit(extender["urlPrefix"])
+    service = the(rendered, "Service", "migchain-extender")
+    assert url.scheme == "https"
+    assert url.hostname == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
+    assert url.port == service["spec"]["ports"][0]["port"]
+    # the leader-election lease is the one its Role may update
+    election = config["leaderElection"]
+    role = the(rendered, "Role", SCHEDULER)
+    assert role["metadata"]["namespace"] == election["resourceNamespace"]
+    [named] = [rule for rule in role["rules"] if rule.get("resourceNames")]
+    assert named["resourceNames"] == [election["resourceName"]]
+    assert set(named["verbs"]) == {"get", "update"}
+    assert config["clientConnection"]["kubeconfig"] == ""  # in-cluster: its ServiceAccount
+    bound = {
+        b["roleRef"]["name"]
+        for b in rendered
+        if b["kind"] in ("ClusterRoleBinding", "RoleBinding") and b["subjects"][0]["name"] == SCHEDULER
+    }
+    assert bound == {
+        "system:kube-scheduler",
+        "system:volume-scheduler",
+        "extension-apiserver-authentication-reader",
+        SCHEDULER,
+    }
+
+
+def test_the_scheduler_image_is_the_kubernetes_version_the_e2e_suite_runs(rendered):
+    if not KUBECTL.exists():
+        pytest.skip(f"{KUBECTL} is not built")
+    version = subprocess.run(
+        [str(KUBECTL), "version", "--client", "-o", "json"], capture_output=True, text=True, check=True, timeout=30
+    )
+    git_version = yaml.safe_load(version.stdout)["clientVersion"]["gitVersion"]
+    scheduler = container(pod_spec(rendered, "Deployment", "migchain-scheduler"), "kube-scheduler")
+    assert scheduler["image"] == f"registry.k8s.io/kube-scheduler:{git_version}"
+
+
+def test_the_certs_job_makes_exactly_the_secrets_the_deployments_mount(rendered):
+    job = the(rendered, "Job", "migchain-certs")
+    assert job["spec"]["backoffLimit"] > 0
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0
+    spec = job["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == CERTS
+    assert spec["restartPolicy"] in ("Never", "OnFailure")
+    [certs] = spec["containers"]
+    assert argv(certs)[0] == "migchain"
+    args = cli.parser().parse_args(argv(certs)[1:])
+    assert args.run is cli._certs
+    assert args.out is None  # Secrets, not files
+    assert args.namespace == job["metadata"]["namespace"]
+    assert args.service == the(rendered, "Service", "migchain-extender")["metadata"]["name"]
+    mounted = {
+        v["secret"]["secretName"]
+        for kind, name in (("Deployment", "migchain-extender"), ("Deployment", "migchain-scheduler"))
+        for v in pod_spec(rendered, kind, name)["volumes"]
+        if "secret" in v
+    }
+    assert {args.server_secret, args.client_secret} == mounted
+    [named] = [rule for rule in the(rendered, "Role", CERTS)["rules"] if rule.get("resourceNames")]
+    assert set(named["resourceNames"]) == mounted
+
+
+def test_migchain_containers_run_this_version_of_the_image(rendered):
+    images = {
+        c["image"]
+        for o in rendered
+        if o["kind"] in ("Deployment", "Job")
+        for c in o["spec"]["template"]["spec"]["containers"]
+        if not c["image"].startswith("registry.k8s.io/")
+    }
+    assert images == {f"migchain:{__version__}"}
+    kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+    assert {"name": "migchain", "newName": "migchain", "newTag": __version__} in kustomization["images"]
+
+
+# -- RBAC -----------------------------------------------------------------------
+
+
+def test_the_api_call_inventory_is_current():
+    found: Counter[tuple[str, str]] = Counter()
+    for path in sorted((ROOT / "extender").rglob("*.py")):
+        for method in API_CALL.findall(path.read_text()):
+            found[(str(path.relative_to(ROOT)), method)] += 1
+    expected = {key: count for key, (count, _) in API_CALLS.items()}
+    assert dict(found) == expected, (
+        "the Kubernetes API calls in extender/ changed: give each new call its access in API_CALLS, "
+        "then check manifests/rbac-*.yaml and the table in manifests/README.md"
+    )
+
+
+def _granted(rendered: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str, tuple[str, ...]]]:
+    """(account, namespace or "", group, resource[/subresource], verb, resourceNames) of migchain's own roles."""
+    grants = []
+    for binding in rendered:
+        if binding["kind"] not in ("ClusterRoleBinding", "RoleBinding"):
+            continue
+        ref = binding["roleRef"]
+        roles = [o for o in rendered if o["kind"] == ref["kind"] and o["metadata"]["name"] == ref["name"]]
+        if not roles:
+            continue  # a built-in role (system:kube-scheduler, ...)
+        [role] = roles
+        namespace = binding["metadata"].get("namespace", "")
+        for subject in binding["subjects"]:
+            for rule in role["rules"]:
+                for group in rule["apiGroups"]:
+                    for resource in rule["resources"]:
+                        for verb in rule["verbs"]:
+                            names = tuple(rule.get("resourceNames", ()))
+                            grants.append((subject["name"], namespace, group, resource, verb, names))
+    return grants
+
+
+def test_every_granted_verb_is_used_by_some_call(rendered):
+    accesses = [access for _, listed in API_CALLS.values() for access in listed]
+    for account, namespace, group, resource, verb, names in _granted(rendered):
+        if account == SCHEDULER:
+            continue  # kube-scheduler's needs are upstream's: its own lease only
+        users = [
+            a
+            for a in accesses
+            if (a.account, a.group, a.verb) == (account, group, verb)
+            and "/".join(filter(None, (a.resource, a.subresource))) == resource
+            and (not namespace or a.namespace == namespace)
+            and (not names or a.name in names)
+        ]
+        assert users, f"{account} is granted {verb} {resource} in {namespace or 'the cluster'}, which no call needs"
+
+
+def test_every_rule_names_the_code_that_needs_it():
+    """Each rule of manifests/rbac-*.yaml follows a comment naming the code; named functions and files exist."""
+    for path in sorted(MANIFESTS.glob("rbac-*.yaml")):
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines):
+            if not line.lstrip().startswith("- apiGroups:"):
+                continue
+            comment: list[str] = []
+            for above in reversed(lines[:number]):
+                if not above.lstrip().startswith("#"):
+                    break
+                comment.insert(0, above.strip().lstrip("#").strip())
+            text = " ".join(comment)
+            where = f"{path.name}:{number + 1}"
+            files = [ROOT / f for f in re.findall(r"extender/[\w/]+\.py", text)]
+            assert files or "kube-scheduler" in text, f"{where}: no comment naming the code that needs the rule"
+            source = ""
+            for file in files:
+                assert file.is_file(), f"{where}: {file} does not exist"
+                source += file.read_text()
+            for private, method in re.findall(r"(?<![\w.])(_\w+)|\b[A-Z]\w+\.(_?\w+)", text) if files else ():
+                name = private or method
+                assert re.search(rf"\b(def|class) {name}\b", source), f"{where}: no {name} in {files}"
+
+
+# -- Dockerfile -------------------------------------------------------------------
+
+
+def test_the_dockerfile_installs_pinned_runtime_dependencies_as_a_fixed_non_root_user():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11\.\d+-slim", text, re.MULTILINE), "base pinned to a patch release"
+    assert "pip install --no-cache-dir --constraint constraints.txt ." in text
+    assert "[test" not in text and "[sim" not in text
+    assert dockerfile_uid() != 0
+    [exposed] = re.findall(r"^EXPOSE (\d+)", text, re.MULTILINE)
+    assert int(exposed) == 8443
+
+
+def test_the_dockerignore_keeps_what_the_build_copies_and_drops_the_rest():
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+
+    def ignored(path: str) -> bool:  # Docker's rules, as far as this file uses them
+        parts = Path(path).parts
+        for pattern in patterns:
+            if pattern.startswith("**/"):  # at any depth
+                if any(fnmatch.fnmatch(part, pattern.removeprefix("**/")) for part in parts):
+                    return True
+            elif any(fnmatch.fnmatch("/".join(parts[: n + 1]), pattern) for n in range(len(parts))):
+                return True
+        return False
+
+    copied = []
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            copied += line.split()[1:-1]
+    assert "extender" in copied and "setup.cfg" in copied
+    for source in copied:
+        assert (ROOT / source).exists(), source
+        assert not ignored(source), f"{source} is copied by the Dockerfile but .dockerignore drops it"
+    for dropped in (".git", ".venv", ".cache", "tests", "bench", "docs", "extender/__pycache__"):
+        assert ignored(dropped), dropped
+
+
+# -- kind -----------------------------------------------------------------------
+
+
+def test_the_kind_config_is_a_cluster_of_one_control_plane_with_scheduler_config_and_two_workers():
+    config = yaml.safe_load((KIND / "cluster.yaml").read_text())
+    assert (config["apiVersion"], config["kind"]) == ("kind.x-k8s.io/v1alpha4", "Cluster")
+    assert [node["role"] for node in config["nodes"]] == ["control-plane", "worker", "worker"]
+    [mount] = config["nodes"][0]["extraMounts"]
+    # kind resolves a relative hostPath against its working directory: demo.sh runs from the repository root
+    assert (ROOT / mount["hostPath"]).resolve() == (ROOT / "scheduler-config.yaml").resolve()
+    assert Path(mount["containerPath"]).is_absolute()
+    assert mount["readOnly"] is True
+
+
+def test_the_kind_demo_is_valid_bash_and_fakes_a_gpu_the_installed_rules_can_borrow_on(rendered):
+    script = KIND / "demo.sh"
+    assert os.access(script, os.X_OK)
+    check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False, timeout=30)
+    assert check.returncode == 0, check.stderr
+    text = script.read_text()
+    assert "set -euo pipefail" in text
+    [product] = re.findall(r"^PRODUCT=(\S+)", text, re.MULTILINE)
+    [layout] = re.findall(r"^LAYOUT=\((.*)\)", text, re.MULTILINE)
+    profiles = [entry.split("=")[0] for entry in layout.split()]
+    extender = container(pod_spec(rendered, "Deployment", "migchain-extender"), "extender")
+    names = [Path(p).name for p in serve.parser().parse_args(argv(extender)[1:]).chains]
+    rules = load_rules([ROOT / "chains" / name for name in names])
+    [chain] = [c for c in rules.chains if product in c.gpu_products]
+    types = [f"{MIG_RESOURCE_PREFIX}{profile}" for profile in profiles]
+    assert set(types) <= set(chain.types)
+    # the story: a 1g.5gb pod borrows the 2g.10gb
+    assert chain.types.index(f"{MIG_RESOURCE_PREFIX}1g.5gb") < chain.types.index(f"{MIG_RESOURCE_PREFIX}2g.10gb")
