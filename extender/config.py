@@ -289,7 +289,10 @@ class _Reader:
 
     def policy(self, node: yaml.Node, on_chains: set[str]) -> Policy:
         fields = self.mapping(
-            node, "policy", required=(), optional=("borrowing", "maxSteps", "allowedTypes", "returnMode", "namespaces")
+            node,
+            "policy",
+            required=(),
+            optional=("borrowing", "maxSteps", "allowedTypes", "returnMode", "namespaces", "dryRun"),
         )
         if fields is None:
             return Policy()
@@ -320,21 +323,36 @@ class _Reader:
                 return_mode = ReturnMode(mode)
         namespaces = NamespaceSelector()
         if "namespaces" in fields:
-            selector = self.mapping(fields["namespaces"], "policy.namespaces", (), ("include", "exclude"))
-            if selector is not None:
-                lists = {
-                    key: frozenset(n for n, _ in self.strings(selector[key], f"policy.namespaces.{key}"))
-                    for key in ("include", "exclude")
-                    if key in selector
-                }
-                namespaces = NamespaceSelector(**lists)
+            namespaces = self.namespace_selector(fields["namespaces"], "policy.namespaces") or namespaces
+        dry_run: NamespaceSelector | None = None
+        if "dryRun" in fields:
+            # `dryRun: true` (every namespace), `false`, or `{namespaces: {include, exclude}}`.
+            node = fields["dryRun"]
+            if isinstance(node, yaml.ScalarNode):
+                dry_run = NamespaceSelector() if self.boolean(node, "policy.dryRun") else None
+            else:
+                spec = self.mapping(node, "policy.dryRun", ("namespaces",), ())
+                if spec is not None and "namespaces" in spec:
+                    dry_run = self.namespace_selector(spec["namespaces"], "policy.dryRun.namespaces")
         return Policy(
             borrowing=bool(borrowing),
             max_steps=max_steps,
             allowed_types=allowed,
             return_mode=return_mode,
             namespaces=namespaces,
+            dry_run=dry_run,
         )
+
+    def namespace_selector(self, node: yaml.Node, field: str) -> NamespaceSelector | None:
+        selector = self.mapping(node, field, (), ("include", "exclude"))
+        if selector is None:
+            return None
+        lists = {
+            key: frozenset(n for n, _ in self.strings(selector[key], f"{field}.{key}"))
+            for key in ("include", "exclude")
+            if key in selector
+        }
+        return NamespaceSelector(**lists)
 
     def optional(
         self,

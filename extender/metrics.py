@@ -73,12 +73,19 @@ class Metrics:
             ["requested", "granted"],
             registry=self.registry,
         )
+        self.dry_run_borrows = Counter(
+            "migchain_dry_run_borrows",
+            "Slices a bind would have borrowed, had dry-run not been on (the pod stays pending).",
+            ["requested", "granted"],
+            registry=self.registry,
+        )
         self.errors = Errors(self.registry)
 
-    def count_borrow(self, placement: Placement) -> None:
+    def count_borrow(self, placement: Placement, *, dry_run: bool = False) -> None:
+        counter = self.dry_run_borrows if dry_run else self.borrows
         for grant in placement.grants:
             if grant.borrowed:
-                self.borrows.labels(short_name(grant.requested), short_name(grant.granted)).inc(grant.count)
+                counter.labels(short_name(grant.requested), short_name(grant.granted)).inc(grant.count)
 
     def watch_cluster(self, view: ClusterView) -> None:
         """Export loans and slices read from `view` at every scrape."""
@@ -94,7 +101,7 @@ class ReturnerMetrics:
             "migchain_returns",
             "Borrowed slices the returner tried to give back, by type and outcome: returned, blocked "
             "(a PodDisruptionBudget refused the eviction; retried later), failed (API error), "
-            "gone (the borrower left or changed first).",
+            "gone (the borrower left or changed first), dry-run (decided and announced, not done).",
             ["requested", "granted", "outcome"],
             registry=self.registry,
         )

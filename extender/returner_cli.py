@@ -38,6 +38,11 @@ def parser() -> argparse.ArgumentParser:
     )
     cli.add_argument("--identity", default=os.environ.get("POD_NAME", socket.gethostname()), help="lease holder name")
     cli.add_argument("--health-bind", default="127.0.0.1:8889", help="HOST:PORT of /healthz, /readyz and /metrics")
+    cli.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="decide every return as usual, log, count and announce it (WouldReturn events), but evict nothing",
+    )
     cli.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     cli.add_argument("--log-format", default="text", choices=logs.FORMATS, help="text lines, or one JSON object a line")
     return cli
@@ -90,7 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics.watch_leadership(election.leading)
     threading.Thread(target=election.run, args=(stop,), name="lease", daemon=True).start()
     events = EventRecorder(api, args.identity, metrics.errors)
-    returner = Returner(cache, rules, Executor(api, args.namespace), events, election, metrics=metrics)
+    returner = Returner(
+        cache, rules, Executor(api, args.namespace), events, election, metrics=metrics, dry_run=args.dry_run
+    )
     log.info("returner %s started; acting only while it holds the lease", args.identity)
     returner.run(stop)
     return 0

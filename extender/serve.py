@@ -108,7 +108,7 @@ def build_app(args: argparse.Namespace, rules: ChainRules) -> Flask:
     metrics.watch_cluster(lambda: cache.view() if store.readiness().ready else None)
     cache.start()
     events = EventRecorder(api, socket.gethostname(), metrics.errors)
-    binder = Binder(api, cache, rules, Executor(api, args.namespace), events, metrics=metrics)
+    binder = Binder(api, cache, rules, Executor(api, args.namespace), events, metrics=metrics, dry_run=args.dry_run)
 
     def recover_when_synced() -> None:
         # Journaled borrows need the cache: a replacement is recreated only if it still fits.
@@ -201,6 +201,12 @@ def parser() -> argparse.ArgumentParser:
     )
     cli.add_argument("--threads", type=int, default=8, help="request threads (default %(default)s)")
     cli.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body")
+    cli.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="decide every borrow as usual, log, count and announce it (WouldBorrow events), but replace no pod: "
+        "pods that could only run by borrowing stay Pending with the would-be decision in FailedScheduling",
+    )
     cli.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     cli.add_argument("--log-format", default="text", choices=logs.FORMATS, help="text lines, or one JSON object a line")
     return cli

@@ -35,6 +35,9 @@ class Policy:
     allowed_types: frozenset[str] | None = None  # None: every type of the chain may be borrowed
     return_mode: ReturnMode = ReturnMode.ON_DEMAND
     namespaces: NamespaceSelector = field(default_factory=NamespaceSelector)
+    # None: live. A selector: in the namespaces it admits, borrows and returns
+    # along these chains are decided, logged, counted and announced, never done.
+    dry_run: NamespaceSelector | None = None
 
     def denial(self, granted: str, steps: int, namespace: str, chain: str) -> str | None:
         """Why this policy forbids borrowing `granted` `steps` up `chain`, or None if it allows it."""
@@ -90,6 +93,15 @@ class ChainRules:
         # Memo of borrow_options; the rules never change, so entries never go stale.
         # Concurrent fills compute the same value, so the race is harmless.
         self._memo: dict[tuple[str, str, str], tuple[BorrowOption, ...]] = {}
+        self._by_name = {chain.name: chain for chain in self.chains}
+
+    def dry_run(self, chains: Iterable[str], namespace: str) -> bool:
+        """Whether a loan along any of `chains` for a pod in `namespace` is only announced (policy dryRun)."""
+        for name in chains:
+            chain = self._by_name.get(name)
+            if chain is not None and chain.policy.dry_run is not None and chain.policy.dry_run.admits(namespace):
+                return True
+        return False
 
     @property
     def types(self) -> frozenset[str]:

@@ -50,7 +50,10 @@ class Binder:
         events: EventRecorder,
         *,
         metrics: Metrics | None = None,
+        dry_run: bool = False,
     ) -> None:
+        self.dry_run = dry_run  # --dry-run: every borrow only announced; the chains' policy can add namespaces
+        self._announced: set[str] = set()  # pod UIDs already told "would borrow": one Event each, not one a retry
         self.api = api
         self.cache = cache
         self.rules = rules
@@ -75,6 +78,8 @@ class Binder:
             verdict = place(record.request, self.cache.ledger.node_state(args.node), args.node, self.rules)
             if isinstance(verdict, Rejection):
                 return self._refuse(f"node {args.node} no longer fits pod {record.request.key}: {verdict.reason}")
+            if verdict.borrows and self._dry_run(record.request.namespace, verdict):
+                return self._would_borrow(record, verdict)
             self.cache.reserve(record.request.uid, args.node, verdict.slices)
         try:
             if verdict.borrows:
@@ -102,6 +107,32 @@ class Binder:
             extra={"pod": record.request.key, "node": args.node, "borrowed": verdict.borrows},
         )
         return BindOutcome("", verdict)
+
+    def _dry_run(self, namespace: str, placement: Placement) -> bool:
+        chains = {grant.chain for grant in placement.grants if grant.chain}
+        return self.dry_run or self.rules.dry_run(chains, namespace)
+
+    def _would_borrow(self, record: PodRecord, placement: Placement) -> BindOutcome:
+        """Dry run: the borrow decided as usual, logged, counted and announced; no pod replaced, nothing bound.
+
+        The refusal goes back to kube-scheduler, which puts it in the pod's
+        FailedScheduling event and retries: the pod stays Pending, the would-be
+        decision in plain sight.
+        """
+        message = f"would borrow on {placement.node}: {placement.describe()}"
+        self.metrics.count_borrow(placement, dry_run=True)
+        if record.request.uid not in self._announced:
+            self._announced.add(record.request.uid)
+            log.info("dry run: %s %s", record.request.key, message, extra={"pod": record.request.key})
+            pod = {
+                "metadata": {
+                    "name": record.request.name,
+                    "namespace": record.request.namespace,
+                    "uid": record.request.uid,
+                }
+            }
+            self.events.record(pod, "WouldBorrow", f"dry run: {message}; migchain replaces no pod in dry-run")
+        return BindOutcome(f"dry run: {message}; migchain replaces no pod in dry-run, so the pod stays pending")
 
     def _refuse(self, reason: str) -> BindOutcome:
         """A bind this state of the cluster does not allow (the pod changed, or the node filled up)."""

@@ -42,7 +42,10 @@ class Returner:
         *,
         interval: float = 2.0,
         metrics: ReturnerMetrics | None = None,
+        dry_run: bool = False,
     ) -> None:
+        self.dry_run = dry_run  # --dry-run: returns only announced; the chains' policy can add namespaces
+        self._announced: set[str] = set()  # borrower UIDs already told "would return"
         self.cache = cache
         self.rules = rules
         self.executor = executor
@@ -90,7 +93,25 @@ class Returner:
                 return  # the lease may pass to another replica: stop before acting
             if self._blocked.get(restore.borrower.key, 0.0) > now:
                 continue
+            if self.dry_run or self.rules.dry_run(
+                restore.borrower.loan.chains, restore.borrower.record.request.namespace
+            ):
+                self.announce(restore)
+                continue
             self.execute(restore)
+
+    def announce(self, restore: Restore) -> None:
+        """Dry run: the return decided as usual, logged, counted and announced once; nothing evicted."""
+        request = restore.borrower.record.request
+        if request.uid in self._announced:
+            return
+        self._announced.add(request.uid)
+        original = ", ".join(resource for resource, _ in restore.borrower.loan.original)
+        message = f"dry run: would return to {original} on {restore.target}: {restore.reason}; nothing is evicted"
+        self.metrics.count_return(restore.borrower.loan, "dry-run")
+        log.info("%s %s", request.key, message, extra={"pod": request.key, "target": restore.target})
+        pod = {"metadata": {"name": request.name, "namespace": request.namespace, "uid": request.uid}}
+        self.events.record(pod, "WouldReturn", message)
 
     def execute(self, restore: Restore) -> None:
         request = restore.borrower.record.request

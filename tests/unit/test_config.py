@@ -89,3 +89,43 @@ def test_the_error_text_reads_file_colon_line():
     with pytest.raises(ConfigError) as caught:
         load_rules([FIXTURES / "negative-max-steps.yaml"])
     assert str(caught.value).endswith("negative-max-steps.yaml:8: policy.maxSteps: must be 0 or more")
+
+
+@pytest.mark.parametrize(
+    ("policy", "dry_in", "live_in"),
+    [
+        ("dryRun: true", ["ml", "kube-system"], []),
+        ("dryRun: false", [], ["ml"]),
+        ("dryRun: {namespaces: {include: [ml]}}", ["ml"], ["prod"]),
+        ("dryRun: {namespaces: {exclude: [prod]}}", ["ml"], ["prod"]),
+        ("", [], ["ml"]),
+    ],
+)
+def test_dry_run_is_a_policy_switch_for_all_or_some_namespaces(tmp_path, policy, dry_in, live_in):
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(
+        "apiVersion: migchain.io/v1alpha1\nkind: ChainRules\nchains:\n  - name: c\n    gpuProducts: [G]\n"
+        "    types: [nvidia.com/mig-1g.5gb, nvidia.com/mig-2g.10gb]\n"
+        f"policy:\n  borrowing: true\n  {policy}\n"
+    )
+    rules = load_rules([rules_file])
+    assert all(rules.dry_run(["c"], namespace) for namespace in dry_in)
+    assert not any(rules.dry_run(["c"], namespace) for namespace in live_in)
+    assert not rules.dry_run(["other-chain"], "ml")
+
+
+@pytest.mark.parametrize(
+    ("policy", "field"),
+    [("dryRun: maybe", "policy.dryRun"), ("dryRun: {namespaces: [ml]}", "policy.dryRun.namespaces"),
+     ("dryRun: {}", "policy.dryRun.namespaces"), ("dryRun: {every: true}", "policy.dryRun.every")],
+)  # fmt: skip
+def test_a_bad_dry_run_switch_names_its_field(tmp_path, policy, field):
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(
+        "apiVersion: migchain.io/v1alpha1\nkind: ChainRules\nchains:\n  - name: c\n    gpuProducts: [G]\n"
+        "    types: [nvidia.com/mig-1g.5gb, nvidia.com/mig-2g.10gb]\n"
+        f"policy:\n  {policy}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_rules([rules_file])
+    assert [(p.line, p.field) for p in caught.value.problems][0] == (8, field)
