@@ -28,6 +28,27 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rule_files(target: str) -> list[Path]:
+    """A rules file, or every *.yaml of a folder (a mounted ConfigMap, chains/)."""
+    path = Path(target)
+    return sorted(path.glob("*.yaml")) if path.is_dir() else [path]
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from extender.core.chains_diff import diff_rules
+
+    loaded = []
+    for target in (args.old, args.new):
+        try:
+            loaded.append(load_rules(_rule_files(target)))
+        except ConfigError as error:
+            print(f"{target}:\n{error}", file=sys.stderr)
+            return 2
+    lines = diff_rules(*loaded)
+    print("\n".join(lines) if lines else "no change for the scheduler")
+    return 1 if lines else 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from extender.sim.report import Report, run_policies
 
@@ -154,6 +175,14 @@ def parser(prog: str = "migchain") -> argparse.ArgumentParser:
     validate = chain_verbs.add_parser("validate", help="check rule files; exit 1 on any problem")
     validate.add_argument("files", nargs="+", metavar="FILE")
     validate.set_defaults(run=_validate)
+    diff = chain_verbs.add_parser(
+        "diff",
+        help="what an edit changes for the scheduler: chains, types, steps, policy, who may borrow what; "
+        "exit 0 when nothing changes, 1 when something does, 2 when a side is invalid",
+    )
+    diff.add_argument("old", metavar="OLD", help="a rules file, or a folder of them")
+    diff.add_argument("new", metavar="NEW", help="a rules file, or a folder of them")
+    diff.set_defaults(run=_diff)
     simulate = verbs.add_parser("simulate", help="replay a workload on a fleet under borrowing policies")
     start = simulate.add_mutually_exclusive_group(required=True)
     start.add_argument("--fleet", metavar="FLEET.yaml", help="GPUs per model and their MIG layout")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from extender.core.cluster import PodRecord, Snapshot
@@ -18,6 +18,7 @@ from extender.core.decide import Placement
 from extender.core.loan import Loan
 from extender.core.mig import short_name
 from extender.core.status import loan_pairs, loan_rows, on_loan, slice_totals
+from extender.reload import ReloadStatus
 
 # Filter and prioritize answer in well under a millisecond per hundred nodes;
 # buckets resolve the range kube-scheduler cares about (its timeout is seconds).
@@ -160,3 +161,47 @@ class ClusterCollector:
                 free.add_metric([short_name(resource)], available)
                 allocatable.add_metric([short_name(resource)], total)
         yield from (loans, free, allocatable)
+
+
+# What `RulesCollector` reads: the reload status of the chain rules in force.
+RulesStatus = Callable[[], ReloadStatus]
+
+
+class RulesCollector:
+    """The chain rules' reload state, read at scrape time: failures, the last good load, a rejected edit now."""
+
+    def __init__(self, status: RulesStatus) -> None:
+        self._status = status
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            CounterMetricFamily(
+                "migchain_config_reload_failures",
+                "Edits of the chain rule files rejected (YAML or validation errors); the last good rules stayed.",
+            ),
+            GaugeMetricFamily(
+                "migchain_config_last_reload_success_timestamp_seconds",
+                "When the chain rules in force were loaded (Unix time).",
+            ),
+            GaugeMetricFamily(
+                "migchain_config_last_reload_rejected",
+                "1 while the files on disk hold a rejected edit (the rules in force are older than the files), else 0.",
+            ),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        failures, last_good, rejected = self._families()
+        status = self._status()
+        failures.add_metric([], status.failures)
+        last_good.add_metric([], status.last_good)
+        rejected.add_metric([], 1.0 if status.error else 0.0)
+        yield from (failures, last_good, rejected)
+
+
+def watch_rules(registry: CollectorRegistry, status: RulesStatus) -> None:
+    """Export the reload state of the chain rules on `registry` (the extender's or the returner's)."""
+    registry.register(RulesCollector(status))

@@ -21,7 +21,8 @@ from extender.kube.events import EventRecorder
 from extender.kube.executor import Executor
 from extender.kube.lease import LeaderElection
 from extender.kube.returner import Returner
-from extender.metrics import ReturnerMetrics
+from extender.metrics import ReturnerMetrics, watch_rules
+from extender.reload import RulesInForce
 from extender.store import SnapshotStore
 
 log = logging.getLogger("migchain.returner")
@@ -86,17 +87,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     api = KubeApi(Connection.load(args.kubeconfig))
     store = SnapshotStore(ready=False, detail="waiting for the first list of nodes and pods")
     metrics = ReturnerMetrics()
+    rules_in_force = RulesInForce(rules, args.chains)
+    watch_rules(metrics.registry, rules_in_force.status)
     cache = ClusterCache(api, store, errors=metrics.errors)
     cache.start()
     _serve_health(args.health_bind, store, metrics.registry)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    rules_in_force.watch(stop)
     election = LeaderElection(api, args.namespace, "migchain-returner", args.identity, errors=metrics.errors)
     metrics.watch_leadership(election.leading)
     threading.Thread(target=election.run, args=(stop,), name="lease", daemon=True).start()
     events = EventRecorder(api, args.identity, metrics.errors)
     returner = Returner(
-        cache, rules, Executor(api, args.namespace), events, election, metrics=metrics, dry_run=args.dry_run
+        cache, rules_in_force, Executor(api, args.namespace), events, election, metrics=metrics, dry_run=args.dry_run
     )
     log.info("returner %s started; acting only while it holds the lease", args.identity)
     returner.run(stop)

@@ -26,7 +26,8 @@ from extender.config import load_rules_at_start
 from extender.core.cluster import Snapshot
 from extender.core.rules import ChainRules
 from extender.ledger import Ledger
-from extender.metrics import Metrics
+from extender.metrics import Metrics, watch_rules
+from extender.reload import RulesInForce
 from extender.store import SnapshotStore
 from extender.web.app import DEFAULT_MAX_BODY_BYTES, WebSettings, create_app
 
@@ -81,8 +82,12 @@ class _Server(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type 
         return self._build()
 
 
-def build_app(args: argparse.Namespace, rules: ChainRules) -> Flask:
-    """Standalone without a cluster; otherwise the watch-fed cache and the binder."""
+def build_app(args: argparse.Namespace, loaded: ChainRules) -> Flask:
+    """Standalone without a cluster; otherwise the watch-fed cache and the binder. Runs in the worker."""
+    metrics = Metrics()
+    rules = RulesInForce(loaded, args.chains)
+    watch_rules(metrics.registry, rules.status)
+    rules.watch(threading.Event())  # the worker's life long: edits of the files take effect within seconds
     settings = WebSettings(
         max_body_bytes=args.max_body_bytes,
         pass_all_nodes=args.pass_all_nodes,
@@ -91,10 +96,10 @@ def build_app(args: argparse.Namespace, rules: ChainRules) -> Flask:
     if args.snapshot:
         store = SnapshotStore(read_snapshot(args.snapshot), detail=f"snapshot {args.snapshot}")
         gc.freeze()  # the snapshot lives as long as the process: keep the collector from re-scanning it
-        return create_app(settings, rules, store)
+        return create_app(settings, rules, store, metrics=metrics)
     if not args.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
         log.warning("no --kubeconfig and not in a cluster: running standalone (no cache, no /bind)")
-        return create_app(settings, rules, SnapshotStore())
+        return create_app(settings, rules, SnapshotStore(), metrics=metrics)
     from extender.kube.api import Connection, KubeApi
     from extender.kube.binder import Binder
     from extender.kube.cache import ClusterCache
@@ -103,7 +108,6 @@ def build_app(args: argparse.Namespace, rules: ChainRules) -> Flask:
 
     api = KubeApi(Connection.load(args.kubeconfig), pool_size=args.threads + 4)
     store = SnapshotStore(ready=False, detail="waiting for the first list of nodes and pods")
-    metrics = Metrics()
     cache = ClusterCache(api, store, errors=metrics.errors)
     metrics.watch_cluster(lambda: cache.view() if store.readiness().ready else None)
     cache.start()

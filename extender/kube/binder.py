@@ -30,6 +30,7 @@ from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder
 from extender.kube.executor import BorrowError, Executor, pod_path
 from extender.metrics import Metrics
+from extender.reload import RulesInForce
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class Binder:
         self,
         api: KubeApi,
         cache: ClusterCache,
-        rules: ChainRules,
+        rules: RulesInForce,
         executor: Executor,
         events: EventRecorder,
         *,
@@ -75,10 +76,11 @@ class Binder:
                 return BindOutcome("")  # a retried bind that already succeeded
             return self._refuse(f"pod {record.request.key} is already bound to {record.node}")
         with self.cache.lock:
-            verdict = place(record.request, self.cache.ledger.node_state(args.node), args.node, self.rules)
+            rules = self.rules.current()  # once: the whole bind decides on one version of the rules
+            verdict = place(record.request, self.cache.ledger.node_state(args.node), args.node, rules)
             if isinstance(verdict, Rejection):
                 return self._refuse(f"node {args.node} no longer fits pod {record.request.key}: {verdict.reason}")
-            if verdict.borrows and self._dry_run(record.request.namespace, verdict):
+            if verdict.borrows and self._dry_run(rules, record.request.namespace, verdict):
                 return self._would_borrow(record, verdict)
             self.cache.reserve(record.request.uid, args.node, verdict.slices)
         try:
@@ -108,9 +110,9 @@ class Binder:
         )
         return BindOutcome("", verdict)
 
-    def _dry_run(self, namespace: str, placement: Placement) -> bool:
+    def _dry_run(self, rules: ChainRules, namespace: str, placement: Placement) -> bool:
         chains = {grant.chain for grant in placement.grants if grant.chain}
-        return self.dry_run or self.rules.dry_run(chains, namespace)
+        return self.dry_run or rules.dry_run(chains, namespace)
 
     def _would_borrow(self, record: PodRecord, placement: Placement) -> BindOutcome:
         """Dry run: the borrow decided as usual, logged, counted and announced; no pod replaced, nothing bound.
@@ -206,7 +208,7 @@ class Binder:
         replaced_uid = replacement["metadata"]["annotations"][REPLACED_UID_ANNOTATION]
         exact_only = dataclasses.replace(request, no_borrow="recreating a journaled borrow")
         with self.cache.lock:
-            verdict = place(exact_only, self.cache.ledger.node_state(node), node, self.rules)
+            verdict = place(exact_only, self.cache.ledger.node_state(node), node, self.rules.current())
             if isinstance(verdict, Rejection):
                 return False
             self.cache.reserve(replaced_uid, node, verdict.slices)

@@ -15,13 +15,13 @@ import time
 from extender.core.cluster import MigCounts, controller_of
 from extender.core.loan import restored_pod
 from extender.core.returns import Restore, borrowers_of, plan_returns
-from extender.core.rules import ChainRules
 from extender.kube.api import ApiError
 from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder
 from extender.kube.executor import BorrowError, EvictionBlocked, Executor, pod_path
 from extender.kube.lease import LeaderElection
 from extender.metrics import ReturnerMetrics
+from extender.reload import RulesInForce
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class Returner:
     def __init__(
         self,
         cache: ClusterCache,
-        rules: ChainRules,
+        rules: RulesInForce,
         executor: Executor,
         events: EventRecorder,
         election: LeaderElection,
@@ -78,7 +78,8 @@ class Returner:
         if self._recover_at is not None and time.monotonic() >= self._recover_at:
             self._recover_at = None if self.recover() else time.monotonic() + 30.0
         snapshot, records = self.cache.view()
-        borrowers = borrowers_of(records, self.rules)
+        rules = self.rules.current()  # once: a round plans on one version of the rules
+        borrowers = borrowers_of(records, rules)
         pending = [r.request for r in records if not r.node and not r.terminal and not r.terminating and r.request.mig]
         now = time.monotonic()
         back = {r.request.key: r.request.uid for r in records}
@@ -88,14 +89,12 @@ class Returner:
             key: claim for key, claim in self._claims.items() if claim[1] > now and back.get(key, claim[0]) == claim[0]
         }
         claims = [(node, counts) for _, _, node, counts in self._claims.values()]
-        for restore in plan_returns(snapshot, borrowers, pending, self.rules, claims):
+        for restore in plan_returns(snapshot, borrowers, pending, rules, claims):
             if not self.election.leading():
                 return  # the lease may pass to another replica: stop before acting
             if self._blocked.get(restore.borrower.key, 0.0) > now:
                 continue
-            if self.dry_run or self.rules.dry_run(
-                restore.borrower.loan.chains, restore.borrower.record.request.namespace
-            ):
+            if self.dry_run or rules.dry_run(restore.borrower.loan.chains, restore.borrower.record.request.namespace):
                 self.announce(restore)
                 continue
             self.execute(restore)

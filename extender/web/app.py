@@ -13,8 +13,8 @@ from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
 from extender.core.cluster import BindRequest
 from extender.core.decide import Placement, filter_nodes, nodes_to_pass, score_nodes
-from extender.core.rules import ChainRules
 from extender.metrics import Metrics
+from extender.reload import RulesInForce
 from extender.store import SnapshotStore
 from extender.web import wire
 
@@ -51,7 +51,7 @@ class WebSettings:
 
 @dataclass(frozen=True)
 class _Context:
-    rules: ChainRules
+    rules: RulesInForce
     store: SnapshotStore
     binder: Binder | None
     metrics: Metrics
@@ -64,7 +64,7 @@ VERBS = {"/filter": "filter", "/prioritize": "prioritize", "/bind": "bind"}
 
 def create_app(
     settings: WebSettings,
-    rules: ChainRules,
+    rules: RulesInForce,
     store: SnapshotStore,
     binder: Binder | None = None,
     metrics: Metrics | None = None,
@@ -115,7 +115,7 @@ def filter_() -> Response:
     context = _context()
     snapshot = wire.overlay(args, context.store.snapshot())
     keep = None if context.pass_all_nodes else nodes_to_pass(len(snapshot.nodes))
-    decision = filter_nodes(args.pod, args.node_names, snapshot, context.rules, keep)
+    decision = filter_nodes(args.pod, args.node_names, snapshot, context.rules.current(), keep)
     return _json(wire.filter_result(args, decision))
 
 
@@ -124,7 +124,7 @@ def prioritize() -> Response:
     args = wire.extender_args(_body())
     context = _context()
     snapshot = wire.overlay(args, context.store.snapshot())
-    return _json(wire.host_priority_list(score_nodes(args.pod, args.node_names, snapshot, context.rules)))
+    return _json(wire.host_priority_list(score_nodes(args.pod, args.node_names, snapshot, context.rules.current())))
 
 
 @routes.post("/bind")
@@ -151,8 +151,12 @@ def healthz() -> Response:
 
 @routes.get("/readyz")
 def readyz() -> Response:
-    readiness = _context().store.readiness()
-    return _json({"ready": readiness.ready, "detail": readiness.detail}, 200 if readiness.ready else 503)
+    context = _context()
+    readiness = context.store.readiness()
+    # A rejected edit of the chain rules shows here without making the extender
+    # not-ready: the last good rules stay in force and it keeps serving.
+    detail = "; ".join(part for part in (readiness.detail, context.rules.describe()) if part)
+    return _json({"ready": readiness.ready, "detail": detail}, 200 if readiness.ready else 503)
 
 
 def _start_clock() -> None:

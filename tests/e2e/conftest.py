@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from tests.e2e.fleet import TEST_LABEL, mig_pod
 
 CHAINS = [str(ROOT / "chains" / name) for name in ("a100-40gb.yaml", "a100-80gb.yaml", "h100-80gb.yaml")]
 CHAINS.append(str(ROOT / "tests" / "fixtures" / "chains" / "e2e-eager.yaml"))
+LIVE_CHAIN = ROOT / "tests" / "fixtures" / "chains" / "e2e-live.yaml"  # a copy of it is edited while migchain runs
 
 
 @dataclass
@@ -27,11 +29,12 @@ class Cluster:
     extender: Process
     extender_port: int
     tls: ExtenderTls
+    chain_files: list[str]  # what the extender and the returners load: CHAINS and a copy of LIVE_CHAIN
     returners: list[Process] = field(default_factory=list)
 
     def start_returner(self, identity: str, env: dict[str, str] | None = None) -> Process:
         """A migchain-returner replica with its own lease identity; its log is kept with the others'."""
-        process = self.plane.start_returner(CHAINS, identity, env)
+        process = self.plane.start_returner(self.chain_files, identity, env)
         if process not in self.returners:
             self.returners.append(process)
         return process
@@ -140,8 +143,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with running(ControlPlane(folder)) as plane:
         plane.start_fake_kubelet()
         tls = ExtenderTls.issue(folder)
-        extender, url = plane.start_extender(tls, CHAINS)
-        live = Cluster(plane, extender, int(url.rsplit(":", 1)[1]), tls)
+        live_chain = folder / LIVE_CHAIN.name
+        shutil.copyfile(LIVE_CHAIN, live_chain)
+        chain_files = [*CHAINS, str(live_chain)]
+        extender, url = plane.start_extender(tls, chain_files)
+        live = Cluster(plane, extender, int(url.rsplit(":", 1)[1]), tls, chain_files)
         plane.start_scheduler(live.extender_url, tls)
         wait_until(lambda: _scheduler_leads(plane), 60, "kube-scheduler to take its lease")
         live.start_returner("returner-a")

@@ -128,4 +128,4 @@ def test_a_bad_dry_run_switch_names_its_field(tmp_path, policy, field):
     )
     with pytest.raises(ConfigError) as caught:
         load_rules([rules_file])
-    assert [(p.line, p.field) for p in caught.value.problems][0] == (8, field)
+    assert next((p.line, p.field) for p in caught.value.problems) == (8, field)

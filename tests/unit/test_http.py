@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from extender.config import load_rules
 from extender.core.cluster import NodeState, Snapshot
+from extender.reload import RulesInForce
 from extender.store import SnapshotStore
 from extender.web.app import WebSettings, create_app
 
@@ -63,7 +64,7 @@ def store() -> SnapshotStore:
 
 @pytest.fixture
 def client(store):
-    return create_app(WebSettings(max_body_bytes=64 * 1024), RULES, store).test_client()
+    return create_app(WebSettings(max_body_bytes=64 * 1024), RulesInForce.fixed(RULES), store).test_client()
 
 
 def post(client, verb: str, body: Any, content_type: str = "application/json"):
@@ -179,7 +180,7 @@ def test_unknown_verbs_and_methods_answer_json(client, method, path, status):
 
 
 def test_health_and_readiness(store):
-    client = create_app(WebSettings(), RULES, store).test_client()
+    client = create_app(WebSettings(), RulesInForce.fixed(RULES), store).test_client()
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").get_json() == {"ready": True, "detail": "standalone"}
     store.publish(store.snapshot(), ready=False)
@@ -205,7 +206,7 @@ wire_like = st.fixed_dictionaries(
 
 @given(body=wire_like | json_values, verb=st.sampled_from(["filter", "prioritize"]))
 def test_any_json_body_gets_200_or_a_json_400_never_a_5xx(body, verb):
-    client = create_app(WebSettings(), RULES, SnapshotStore()).test_client()
+    client = create_app(WebSettings(), RulesInForce.fixed(RULES), SnapshotStore()).test_client()
     response = post(client, verb, json.dumps(body))
     assert response.status_code in (200, 400), response.get_data(as_text=True)
     assert response.is_json
@@ -215,7 +216,7 @@ def test_any_json_body_gets_200_or_a_json_400_never_a_5xx(body, verb):
 
 @given(body=st.binary(max_size=200))
 def test_any_bytes_get_200_or_a_json_400(body):
-    client = create_app(WebSettings(), RULES, SnapshotStore()).test_client()
+    client = create_app(WebSettings(), RulesInForce.fixed(RULES), SnapshotStore()).test_client()
     response = post(client, "filter", body)
     assert response.status_code in (200, 400)
     assert response.is_json

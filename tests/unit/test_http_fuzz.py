@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from extender.core.cluster import BindRequest
 from extender.core.decide import Placement
+from extender.reload import RulesInForce
 from extender.store import SnapshotStore
 from extender.web.app import WebSettings, create_app
 from tests.unit.test_http import RULES, node_json, pod_json
@@ -53,7 +54,7 @@ binding_fields = st.sampled_from(["PodName", "PodNamespace", "PodUID", "Node"])
 @given(body=st.dictionaries(binding_fields, json_values | st.text(min_size=1, max_size=10), max_size=4) | json_values)
 def test_bind_reaches_the_binder_only_with_four_non_empty_strings(body):
     binder = RecordingBinder()
-    client = create_app(WebSettings(), RULES, SnapshotStore(), binder).test_client()
+    client = create_app(WebSettings(), RulesInForce.fixed(RULES), SnapshotStore(), binder).test_client()
     response = client.post("/bind", data=json.dumps(body), content_type="application/json")
     assert_json_answer(response)
     valid = isinstance(body, dict) and all(
@@ -93,7 +94,7 @@ def test_a_real_request_with_any_one_value_replaced_gets_json_2xx_or_4xx(data, r
     for step in where[:-1]:
         parent = parent[step]
     parent[where[-1]] = replacement
-    client = create_app(WebSettings(), RULES, SnapshotStore()).test_client()
+    client = create_app(WebSettings(), RulesInForce.fixed(RULES), SnapshotStore()).test_client()
     assert_json_answer(client.post(f"/{verb}", data=json.dumps(body), content_type="application/json"))
 
 
@@ -102,7 +103,7 @@ def test_a_real_request_with_any_one_value_replaced_gets_json_2xx_or_4xx(data, r
     method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
 )
 def test_any_path_and_method_get_a_json_answer(path, method):
-    client = create_app(WebSettings(), RULES, SnapshotStore()).test_client()
+    client = create_app(WebSettings(), RulesInForce.fixed(RULES), SnapshotStore()).test_client()
     response = client.open(f"/{path}", method=method, data=b"{}", content_type="application/json")
     if response.status_code == 200:  # /metrics answers Prometheus text; everything else JSON
         assert f"/{path}" in ("/healthz", "/readyz", "/metrics", "/filter", "/prioritize", "/bind")
@@ -112,7 +113,7 @@ def test_any_path_and_method_get_a_json_answer(path, method):
 
 @given(content_type=st.text(max_size=30).filter(lambda value: "\n" not in value and "\r" not in value))
 def test_only_json_bodies_are_read(content_type):
-    client = create_app(WebSettings(), RULES, SnapshotStore()).test_client()
+    client = create_app(WebSettings(), RulesInForce.fixed(RULES), SnapshotStore()).test_client()
     response = client.post("/filter", data=json.dumps(VALID_ARGS), content_type=content_type)
     assert_json_answer(response)
     is_json = content_type.split(";")[0].strip().lower() == "application/json"

@@ -23,6 +23,7 @@ from extender.kube.lease import LeaderElection
 from extender.kube.returner import Returner
 from extender.ledger import Ledger
 from extender.metrics import Errors, Metrics, ReturnerMetrics
+from extender.reload import RulesInForce
 from extender.returner_cli import _serve_health
 from extender.store import SnapshotStore
 from extender.web.app import WebSettings, create_app
@@ -94,7 +95,9 @@ def binder_on(api: FakeApi, pods: list[dict[str, Any]], metrics: Metrics) -> Bin
     cache.ledger.replace_nodes([node_state(node("gpu-a", {G1: 1, G2: 1})), node_state(node("gpu-b", {G2: 1}))])
     cache.ledger.replace_pods(pod_record(p) for p in pods)
     events = EventRecorder(cast(KubeApi, api), "test", metrics.errors)
-    return Binder(cast(KubeApi, api), cache, RULES, cast(Executor, FakeExecutor(api)), events, metrics=metrics)
+    return Binder(
+        cast(KubeApi, api), cache, RulesInForce.fixed(RULES), cast(Executor, FakeExecutor(api)), events, metrics=metrics
+    )
 
 
 def test_the_binder_counts_borrows_and_refused_and_failed_binds():
@@ -140,7 +143,7 @@ def test_a_return_counts_its_slices_by_type_and_outcome(found, restore_error, ou
     api = FakeApi({"/api/v1/namespaces/ml/pods/b1": loaned} if found else {})
     returner = Returner(
         cast(ClusterCache, None),
-        RULES,
+        RulesInForce.fixed(RULES),
         cast(Executor, FakeExecutor(api, restore_error)),
         EventRecorder(cast(KubeApi, api)),
         cast(LeaderElection, None),
@@ -226,7 +229,9 @@ def test_the_extenders_metrics_endpoint_shows_verbs_cluster_gauges_and_unexpecte
         def bind(self, args: BindRequest) -> Any:
             raise RuntimeError("a bug")
 
-    client = create_app(WebSettings(), RULES, SnapshotStore(ledger.snapshot()), Broken(), metrics).test_client()
+    client = create_app(
+        WebSettings(), RulesInForce.fixed(RULES), SnapshotStore(ledger.snapshot()), Broken(), metrics
+    ).test_client()
     body = {"PodName": "p", "PodNamespace": "ml", "PodUID": "u", "Node": "gpu-a"}
     assert client.post("/bind", json=body).status_code == 500
     response = client.get("/metrics")
@@ -329,6 +334,7 @@ def test_the_cluster_gauges_and_counters_are_all_named_by_convention():
         "migchain_extender_request_duration_seconds": "histogram",
         "migchain_binds": "counter",
         "migchain_borrows": "counter",
+        "migchain_dry_run_borrows": "counter",
         "migchain_errors": "counter",
         "migchain_loans": "gauge",
         "migchain_free_slices": "gauge",

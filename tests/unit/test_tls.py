@@ -12,6 +12,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from extender.certs import CertificateAuthority, service_hosts
 from extender.cli import main as migchain
+from extender.reload import RulesInForce
 from extender.serve import transport_problem
 from extender.store import SnapshotStore
 from extender.web.app import WebSettings, create_app
@@ -108,7 +109,9 @@ def test_plain_http_is_only_for_loopback_and_off_it_mutual_tls_is_a_must(tmp_pat
 
 
 def test_with_mutual_tls_the_verbs_refuse_a_caller_without_a_certificate_and_probes_do_not():
-    client = create_app(WebSettings(require_client_certificate=True), RULES, SnapshotStore()).test_client()
+    client = create_app(
+        WebSettings(require_client_certificate=True), RulesInForce.fixed(RULES), SnapshotStore()
+    ).test_client()
     for verb in ("/filter", "/prioritize", "/bind"):
         answer = client.post(verb, data=b"{}", content_type="application/json")
         assert answer.status_code == 403, verb
@@ -125,7 +128,9 @@ class _VerifiedConnection:
 
 
 def test_with_mutual_tls_a_verified_caller_reaches_the_verbs():
-    client = create_app(WebSettings(require_client_certificate=True), RULES, SnapshotStore()).test_client()
+    client = create_app(
+        WebSettings(require_client_certificate=True), RulesInForce.fixed(RULES), SnapshotStore()
+    ).test_client()
     answer = client.post(
         "/filter",
         data=b'{"Pod": {"metadata": {"name": "p", "uid": "u"}}, "NodeNames": []}',
