@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from extender.core.cluster import MigCounts, NodeState, PodRecord, Snapshot, node_state, pod_record
+from extender.core.cluster import MigCounts, NodeState, ObjectError, PodRecord, Snapshot, node_state, pod_record
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,27 @@ class Ledger:
         ledger.replace_nodes(node_state(item) for item in items if item.get("kind") == "Node")
         ledger.replace_pods(pod_record(item) for item in items if item.get("kind") == "Pod")
         return ledger
+
+    @classmethod
+    def of_readable(cls, nodes: Iterable[Any], pods: Iterable[Any]) -> tuple[Ledger, int]:
+        """A ledger of the Node and Pod objects that parse, and how many did not (left out, as the cache does)."""
+        skipped = 0
+        states = []
+        for node in nodes:
+            try:
+                states.append(node_state(node))
+            except ObjectError:
+                skipped += 1
+        records = []
+        for pod in pods:
+            try:
+                records.append(pod_record(pod))
+            except ObjectError:
+                skipped += 1
+        ledger = cls()
+        ledger.replace_nodes(states)
+        ledger.replace_pods(records)
+        return ledger, skipped
 
     def __init__(self) -> None:
         self._nodes: dict[str, NodeState] = {}  # as the API reports them, `used` empty

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 from hypothesis import strategies as st
 
 from extender.core.cluster import NodeState, PodRequest, Snapshot
@@ -78,3 +81,29 @@ def pods(draw: st.DrawFn, name: str = "pod") -> PodRequest:
         mig=tuple(sorted(mig.items())),
         no_borrow=draw(st.sampled_from(("", "", "pod annotation migchain.io/borrow=false"))),
     )
+
+
+def _paths(node: object, prefix: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Every place in a JSON-like document, as the keys and indexes leading to it."""
+    found = [prefix]
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found += _paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += _paths(value, (*prefix, index))
+    return found
+
+
+@st.composite
+def one_value_replaced(
+    draw: st.DrawFn, document: object, replacements: st.SearchStrategy[object]
+) -> tuple[tuple[object, ...], object]:
+    """A deep copy of `document` with one value anywhere in it replaced by a drawn one; and where."""
+    mutated = copy.deepcopy(document)
+    where = draw(st.sampled_from(_paths(mutated)[1:]))
+    parent: Any = mutated
+    for step in where[:-1]:
+        parent = parent[step]
+    parent[where[-1]] = draw(replacements)
+    return where, mutated

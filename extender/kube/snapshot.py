@@ -12,7 +12,7 @@ from typing import Any
 
 import urllib3
 
-from extender.core.cluster import ObjectError, PodRecord, Snapshot, node_state, pod_record
+from extender.core.cluster import PodRecord, Snapshot
 from extender.kube.api import ApiError, KubeApi
 from extender.kube.status import connect
 from extender.ledger import Ledger
@@ -37,22 +37,7 @@ def read_cluster(api: KubeApi) -> ClusterObjects:
         pods, _ = api.list_all("/api/v1/pods")
     except (ApiError, urllib3.exceptions.HTTPError, OSError) as error:
         raise ClusterReadError(f"cannot list nodes and pods: {error}") from error
-    skipped = 0
-    states = []
-    for node in nodes:
-        try:
-            states.append(node_state(node))
-        except ObjectError:
-            skipped += 1
-    records = []
-    for pod in pods:
-        try:
-            records.append(pod_record(pod))
-        except ObjectError:
-            skipped += 1
-    ledger = Ledger()
-    ledger.replace_nodes(states)
-    ledger.replace_pods(records)
+    ledger, skipped = Ledger.of_readable(nodes, pods)
     return ClusterObjects(nodes, pods, ledger.snapshot(), list(ledger.pods()), skipped)
 
 

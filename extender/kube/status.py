@@ -18,7 +18,6 @@ from typing import IO, Any
 
 import urllib3
 
-from extender.core.cluster import ObjectError, node_state, pod_record
 from extender.core.status import ClusterStatus, cluster_status, status_document, status_text
 from extender.kube.api import ApiError, Connection, KubeApi
 from extender.ledger import Ledger
@@ -42,22 +41,7 @@ def status_of_objects(
     nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]]
 ) -> tuple[ClusterStatus, int]:
     """The status of these Node and Pod objects, and how many were unreadable (skipped)."""
-    skipped = 0
-    states = []
-    for node in nodes:
-        try:
-            states.append(node_state(node))
-        except ObjectError:
-            skipped += 1
-    records = []
-    for pod in pods:
-        try:
-            records.append(pod_record(pod))
-        except ObjectError:
-            skipped += 1
-    ledger = Ledger()
-    ledger.replace_nodes(states)
-    ledger.replace_pods(records)
+    ledger, skipped = Ledger.of_readable(nodes, pods)
     return cluster_status(ledger.snapshot(), ledger.pods()), skipped
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import yaml
 from hypothesis import given
@@ -13,6 +11,7 @@ from hypothesis import strategies as st
 
 from extender.config import ConfigError, load_rules
 from extender.core.rules import ChainRules
+from tests.strategies import one_value_replaced
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = yaml.safe_load((ROOT / "chains" / "a100-40gb.yaml").read_text())
@@ -58,26 +57,10 @@ def test_any_yaml_document_is_rules_or_a_config_error(document):
     outcome(yaml.safe_dump(document))
 
 
-def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    found = [prefix]
-    if isinstance(node, dict):
-        for key, value in node.items():
-            found += _paths(value, (*prefix, key))
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            found += _paths(value, (*prefix, index))
-    return found
-
-
-@given(data=st.data(), replacement=documents)
-def test_a_shipped_file_with_any_one_value_replaced_is_rules_or_a_config_error_naming_a_field(data, replacement):
+@given(edit=one_value_replaced(SHIPPED, documents))
+def test_a_shipped_file_with_any_one_value_replaced_is_rules_or_a_config_error_naming_a_field(edit):
     """The edits admins make: one value changed to anything. A bad one is reported with the field that is wrong."""
-    document = copy.deepcopy(SHIPPED)
-    where = data.draw(st.sampled_from(_paths(document)[1:]))
-    parent = document
-    for step in where[:-1]:
-        parent = parent[step]
-    parent[where[-1]] = replacement
+    where, document = edit
     result = outcome(yaml.safe_dump(document, sort_keys=False))
     if isinstance(result, ConfigError) and where[0] in ("chains", "policy") and len(where) > 1:
         assert any(problem.field for problem in result.problems), str(result)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ from extender.core.decide import Placement
 from extender.reload import RulesInForce
 from extender.store import SnapshotStore
 from extender.web.app import WebSettings, create_app
+from tests.strategies import one_value_replaced
 from tests.unit.test_http import RULES, node_json, pod_json
 
 json_values = st.recursive(
@@ -67,17 +67,6 @@ def test_bind_reaches_the_binder_only_with_four_non_empty_strings(body):
         assert binder.calls == []
 
 
-def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    found = [prefix]
-    if isinstance(node, dict):
-        for key, value in node.items():
-            found += _paths(value, (*prefix, key))
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            found += _paths(value, (*prefix, index))
-    return found
-
-
 VALID_ARGS = {
     "Pod": pod_json(),
     "Nodes": {"items": [node_json("a", **{"nvidia.com/mig-2g.10gb": "1"})]},
@@ -85,15 +74,10 @@ VALID_ARGS = {
 }
 
 
-@given(data=st.data(), replacement=json_values, verb=st.sampled_from(["filter", "prioritize"]))
-def test_a_real_request_with_any_one_value_replaced_gets_json_2xx_or_4xx(data, replacement, verb):
+@given(edit=one_value_replaced(VALID_ARGS, json_values), verb=st.sampled_from(["filter", "prioritize"]))
+def test_a_real_request_with_any_one_value_replaced_gets_json_2xx_or_4xx(edit, verb):
     """What a buggy or hostile client sends: kube-scheduler's own body, one field anywhere set to anything."""
-    body = copy.deepcopy(VALID_ARGS)
-    where = data.draw(st.sampled_from(_paths(body)[1:]))
-    parent: Any = body
-    for step in where[:-1]:
-        parent = parent[step]
-    parent[where[-1]] = replacement
+    _, body = edit
     client = create_app(WebSettings(), RulesInForce.fixed(RULES), SnapshotStore()).test_client()
     assert_json_answer(client.post(f"/{verb}", data=json.dumps(body), content_type="application/json"))
 
