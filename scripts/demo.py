@@ -13,6 +13,7 @@ Run: make run   (or .venv/bin/python scripts/demo.py [--keep])
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 import tempfile
@@ -136,6 +137,8 @@ def main() -> int:
     cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_argument("--keep", action="store_true", help="leave the control plane up until Ctrl-C")
     args = cli.parse_args()
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so the control plane it started is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="migchain-demo-") as folder, running(ControlPlane(Path(folder))) as plane:
         print(f"control plane up on {plane.kubeconfig} (logs in {folder})")
         plane.start_fake_kubelet()
