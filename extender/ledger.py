@@ -152,11 +152,19 @@ class Ledger:
 
     # -- what readers see -----------------------------------------------------
 
-    def node_state(self, name: str) -> NodeState | None:
-        return self._states.get(name)
+    def node_state(self, name: str, for_pod: str = "") -> NodeState | None:
+        """The node as a decision for pod UID `for_pod` sees it: that pod's own reservation not counted."""
+        state = self._states.get(name)
+        reservation = self._reserved.get(for_pod) if for_pod else None
+        if state is None or reservation is None or reservation.node != name:
+            return state
+        return state.without(reservation.slices)
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(dict(self._states))
+        return Snapshot(
+            dict(self._states),
+            {uid: (reservation.node, reservation.slices) for uid, reservation in self._reserved.items()},
+        )
 
     # -- bookkeeping ----------------------------------------------------------
 

@@ -114,13 +114,9 @@ def build_app(args: argparse.Namespace, loaded: ChainRules) -> Flask:
     events = EventRecorder(api, socket.gethostname(), metrics.errors)
     binder = Binder(api, cache, rules, Executor(api, args.namespace), events, metrics=metrics, dry_run=args.dry_run)
 
-    def recover_when_synced() -> None:
-        # Journaled borrows need the cache: a replacement is recreated only if it still fits.
-        while not cache.wait_ready(timeout=60):
-            log.warning("cluster cache not in sync yet; journal recovery waits")
-        binder.recover()
-
-    threading.Thread(target=recover_when_synced, name="journal-recovery", daemon=True).start()
+    threading.Thread(
+        target=binder.keep_journal_finished, args=(threading.Event(),), name="journal-recovery", daemon=True
+    ).start()
     return create_app(settings, rules, store, binder, metrics)
 
 

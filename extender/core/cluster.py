@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -108,16 +108,48 @@ class NodeState:
             (self.gpu_product, self.mig_config_state, sorted(self.allocatable.items()), sorted(self.free.items()))
         )
 
+    def without(self, slices: MigCounts) -> NodeState:
+        """This node with `slices` no longer counted as used."""
+        used = dict(self.used)
+        for resource, count in slices:
+            used[resource] = max(0, used.get(resource, 0) - count)
+        return replace(self, used=used)
+
 
 @dataclass(frozen=True)
 class Snapshot:
-    """An immutable view of every node the extender knows; readers take one and never see it change."""
+    """An immutable view of every node the extender knows; readers take one and never see it change.
+
+    `reserved` holds the slices the extender reserved for pods it is binding
+    (pod UID -> node, slices): counted in `nodes`, except against the pod they
+    are for (see `for_pod`).
+    """
 
     nodes: Mapping[str, NodeState] = field(default_factory=dict)
+    reserved: Mapping[str, tuple[str, MigCounts]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, nodes: Iterable[NodeState]) -> Snapshot:
         return cls({node.name: node for node in nodes})
+
+    def for_pod(self, uid: str) -> Snapshot:
+        """The cluster as pod `uid` should see it: its own reservation, if any, free again.
+
+        A reservation outlives a bind whose outcome was never learned (a 5xx, a
+        cut connection). When kube-scheduler retries that pod, the slices held
+        for it are the ones it may take: counting them against it would park
+        the pod as unschedulable on a node that is waiting for it. Binding it
+        twice is impossible either way: the API server refuses a second
+        Binding of a bound pod.
+        """
+        held = self.reserved.get(uid)
+        if held is None:
+            return self
+        node, slices = held
+        state = self.nodes.get(node)
+        if state is None:
+            return self
+        return Snapshot({**self.nodes, node: state.without(slices)}, self.reserved)
 
 
 def quantity(value: Any, where: str) -> int:

@@ -25,7 +25,11 @@ JSON_PATCH = "application/json-patch+json"
 
 
 class ApiError(Exception):
-    """A non-2xx answer of the API server, with its status and the Status message."""
+    """A non-2xx answer of the API server, with its status and the Status message.
+
+    Status 0: no answer at all (connection refused or cut, a timeout): the
+    request may or may not have taken effect.
+    """
 
     def __init__(self, status: int, reason: str, message: str) -> None:
         self.status = status
@@ -100,16 +104,23 @@ class KubeApi:
         content_type: str = JSON,
         timeout: float | None = None,
     ) -> dict[str, Any]:
-        response = self._pool.request(
-            method,
-            self._url(resource, query),
-            body=None if body is None else orjson.dumps(body),
-            headers=self._headers(content_type if body is not None else None),
-            timeout=urllib3.Timeout(total=timeout or self._timeout),
-            preload_content=True,
-            retries=False,
-        )
-        document = orjson.loads(response.data) if response.data else {}
+        try:
+            response = self._pool.request(
+                method,
+                self._url(resource, query),
+                body=None if body is None else orjson.dumps(body),
+                headers=self._headers(content_type if body is not None else None),
+                timeout=urllib3.Timeout(total=timeout or self._timeout),
+                preload_content=True,
+                retries=False,
+            )
+        except urllib3.exceptions.HTTPError as error:
+            # One exception type for callers: every failure to talk to the API server is an ApiError.
+            raise ApiError(0, "NoAnswer", f"{method} {resource}: {error}") from error
+        try:
+            document = orjson.loads(response.data) if response.data else {}
+        except orjson.JSONDecodeError:  # a proxy's HTML error page, say
+            document = {"message": response.data[:200].decode(errors="replace")}
         if response.status >= 300:
             raise ApiError(response.status, document.get("reason", response.reason or ""), document.get("message", ""))
         return document if isinstance(document, dict) else {}

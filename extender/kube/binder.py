@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,12 @@ from extender.metrics import Metrics
 from extender.reload import RulesInForce
 
 log = logging.getLogger(__name__)
+
+# The journal is read again this soon after a borrow failed or an entry could
+# not be finished (doubling up to the sweep interval while it keeps failing),
+# and once a sweep interval anyway.
+RECOVERY_RETRY_SECONDS = 1.0
+RECOVERY_SWEEP_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class Binder:
         self.executor = executor
         self.events = events
         self.metrics = metrics if metrics is not None else Metrics()
+        self._journal_dirty = threading.Event()  # a borrow failed: its journal entry may need finishing
 
     def bind(self, args: BindRequest) -> BindOutcome:
         record = self._pod(args)
@@ -77,7 +85,8 @@ class Binder:
             return self._refuse(f"pod {record.request.key} is already bound to {record.node}")
         with self.cache.lock:
             rules = self.rules.current()  # once: the whole bind decides on one version of the rules
-            verdict = place(record.request, self.cache.ledger.node_state(args.node), args.node, rules)
+            state = self.cache.ledger.node_state(args.node, for_pod=record.request.uid)
+            verdict = place(record.request, state, args.node, rules)
             if isinstance(verdict, Rejection):
                 return self._refuse(f"node {args.node} no longer fits pod {record.request.key}: {verdict.reason}")
             if verdict.borrows and self._dry_run(rules, record.request.namespace, verdict):
@@ -92,12 +101,16 @@ class Binder:
             if not isinstance(error, ApiError) or error.definitive:
                 self.cache.release(record.request.uid)
             self.metrics.errors.count("binder", "api")
+            if verdict.borrows:
+                self._journal_dirty.set()
             return BindOutcome(f"placing {record.request.key} on {args.node} failed: {error}")
         except Exception as error:
             # The write may or may not have happened: keep the reservation until
             # the watch tells (or it expires), so its slices are not given twice.
             log.exception("placing %s on %s failed", record.request.key, args.node)
             self.metrics.errors.count("binder", "unexpected")
+            if verdict.borrows:
+                self._journal_dirty.set()
             return BindOutcome(f"placing {record.request.key} on {args.node} failed: {error}")
         if verdict.borrows:
             self.metrics.count_borrow(verdict)
@@ -177,29 +190,61 @@ class Binder:
 
     # -- recovery -------------------------------------------------------------
 
-    def recover(self) -> None:
-        """Finish every journaled bare-pod borrow a crash interrupted; run once the cache is in sync."""
+    def keep_journal_finished(self, stop: threading.Event) -> None:
+        """Finish journaled bare-pod borrows: once the cache is in sync, soon after a borrow fails, and every minute.
+
+        A bare pod between its delete and its recreation exists only in the
+        journal; whatever cut the borrow short (a crash, an API error, an
+        original slow to go), this brings the pod back without a restart.
+        """
+        while not self.cache.wait_ready(timeout=60):
+            log.warning("cluster cache not in sync yet; journal recovery waits")
+        retry = RECOVERY_RETRY_SECONDS
+        while not stop.is_set():
+            self._journal_dirty.clear()  # before reading: a failure meanwhile brings another pass
+            try:
+                clean = self.recover()
+            except Exception as error:  # the API server unreachable: this loop must outlive it
+                self.metrics.errors.count("journal", "recovery")
+                log.warning("cannot read the borrow journal: %s", error)
+                clean = False
+            if clean:
+                retry = RECOVERY_RETRY_SECONDS
+                self._journal_dirty.wait(RECOVERY_SWEEP_SECONDS)
+            else:
+                self._journal_dirty.wait(retry)
+                retry = min(retry * 2, RECOVERY_SWEEP_SECONDS)
+
+    def recover(self) -> bool:
+        """Finish every journaled bare-pod borrow not under way in this process; False if one must wait."""
+        clean = True
         for original, replacement in self.executor.journal():
             metadata = original["metadata"]
+            if self.executor.in_flight(metadata["uid"]):
+                continue  # this process is replacing it right now; a failure sets the journal dirty
             try:
                 outcome = self.executor.finish(original, replacement, functools.partial(self._reserve_for, replacement))
-            except (ApiError, BorrowError) as error:
+            except Exception as error:  # an API error or a broken connection: the entry waits for the next pass
+                clean = False
+                if isinstance(error, ApiError) and error.definitive:
+                    self.cache.release(metadata["uid"])  # reserved for a recreation that certainly failed
                 self.metrics.errors.count("journal", "recovery")
                 log.error(
-                    "journaled borrow of %s/%s cannot be finished: %s; it stays journaled",
+                    "journaled borrow of %s/%s cannot be finished yet: %s; it stays journaled",
                     metadata.get("namespace"),
                     metadata["name"],
                     error,
                 )
                 continue
             log.warning(
-                "journaled borrow of %s/%s finished after a restart: %s",
+                "journaled borrow of %s/%s finished: %s",
                 metadata.get("namespace"),
                 metadata["name"],
                 outcome,
             )
             if outcome.startswith("recreated"):
-                self.events.record(replacement, "BorrowRecovered", f"migchain restarted mid-borrow and {outcome}")
+                self.events.record(replacement, "BorrowRecovered", f"a borrow was cut short and migchain {outcome}")
+        return clean
 
     def _reserve_for(self, replacement: Mapping[str, Any]) -> bool:
         """Whether the replacement still fits its node exactly; if so, its slices are reserved."""
@@ -208,7 +253,8 @@ class Binder:
         replaced_uid = replacement["metadata"]["annotations"][REPLACED_UID_ANNOTATION]
         exact_only = dataclasses.replace(request, no_borrow="recreating a journaled borrow")
         with self.cache.lock:
-            verdict = place(exact_only, self.cache.ledger.node_state(node), node, self.rules.current())
+            state = self.cache.ledger.node_state(node, for_pod=replaced_uid)
+            verdict = place(exact_only, state, node, self.rules.current())
             if isinstance(verdict, Rejection):
                 return False
             self.cache.reserve(replaced_uid, node, verdict.slices)

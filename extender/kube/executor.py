@@ -14,8 +14,9 @@ import datetime
 import logging
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -31,6 +32,9 @@ JOB_TRACKING_FINALIZER = "batch.kubernetes.io/job-tracking"
 FAILPOINTS_ENV = "MIGCHAIN_FAILPOINTS"
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 LOWEST_COST = str(-(2**31))
+# How long finishing a journaled borrow waits for a deleted original to go
+# before leaving it for the next recovery pass.
+FINISH_WAIT_SECONDS = 5.0
 
 
 class BorrowError(Exception):
@@ -60,6 +64,27 @@ class Executor:
     def __init__(self, api: KubeApi, journal_namespace: str) -> None:
         self.api = api
         self.journal_namespace = journal_namespace
+        # UIDs of the bare pods this process is replacing right now: their
+        # journal entries are work in progress, not leftovers to finish.
+        self._in_flight: set[str] = set()
+        self._in_flight_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _replacing(self, uid: str) -> Iterator[None]:
+        """Hold `uid` while its bare-pod replacement runs, so a recovery pass never finishes it half-way."""
+        with self._in_flight_lock:
+            if uid in self._in_flight:
+                raise BorrowError(f"pod {uid} is being replaced already")
+            self._in_flight.add(uid)
+        try:
+            yield
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.discard(uid)
+
+    def in_flight(self, uid: str) -> bool:
+        with self._in_flight_lock:
+            return uid in self._in_flight
 
     # -- borrow ---------------------------------------------------------------
 
@@ -78,15 +103,18 @@ class Executor:
         return replacement
 
     def _borrow_bare(self, plan: BorrowPlan) -> dict[str, Any]:
-        self._write_journal(plan)
-        failpoint("bare-after-journal")
-        self._delete_original(plan)
-        self._wait_gone(plan)
-        failpoint("bare-after-delete")
-        replacement = self._create_replacement(plan)
-        failpoint("bare-after-create")
-        self._clear_journal(plan.original_uid)
-        return replacement
+        # Should a step after the journal fail (an API error, the original slow
+        # to go), the entry stays and the binder's recovery finishes it.
+        with self._replacing(plan.original_uid):
+            self._write_journal(plan)
+            failpoint("bare-after-journal")
+            self._delete_original(plan)
+            self._wait_gone(plan)
+            failpoint("bare-after-delete")
+            replacement = self._create_replacement(plan)
+            failpoint("bare-after-create")
+            self._clear_journal(plan.original_uid)
+            return replacement
 
     def _cheapest_to_delete(self, plan: BorrowPlan) -> None:
         """Mark the original as the pod its ReplicaSet should drop first.
@@ -307,24 +335,35 @@ class Executor:
     def finish(
         self, original: Mapping[str, Any], replacement: Mapping[str, Any], replacement_fits: Callable[[], bool]
     ) -> str:
-        """Finish one journaled borrow after a crash; returns what was done, for the log."""
+        """Finish one journaled borrow (after a crash, or a step that failed); returns what was done, for the log.
+
+        Raises BorrowError, the entry kept, while the original is still on its
+        way out: recovery tries again later.
+        """
         metadata = original["metadata"]
         namespace, name, uid = metadata.get("namespace") or "default", metadata["name"], metadata["uid"]
-        current = self._current(namespace, name)
-        if current is not None:
-            annotations = current["metadata"].get("annotations") or {}
-            if current["metadata"].get("uid") == uid:
-                outcome = "the original was never deleted; it stays pending"
-            elif annotations.get(REPLACED_UID_ANNOTATION) == uid:
-                outcome = "the replacement was already created"
+        with self._replacing(uid):
+            current = self._current(namespace, name)
+            if current is not None and current["metadata"].get("uid") == uid:
+                if not current["metadata"].get("deletionTimestamp"):
+                    self._clear_journal(uid)
+                    return "the original was never deleted; it stays pending"
+                # Deleted but not gone (a finalizer, a slow API server): it will
+                # be gone, so it is recreated once it is, never left for lost.
+                self._wait_pod_gone(namespace, name, uid, timeout=FINISH_WAIT_SECONDS)
+                current = None
+            if current is not None:
+                annotations = current["metadata"].get("annotations") or {}
+                if annotations.get(REPLACED_UID_ANNOTATION) == uid:
+                    outcome = "the replacement was already created"
+                else:
+                    log.error("pod %s/%s was recreated by someone else; journal kept for an admin", namespace, name)
+                    return "kept: the name is taken by another pod"
+            elif replacement_fits():
+                outcome = self._recreate(namespace, replacement, "recreated the replacement on its node")
             else:
-                log.error("pod %s/%s was recreated by someone else; journal kept for an admin", namespace, name)
-                return "kept: the name is taken by another pod"
-        elif replacement_fits():
-            outcome = self._recreate(namespace, replacement, "recreated the replacement on its node")
-        else:
-            outcome = self._recreate(
-                namespace, recreatable(original), "its node is full now: recreated the original, pending"
-            )
-        self._clear_journal(uid)
-        return outcome
+                outcome = self._recreate(
+                    namespace, recreatable(original), "its node is full now: recreated the original, pending"
+                )
+            self._clear_journal(uid)
+            return outcome

@@ -29,6 +29,9 @@ PDB_RETRY_SECONDS = 10.0
 # After a return the pod takes a moment to come back (a controller's new pod,
 # or the watch showing our recreated one); until then its slice is held for it.
 CLAIM_SECONDS = 30.0
+# A journaled return that could not be finished (its pod not gone yet, an API
+# error) is tried again this soon.
+RECOVERY_RETRY_SECONDS = 5.0
 
 
 class Returner:
@@ -76,7 +79,7 @@ class Returner:
 
     def round(self) -> None:
         if self._recover_at is not None and time.monotonic() >= self._recover_at:
-            self._recover_at = None if self.recover() else time.monotonic() + 30.0
+            self._recover_at = None if self.recover() else time.monotonic() + RECOVERY_RETRY_SECONDS
         snapshot, records = self.cache.view()
         rules = self.rules.current()  # once: a round plans on one version of the rules
         borrowers = borrowers_of(records, rules)
@@ -140,6 +143,9 @@ class Returner:
             self.metrics.count_return(loan, "failed")
             self.metrics.errors.count("returner", "api")
             log.warning("return of %s failed: %s", request.key, error)
+            if not owned:
+                # Evicted but not recreated, maybe: the journal holds the pod; finish it soon, not at the next start.
+                self._recover_at = time.monotonic() + RECOVERY_RETRY_SECONDS
             return
         self._blocked.pop(request.key, None)
         self._claims[request.key] = (
@@ -164,10 +170,10 @@ class Returner:
             name = f"{borrower['metadata'].get('namespace')}/{borrower['metadata']['name']}"
             try:
                 outcome = self.executor.finish_return(borrower, restored)
-            except (ApiError, BorrowError) as error:
+            except Exception as error:  # an API error or a broken connection: the entry waits for the next pass
                 self.metrics.errors.count("journal", "recovery")
                 log.warning("journaled return of %s cannot be finished yet: %s", name, error)
                 clean = False
                 continue
-            log.warning("journaled return of %s finished after a restart: %s", name, outcome)
+            log.warning("journaled return of %s finished: %s", name, outcome)
         return clean

@@ -79,6 +79,7 @@ def create_app(
     app.before_request(_start_clock)
     if settings.require_client_certificate:
         app.before_request(_require_client_certificate)
+    app.before_request(_require_cache_in_sync)
     app.after_request(_count)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(wire.WireError, _bad_request)
@@ -113,7 +114,7 @@ def _body() -> bytes:
 def filter_() -> Response:
     args = wire.extender_args(_body())
     context = _context()
-    snapshot = wire.overlay(args, context.store.snapshot())
+    snapshot = wire.overlay(args, context.store.snapshot().for_pod(args.pod.uid))
     keep = None if context.pass_all_nodes else nodes_to_pass(len(snapshot.nodes))
     decision = filter_nodes(args.pod, args.node_names, snapshot, context.rules.current(), keep)
     return _json(wire.filter_result(args, decision))
@@ -123,7 +124,7 @@ def filter_() -> Response:
 def prioritize() -> Response:
     args = wire.extender_args(_body())
     context = _context()
-    snapshot = wire.overlay(args, context.store.snapshot())
+    snapshot = wire.overlay(args, context.store.snapshot().for_pod(args.pod.uid))
     return _json(wire.host_priority_list(score_nodes(args.pod, args.node_names, snapshot, context.rules.current())))
 
 
@@ -167,6 +168,20 @@ def _require_client_certificate() -> Response | None:
     if request.path not in VERBS or _peer_certificate(request.environ):
         return None
     return _json(wire.error_result(f"{request.path} needs a client certificate signed by migchain's client CA"), 403)
+
+
+def _require_cache_in_sync() -> Response | None:
+    """Until the first lists of nodes and pods are in, the verbs answer 503 and kube-scheduler retries the pod.
+
+    A cache with the nodes listed and the pods not yet sees every slice free:
+    a filter from it would pass full nodes and a bind would over-commit them.
+    """
+    if request.path not in VERBS:
+        return None
+    readiness = _context().store.readiness()
+    if readiness.ready:
+        return None
+    return _json(wire.error_result(f"migchain is not ready: {readiness.detail}; retry later"), 503)
 
 
 def _peer_certificate(environ: dict[str, object]) -> object:

@@ -189,6 +189,32 @@ def test_health_and_readiness(store):
     assert response.get_json()["detail"] == "waiting for the first list of nodes and pods"
 
 
+@pytest.mark.parametrize("verb", ["filter", "prioritize", "bind"])
+def test_until_the_cache_is_in_sync_the_verbs_answer_503_and_decide_nothing(store, verb):
+    # Nodes listed, pods not yet: every slice would look free.
+    client = create_app(WebSettings(), RulesInForce.fixed(RULES), store).test_client()
+    store.publish(store.snapshot(), ready=False)
+    body = {"Pod": pod_json(), "NodeNames": ["exact", "full"]}
+    if verb == "bind":
+        body = {"PodName": "train-0", "PodNamespace": "ml", "PodUID": "5a2b", "Node": "full"}
+    response = post(client, verb, body)
+    assert response.status_code == 503
+    assert "not ready: waiting for the first list" in response.get_json()["Error"]
+    store.publish(store.snapshot(), ready=True)
+    assert post(client, verb, body).status_code == (503 if verb == "bind" else 200)  # standalone: no binder
+
+
+def test_a_pod_is_not_kept_off_the_slices_reserved_for_itself(client, store):
+    # A bind whose outcome was never learned keeps its reservation; the pod's own retry may take those slices.
+    full = NodeState("full", A100, "success", {G1: 1}, {G1: 1})
+    store.publish(Snapshot({"full": full}, reserved={"5a2b": ("full", ((G1, 1),))}))
+    body = {"Pod": pod_json(), "NodeNames": ["full"]}
+    assert post(client, "filter", body).get_json()["NodeNames"] == ["full"]
+    other = pod_json()
+    other["metadata"]["uid"] = "someone-else"
+    assert post(client, "filter", {"Pod": other, "NodeNames": ["full"]}).get_json()["NodeNames"] == []
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),

@@ -89,6 +89,21 @@ class LedgerModel(RuleBasedStateMachine):
             assert {t: n for t, n in state.used.items() if n} == expected
             assert self.ledger.snapshot().nodes[name] == state
 
+    @invariant()
+    def a_pod_sees_every_reservation_but_its_own(self) -> None:
+        snapshot = self.ledger.snapshot()
+        for uid in UIDS:
+            own = self.reserved.get(uid)
+            for name in NODES:
+                expected = dict(self.ledger.node_state(name).used)  # type: ignore[union-attr]
+                if own is not None and own[0] == name:
+                    for resource, count in own[1]:
+                        expected[resource] -= count
+                seen = self.ledger.node_state(name, for_pod=uid)
+                assert seen is not None
+                assert {t: n for t, n in seen.used.items() if n} == {t: n for t, n in expected.items() if n}
+                assert snapshot.for_pod(uid).nodes[name].used == seen.used
+
 
 TestLedger = LedgerModel.TestCase
 

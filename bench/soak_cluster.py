@@ -1,0 +1,214 @@
+"""Soak on the real control plane: MINUTES of churn (arrivals, completions, borrows, returns) with faults injected.
+
+Starts the local control plane as `make run` does (etcd, kube-apiserver,
+kube-controller-manager, a stand-in kubelet, migchain-extender over mutual
+TLS, migchain-returner, kube-scheduler with scheduler-config.yaml) on a fleet
+of fake A100-40GB nodes in mixed layouts. Then, every second: MIG pods arrive
+(bare pods, and two ReplicaSets whose size changes), running pods complete
+(their phase set to Succeeded, as a kubelet would) and completed ones are
+deleted; every FAULT_EVERY seconds the extender or the returner is killed with
+SIGKILL and restarted. Each minute it checks that no node holds more slices
+than it has; at the end it lets the cluster settle and checks that no pod was
+lost (every bare pod there under its name, every ReplicaSet at its count) and
+that each loan is recorded once. Prints a line a minute and the totals.
+
+Run: .venv/bin/python bench/soak_cluster.py [--minutes 15] [--seed 1]   (needs make control-plane)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from extender.kube.api import ApiError, KubeApi, path  # noqa: E402
+from tests.e2e.controlplane import ControlPlane, ExtenderTls, running  # noqa: E402
+from tests.e2e.fleet import PAUSE, SCHEDULER, TEST_LABEL, create_node, mig_pod  # noqa: E402
+from tests.e2e.invariants import REPLACED_UID, check_invariants, over_commits, settle  # noqa: E402
+
+CHAINS = [str(ROOT / "chains" / "a100-40gb.yaml")]
+NAMESPACE = "soak"
+A100 = "NVIDIA-A100-SXM4-40GB"
+LAYOUTS = [{"1g.5gb": 2, "2g.10gb": 1, "3g.20gb": 1}, {"1g.5gb": 7}, {"3g.20gb": 2}, {"2g.10gb": 3}]
+MIX = {"1g.5gb": 0.7, "2g.10gb": 0.2, "3g.20gb": 0.1}
+FAULT_EVERY = 60.0
+
+
+class Soak:
+    def __init__(self, plane: ControlPlane, rng: random.Random) -> None:
+        self.plane = plane
+        self.api: KubeApi = plane.api
+        self.rng = rng
+        self.pods = path("api", "v1", "namespaces", NAMESPACE, "pods")
+        self.bare: set[str] = set()  # bare pods created and not deleted by us: each must exist at the end
+        self.created = self.completed = self.faults = 0
+        self.loans: set[str] = set()  # replaced UIDs seen: one per borrow
+        self.returned: set[str] = set()  # borrower UIDs seen returned (Returning events)
+        self.next_name = 0
+
+    def arrive(self, count: int) -> None:
+        for _ in range(count):
+            profile = self.rng.choices(list(MIX), weights=list(MIX.values()))[0]
+            name = f"p{self.next_name:05d}"
+            self.next_name += 1
+            with contextlib.suppress(ApiError):
+                self.api.create(self.pods, mig_pod(name, NAMESPACE, {profile: 1}))
+                self.bare.add(name)
+                self.created += 1
+
+    def churn(self) -> None:
+        """Complete some running pods, delete some completed bare ones, resize the ReplicaSets now and then."""
+        items, _ = self.api.list_all(self.pods)
+        for pod in items:
+            metadata = pod["metadata"]
+            if REPLACED_UID in (metadata.get("annotations") or {}):
+                self.loans.add(metadata["annotations"][REPLACED_UID])
+            phase = (pod.get("status") or {}).get("phase")
+            owned = bool(metadata.get("ownerReferences"))
+            if phase == "Running" and self.rng.random() < 0.015:
+                with contextlib.suppress(ApiError):
+                    if owned:  # a ReplicaSet's pod that ends is replaced: delete it, as a crash would
+                        self.api.delete(f"{self.pods}/{metadata['name']}")
+                    else:
+                        self.api.patch(f"{self.pods}/{metadata['name']}/status", {"status": {"phase": "Succeeded"}})
+                    self.completed += 1
+            elif phase == "Succeeded" and not owned and self.rng.random() < 0.5:
+                with contextlib.suppress(ApiError):
+                    self.api.delete(f"{self.pods}/{metadata['name']}")
+                    self.bare.discard(metadata["name"])
+        if self.rng.random() < 0.05:
+            name = self.rng.choice(["train", "serve"])
+            with contextlib.suppress(ApiError):
+                self.api.patch(
+                    path("apis", "apps", "v1", "namespaces", NAMESPACE, "replicasets", name),
+                    {"spec": {"replicas": self.rng.randint(2, 8)}},
+                )
+
+    def replica_set(self, name: str, profile: str, replicas: int) -> None:
+        labels = {"app": name}
+        self.api.create(
+            path("apis", "apps", "v1", "namespaces", NAMESPACE, "replicasets"),
+            {
+                "apiVersion": "apps/v1",
+                "kind": "ReplicaSet",
+                "metadata": {"name": name},
+                "spec": {
+                    "replicas": replicas,
+                    "selector": {"matchLabels": labels},
+                    "template": {
+                        "metadata": {"labels": labels},
+                        "spec": {
+                            "schedulerName": SCHEDULER,
+                            "nodeSelector": {TEST_LABEL: NAMESPACE},
+                            "terminationGracePeriodSeconds": 0,
+                            "containers": [
+                                {
+                                    "name": "main",
+                                    "image": PAUSE,
+                                    "resources": {"limits": {f"nvidia.com/mig-{profile}": "1"}},
+                                }
+                            ],
+                        },
+                    },
+                },
+            },
+        )
+
+    def fault(self) -> str:
+        """kill -9 the extender or the returner, and start it again."""
+        self.faults += 1
+        name = self.rng.choice(["migchain-extender", "returner-returner-a"])
+        process = self.plane.processes[name]
+        process.kill()
+        process.start()
+        return name
+
+    def returns_seen(self) -> int:
+        items, _ = self.api.list_all(
+            path("api", "v1", "namespaces", NAMESPACE, "events"), fieldSelector="reason=Returning"
+        )
+        self.returned |= {item["involvedObject"].get("uid", "") for item in items}
+        return len(self.returned)
+
+    def over_commits(self) -> list[str]:
+        nodes, _ = self.api.list_all("/api/v1/nodes")
+        pods, _ = self.api.list_all("/api/v1/pods")
+        return over_commits(nodes, pods)
+
+
+def main() -> int:
+    cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_argument("--minutes", type=float, default=15.0)
+    cli.add_argument("--seed", type=int, default=1)
+    cli.add_argument("--nodes", type=int, default=4)
+    args = cli.parse_args()
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="migchain-soak-") as folder, running(ControlPlane(Path(folder))) as plane:
+        plane.start_fake_kubelet()
+        tls = ExtenderTls.issue(Path(folder))
+        _, url = plane.start_extender(tls, CHAINS, "--log-level=warning")
+        plane.start_scheduler(url, tls)
+        plane.start_returner(CHAINS)
+        plane.ensure_namespace(NAMESPACE)
+        for index in range(args.nodes):
+            create_node(
+                plane.api, f"gpu-{index:03d}", A100, {k: v * 8 for k, v in LAYOUTS[index % 4].items()}, NAMESPACE
+            )
+        soak = Soak(plane, rng)
+        soak.replica_set("train", "1g.5gb", 4)
+        soak.replica_set("serve", "2g.10gb", 3)
+        started = time.monotonic()
+        next_fault, next_report = started + FAULT_EVERY, started
+        violations: list[str] = []
+        header = (
+            f"{'minute':>6} {'created':>8} {'completed':>9} {'borrows':>8} {'returns':>8} {'faults':>7} {'over':>5}"
+        )
+        print(header)
+        while time.monotonic() - started < args.minutes * 60:
+            soak.arrive(rng.randint(0, 4))
+            soak.churn()
+            now = time.monotonic()
+            if now >= next_fault:
+                soak.fault()
+                next_fault = now + FAULT_EVERY * rng.uniform(0.5, 1.5)
+            if now >= next_report:
+                found = soak.over_commits()
+                violations += found
+                minute = (now - started) / 60
+                print(
+                    f"{minute:6.1f} {soak.created:8d} {soak.completed:9d} {len(soak.loans):8d} "
+                    f"{soak.returns_seen():8d} {soak.faults:7d} {len(found):5d}",
+                    flush=True,
+                )
+                next_report = now + 60
+            time.sleep(1.0)
+        # Let it settle (the last fault's process back, every pod bound or pending with a reason), then check.
+        settle(plane.api, NAMESPACE, timeout=180)
+        lost = ""
+        try:
+            pods: list[dict[str, Any]] = check_invariants(plane.api, NAMESPACE, soak.bare)
+        except AssertionError as error:
+            lost, pods = str(error), []
+        for pod in pods:
+            if REPLACED_UID in (pod["metadata"].get("annotations") or {}):
+                soak.loans.add(pod["metadata"]["annotations"][REPLACED_UID])
+        minutes = (time.monotonic() - started) / 60
+        print(
+            f"{minutes:6.1f} {soak.created:8d} {soak.completed:9d} {len(soak.loans):8d} "
+            f"{soak.returns_seen():8d} {soak.faults:7d} {len(violations):5d}  (total)"
+        )
+        print(f"pods at the end: {len(pods)}; bare pods that must exist: {len(soak.bare)}")
+        print(f"over-commits seen: {len(violations)}; invariants at the end: {lost or 'all hold (nothing lost)'}")
+        return 1 if lost or violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
