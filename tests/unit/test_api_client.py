@@ -1,4 +1,4 @@
-"""The thin API client's error contract, against real sockets: every failure to talk to the API server is an ApiError."""
+"""The thin API client's error contract, against real sockets: every failure to reach the API server is an ApiError."""
 
 from __future__ import annotations
 
