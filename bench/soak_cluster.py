@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from extender.kube.api import ApiError, KubeApi, path  # noqa: E402
 from tests.e2e.controlplane import ControlPlane, ExtenderTls, running  # noqa: E402
-from tests.e2e.fleet import PAUSE, SCHEDULER, TEST_LABEL, create_node, mig_pod  # noqa: E402
+from tests.e2e.fleet import create_node, mig_pod, replica_set  # noqa: E402
 from tests.e2e.invariants import REPLACED_UID, check_invariants, over_commits, settle  # noqa: E402
 
 CHAINS = [str(ROOT / "chains" / "a100-40gb.yaml")]
@@ -93,33 +93,9 @@ class Soak:
                 )
 
     def replica_set(self, name: str, profile: str, replicas: int) -> None:
-        labels = {"app": name}
         self.api.create(
             path("apis", "apps", "v1", "namespaces", NAMESPACE, "replicasets"),
-            {
-                "apiVersion": "apps/v1",
-                "kind": "ReplicaSet",
-                "metadata": {"name": name},
-                "spec": {
-                    "replicas": replicas,
-                    "selector": {"matchLabels": labels},
-                    "template": {
-                        "metadata": {"labels": labels},
-                        "spec": {
-                            "schedulerName": SCHEDULER,
-                            "nodeSelector": {TEST_LABEL: NAMESPACE},
-                            "terminationGracePeriodSeconds": 0,
-                            "containers": [
-                                {
-                                    "name": "main",
-                                    "image": PAUSE,
-                                    "resources": {"limits": {f"nvidia.com/mig-{profile}": "1"}},
-                                }
-                            ],
-                        },
-                    },
-                },
-            },
+            replica_set(name, NAMESPACE, {profile: 1}, replicas),
         )
 
     def fault(self) -> str:

@@ -35,10 +35,12 @@ from extender.reload import RulesInForce
 
 log = logging.getLogger(__name__)
 
-# The journal is read again this soon after a borrow failed or an entry could
-# not be finished (doubling up to the sweep interval while it keeps failing),
-# and once a sweep interval anyway.
+# The journal is read again as soon as a borrow failed; while an entry cannot
+# be finished (the API server away, an original still terminating), every
+# second, doubling up to 8 s: a pod there exists nowhere else. And once a
+# minute anyway.
 RECOVERY_RETRY_SECONDS = 1.0
+RECOVERY_RETRY_MAX_SECONDS = 8.0
 RECOVERY_SWEEP_SECONDS = 60.0
 
 
@@ -212,8 +214,9 @@ class Binder:
                 retry = RECOVERY_RETRY_SECONDS
                 self._journal_dirty.wait(RECOVERY_SWEEP_SECONDS)
             else:
-                self._journal_dirty.wait(retry)
-                retry = min(retry * 2, RECOVERY_SWEEP_SECONDS)
+                # Not woken by failing borrows meanwhile: the next pass reads the whole journal anyway.
+                stop.wait(retry)
+                retry = min(retry * 2, RECOVERY_RETRY_MAX_SECONDS)
 
     def recover(self) -> bool:
         """Finish every journaled bare-pod borrow not under way in this process; False if one must wait."""

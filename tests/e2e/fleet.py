@@ -84,3 +84,23 @@ def mig_pod(
             "containers": [{"name": "main", "image": PAUSE, "resources": {"limits": limits}}],
         },
     }
+
+
+def pod_template(test: str, requests: Mapping[str, int], labels: Mapping[str, str]) -> dict[str, Any]:
+    """A pod template (of a ReplicaSet, a Deployment, a Job) for pods like `mig_pod`'s."""
+    return {"metadata": {"labels": dict(labels)}, "spec": mig_pod("", test, requests)["spec"]}
+
+
+def replica_set(name: str, test: str, requests: Mapping[str, int], replicas: int) -> dict[str, Any]:
+    """A ReplicaSet of `replicas` pods like `mig_pod`'s, labelled app=NAME."""
+    labels = {"app": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "ReplicaSet",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": pod_template(test, requests, labels),
+        },
+    }

@@ -11,7 +11,7 @@ import pytest
 from extender.kube.api import path
 from tests.e2e.conftest import Scenario
 from tests.e2e.controlplane import wait_until
-from tests.e2e.fleet import PAUSE, SCHEDULER, TEST_LABEL, create_node
+from tests.e2e.fleet import create_node, pod_template
 
 pytestmark = pytest.mark.e2e
 
@@ -22,15 +22,7 @@ LOAN_KEYS = ("migchain.io/original-requests", "migchain.io/borrowed-requests", "
 
 
 def template(scenario: Scenario, labels: dict[str, str]) -> dict[str, Any]:
-    return {
-        "metadata": {"labels": labels},
-        "spec": {
-            "schedulerName": SCHEDULER,
-            "nodeSelector": {TEST_LABEL: scenario.test},
-            "terminationGracePeriodSeconds": 0,
-            "containers": [{"name": "main", "image": PAUSE, "resources": {"limits": {G1: "1"}}}],
-        },
-    }
+    return pod_template(scenario.test, {"1g.5gb": 1}, labels)
 
 
 def fill_small_slices(scenario: Scenario, node: str, count: int) -> None:

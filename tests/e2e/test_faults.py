@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from extender.kube.api import ApiError, path
 from tests.e2e.conftest import Cluster, Scenario
 from tests.e2e.controlplane import Process, wait_until
-from tests.e2e.fleet import PAUSE, SCHEDULER, TEST_LABEL, create_node, mig_pod
+from tests.e2e.fleet import PAUSE, SCHEDULER, TEST_LABEL, create_node, mig_pod, replica_set
 from tests.e2e.invariants import (
     borrowing,
     bound,
@@ -62,32 +62,10 @@ def report(test: str, **numbers: Any) -> None:
     print(f"\n[faults] {test}: " + ", ".join(f"{key}={value}" for key, value in numbers.items()))
 
 
-def pod_template(scenario: Scenario, labels: dict[str, str]) -> dict[str, Any]:
-    return {
-        "metadata": {"labels": labels},
-        "spec": {
-            "schedulerName": SCHEDULER,
-            "nodeSelector": {TEST_LABEL: scenario.test},
-            "terminationGracePeriodSeconds": 0,
-            "containers": [{"name": "main", "image": PAUSE, "resources": {"limits": {G1: "1"}}}],
-        },
-    }
-
-
 def create_replica_set(scenario: Scenario, name: str, replicas: int) -> dict[str, Any]:
-    labels = {"app": name}
     return scenario.api.create(
         path("apis", "apps", "v1", "namespaces", scenario.namespace, "replicasets"),
-        {
-            "apiVersion": "apps/v1",
-            "kind": "ReplicaSet",
-            "metadata": {"name": name},
-            "spec": {
-                "replicas": replicas,
-                "selector": {"matchLabels": labels},
-                "template": pod_template(scenario, labels),
-            },
-        },
+        replica_set(name, scenario.test, {"1g.5gb": 1}, replicas),
     )
 
 
