@@ -135,6 +135,9 @@ class Ledger:
         self._reserved[key] = Reservation(node, slices, expires_at)
         self._refresh_all({node, previous.node if previous else ""})
 
+    def reservation(self, key: str) -> Reservation | None:
+        return self._reserved.get(key)
+
     def release(self, key: str) -> None:
         reservation = self._reserved.pop(key, None)
         if reservation is not None:

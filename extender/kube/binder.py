@@ -93,6 +93,9 @@ class Binder:
                 return self._refuse(f"node {args.node} no longer fits pod {record.request.key}: {verdict.reason}")
             if verdict.borrows and self._dry_run(rules, record.request.namespace, verdict):
                 return self._would_borrow(record, verdict)
+            # A reservation left by an earlier try of unknown outcome: that try may
+            # still have placed the pod, so a failure of this one puts it back.
+            earlier = self.cache.ledger.reservation(record.request.uid)
             self.cache.reserve(record.request.uid, args.node, verdict.slices)
         try:
             if verdict.borrows:
@@ -101,7 +104,7 @@ class Binder:
                 self._bind(args)
         except (ApiError, BorrowError) as error:
             if not isinstance(error, ApiError) or error.definitive:
-                self.cache.release(record.request.uid)
+                self.cache.release(record.request.uid, earlier)
             self.metrics.errors.count("binder", "api")
             if verdict.borrows:
                 self._journal_dirty.set()

@@ -17,7 +17,7 @@ from typing import Any
 
 from extender.core.cluster import MigCounts, NodeState, ObjectError, PodRecord, Snapshot, node_state, pod_record
 from extender.kube.api import ApiError, KubeApi
-from extender.ledger import Ledger
+from extender.ledger import Ledger, Reservation
 from extender.metrics import Errors
 from extender.store import SnapshotStore
 
@@ -160,9 +160,13 @@ class ClusterCache:
             self.ledger.reserve(uid, node, slices, self.clock() + RESERVATION_TTL)
             self._publish()
 
-    def release(self, uid: str) -> None:
+    def release(self, uid: str, earlier: Reservation | None = None) -> None:
+        """Drop the reservation for `uid`; with `earlier`, put that one back instead (see Binder.bind)."""
         with self.lock:
-            self.ledger.release(uid)
+            if earlier is None:
+                self.ledger.release(uid)
+            else:
+                self.ledger.reserve(uid, earlier.node, earlier.slices, earlier.expires_at)
             self._publish()
 
     def pod(self, namespace: str, name: str) -> PodRecord | None:
