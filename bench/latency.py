@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,9 @@ import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.e2e.controlplane import free_port  # noqa: E402
+
 CHAINS = [str(ROOT / "chains" / f) for f in ("a100-40gb.yaml", "a100-80gb.yaml", "h100-80gb.yaml", "a30-24gb.yaml")]
 FLEET = [  # share of nodes, product, per-GPU layout (GPU Operator names), GPUs per node
     (0.6, "NVIDIA-A100-SXM4-40GB", {"1g.5gb": 2, "2g.10gb": 1, "3g.20gb": 1}, 8),
@@ -124,12 +126,6 @@ def pending_pod(resource: str) -> dict[str, Any]:
     return pod
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -204,8 +200,7 @@ def run(size: int, samples: int) -> None:
     rng = random.Random(size)
     nodes, pods = cluster(size, rng)
     core = core_times(nodes, pods, samples)
-    p50, p99 = core[len(core) // 2] * 1000, core[int(len(core) * 0.99)] * 1000
-    print(f"\n{size} nodes: core filter+score of one pod over all of them: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    print(f"\n{size} nodes: core filter+score of one pod over all of them, p50 p99 (ms): {quantiles(core)}")
     with tempfile.TemporaryDirectory() as folder:
         snapshot = Path(folder) / "cluster.json"
         snapshot.write_bytes(orjson.dumps({"kind": "List", "apiVersion": "v1", "items": nodes + pods}))

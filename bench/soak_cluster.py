@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from extender.kube.api import ApiError, KubeApi, path  # noqa: E402
-from tests.e2e.controlplane import ControlPlane, ExtenderTls, running  # noqa: E402
+from tests.e2e.controlplane import ControlPlane, ExtenderTls, Process, running  # noqa: E402
 from tests.e2e.fleet import create_node, mig_pod, replica_set  # noqa: E402
-from tests.e2e.invariants import REPLACED_UID, check_invariants, over_commits, settle  # noqa: E402
+from tests.e2e.invariants import REPLACED_UID, borrowing, check_invariants, over_commits, settle  # noqa: E402
 
 CHAINS = [str(ROOT / "chains" / "a100-40gb.yaml")]
 NAMESPACE = "soak"
@@ -43,8 +43,9 @@ FAULT_EVERY = 60.0
 
 
 class Soak:
-    def __init__(self, plane: ControlPlane, rng: random.Random) -> None:
+    def __init__(self, plane: ControlPlane, rng: random.Random, processes: list[Process]) -> None:
         self.plane = plane
+        self.processes = processes  # what the faults kill: the extender and the returner
         self.api: KubeApi = plane.api
         self.rng = rng
         self.pods = path("api", "v1", "namespaces", NAMESPACE, "pods")
@@ -67,10 +68,9 @@ class Soak:
     def churn(self) -> None:
         """Complete some running pods, delete some completed bare ones, resize the ReplicaSets now and then."""
         items, _ = self.api.list_all(self.pods)
+        self.note_loans(items)
         for pod in items:
             metadata = pod["metadata"]
-            if REPLACED_UID in (metadata.get("annotations") or {}):
-                self.loans.add(metadata["annotations"][REPLACED_UID])
             phase = (pod.get("status") or {}).get("phase")
             owned = bool(metadata.get("ownerReferences"))
             if phase == "Running" and self.rng.random() < 0.015:
@@ -98,14 +98,15 @@ class Soak:
             replica_set(name, NAMESPACE, {profile: 1}, replicas),
         )
 
-    def fault(self) -> str:
+    def note_loans(self, pods: list[dict[str, Any]]) -> None:
+        self.loans.update(pod["metadata"]["annotations"][REPLACED_UID] for pod in pods if borrowing(pod))
+
+    def fault(self) -> None:
         """kill -9 the extender or the returner, and start it again."""
         self.faults += 1
-        name = self.rng.choice(["migchain-extender", "returner-returner-a"])
-        process = self.plane.processes[name]
+        process = self.rng.choice(self.processes)
         process.kill()
         process.start()
-        return name
 
     def returns_seen(self) -> int:
         items, _ = self.api.list_all(
@@ -130,15 +131,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="migchain-soak-") as folder, running(ControlPlane(Path(folder))) as plane:
         plane.start_fake_kubelet()
         tls = ExtenderTls.issue(Path(folder))
-        _, url = plane.start_extender(tls, CHAINS, "--log-level=warning")
+        extender, url = plane.start_extender(tls, CHAINS, "--log-level=warning")
         plane.start_scheduler(url, tls)
-        plane.start_returner(CHAINS)
+        returner = plane.start_returner(CHAINS)
         plane.ensure_namespace(NAMESPACE)
         for index in range(args.nodes):
             create_node(
                 plane.api, f"gpu-{index:03d}", A100, {k: v * 8 for k, v in LAYOUTS[index % 4].items()}, NAMESPACE
             )
-        soak = Soak(plane, rng)
+        soak = Soak(plane, rng, [extender, returner])
         soak.replica_set("train", "1g.5gb", 4)
         soak.replica_set("serve", "2g.10gb", 3)
         started = time.monotonic()
@@ -173,9 +174,7 @@ def main() -> int:
             pods: list[dict[str, Any]] = check_invariants(plane.api, NAMESPACE, soak.bare)
         except AssertionError as error:
             lost, pods = str(error), []
-        for pod in pods:
-            if REPLACED_UID in (pod["metadata"].get("annotations") or {}):
-                soak.loans.add(pod["metadata"]["annotations"][REPLACED_UID])
+        soak.note_loans(pods)
         minutes = (time.monotonic() - started) / 60
         print(
             f"{minutes:6.1f} {soak.created:8d} {soak.completed:9d} {len(soak.loans):8d} "

@@ -102,9 +102,14 @@ def _store_secrets(args: argparse.Namespace, pairs: dict[str, KeyPair], ca: byte
     """Create the Secrets unless both exist; never overwrite one (a running scheduler trusts the CA in it)."""
     import base64
 
-    from extender.kube.api import ApiError, Connection, KubeApi, path
+    from extender.kube.api import ApiError, path
+    from extender.kube.status import connect
 
-    api = KubeApi(Connection.load(args.kubeconfig))
+    try:
+        api = connect(args.kubeconfig)
+    except ValueError as error:
+        print(f"migchain certs: {error}", file=sys.stderr)
+        return 1
     secrets = path("api", "v1", "namespaces", args.namespace, "secrets")
     existing = []
     for name in pairs:

@@ -8,11 +8,24 @@ burst of binds never hands one free slice to two pods.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from extender.core.cluster import MigCounts, NodeState, ObjectError, PodRecord, Snapshot, node_state, pod_record
+
+T = TypeVar("T")
+
+
+def _readable(items: Iterable[Any], parse: Callable[[Any], T]) -> tuple[list[T], int]:
+    """The items `parse` can read, and how many it could not."""
+    parsed, skipped = [], 0
+    for item in items:
+        try:
+            parsed.append(parse(item))
+        except ObjectError:
+            skipped += 1
+    return parsed, skipped
 
 
 @dataclass(frozen=True)
@@ -35,23 +48,12 @@ class Ledger:
     @classmethod
     def of_readable(cls, nodes: Iterable[Any], pods: Iterable[Any]) -> tuple[Ledger, int]:
         """A ledger of the Node and Pod objects that parse, and how many did not (left out, as the cache does)."""
-        skipped = 0
-        states = []
-        for node in nodes:
-            try:
-                states.append(node_state(node))
-            except ObjectError:
-                skipped += 1
-        records = []
-        for pod in pods:
-            try:
-                records.append(pod_record(pod))
-            except ObjectError:
-                skipped += 1
+        states, bad_nodes = _readable(nodes, node_state)
+        records, bad_pods = _readable(pods, pod_record)
         ledger = cls()
         ledger.replace_nodes(states)
         ledger.replace_pods(records)
-        return ledger, skipped
+        return ledger, bad_nodes + bad_pods
 
     def __init__(self) -> None:
         self._nodes: dict[str, NodeState] = {}  # as the API reports them, `used` empty

@@ -13,11 +13,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from extender.config import ConfigError, load_rules
+from extender.config import ConfigError, load_rules, load_rules_at_start
 from extender.core.rules import ChainRules
 
 log = logging.getLogger(__name__)
@@ -47,18 +47,24 @@ class ReloadStatus:
 class RulesInForce:
     """One reference to the current ChainRules, swapped whole by `reload`."""
 
-    def __init__(
-        self,
-        rules: ChainRules,
-        paths: Sequence[str | Path] = (),
-        on_reload: Callable[[ReloadStatus], None] | None = None,
-    ) -> None:
+    def __init__(self, rules: ChainRules, paths: Sequence[str | Path] = (), seen: Fingerprint | None = None) -> None:
+        """`rules` as loaded from `paths`; `seen`, their fingerprint taken before loading (default: now)."""
         self._rules = rules
         self._paths = [Path(path) for path in paths]
-        self._seen = fingerprint(self._paths)
-        self._on_reload = on_reload
+        self._seen = seen if seen is not None else fingerprint(self._paths)
         self._status = ReloadStatus(time.time(), "", 0)
         self._lock = threading.Lock()  # one reload at a time; readers never take it
+
+    @classmethod
+    def at_start(cls, program: str, paths: Sequence[str | Path]) -> RulesInForce | None:
+        """For a process starting up: the rules in force, or None after printing every problem (exit 2).
+
+        The files are fingerprinted before they are read, so an edit landing
+        while they load is a change the first poll picks up, never one missed.
+        """
+        seen = fingerprint([Path(path) for path in paths])
+        rules = load_rules_at_start(program, paths)
+        return None if rules is None else cls(rules, paths, seen)
 
     @classmethod
     def fixed(cls, rules: ChainRules) -> RulesInForce:
@@ -89,20 +95,19 @@ class RulesInForce:
             return False  # still moving: next round
         return self.reload(now)
 
-    def reload(self, seen: Fingerprint | None = None) -> bool:
+    def reload(self, seen: Fingerprint) -> bool:
+        """Load the files whose fingerprint, taken before reading them, is `seen`; swap them in if they are valid."""
         with self._lock:
-            self._seen = seen if seen is not None else fingerprint(self._paths)
+            self._seen = seen
             try:
                 rules = load_rules(self._paths)  # parsed and validated whole before anything changes
             except ConfigError as error:
                 self._status = ReloadStatus(self._status.last_good, str(error), self._status.failures + 1)
                 log.error("chain rules edit rejected; the last good rules stay in force:\n%s", error)
-                self._notify()
                 return False
             self._rules = rules
             self._status = ReloadStatus(time.time(), "", self._status.failures)
             log.info("chain rules reloaded: %s", ", ".join(f"{chain.name} ({chain.source})" for chain in rules.chains))
-            self._notify()
             return True
 
     def watch(self, stop: threading.Event, interval: float = 2.0) -> threading.Thread:
@@ -118,10 +123,6 @@ class RulesInForce:
         thread = threading.Thread(target=run, name="rules-reload", daemon=True)
         thread.start()
         return thread
-
-    def _notify(self) -> None:
-        if self._on_reload is not None:
-            self._on_reload(self._status)
 
 
 def _clock(when: float) -> str:

@@ -14,7 +14,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from extender import logs
-from extender.config import load_rules_at_start
 from extender.kube.api import Connection, KubeApi
 from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder
@@ -81,13 +80,12 @@ def _serve_health(bind: str, store: SnapshotStore, registry: CollectorRegistry) 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
-    rules = load_rules_at_start("migchain-returner", args.chains)
-    if rules is None:
+    rules_in_force = RulesInForce.at_start("migchain-returner", args.chains)
+    if rules_in_force is None:
         return 2
     api = KubeApi(Connection.load(args.kubeconfig))
     store = SnapshotStore(ready=False, detail="waiting for the first list of nodes and pods")
     metrics = ReturnerMetrics()
-    rules_in_force = RulesInForce(rules, args.chains)
     watch_rules(metrics.registry, rules_in_force.status)
     cache = ClusterCache(api, store, errors=metrics.errors)
     cache.start()

@@ -22,9 +22,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
 
 from extender import logs
-from extender.config import load_rules_at_start
 from extender.core.cluster import Snapshot
-from extender.core.rules import ChainRules
 from extender.ledger import Ledger
 from extender.metrics import Metrics, watch_rules
 from extender.reload import RulesInForce
@@ -82,10 +80,9 @@ class _Server(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type 
         return self._build()
 
 
-def build_app(args: argparse.Namespace, loaded: ChainRules) -> Flask:
+def build_app(args: argparse.Namespace, rules: RulesInForce) -> Flask:
     """Standalone without a cluster; otherwise the watch-fed cache and the binder. Runs in the worker."""
     metrics = Metrics()
-    rules = RulesInForce(loaded, args.chains)
     watch_rules(metrics.registry, rules.status)
     rules.watch(threading.Event())  # the worker's life long: edits of the files take effect within seconds
     settings = WebSettings(
@@ -219,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         print(f"migchain-extender: {problem}", file=sys.stderr)
         return 2
-    rules = load_rules_at_start("migchain-extender", args.chains)
+    rules = RulesInForce.at_start("migchain-extender", args.chains)
     if rules is None:
         return 2
     options: dict[str, Any] = {

@@ -24,6 +24,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from extender.core.cluster import REPLACED_UID_ANNOTATION  # noqa: E402
 from extender.kube.api import ApiError, path  # noqa: E402
 from tests.e2e.controlplane import ControlPlane, ExtenderTls, running, wait_until  # noqa: E402
 from tests.e2e.fleet import create_node, mig_pod  # noqa: E402
@@ -33,7 +34,6 @@ NAMESPACE = "demo"
 NODE = "gpu-a100-0"
 # One A100-40GB in the GPU Operator's all-balanced layout.
 LAYOUT = {"1g.5gb": 2, "2g.10gb": 1, "3g.20gb": 1}
-LOAN = "migchain.io/replaced-uid"
 
 
 class Story:
@@ -101,7 +101,9 @@ def play(story: Story) -> None:
     )
     story.create("infer-c", "1g.5gb")
     borrower = wait_until(
-        lambda: (p := story.bound("infer-c")) and LOAN in p["metadata"]["annotations"] and p, 30, "infer-c to borrow"
+        lambda: (p := story.bound("infer-c")) and REPLACED_UID_ANNOTATION in p["metadata"]["annotations"] and p,
+        30,
+        "infer-c to borrow",
     )
     print("\n".join(story.events("Borrowed")))
     story.status()

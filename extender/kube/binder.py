@@ -28,7 +28,7 @@ from extender.core.loan import plan_borrow
 from extender.core.rules import ChainRules
 from extender.kube.api import ApiError, KubeApi
 from extender.kube.cache import ClusterCache
-from extender.kube.events import EventRecorder
+from extender.kube.events import EventRecorder, pod_reference
 from extender.kube.executor import BorrowError, Executor, pod_path
 from extender.metrics import Metrics
 from extender.reload import RulesInForce
@@ -144,14 +144,9 @@ class Binder:
         if record.request.uid not in self._announced:
             self._announced.add(record.request.uid)
             log.info("dry run: %s %s", record.request.key, message, extra={"pod": record.request.key})
-            pod = {
-                "metadata": {
-                    "name": record.request.name,
-                    "namespace": record.request.namespace,
-                    "uid": record.request.uid,
-                }
-            }
-            self.events.record(pod, "WouldBorrow", f"dry run: {message}; migchain replaces no pod in dry-run")
+            self.events.record(
+                pod_reference(record.request), "WouldBorrow", f"dry run: {message}; migchain replaces no pod in dry-run"
+            )
         return BindOutcome(f"dry run: {message}; migchain replaces no pod in dry-run, so the pod stays pending")
 
     def _refuse(self, reason: str) -> BindOutcome:

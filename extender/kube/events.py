@@ -7,12 +7,18 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from extender.core.cluster import PodRequest
 from extender.kube.api import ApiError, KubeApi, path
 from extender.metrics import Errors
 
 log = logging.getLogger(__name__)
 
 COMPONENT = "migchain"
+
+
+def pod_reference(request: PodRequest) -> dict[str, Any]:
+    """What `EventRecorder.record` needs of a pod known only from the cache (no object read from the API)."""
+    return {"metadata": {"name": request.name, "namespace": request.namespace, "uid": request.uid}}
 
 
 class EventRecorder:

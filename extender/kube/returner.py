@@ -17,7 +17,7 @@ from extender.core.loan import restored_pod
 from extender.core.returns import Restore, borrowers_of, plan_returns
 from extender.kube.api import ApiError
 from extender.kube.cache import ClusterCache
-from extender.kube.events import EventRecorder
+from extender.kube.events import EventRecorder, pod_reference
 from extender.kube.executor import BorrowError, EvictionBlocked, Executor, pod_path
 from extender.kube.lease import LeaderElection
 from extender.metrics import ReturnerMetrics
@@ -112,8 +112,7 @@ class Returner:
         message = f"dry run: would return to {original} on {restore.target}: {restore.reason}; nothing is evicted"
         self.metrics.count_return(restore.borrower.loan, "dry-run")
         log.info("%s %s", request.key, message, extra={"pod": request.key, "target": restore.target})
-        pod = {"metadata": {"name": request.name, "namespace": request.namespace, "uid": request.uid}}
-        self.events.record(pod, "WouldReturn", message)
+        self.events.record(pod_reference(request), "WouldReturn", message)
 
     def execute(self, restore: Restore) -> None:
         request = restore.borrower.record.request

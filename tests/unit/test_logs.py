@@ -6,7 +6,6 @@ import datetime
 import io
 import json
 import logging
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import pytest
 from gunicorn.config import Config
 
 from extender import logs
+from tests.e2e.controlplane import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "s3cr3t-t0ken-value"
@@ -173,12 +173,6 @@ def test_gunicorn_lines_take_the_format_and_access_lines_carry_fields_not_header
         "duration_seconds": 0.0015,
     }
     assert SECRET not in captured.out + captured.err
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_the_real_extender_logs_only_json_lines_gunicorns_included():

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from extender import config
 from extender.config import load_rules
 from extender.metrics import watch_rules
 from extender.reload import RulesInForce
@@ -99,17 +101,35 @@ def test_a_configmap_symlink_swap_is_seen_and_a_file_gone_midway_changes_nothing
 def test_the_watch_thread_picks_up_an_edit_within_its_interval(tmp_path: Path):
     path = tmp_path / "a100.yaml"
     write(path, A100)
-    swapped = threading.Event()
-    rules = RulesInForce(load_rules([path]), [path], on_reload=lambda status: swapped.set())
+    rules = RulesInForce(load_rules([path]), [path])
     stop = threading.Event()
     thread = rules.watch(stop, interval=0.05)
     try:
         write(path, SHORTER)
-        assert swapped.wait(30)  # a hang detector, not a timing assertion
-        assert "nvidia.com/mig-7g.40gb" not in types_of(rules)
+        deadline = time.monotonic() + 30  # a hang detector, not a timing assertion
+        while "nvidia.com/mig-7g.40gb" in types_of(rules):
+            assert time.monotonic() < deadline, "the edit was never picked up"
+            time.sleep(0.01)
     finally:
         stop.set()
         thread.join(5)
+
+
+def test_an_edit_landing_while_the_rules_load_at_start_is_picked_up(tmp_path: Path, monkeypatch):
+    path = tmp_path / "a100.yaml"
+    write(path, A100)
+    real_load = config.load_rules_at_start
+
+    def load_then_edit(program, paths):
+        loaded = real_load(program, paths)
+        write(path, SHORTER)  # the admin's edit lands right after the files were read
+        return loaded
+
+    monkeypatch.setattr("extender.reload.load_rules_at_start", load_then_edit)
+    rules = RulesInForce.at_start("test", [path])
+    assert rules is not None and "nvidia.com/mig-7g.40gb" in types_of(rules)
+    assert rules.reload_if_changed(settle=0)
+    assert "nvidia.com/mig-7g.40gb" not in types_of(rules)
 
 
 def test_fixed_rules_never_change():

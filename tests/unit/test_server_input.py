@@ -20,16 +20,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.e2e.controlplane import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 MAX_BODY = 1024 * 1024
 # Generous: a test fails on a hang, never on a slow machine.
 PATIENCE = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
