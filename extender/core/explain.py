@@ -31,11 +31,14 @@ from extender.core.returns import (
     MAX_RESTARTS_ANNOTATION,
     Borrower,
     Restore,
+    blocked_pending,
     borrowers_of,
+    pending_requests,
     plan_returns,
     return_mode_of,
 )
 from extender.core.rules import BorrowOption, Chain, ChainRules, ReturnMode
+from extender.core.status import text_table
 
 
 class Fit(enum.Enum):
@@ -133,11 +136,6 @@ def candidate_nodes(pod: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]]) 
         if all(labels.get(key) == value for key, value in selector.items()) and metadata.get("name"):
             names.append(str(metadata["name"]))
     return sorted(names)
-
-
-def pending_requests(records: Iterable[PodRecord]) -> list[PodRequest]:
-    """The pods waiting for MIG slices, selected as the returner selects them (extender/kube/returner.py)."""
-    return [r.request for r in records if not r.node and not r.terminal and not r.terminating and r.request.mig]
 
 
 def explain(
@@ -371,20 +369,14 @@ def _exact_homes(request: PodRequest, loan: Loan, snapshot: Snapshot, rules: Cha
 
 
 def _blocked(records: Sequence[PodRecord], snapshot: Snapshot, rules: ChainRules) -> list[PodRequest]:
-    names = sorted(snapshot.nodes)
-    return [
-        waiting for waiting in pending_requests(records) if not filter_nodes(waiting, names, snapshot, rules).passed
-    ]
+    return blocked_pending(snapshot, pending_requests(records), rules)  # as the returner plans (no claims here)
 
 
 def _waiting_for(blocked: Sequence[PodRequest], loan: Loan, home: NodeState | None, rules: ChainRules) -> list[str]:
     """The blocked pods that would fit on the borrower's node with its borrowed slices given back."""
     if home is None:
         return []
-    used = dict(home.used)
-    for resource, count in loan.borrowed:
-        used[resource] = max(0, used.get(resource, 0) - count)
-    freed = dataclasses.replace(home, used=used)
+    freed = home.without(loan.borrowed)
     return [w.key for w in blocked if isinstance(place(w, freed, home.name, rules), Placement)]
 
 
@@ -416,7 +408,7 @@ def explain_text(explanation: Explanation) -> str:
             [node.name, node.gpu_product or "-", node.fit.value, node.answer.value, str(node.score), node.reason]
             for node in e.nodes
         ]
-        lines += _table(header, rows)
+        lines += text_table(header, rows)
     else:
         lines.append("no candidate node")
     if e.requests or e.chains:
@@ -461,11 +453,13 @@ def _policy_text(chain: Chain, namespace: str) -> str:
     if selector.exclude:
         namespaces += " except " + ", ".join(sorted(selector.exclude))
     covered = "covered" if selector.admits(namespace) else "NOT covered"
+    # A dry-run chain decides as usual but only announces its borrows and returns.
+    dry_run = "on" if policy.dry_run is not None and policy.dry_run.admits(namespace) else "off"
     return (
         f"borrowing {'on' if policy.borrowing else 'OFF'}; "
         f"maxSteps {'unlimited' if policy.max_steps is None else policy.max_steps}; "
         f"allowedTypes {allowed}; namespaces {namespaces} ({namespace} {covered}); "
-        f"returnMode {policy.return_mode.value}"
+        f"returnMode {policy.return_mode.value}; dryRun {dry_run} for {namespace}"
     )
 
 
@@ -492,14 +486,6 @@ def _outlook_text(outlook: ReturnOutlook) -> list[str]:
         *(f"    {fact}" for fact in outlook.facts),
         "  (the returner also keeps slices for returns under way and waits after a PodDisruptionBudget refusal; "
         "explain does not see those)",
-    ]
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    return [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
     ]
 
 
@@ -589,6 +575,7 @@ def _chain_document(chain: Chain, namespace: str) -> dict[str, Any]:
             "covers_pod": policy.namespaces.admits(namespace),
         },
         "return_mode": policy.return_mode.value,
+        "dry_run_for_pod": policy.dry_run is not None and policy.dry_run.admits(namespace),
     }
 
 

@@ -76,6 +76,36 @@ def borrowers_of(records: Iterable[PodRecord], rules: ChainRules) -> list[Borrow
     return found
 
 
+def pending_requests(records: Iterable[PodRecord]) -> list[PodRequest]:
+    """The pods waiting for MIG slices: unbound, not finished, not on their way out."""
+    return [r.request for r in records if not r.node and not r.terminal and not r.terminating and r.request.mig]
+
+
+def blocked_pending(
+    snapshot: Snapshot, pending: Sequence[PodRequest], rules: ChainRules, claims: Iterable[tuple[str, MigCounts]] = ()
+) -> list[PodRequest]:
+    """The pending pods that fit nowhere once the pods before them have taken their spots: those a return helps."""
+    return _after_pending(snapshot, pending, rules, claims)[1]
+
+
+def _after_pending(
+    snapshot: Snapshot, pending: Sequence[PodRequest], rules: ChainRules, claims: Iterable[tuple[str, MigCounts]]
+) -> tuple[_Free, list[PodRequest]]:
+    """The free slices left once `claims` and the pending pods that fit somewhere are counted, and those that do not."""
+    free = _Free({name: dict(node.free) for name, node in snapshot.nodes.items() if node.offers_slices})
+    for node, counts in claims:
+        if node in free.nodes:
+            free.take(node, counts)
+    blocked = []
+    for waiting in sorted(pending, key=lambda pod: pod.key):
+        spot = _best_spot(waiting, snapshot, free.nodes, rules)
+        if spot is None:
+            blocked.append(waiting)
+        else:
+            free.take(spot.node, spot.slices)
+    return free, blocked
+
+
 def plan_returns(
     snapshot: Snapshot,
     borrowers: Sequence[Borrower],
@@ -89,17 +119,7 @@ def plan_returns(
     `claims` (returns under way whose pods are not back yet) are not free:
     counting them would restart a borrower only for it to borrow again.
     """
-    free = _Free({name: dict(node.free) for name, node in snapshot.nodes.items() if node.offers_slices})
-    for node, counts in claims:
-        if node in free.nodes:
-            free.take(node, counts)
-    blocked = []
-    for waiting in sorted(pending, key=lambda pod: pod.key):
-        spot = _best_spot(waiting, snapshot, free.nodes, rules)
-        if spot is None:
-            blocked.append(waiting)
-        else:
-            free.take(spot.node, spot.slices)
+    free, blocked = _after_pending(snapshot, pending, rules, claims)
     plans: list[Restore] = []
     movable = sorted((b for b in borrowers if not b.held_back and b.mode is not ReturnMode.NEVER), key=Borrower.order)
     for borrower in (b for b in movable if b.mode is ReturnMode.EAGER):

@@ -76,9 +76,6 @@ class ClusterStatus:
                 totals[resource] = totals.get(resource, Slices()) + slices
         return totals
 
-    def on_loan(self) -> dict[tuple[str, str], int]:
-        return on_loan(self.loans)
-
 
 def type_order(resource: str) -> tuple[int, int, str, str]:
     """Smaller profiles first (compute slices, then memory); names that do not parse last."""
@@ -220,7 +217,8 @@ def _cell(slices: Slices | None) -> str:
     return f"{text} b{slices.borrowed}" if slices.borrowed else text
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Columns padded to their widest cell, two spaces apart, as kubectl prints them."""
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     return [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -246,7 +244,7 @@ def status_text(status: ClusterStatus, now: datetime.datetime) -> str:
         if len(status.nodes) > 1:
             totals = status.totals()
             rows.append(["TOTAL", "", "", *(_cell(totals.get(t)) for t in types)])
-        lines += _table(header, rows)
+        lines += text_table(header, rows)
         lines.append("(used/allocatable slices; bN: N of them held by borrowers)")
     else:
         lines.append("no node has MIG slices")
@@ -267,7 +265,7 @@ def status_text(status: ClusterStatus, now: datetime.datetime) -> str:
                     "-" if age is None else human_age(age),
                 ]
             )
-        lines += _table(header, rows)
+        lines += text_table(header, rows)
     else:
         lines.append("no active loans")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import time
 
 from extender.core.cluster import MigCounts, controller_of
 from extender.core.loan import restored_pod
-from extender.core.returns import Restore, borrowers_of, plan_returns
+from extender.core.returns import Restore, borrowers_of, pending_requests, plan_returns
 from extender.kube.api import ApiError
 from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder, pod_reference
@@ -83,7 +83,7 @@ class Returner:
         snapshot, records = self.cache.view()
         rules = self.rules.current()  # once: a round plans on one version of the rules
         borrowers = borrowers_of(records, rules)
-        pending = [r.request for r in records if not r.node and not r.terminal and not r.terminating and r.request.mig]
+        pending = pending_requests(records)
         now = time.monotonic()
         back = {r.request.key: r.request.uid for r in records}
         # A claim ends when its pod is back (a bare pod: same name, new UID; then it

@@ -173,7 +173,7 @@ def test_the_policy_lines_show_every_larger_type_allowed_or_denied_and_the_chain
     text = explain_text(e)
     assert "7g.40gb   2 steps up a100-40gb        denied: 7g.40gb is not in allowedTypes of chain a100-40gb" in text
     assert "maxSteps 3; allowedTypes 1g.10gb 2g.10gb 3g.20gb 4g.20gb; namespaces all except kube-system" in text
-    assert "(ml covered); returnMode on-demand" in text
+    assert "(ml covered); returnMode on-demand; dryRun off for ml" in text
 
 
 def test_an_excluded_namespace_is_shown_as_not_covered():

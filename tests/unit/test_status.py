@@ -11,7 +11,7 @@ import pytest
 
 from extender import cli
 from extender.core.loan import Loan
-from extender.core.status import Slices, human_age, loan_pairs, status_text
+from extender.core.status import Slices, human_age, loan_pairs, on_loan, status_text
 from extender.kube.api import ApiError, KubeApi
 from extender.kube.status import kubeconfig_path, render, run, status_of_objects
 from tests.unit.objects import G1, G2, G3, borrower, node, pod
@@ -65,7 +65,7 @@ def test_loans_are_read_from_the_borrowers_annotations():
     assert loan.loan.original == ((G1, 1),)
     assert loan.loan.borrowed == ((G2, 1),)
     assert loan.loan.chains == ("a100-40gb",)
-    assert status.on_loan() == {(G1, G2): 1}
+    assert on_loan(status.loans) == {(G1, G2): 1}
 
 
 def test_the_table_shows_nodes_by_types_and_the_loans():
