@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from extender.core.cluster import ANNOTATION_PREFIX, REPLACED_UID_ANNOTATION, MigCounts, controller_of
+from extender.core.cluster import (
+    ANNOTATION_PREFIX,
+    REPLACED_UID_ANNOTATION,
+    MigCounts,
+    ObjectError,
+    controller_of,
+    pod_mig_requests,
+    quantity,
+)
 from extender.core.decide import Placement
 from extender.core.mig import is_mig_resource
 
@@ -157,15 +165,10 @@ def plan_borrow(pod: Mapping[str, Any], placement: Placement) -> BorrowPlan:
             resources = container.get("resources") or {}
             kept = {}
             for kind in ("limits", "requests"):
-                values = resources.get(kind) or {}
-                mig = {resource: value for resource, value in values.items() if is_mig_resource(resource)}
+                granted, mig = _granted_resources(resources.get(kind) or {}, grants)
                 if mig:
                     kept[kind] = mig
-                    for resource, value in mig.items():
-                        del values[resource]
-                        granted = grants.get(resource, resource)
-                        # Two requested types granted as one type add up.
-                        values[granted] = str(_count(values.get(granted, 0)) + _count(value))
+                    resources[kind] = granted
             if kept:
                 original_resources[f"{section}/{container['name']}"] = kept
     spec["nodeName"] = placement.node
@@ -174,7 +177,10 @@ def plan_borrow(pod: Mapping[str, Any], placement: Placement) -> BorrowPlan:
     annotations.update(
         {
             ORIGINAL_REQUESTS_ANNOTATION: counts_text(_merge(original)),
-            BORROWED_REQUESTS_ANNOTATION: counts_text(placement.slices),
+            # What the replacement asks for, read back as the scheduler reads it: the
+            # slices the pod holds (see _granted_resources for when that is fewer
+            # than the placement's).
+            BORROWED_REQUESTS_ANNOTATION: counts_text(pod_mig_requests(spec)),
             CHAIN_ANNOTATION: ",".join(sorted({grant.chain for grant in placement.grants if grant.chain})),
             STEPS_ANNOTATION: str(placement.cost),
             ORIGINAL_RESOURCES_ANNOTATION: json.dumps(original_resources, sort_keys=True, separators=(",", ":")),
@@ -190,10 +196,12 @@ def restored_pod(borrower: Mapping[str, Any], restarts: int) -> dict[str, Any]:
 
     `restarts` is written to the restarts annotation, so the restart cap holds
     across returns. The scheduler places it again (on a slice of its own type).
+    Raises ObjectError when the loan record cannot be read back (the pod's
+    owner can edit it): such a pod is not restored.
     """
     restored = recreatable(borrower)
     annotations = dict(restored["metadata"].get("annotations") or {})
-    original = json.loads(annotations.get(ORIGINAL_RESOURCES_ANNOTATION, "{}"))
+    original = _original_resources(annotations.get(ORIGINAL_RESOURCES_ANNOTATION, "{}"))
     for key in LOAN_ANNOTATIONS:
         annotations.pop(key, None)
     annotations[RESTARTS_ANNOTATION] = str(restarts)
@@ -216,8 +224,49 @@ def restored_pod(borrower: Mapping[str, Any], restarts: int) -> dict[str, Any]:
     return restored
 
 
-def _count(value: Any) -> int:
-    return int(value)
+def _original_resources(text: str) -> dict[str, dict[str, dict[str, str]]]:
+    """The original-resources record: container -> limits/requests -> MIG resource -> count.
+
+    ObjectError when it is not that shape; the message quotes none of it (the
+    pod's owner can write it).
+    """
+    where = f"annotation {ORIGINAL_RESOURCES_ANNOTATION}"
+    try:
+        record = json.loads(text)
+    except ValueError:
+        raise ObjectError(f"{where}: not JSON") from None
+    if not isinstance(record, dict):
+        raise ObjectError(f"{where}: expected an object of containers")
+    for kinds in record.values():
+        if not isinstance(kinds, dict) or not set(kinds) <= {"limits", "requests"}:
+            raise ObjectError(f"{where}: expected limits and requests per container")
+        for values in kinds.values():
+            if not isinstance(values, dict) or not all(
+                is_mig_resource(resource) and isinstance(count, str) and count.isdigit()
+                for resource, count in values.items()
+            ):
+                raise ObjectError(f"{where}: expected whole numbers of MIG resources")
+    return record
+
+
+def _granted_resources(values: Mapping[str, Any], grants: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One container's limits (or requests) asking for the granted types; and its MIG entries as they were.
+
+    The new map is built from the original one, never rewritten in place: two
+    requested types granted as one type add up, and a type granted as another
+    requested type must not erase what that one was just granted (issue 16).
+    Summed over containers this is the placement's slices, except where an
+    ordinary init container's slices, now of the app containers' type, are
+    reused by them once it has run: the pod then needs fewer slices.
+    """
+    mig = {resource: value for resource, value in values.items() if is_mig_resource(resource)}
+    granted = {resource: value for resource, value in values.items() if not is_mig_resource(resource)}
+    counts: dict[str, int] = {}
+    for resource, value in mig.items():
+        target = grants.get(resource, resource)
+        counts[target] = counts.get(target, 0) + quantity(value, f"resources[{resource}]")
+    granted.update((resource, str(count)) for resource, count in counts.items())
+    return granted, mig
 
 
 def _merge(counts: MigCounts) -> MigCounts:

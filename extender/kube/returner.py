@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 
-from extender.core.cluster import MigCounts, controller_of
+from extender.core.cluster import MigCounts, ObjectError, controller_of
 from extender.core.loan import restored_pod
 from extender.core.returns import Restore, borrowers_of, pending_requests, plan_returns
 from extender.kube.api import ApiError
@@ -29,6 +29,9 @@ PDB_RETRY_SECONDS = 10.0
 # After a return the pod takes a moment to come back (a controller's new pod,
 # or the watch showing our recreated one); until then its slice is held for it.
 CLAIM_SECONDS = 30.0
+# A borrower whose loan record cannot be read back (its owner edited it) is
+# not restored; it is looked at again this much later, should it be fixed.
+UNREADABLE_RETRY_SECONDS = 300.0
 # A journaled return that could not be finished (its pod not gone yet, an API
 # error) is tried again this soon.
 RECOVERY_RETRY_SECONDS = 5.0
@@ -130,8 +133,17 @@ class Returner:
         message = f"returning to {original}: {restore.reason}"
         owned = controller_of(borrower["metadata"]) is not None
         try:
+            # Its controller recreates an owned pod; a bare pod is recreated from its loan record.
+            restored = {} if owned else restored_pod(borrower, restore.borrower.restarts + 1)
+        except ObjectError as error:
+            self._blocked[request.key] = time.monotonic() + UNREADABLE_RETRY_SECONDS
+            self.metrics.count_return(loan, "failed")
+            log.warning("return of %s skipped: %s", request.key, error)
+            self.events.record(borrower, "ReturnFailed", f"not returned: {error}", "Warning")
+            return
+        try:
             self.events.record(borrower, "Returning", message)
-            outcome = self.executor.restore(borrower, restored_pod(borrower, restore.borrower.restarts + 1), owned)
+            outcome = self.executor.restore(borrower, restored, owned)
         except EvictionBlocked as blocked:
             self._blocked[request.key] = time.monotonic() + PDB_RETRY_SECONDS
             self.metrics.count_return(loan, "blocked")

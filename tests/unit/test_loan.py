@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from extender.core.cluster import NodeState, pod_record, pod_request
-from extender.core.decide import Placement, place
-from extender.core.loan import loan_of, plan_borrow, replacement_name
+from extender.core.cluster import NodeState, ObjectError, pod_mig_requests, pod_record, pod_request
+from extender.core.decide import Grant, Placement, place
+from extender.core.loan import loan_of, plan_borrow, replacement_name, restored_pod
 from extender.core.rules import Chain, ChainRules
 from tests.strategies import A100
 
@@ -117,3 +118,131 @@ def test_the_replacement_name_is_stable_for_one_original_and_differs_between_ori
 def test_a_pod_without_a_loan_record_has_no_loan():
     assert loan_of({"team": "vision"}) is None
     assert loan_of({"migchain.io/replaced-uid": "x", "migchain.io/original-requests": "garbage"}) is None
+
+
+# -- any pod, any grant: the replacement asks for what the loan says ----------
+
+GRANTABLE = (G1, G1_10, G2, G3)
+
+
+@st.composite
+def mig_maps(draw: st.DrawFn, min_size: int = 0) -> dict[str, str]:
+    """MIG limits of one container in any key order (the API server sorts them; a client may not), maybe with CPU."""
+    counts = draw(st.dictionaries(st.sampled_from(GRANTABLE), st.integers(1, 3), min_size=min_size, max_size=3))
+    order = draw(st.permutations(sorted(counts)))
+    values = {resource: str(counts[resource]) for resource in order}
+    if draw(st.booleans()):
+        values = {"cpu": "1", **values} if draw(st.booleans()) else {**values, "cpu": "1"}
+    return values
+
+
+@st.composite
+def any_pods(draw: st.DrawFn) -> dict[str, Any]:
+    """A pending pod with several containers and init containers (sidecars or not), each asking for MIG or not."""
+
+    def container(name: str, limits: dict[str, str]) -> dict[str, Any]:
+        return {"name": name, "image": "cuda", "resources": {"limits": limits, "requests": dict(limits)}}
+
+    pod = pod_json([{}], owned=draw(st.booleans()))
+    apps = draw(st.lists(mig_maps(), min_size=1, max_size=3))
+    pod["spec"]["containers"] = [container(f"c{index}", limits) for index, limits in enumerate(apps)]
+    inits = []
+    for index, limits in enumerate(draw(st.lists(mig_maps(), max_size=2))):
+        init = container(f"i{index}", limits)
+        if draw(st.booleans()):
+            init["restartPolicy"] = "Always"  # a sidecar: its slices add up with the app containers'
+        inits.append(init)
+    if inits:
+        pod["spec"]["initContainers"] = inits
+    # Containers without any MIG request are not asked for: make one ask.
+    if not pod_mig_requests(pod["spec"]):
+        pod["spec"]["containers"][0]["resources"] = {"limits": {G1: "1"}, "requests": {G1: "1"}}
+    return pod
+
+
+@st.composite
+def any_placements(draw: st.DrawFn, pod: dict[str, Any]) -> Placement:
+    """Any grant of each requested type: as itself, or as any type (even one the pod also asks for)."""
+    grants = []
+    for requested, count in pod_mig_requests(pod["spec"]):
+        granted = draw(st.sampled_from(GRANTABLE))
+        steps = 0 if granted == requested else draw(st.integers(1, 3))
+        grants.append(Grant(requested, granted, count, steps, "a100" if steps else None))
+    return Placement("gpu-1", tuple(grants), 0)
+
+
+def ordinary_init_asks_mig(pod: dict[str, Any]) -> bool:
+    return any(
+        init.get("restartPolicy") != "Always" and pod_mig_requests({"containers": [init]})
+        for init in pod["spec"].get("initContainers") or []
+    )
+
+
+def resources_of(pod: dict[str, Any]) -> dict[str, Any]:
+    return {
+        f"{section}/{container['name']}": container.get("resources")
+        for section in ("initContainers", "containers")
+        for container in pod["spec"].get(section) or []
+    }
+
+
+@given(data=st.data())
+def test_any_pod_any_grant_the_replacement_asks_for_the_loan_and_restores_to_the_original(data):
+    pod = data.draw(any_pods())
+    placement = data.draw(any_placements(pod))
+    replacement = plan_borrow(pod, placement).replacement
+    loan = loan_of(replacement["metadata"]["annotations"])
+    assert loan is not None
+    held = pod_mig_requests(replacement["spec"])
+    assert held == loan.borrowed
+    assert loan.original == pod_mig_requests(pod["spec"])
+    # What the pod holds is what was granted. Only an ordinary init container can make
+    # it less: its slices are reused by the app containers once it has run, so two
+    # requested types granted as one type may need fewer slices than the two did.
+    granted = dict(placement.slices)
+    assert all(count <= granted.get(resource, 0) for resource, count in held)
+    if not ordinary_init_asks_mig(pod) or len({g.granted for g in placement.grants}) == len(placement.grants):
+        assert held == placement.slices
+    restored = restored_pod(replacement, restarts=1)
+    assert resources_of(restored) == resources_of(pod)
+    assert pod_mig_requests(restored["spec"]) == loan.original
+
+
+def test_a_container_asking_for_two_types_keeps_both_slices_when_one_is_granted_as_the_other():
+    # Issue 16, item 1: the API server returns keys sorted, so 1g.5gb comes first.
+    pod = pod_json([{G1: "1", G2: "1"}], owned=True)
+    placement = Placement("gpu-1", (Grant(G1, G2, 1, 2, "a100"), Grant(G2, G2, 1)), 0)
+    replacement = plan_borrow(pod, placement).replacement
+    assert replacement["spec"]["containers"][0]["resources"] == {"limits": {G2: "2"}, "requests": {G2: "2"}}
+    assert replacement["metadata"]["annotations"]["migchain.io/borrowed-requests"] == f"{G2}=2"
+
+
+def test_two_types_each_moving_up_one_place_keep_both_slices():
+    # 1g.5gb -> 2g.10gb and 2g.10gb -> 3g.20gb: each new map comes from the original map.
+    pod = pod_json([{G1: "1", G2: "1"}], owned=True)
+    placement = Placement("gpu-1", (Grant(G1, G2, 1, 2, "a100"), Grant(G2, G3, 1, 1, "a100")), 0)
+    replacement = plan_borrow(pod, placement).replacement
+    assert replacement["spec"]["containers"][0]["resources"]["limits"] == {G2: "1", G3: "1"}
+    restored = restored_pod(replacement, restarts=1)
+    assert restored["spec"]["containers"][0]["resources"] == pod["spec"]["containers"][0]["resources"]
+
+
+def test_an_init_containers_slice_granted_as_the_apps_type_is_reused_and_the_loan_says_so():
+    # The init container runs first, alone; its 2g.10gb is the app container's afterwards.
+    pod = pod_json([{G2: "1"}], owned=True, init={G1: "1"})
+    placement = Placement("gpu-1", (Grant(G1, G2, 1, 2, "a100"), Grant(G2, G2, 1)), 0)
+    replacement = plan_borrow(pod, placement).replacement
+    assert pod_mig_requests(replacement["spec"]) == ((G2, 1),)
+    assert replacement["metadata"]["annotations"]["migchain.io/borrowed-requests"] == f"{G2}=1"
+
+
+@pytest.mark.parametrize(
+    "record",
+    ["not json", "[1]", '{"containers/c0": 3}', '{"containers/c0": {"limits": [1]}}', '{"containers/c0": {"x": {}}}'],
+)
+def test_a_forged_record_of_the_original_resources_is_refused_not_a_crash(record):
+    pod = pod_json([{G1: "1"}], owned=False)
+    replacement = plan_borrow(pod, borrow_on(pod, {G2: 1})).replacement
+    replacement["metadata"]["annotations"]["migchain.io/original-resources"] = record
+    with pytest.raises(ObjectError, match=r"migchain\.io/original-resources"):
+        restored_pod(replacement, restarts=1)

@@ -162,6 +162,26 @@ def test_a_return_counts_its_slices_by_type_and_outcome(found, restore_error, ou
     assert failed == (1 if outcome == "failed" else None)
 
 
+def test_a_bare_borrower_whose_loan_record_is_forged_is_not_returned_and_the_round_goes_on():
+    metrics = ReturnerMetrics()
+    loaned = borrower("b1", {G1: 1}, "gpu-a", free={G2: 1})
+    loaned["metadata"]["annotations"]["migchain.io/original-resources"] = '{"containers/main": "<script>"}'
+    api = FakeApi({"/api/v1/namespaces/ml/pods/b1": loaned})
+    executor = FakeExecutor(api, AssertionError("a pod whose record is unreadable is never evicted"))
+    returner = Returner(
+        cast(ClusterCache, None),
+        RulesInForce.fixed(RULES),
+        cast(Executor, executor),
+        EventRecorder(cast(KubeApi, api)),
+        cast(LeaderElection, None),
+        metrics=metrics,
+    )
+    returner.execute(restore_of(loaned))
+    assert sample(metrics.registry, "migchain_returns_total", requested="1g.5gb", granted="2g.10gb", outcome="failed")
+    [(_, event)] = api.created
+    assert event["reason"] == "ReturnFailed" and "<script>" not in event["message"]
+
+
 def test_the_returner_serves_its_metrics_on_the_health_port():
     metrics = ReturnerMetrics()
     metrics.watch_leadership(lambda: True)
