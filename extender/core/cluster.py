@@ -70,6 +70,7 @@ class PodRecord:
     terminating: bool = False  # deletionTimestamp set: on its way out
     created: str = ""  # creationTimestamp (RFC 3339 sorts as text)
     migchain: Mapping[str, str] = field(default_factory=dict)  # its migchain.io/ annotations (the loan record)
+    owner: str = ""  # the UID of its controller (ownerReference with controller: true); "" for a bare pod
 
     @property
     def holds_slices(self) -> bool:
@@ -282,6 +283,7 @@ def pod_record(pod: Any) -> PodRecord:
     status = _mapping(pod.get("status"), "Pod.status")
     metadata = pod["metadata"]
     annotations = _mapping(metadata.get("annotations"), "Pod.metadata.annotations")
+    controller = controller_of(metadata) or {}
     return PodRecord(
         request=request,
         node=_string(spec.get("nodeName"), "Pod.spec.nodeName"),
@@ -294,6 +296,7 @@ def pod_record(pod: Any) -> PodRecord:
             for key, value in annotations.items()
             if key.startswith(ANNOTATION_PREFIX) and isinstance(value, str)
         },
+        owner=_string(controller.get("uid"), "Pod.metadata.ownerReferences[controller].uid"),
     )
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 
-from extender.core.cluster import MigCounts, ObjectError, controller_of
+from extender.core.claims import Claim, claim_for, open_claims
+from extender.core.cluster import ObjectError, PodRecord, controller_of
 from extender.core.loan import restored_pod
 from extender.core.returns import Restore, borrowers_of, pending_requests, plan_returns
 from extender.kube.api import ApiError
@@ -27,7 +29,8 @@ log = logging.getLogger(__name__)
 
 PDB_RETRY_SECONDS = 10.0
 # After a return the pod takes a moment to come back (a controller's new pod,
-# or the watch showing our recreated one); until then its slice is held for it.
+# or the watch showing our recreated one); until then its slice is held for it
+# (extender/core/claims.py), at most this long: a controller may never make one.
 CLAIM_SECONDS = 30.0
 # A borrower whose loan record cannot be read back (its owner edited it) is
 # not restored; it is looked at again this much later, should it be fixed.
@@ -60,9 +63,8 @@ class Returner:
         self.interval = interval
         self.metrics = metrics if metrics is not None else ReturnerMetrics()
         self._blocked: dict[str, float] = {}  # borrower key -> when to try again
-        # Returns under way whose pod is not back yet hold their target slice:
-        # borrower key -> (borrower uid, until, node, original request).
-        self._claims: dict[str, tuple[str, float, str, MigCounts]] = {}
+        # Returns under way whose pod is not back yet hold their target slices, by borrower key.
+        self._claims: dict[str, Claim] = {}
         self._recover_at: float | None = 0.0  # when to (re)read the journal; None once it is clean
 
     def run(self, stop: threading.Event) -> None:
@@ -88,13 +90,9 @@ class Returner:
         borrowers = borrowers_of(records, rules)
         pending = pending_requests(records)
         now = time.monotonic()
-        back = {r.request.key: r.request.uid for r in records}
-        # A claim ends when its pod is back (a bare pod: same name, new UID; then it
-        # counts as pending or bound) or, for a controller's new pod we cannot name, in time.
-        self._claims = {
-            key: claim for key, claim in self._claims.items() if claim[1] > now and back.get(key, claim[0]) == claim[0]
-        }
-        claims = [(node, counts) for _, _, node, counts in self._claims.values()]
+        # A claim ends as soon as its pod is back: from then on it counts as pending or bound.
+        self._claims = {claim.key: claim for claim in open_claims(self._claims.values(), records, now)}
+        claims = [(claim.node, claim.slices) for claim in self._claims.values()]
         for restore in plan_returns(snapshot, borrowers, pending, rules, claims):
             if not self.election.leading():
                 return  # the lease may pass to another replica: stop before acting
@@ -103,7 +101,7 @@ class Returner:
             if self.dry_run or rules.dry_run(restore.borrower.loan.chains, restore.borrower.record.request.namespace):
                 self.announce(restore)
                 continue
-            self.execute(restore)
+            self.execute(restore, records)
 
     def announce(self, restore: Restore) -> None:
         """Dry run: the return decided as usual, logged, counted and announced once; nothing evicted."""
@@ -117,7 +115,8 @@ class Returner:
         log.info("%s %s", request.key, message, extra={"pod": request.key, "target": restore.target})
         self.events.record(pod_reference(request), "WouldReturn", message)
 
-    def execute(self, restore: Restore) -> None:
+    def execute(self, restore: Restore, records: Sequence[PodRecord] = ()) -> None:
+        """Return one borrower; `records`, the pods the plan was made on, tell its siblings from its successor."""
         request = restore.borrower.record.request
         loan = restore.borrower.loan
         try:
@@ -159,11 +158,8 @@ class Returner:
                 self._recover_at = time.monotonic() + RECOVERY_RETRY_SECONDS
             return
         self._blocked.pop(request.key, None)
-        self._claims[request.key] = (
-            request.uid,
-            time.monotonic() + CLAIM_SECONDS,
-            restore.target,
-            restore.borrower.loan.original,
+        self._claims[request.key] = claim_for(
+            restore.borrower.record, restore.target, loan.original, records, time.monotonic() + CLAIM_SECONDS
         )
         self.metrics.count_return(loan, "returned")
         log.info(
