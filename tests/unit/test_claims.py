@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from extender.core.claims import claim_for, open_claims
+from extender.core.claims import Claim, claim_for, open_claims
 from extender.core.cluster import PodRecord, PodRequest
 
 G1 = "nvidia.com/mig-1g.5gb"
 G2 = "nvidia.com/mig-2g.10gb"
 
 
-def record(name: str, uid: str, node: str = "", owner: str = "", replaces: str = "", mig: str = G1) -> PodRecord:
+def record(name: str, uid: str, node: str = "", *, owner: str = "", replaces: str = "", mig: str = G1) -> PodRecord:
     return PodRecord(PodRequest("ml", name, uid, ((mig, 1),)), node, False, replaces, owner=owner)
 
 
@@ -19,7 +19,7 @@ SIBLINGS = [B1, record("web-s1", "uid-s1", "gpu-a", owner="rs"), record("web-p1"
 OTHERS = [record("db-x", "uid-x", "gpu-a", owner="other-rs"), record("bare", "uid-bare", "gpu-a")]
 
 
-def returned_b1() -> list:
+def returned_b1() -> list[Claim]:
     return [claim_for(B1, "gpu-a", ((G1, 1),), [*SIBLINGS, *OTHERS], until=30.0)]
 
 
