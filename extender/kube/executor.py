@@ -200,10 +200,22 @@ class Executor:
 
     # -- return ---------------------------------------------------------------
 
-    def evict(self, pod: Mapping[str, Any]) -> None:
-        """Evict through the Eviction API, so PodDisruptionBudgets hold; raise EvictionBlocked on 429."""
+    def evict(self, pod: Mapping[str, Any], *, dry_run: bool = False, unchanged: bool = False) -> None:
+        """Evict through the Eviction API, so PodDisruptionBudgets hold; raise EvictionBlocked on 429.
+
+        With `dry_run` the API server only says whether it would (a PDB is
+        asked, nothing is deleted). With `unchanged` it evicts the pod only as
+        it is in `pod` (its resourceVersion), and a pod changed since is an
+        ApiError 409, not taken for one gone.
+        """
         metadata = pod["metadata"]
         namespace = metadata.get("namespace") or "default"
+        preconditions = {"uid": metadata["uid"]}
+        if unchanged:
+            preconditions["resourceVersion"] = metadata["resourceVersion"]
+        options: dict[str, Any] = {"preconditions": preconditions}
+        if dry_run:
+            options["dryRun"] = ["All"]
         try:
             self.api.create(
                 pod_path(namespace, metadata["name"]) + "/eviction",
@@ -211,12 +223,14 @@ class Executor:
                     "apiVersion": "policy/v1",
                     "kind": "Eviction",
                     "metadata": {"name": metadata["name"], "namespace": namespace},
-                    "deleteOptions": {"preconditions": {"uid": metadata["uid"]}},
+                    "deleteOptions": options,
                 },
             )
         except ApiError as error:
             if error.status == 429:
                 raise EvictionBlocked(error.message) from None
+            if error.status == 409 and unchanged:
+                raise
             if error.status not in (404, 409):  # gone already
                 raise
 
@@ -228,6 +242,9 @@ class Executor:
         evicted, and recreated under their name with their original request.
         """
         if owned:
+            if JOB_TRACKING_FINALIZER in (borrower["metadata"].get("finalizers") or []):
+                self._evict_job_pod(borrower)
+                return "evicted, not counted as a failure; its Job recreates it with its original request"
             self.evict(borrower)
             return "evicted; its controller recreates it with its original request"
         metadata = borrower["metadata"]
@@ -244,6 +261,81 @@ class Executor:
         outcome = self._recreate(namespace, restored, "evicted and recreated under its name with its original request")
         self._clear_journal(metadata["uid"])
         return outcome
+
+    def _evict_job_pod(self, pod: Mapping[str, Any]) -> None:
+        """Evict a Job's pod without the Job counting it as a failure.
+
+        The Job controller counts a deleted pod that did not succeed as failed
+        while it still has the tracking finalizer (one without it was counted
+        already); it removes the finalizer itself before deleting pods it has
+        too many of, and so does this. A PDB is asked first (a dry-run
+        eviction), so a return it refuses leaves the pod untouched; and should
+        the eviction still not happen, the finalizer goes back: without it the
+        Job would never count the pod's success. For that reason too the pod is
+        evicted only as it was when its finalizer went: a pod that has ended
+        meanwhile is left for the Job to count.
+        """
+        try:
+            self.evict(pod, dry_run=True)
+        except EvictionBlocked:
+            raise
+        except ApiError as error:
+            # A webhook that cannot dry-run, say: the eviction itself will tell.
+            log.info("dry-run eviction of %s failed (%s); evicting", pod["metadata"]["name"], error)
+        try:
+            untracked = self._patch_finalizers(pod, remove=True)
+            self.evict(untracked, unchanged=True)
+        except Exception:
+            self._track_again(pod)
+            raise
+
+    def _patch_finalizers(self, pod: Mapping[str, Any], *, remove: bool) -> dict[str, Any]:
+        """Remove the Job tracking finalizer from `pod`, or add it back; returns the pod as patched.
+
+        The removal tests the element it removes and that the pod is in the
+        phase it was read in (a pod that has just ended keeps its finalizer,
+        so the Job counts it), not its resourceVersion: a kubelet's other
+        status updates must not make it fail. Adding it back writes the whole
+        list as read, so it also tests that nothing changed since.
+        """
+        metadata = pod["metadata"]
+        finalizers = list(metadata.get("finalizers") or [])
+        patch: list[dict[str, Any]] = [{"op": "test", "path": "/metadata/uid", "value": metadata["uid"]}]
+        if remove:
+            index = finalizers.index(JOB_TRACKING_FINALIZER)
+            patch += [
+                {"op": "test", "path": "/status/phase", "value": (pod.get("status") or {}).get("phase")},
+                {"op": "test", "path": f"/metadata/finalizers/{index}", "value": JOB_TRACKING_FINALIZER},
+                {"op": "remove", "path": f"/metadata/finalizers/{index}"},
+            ]
+        else:
+            patch += [
+                {"op": "test", "path": "/metadata/resourceVersion", "value": metadata.get("resourceVersion")},
+                {"op": "add", "path": "/metadata/finalizers", "value": [*finalizers, JOB_TRACKING_FINALIZER]},
+            ]
+        return self.api.patch(
+            pod_path(metadata.get("namespace") or "default", metadata["name"]), patch, content_type=JSON_PATCH
+        )
+
+    def _track_again(self, pod: Mapping[str, Any], attempts: int = 3) -> None:
+        """Put the Job tracking finalizer back on a pod that was not evicted after all (best effort, logged)."""
+        metadata = pod["metadata"]
+        namespace, name, uid = metadata.get("namespace") or "default", metadata["name"], metadata["uid"]
+        for _ in range(attempts):
+            try:
+                current = self._current(namespace, name)
+                if (
+                    current is None
+                    or current["metadata"].get("uid") != uid
+                    or current["metadata"].get("deletionTimestamp")  # evicted after all: no finalizer may be added
+                    or JOB_TRACKING_FINALIZER in (current["metadata"].get("finalizers") or [])
+                ):
+                    return
+                self._patch_finalizers(current, remove=False)
+                return
+            except ApiError as error:
+                log.warning("putting the Job tracking finalizer back on %s/%s failed: %s", namespace, name, error)
+        log.error("pod %s/%s has lost its Job tracking finalizer: its Job will not count how it ends", namespace, name)
 
     def _recreate(self, namespace: str, pod: Mapping[str, Any], done: str) -> str:
         """Create a journaled pod; a namespace being deleted takes its pods with it, so that is done too."""

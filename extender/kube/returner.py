@@ -125,9 +125,13 @@ class Returner:
             log.info("borrower %s is gone (%s); nothing to return", request.key, error)
             self.metrics.count_return(loan, "gone")
             return
-        if borrower["metadata"].get("uid") != request.uid or borrower["metadata"].get("deletionTimestamp"):
+        if (
+            borrower["metadata"].get("uid") != request.uid
+            or borrower["metadata"].get("deletionTimestamp")
+            or (borrower.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+        ):
             self.metrics.count_return(loan, "gone")
-            return  # replaced or leaving already: the cache was behind
+            return  # replaced, leaving or ended already (its slices are free): the cache was behind
         original = ", ".join(resource for resource, _ in restore.borrower.loan.original)
         message = f"returning to {original}: {restore.reason}"
         owned = controller_of(borrower["metadata"]) is not None

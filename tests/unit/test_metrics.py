@@ -162,6 +162,27 @@ def test_a_return_counts_its_slices_by_type_and_outcome(found, restore_error, ou
     assert failed == (1 if outcome == "failed" else None)
 
 
+@pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
+def test_a_borrower_that_has_ended_meanwhile_is_not_returned(phase):
+    # The cache lags: the plan saw it running, the API server has it ended (its slices are free anyway).
+    metrics = ReturnerMetrics()
+    loaned = borrower("b1", {G1: 1}, "gpu-a", free={G2: 1})
+    planned = restore_of(loaned)
+    loaned["status"]["phase"] = phase
+    api = FakeApi({"/api/v1/namespaces/ml/pods/b1": loaned})
+    executor = FakeExecutor(api, AssertionError("an ended pod is never evicted: a Job would lose its success"))
+    returner = Returner(
+        cast(ClusterCache, None),
+        RulesInForce.fixed(RULES),
+        cast(Executor, executor),
+        EventRecorder(cast(KubeApi, api)),
+        cast(LeaderElection, None),
+        metrics=metrics,
+    )
+    returner.execute(planned)
+    assert sample(metrics.registry, "migchain_returns_total", requested="1g.5gb", granted="2g.10gb", outcome="gone")
+
+
 def test_a_bare_borrower_whose_loan_record_is_forged_is_not_returned_and_the_round_goes_on():
     metrics = ReturnerMetrics()
     loaned = borrower("b1", {G1: 1}, "gpu-a", free={G2: 1})
