@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,14 @@ LOAN_ANNOTATIONS = (
     ORIGINAL_RESOURCES_ANNOTATION,
     REPLACED_UID_ANNOTATION,
 )
+
+# A ReplicaSet scaling down removes, among its running and ready pods, those of
+# lowest deletion cost first. The pending original a borrow replaces is given
+# the lowest cost of all (it must go, not a sibling); a borrower one less than
+# its exact-fit siblings, so a scale-down frees the larger slices it holds first.
+DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
+LOWEST_DELETION_COST = -(2**31)
+HIGHEST_DELETION_COST = 2**31 - 1
 
 # Fields the API server owns: a new object must not carry them.
 _SERVER_METADATA = (
@@ -151,7 +160,8 @@ def recreatable(pod: Mapping[str, Any]) -> dict[str, Any]:
 def plan_borrow(pod: Mapping[str, Any], placement: Placement) -> BorrowPlan:
     """The replacement of a pending `pod` that asks for the placement's granted types on its node."""
     metadata = pod["metadata"]
-    keeps_name = controller_of(metadata) is None
+    controller = controller_of(metadata)
+    keeps_name = controller is None
     replacement = recreatable(pod)
     new_metadata = replacement["metadata"]
     if not keeps_name:
@@ -187,6 +197,8 @@ def plan_borrow(pod: Mapping[str, Any], placement: Placement) -> BorrowPlan:
             REPLACED_UID_ANNOTATION: metadata["uid"],
         }
     )
+    if controller is not None and controller.get("kind") == "ReplicaSet":
+        annotations[DELETION_COST_ANNOTATION] = str(_borrower_deletion_cost(annotations.get(DELETION_COST_ANNOTATION)))
     new_metadata["annotations"] = annotations
     return BorrowPlan(original=pod, replacement=replacement, placement=placement, keeps_name=keeps_name)
 
@@ -247,6 +259,14 @@ def _original_resources(text: str) -> dict[str, dict[str, dict[str, str]]]:
             ):
                 raise ObjectError(f"{where}: expected whole numbers of MIG resources")
     return record
+
+
+def _borrower_deletion_cost(own: Any) -> int:
+    """One less than the pod's own deletion cost, the one its exact-fit siblings have (0 when it has none)."""
+    cost = int(own) if isinstance(own, str) and re.fullmatch(r"-?\d{1,10}", own) else 0
+    if not LOWEST_DELETION_COST < cost <= HIGHEST_DELETION_COST:
+        cost = 0  # the mark a borrow puts on the pending original (a retried borrow reads it back), or out of range
+    return cost - 1
 
 
 def _granted_resources(values: Mapping[str, Any], grants: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:

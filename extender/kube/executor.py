@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from extender.core.cluster import REPLACED_UID_ANNOTATION, controller_of
-from extender.core.loan import BorrowPlan, recreatable
+from extender.core.loan import DELETION_COST_ANNOTATION, LOWEST_DELETION_COST, BorrowPlan, recreatable
 from extender.kube.api import JSON_PATCH, ApiError, KubeApi, path
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 JOURNAL_LABEL = "migchain.io/journal"
 JOB_TRACKING_FINALIZER = "batch.kubernetes.io/job-tracking"
 FAILPOINTS_ENV = "MIGCHAIN_FAILPOINTS"
-DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
-LOWEST_COST = str(-(2**31))
 # How long finishing a journaled borrow waits for a deleted original to go
 # before leaving it for the next recovery pass.
 FINISH_WAIT_SECONDS = 5.0
@@ -131,7 +129,10 @@ class Executor:
                     {
                         "op": "add",
                         "path": "/metadata/annotations",
-                        "value": {**(plan.original["metadata"].get("annotations") or {}), DELETION_COST: LOWEST_COST},
+                        "value": {
+                            **(plan.original["metadata"].get("annotations") or {}),
+                            DELETION_COST_ANNOTATION: str(LOWEST_DELETION_COST),
+                        },
                     },
                 ],
                 content_type=JSON_PATCH,

@@ -246,3 +246,29 @@ def test_a_forged_record_of_the_original_resources_is_refused_not_a_crash(record
     replacement["metadata"]["annotations"]["migchain.io/original-resources"] = record
     with pytest.raises(ObjectError, match=r"migchain\.io/original-resources"):
         restored_pod(replacement, restarts=1)
+
+
+@pytest.mark.parametrize(
+    ("own_cost", "borrower_cost"),
+    [
+        (None, "-1"),  # exact fits carry the default 0
+        ("100", "99"),  # a template's own cost: one less than the siblings'
+        ("-2147483648", "-1"),  # the mark a borrow puts on the pending original, read back on a retry
+        ("not a number", "-1"),
+    ],
+)
+def test_a_replicasets_borrower_costs_less_to_delete_than_its_exact_fit_siblings(own_cost, borrower_cost):
+    pod = pod_json([{G1: "1"}], owned=True)
+    if own_cost is not None:
+        pod["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"] = own_cost
+    replacement = plan_borrow(pod, borrow_on(pod, {G2: 1})).replacement
+    assert replacement["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"] == borrower_cost
+
+
+def test_only_a_replicasets_borrower_gets_a_deletion_cost():
+    bare = pod_json([{G1: "1"}], owned=False)
+    job = pod_json([{G1: "1"}], owned=True)
+    job["metadata"]["ownerReferences"][0]["kind"] = "Job"
+    for pod in (bare, job):
+        annotations = plan_borrow(pod, borrow_on(pod, {G2: 1})).replacement["metadata"]["annotations"]
+        assert "controller.kubernetes.io/pod-deletion-cost" not in annotations
