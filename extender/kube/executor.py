@@ -277,9 +277,7 @@ class Executor:
         meanwhile is left for the Job to count.
         """
         try:
-            self.evict(pod, dry_run=True)
-        except EvictionBlocked:
-            raise
+            self.evict(pod, dry_run=True)  # EvictionBlocked goes to the caller: nothing was touched
         except ApiError as error:
             # A webhook that cannot dry-run, say: the eviction itself will tell.
             log.info("dry-run eviction of %s failed (%s); evicting", pod["metadata"]["name"], error)
