@@ -64,7 +64,8 @@ class Metrics:
         )
         self.binds = Counter(
             "migchain_binds",
-            "Bind calls by outcome: bound, or refused (the scheduler retries the pod).",
+            "Bind calls by outcome: bound, or refused (the scheduler retries the pod), and kind: exact or borrow, "
+            "what was placed (refused: the borrow refused as needless, an exact fit being free elsewhere), or none.",
             ["outcome", "kind"],
             registry=self.registry,
         )

@@ -23,6 +23,7 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from extender import logs
 from extender.core.cluster import Snapshot
+from extender.filter_memory import FilterMemory
 from extender.ledger import Ledger
 from extender.metrics import Metrics, watch_rules
 from extender.reload import RulesInForce
@@ -109,12 +110,15 @@ def build_app(args: argparse.Namespace, rules: RulesInForce) -> Flask:
     metrics.watch_cluster(lambda: cache.view() if store.readiness().ready else None)
     cache.start()
     events = EventRecorder(api, socket.gethostname(), metrics.errors)
-    binder = Binder(api, cache, rules, Executor(api, args.namespace), events, metrics=metrics, dry_run=args.dry_run)
+    memory = FilterMemory(store)
+    binder = Binder(
+        api, cache, rules, Executor(api, args.namespace), events, metrics=metrics, memory=memory, dry_run=args.dry_run
+    )
 
     threading.Thread(
         target=binder.keep_journal_finished, args=(threading.Event(),), name="journal-recovery", daemon=True
     ).start()
-    return create_app(settings, rules, store, binder, metrics)
+    return create_app(settings, rules, store, binder, metrics, filter_log=memory)
 
 
 def read_snapshot(path: str) -> Snapshot:
