@@ -81,6 +81,15 @@ class Metrics:
             ["requested", "granted"],
             registry=self.registry,
         )
+        self.requeues = Counter(
+            "migchain_requeues",
+            "Pods refused while migchain's view of the cluster lagged kube-scheduler's that migchain then asked "
+            "kube-scheduler to retry (an annotation patch), by outcome: requeued, gone (the pod went or was "
+            "replaced first), refused (the API server refused the patch), failed (no answer or a server error; "
+            "given up after retries).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.errors = Errors(self.registry)
 
     def count_borrow(self, placement: Placement, *, dry_run: bool = False) -> None:

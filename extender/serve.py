@@ -103,6 +103,7 @@ def build_app(args: argparse.Namespace, rules: RulesInForce) -> Flask:
     from extender.kube.cache import ClusterCache
     from extender.kube.events import EventRecorder
     from extender.kube.executor import Executor
+    from extender.kube.requeue import Requeuer
 
     api = KubeApi(Connection.load(args.kubeconfig), pool_size=args.threads + 4)
     store = SnapshotStore(ready=False, detail="waiting for the first list of nodes and pods")
@@ -110,7 +111,7 @@ def build_app(args: argparse.Namespace, rules: RulesInForce) -> Flask:
     metrics.watch_cluster(lambda: cache.view() if store.readiness().ready else None)
     cache.start()
     events = EventRecorder(api, socket.gethostname(), metrics.errors)
-    memory = FilterMemory(store)
+    memory = FilterMemory(store, wake=cache.changed)
     binder = Binder(
         api, cache, rules, Executor(api, args.namespace), events, metrics=metrics, memory=memory, dry_run=args.dry_run
     )
@@ -118,6 +119,8 @@ def build_app(args: argparse.Namespace, rules: RulesInForce) -> Flask:
     threading.Thread(
         target=binder.keep_journal_finished, args=(threading.Event(),), name="journal-recovery", daemon=True
     ).start()
+    requeuer = Requeuer(api, cache, memory, rules, metrics)
+    threading.Thread(target=requeuer.run, args=(threading.Event(),), name="requeue", daemon=True).start()
     return create_app(settings, rules, store, binder, metrics, filter_log=memory)
 
 
