@@ -64,7 +64,8 @@ class Metrics:
         )
         self.binds = Counter(
             "migchain_binds",
-            "Bind calls by outcome: bound, or refused (the scheduler retries the pod).",
+            "Bind calls by outcome: bound, or refused (the scheduler retries the pod), and kind: exact or borrow, "
+            "what was placed (refused: the borrow refused as needless, an exact fit being free elsewhere), or none.",
             ["outcome", "kind"],
             registry=self.registry,
         )
@@ -78,6 +79,15 @@ class Metrics:
             "migchain_dry_run_borrows",
             "Slices a bind would have borrowed, had dry-run not been on (the pod stays pending).",
             ["requested", "granted"],
+            registry=self.registry,
+        )
+        self.requeues = Counter(
+            "migchain_requeues",
+            "Pods refused while migchain's view of the cluster lagged kube-scheduler's that migchain then asked "
+            "kube-scheduler to retry (an annotation patch), by outcome: requeued, gone (the pod went or was "
+            "replaced first), refused (the API server refused the patch), failed (no answer or a server error; "
+            "given up after retries).",
+            ["outcome"],
             registry=self.registry,
         )
         self.errors = Errors(self.registry)

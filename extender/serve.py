@@ -23,6 +23,7 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from extender import logs
 from extender.core.cluster import Snapshot
+from extender.filter_memory import FilterMemory
 from extender.ledger import Ledger
 from extender.metrics import Metrics, watch_rules
 from extender.reload import RulesInForce
@@ -102,6 +103,7 @@ def build_app(args: argparse.Namespace, rules: RulesInForce) -> Flask:
     from extender.kube.cache import ClusterCache
     from extender.kube.events import EventRecorder
     from extender.kube.executor import Executor
+    from extender.kube.requeue import Requeuer
 
     api = KubeApi(Connection.load(args.kubeconfig), pool_size=args.threads + 4)
     store = SnapshotStore(ready=False, detail="waiting for the first list of nodes and pods")
@@ -109,12 +111,17 @@ def build_app(args: argparse.Namespace, rules: RulesInForce) -> Flask:
     metrics.watch_cluster(lambda: cache.view() if store.readiness().ready else None)
     cache.start()
     events = EventRecorder(api, socket.gethostname(), metrics.errors)
-    binder = Binder(api, cache, rules, Executor(api, args.namespace), events, metrics=metrics, dry_run=args.dry_run)
+    memory = FilterMemory(store, wake=cache.changed)
+    binder = Binder(
+        api, cache, rules, Executor(api, args.namespace), events, metrics=metrics, memory=memory, dry_run=args.dry_run
+    )
 
     threading.Thread(
         target=binder.keep_journal_finished, args=(threading.Event(),), name="journal-recovery", daemon=True
     ).start()
-    return create_app(settings, rules, store, binder, metrics)
+    requeuer = Requeuer(api, cache, memory, rules, metrics)
+    threading.Thread(target=requeuer.run, args=(threading.Event(),), name="requeue", daemon=True).start()
+    return create_app(settings, rules, store, binder, metrics, filter_log=memory)
 
 
 def read_snapshot(path: str) -> Snapshot:

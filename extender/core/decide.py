@@ -211,6 +211,43 @@ def filter_nodes(
     return FilterDecision(tuple(passed), failed, unresolvable)
 
 
+def cheapest_cost(pod: PodRequest, node_names: Iterable[str], snapshot: Snapshot, rules: ChainRules) -> int | None:
+    """The lowest cost at which `pod` fits any of the named nodes (0: an exact fit), or None if it fits none."""
+    return min(_costs(pod, node_names, snapshot, rules), default=None)
+
+
+def refuse_needless_borrow(
+    pod: PodRequest, placement: Placement, candidates: Iterable[str], snapshot: Snapshot, rules: ChainRules
+) -> Verdict:
+    """`placement`, or its refusal when another of the `candidates` now fits the pod at a lower cost.
+
+    The filter passes only the cheapest fits, but between filter and bind a
+    concurrent bind can take the chosen node's last exact slice. Borrowing
+    there anyway would borrow while an exact slice sits free on another node
+    kube-scheduler found feasible; refused, the pod is scheduled again.
+    `candidates` must be nodes the pod may run on (they passed kube-scheduler's
+    own filters), since migchain cannot redo those.
+    """
+    if not placement.borrows:
+        return placement
+    costs = _costs(pod, candidates, snapshot, rules)
+    best = min(costs, default=None)
+    if best is None or best >= placement.cost:
+        return placement
+    better = "an exact fit" if best == 0 else f"a borrow of cost {best}"
+    return Rejection(
+        placement.node,
+        f"on this node it now {placement.describe()}, while {costs.count(best)} other feasible node(s) offer {better}",
+    )
+
+
+def _costs(pod: PodRequest, node_names: Iterable[str], snapshot: Snapshot, rules: ChainRules) -> list[int]:
+    """The cost of the pod on each named node it fits."""
+    return [
+        outcome.cost for outcome in _outcomes(pod, node_names, snapshot, rules).values() if outcome.cost is not None
+    ]
+
+
 def score(verdict: Verdict) -> int:
     """0..10: an exact fit beats any borrow, fewer steps beat more, and a tighter fit beats a looser one.
 

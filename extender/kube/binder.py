@@ -20,12 +20,14 @@ from extender.core.cluster import (
     BindRequest,
     ObjectError,
     PodRecord,
+    PodRequest,
     pod_record,
     pod_request,
 )
-from extender.core.decide import Placement, Rejection, place
+from extender.core.decide import Placement, Rejection, place, refuse_needless_borrow
 from extender.core.loan import plan_borrow
 from extender.core.rules import ChainRules
+from extender.filter_memory import FilterMemory
 from extender.kube.api import ApiError, KubeApi
 from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder, pod_reference
@@ -47,7 +49,7 @@ RECOVERY_SWEEP_SECONDS = 60.0
 @dataclass(frozen=True)
 class BindOutcome:
     error: str  # "" on success: the field kube-scheduler reads
-    placement: Placement | None = None
+    placement: Placement | None = None  # what was placed; on a refusal, a needless borrow refused, if that was why
 
 
 class Binder:
@@ -60,6 +62,7 @@ class Binder:
         events: EventRecorder,
         *,
         metrics: Metrics | None = None,
+        memory: FilterMemory | None = None,
         dry_run: bool = False,
     ) -> None:
         self.dry_run = dry_run  # --dry-run: every borrow only announced; the chains' policy can add namespaces
@@ -70,6 +73,7 @@ class Binder:
         self.executor = executor
         self.events = events
         self.metrics = metrics if metrics is not None else Metrics()
+        self.memory = memory  # the nodes each pod's last filter call named: where it may run instead
         self._journal_dirty = threading.Event()  # a borrow failed: its journal entry may need finishing
 
     def bind(self, args: BindRequest) -> BindOutcome:
@@ -91,6 +95,13 @@ class Binder:
             verdict = place(record.request, state, args.node, rules)
             if isinstance(verdict, Rejection):
                 return self._refuse(f"node {args.node} no longer fits pod {record.request.key}: {verdict.reason}")
+            needless = self._needless_borrow(record.request, verdict, rules)
+            if needless is not None:
+                return self._refuse(
+                    f"not binding {record.request.key} to {args.node}: {needless.reason}; migchain never borrows "
+                    "needlessly: kube-scheduler retries the pod",
+                    verdict,
+                )
             if verdict.borrows and self._dry_run(rules, record.request.namespace, verdict):
                 return self._would_borrow(record, verdict)
             # A reservation left by an earlier try of unknown outcome: that try may
@@ -119,6 +130,8 @@ class Binder:
             return BindOutcome(f"placing {record.request.key} on {args.node} failed: {error}")
         if verdict.borrows:
             self.metrics.count_borrow(verdict)
+        if self.memory is not None:
+            self.memory.forget(record.request.uid)
         log.info(
             "placed %s on %s: %s",
             record.request.key,
@@ -149,10 +162,24 @@ class Binder:
             )
         return BindOutcome(f"dry run: {message}; migchain replaces no pod in dry-run, so the pod stays pending")
 
-    def _refuse(self, reason: str) -> BindOutcome:
-        """A bind this state of the cluster does not allow (the pod changed, or the node filled up)."""
+    def _needless_borrow(self, pod: PodRequest, placement: Placement, rules: ChainRules) -> Rejection | None:
+        """Why a borrow on the chosen node would be needless now, or None. Call under the cache's lock.
+
+        Only the nodes kube-scheduler named in the pod's last filter call count
+        as elsewhere: those passed its own filters, which migchain cannot redo.
+        Without them (the pod is not remembered) the bind borrows as before.
+        """
+        candidates = self.memory.candidates(pod.uid) if self.memory is not None and placement.borrows else ()
+        if not candidates:
+            return None
+        snapshot = self.cache.ledger.snapshot().for_pod(pod.uid)
+        verdict = refuse_needless_borrow(pod, placement, candidates, snapshot, rules)
+        return verdict if isinstance(verdict, Rejection) else None
+
+    def _refuse(self, reason: str, refused: Placement | None = None) -> BindOutcome:
+        """A bind this state of the cluster does not allow (the pod changed, the node filled up, a needless borrow)."""
         self.metrics.errors.count("binder", "refused")
-        return BindOutcome(reason)
+        return BindOutcome(reason, refused)
 
     def _bind(self, args: BindRequest) -> None:
         self.api.create(

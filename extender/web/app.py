@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -11,7 +12,7 @@ from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge, UnsupportedMediaType
 
-from extender.core.cluster import BindRequest
+from extender.core.cluster import BindRequest, PodRequest, Snapshot
 from extender.core.decide import Placement, filter_nodes, nodes_to_pass, score_nodes
 from extender.metrics import Metrics
 from extender.reload import RulesInForce
@@ -28,6 +29,12 @@ class BindResult(Protocol):
 
 class Binder(Protocol):
     def bind(self, args: BindRequest) -> BindResult: ...
+
+
+class FilterLog(Protocol):
+    """Where filter notes each call (extender.filter_memory): the only state a filter call leaves behind."""
+
+    def filtered(self, pod: PodRequest, node_names: Sequence[str], refused: bool, decided_on: Snapshot) -> None: ...
 
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,7 @@ class _Context:
     binder: Binder | None
     metrics: Metrics
     pass_all_nodes: bool
+    filter_log: FilterLog | None
 
 
 routes = Blueprint("extender", __name__)
@@ -68,12 +76,14 @@ def create_app(
     store: SnapshotStore,
     binder: Binder | None = None,
     metrics: Metrics | None = None,
+    *,
+    filter_log: FilterLog | None = None,
 ) -> Flask:
     """The extender's WSGI app. Without a binder (standalone, no cluster) /bind answers 503."""
     app = Flask("migchain")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["migchain"] = _Context(
-        rules, store, binder, metrics if metrics is not None else Metrics(), settings.pass_all_nodes
+        rules, store, binder, metrics if metrics is not None else Metrics(), settings.pass_all_nodes, filter_log
     )
     app.register_blueprint(routes)
     app.before_request(_start_clock)
@@ -114,9 +124,14 @@ def _body() -> bytes:
 def filter_() -> Response:
     args = wire.extender_args(_body())
     context = _context()
-    snapshot = wire.overlay(args, context.store.snapshot().for_pod(args.pod.uid))
+    current = context.store.snapshot()
+    snapshot = wire.overlay(args, current.for_pod(args.pod.uid))
     keep = None if context.pass_all_nodes else nodes_to_pass(len(snapshot.nodes))
     decision = filter_nodes(args.pod, args.node_names, snapshot, context.rules.current(), keep)
+    if context.filter_log is not None:
+        # For the bind (where else the pod may run) and, when every node refused
+        # it, for a retry once migchain's view catches up with the scheduler's.
+        context.filter_log.filtered(args.pod, args.node_names, not decision.passed, current)
     return _json(wire.filter_result(args, decision))
 
 

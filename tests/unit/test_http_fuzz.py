@@ -83,7 +83,9 @@ def test_a_real_request_with_any_one_value_replaced_gets_json_2xx_or_4xx(edit, v
 
 
 @given(
-    path=st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="?#%"), max_size=20),
+    # "?#%" change what the path is, and werkzeug's test client parses "[" as an IPv6 host before any
+    # request is made: those are the client's limits, not the server's.
+    path=st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="?#%[]"), max_size=20),
     method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
 )
 def test_any_path_and_method_get_a_json_answer(path, method):

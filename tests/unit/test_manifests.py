@@ -79,6 +79,7 @@ API_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
     ("extender/kube/executor.py", "get"): (3, [Access(EXTENDER, "get", "pods", TEAM)]),
     ("extender/kube/executor.py", "list_all"): (1, [Access(EXTENDER, "list", "configmaps", NAMESPACE)]),
     ("extender/kube/executor.py", "patch"): (3, [Access(EXTENDER, "patch", "pods", TEAM)]),
+    ("extender/kube/requeue.py", "patch"): (1, [Access(EXTENDER, "patch", "pods", TEAM)]),
     ("extender/kube/lease.py", "create"): (
         1,
         [Access(EXTENDER, "create", "leases", NAMESPACE, group="coordination.k8s.io")],

@@ -376,6 +376,7 @@ def test_the_cluster_gauges_and_counters_are_all_named_by_convention():
         "migchain_binds": "counter",
         "migchain_borrows": "counter",
         "migchain_dry_run_borrows": "counter",
+        "migchain_requeues": "counter",
         "migchain_errors": "counter",
         "migchain_loans": "gauge",
         "migchain_free_slices": "gauge",
