@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 
-from extender.core.cluster import MigCounts, controller_of
+from extender.core.cluster import MIGCHAIN_SCHEDULER, MigCounts, controller_of
 from extender.core.loan import restored_pod
 from extender.core.returns import Restore, borrowers_of, pending_requests, plan_returns
 from extender.kube.api import ApiError
@@ -46,7 +46,9 @@ class Returner:
         interval: float = 2.0,
         metrics: ReturnerMetrics | None = None,
         dry_run: bool = False,
+        schedulers: tuple[str, ...] = (MIGCHAIN_SCHEDULER,),
     ) -> None:
+        self.schedulers = schedulers  # --scheduler-name: pending pods for these are demand; others never cost a return
         self.dry_run = dry_run  # --dry-run: returns only announced; the chains' policy can add namespaces
         self._announced: set[str] = set()  # borrower UIDs already told "would return"
         self.cache = cache
@@ -83,7 +85,7 @@ class Returner:
         snapshot, records = self.cache.view()
         rules = self.rules.current()  # once: a round plans on one version of the rules
         borrowers = borrowers_of(records, rules)
-        pending = pending_requests(records)
+        pending = pending_requests(records, self.schedulers)
         now = time.monotonic()
         back = {r.request.key: r.request.uid for r in records}
         # A claim ends when its pod is back (a bare pod: same name, new UID; then it
