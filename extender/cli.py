@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from extender.config import ConfigError, load_rules
+from extender.core.cluster import MIGCHAIN_SCHEDULER
 from extender.core.mig import short_name
 from extender.sim.engine import SimPolicy
 
@@ -168,7 +169,13 @@ def _explain(args: argparse.Namespace) -> int:
     from extender.kube.explain import run
 
     return run(
-        args.pod, args.namespace, kubeconfig=args.kubeconfig, chains=args.chains, nodes=args.nodes, output=args.output
+        args.pod,
+        args.namespace,
+        kubeconfig=args.kubeconfig,
+        chains=args.chains,
+        nodes=args.nodes,
+        output=args.output,
+        schedulers=args.scheduler_name or (MIGCHAIN_SCHEDULER,),
     )
 
 
@@ -256,8 +263,16 @@ def parser(prog: str = "migchain") -> argparse.ArgumentParser:
         "--nodes",
         nargs="+",
         metavar="NODE",
-        help="the candidate nodes, as kube-scheduler would send them; default: the nodes matching the pod's "
-        "spec.nodeSelector (kube-scheduler's other filters, such as taints and CPU, are not applied)",
+        help="the candidate nodes, as kube-scheduler would send them; default: the nodes the pod may run on by its "
+        "nodeSelector, required node affinity and tolerations (kube-scheduler's other filters, such as CPU, "
+        "are not applied)",
+    )
+    explain.add_argument(
+        "--scheduler-name",
+        action="append",
+        metavar="NAME",
+        help="a schedulerName migchain's profile serves, as the returner's --scheduler-name "
+        "(repeatable; default migchain-scheduler): pending pods for other schedulers are no demand",
     )
     explain.add_argument("-o", "--output", choices=["table", "json"], default="table")
     explain.set_defaults(run=_explain)

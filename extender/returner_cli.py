@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from extender import logs
+from extender.core.cluster import MIGCHAIN_SCHEDULER
 from extender.kube.api import Connection, KubeApi
 from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder
@@ -42,6 +43,13 @@ def parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="decide every return as usual, log, count and announce it (WouldReturn events), but evict nothing",
+    )
+    cli.add_argument(
+        "--scheduler-name",
+        action="append",
+        metavar="NAME",
+        help=f"a schedulerName migchain's scheduler profile serves (repeatable; default {MIGCHAIN_SCHEDULER}): "
+        "pending pods naming another scheduler never cause a return",
     )
     cli.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     cli.add_argument("--log-format", default="text", choices=logs.FORMATS, help="text lines, or one JSON object a line")
@@ -98,7 +106,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     threading.Thread(target=election.run, args=(stop,), name="lease", daemon=True).start()
     events = EventRecorder(api, args.identity, metrics.errors)
     returner = Returner(
-        cache, rules_in_force, Executor(api, args.namespace), events, election, metrics=metrics, dry_run=args.dry_run
+        cache,
+        rules_in_force,
+        Executor(api, args.namespace),
+        events,
+        election,
+        metrics=metrics,
+        dry_run=args.dry_run,
+        schedulers=tuple(args.scheduler_name or (MIGCHAIN_SCHEDULER,)),
     )
     log.info("returner %s started; acting only while it holds the lease", args.identity)
     returner.run(stop)

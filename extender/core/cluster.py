@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
+from extender.core.constraints import (
+    ANYWHERE,
+    HARD_TAINT_EFFECTS,
+    UNSCHEDULABLE_TAINT,
+    NodeConstraints,
+    Taint,
+    node_constraints,
+)
 from extender.core.mig import is_mig_resource
 
 # Annotation keys: one domain prefix, documented in README.
@@ -21,6 +30,12 @@ PINNED_OWNERS = ("StatefulSet", "DaemonSet")
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 MIG_CONFIG_STATE_LABEL = "nvidia.com/mig.config.state"
+
+# The scheduler profile scheduler-config.yaml serves: pods naming it are the
+# ones migchain places, so the only ones whose wait a return can end.
+MIGCHAIN_SCHEDULER = "migchain-scheduler"
+DEFAULT_SCHEDULER = "default-scheduler"  # what the API server writes into a pod that names none
+MAX_GATES_KEPT = 8  # scheduling gates named in explanations; any gate at all counts
 
 
 class ObjectError(ValueError):
@@ -39,6 +54,7 @@ class PodRequest:
     uid: str
     mig: MigCounts
     no_borrow: str = ""  # why this pod may not borrow; empty when it may
+    constraints: NodeConstraints = ANYWHERE  # which nodes it may run on
 
     @property
     def may_borrow(self) -> bool:
@@ -47,6 +63,15 @@ class PodRequest:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def may_run_on(self, node: NodeState) -> bool:
+        """Whether kube-scheduler may put this pod on `node` by the pod's own rules and the node's taints.
+
+        The one test of where a pod may run for everything that plans ahead of
+        kube-scheduler (the return planner, the simulator, `migchain explain`);
+        filter and prioritize need none, kube-scheduler applied it before asking.
+        """
+        return self.constraints.admits(node)
 
 
 @dataclass(frozen=True)
@@ -71,10 +96,28 @@ class PodRecord:
     created: str = ""  # creationTimestamp (RFC 3339 sorts as text)
     migchain: Mapping[str, str] = field(default_factory=dict)  # its migchain.io/ annotations (the loan record)
     owner: str = ""  # the UID of its controller (ownerReference with controller: true); "" for a bare pod
+    scheduler_name: str = MIGCHAIN_SCHEDULER  # spec.schedulerName: which scheduler places it
+    gates: tuple[str, ...] = ()  # spec.schedulingGates (at most MAX_GATES_KEPT named): none schedules it while any
 
     @property
     def holds_slices(self) -> bool:
         return bool(self.node) and not self.terminal and bool(self.request.mig)
+
+    def waits_for(self, schedulers: Collection[str]) -> bool:
+        """Pending for MIG slices and, once they are free, placed by one of `schedulers`: demand a return can serve.
+
+        Unbound, not finished, not on its way out, asking for MIG, naming one of
+        `schedulers` and held by no scheduling gate. A pod for another scheduler,
+        or gated, waits whatever migchain frees: it must never cost a restart.
+        """
+        return (
+            not self.node
+            and not self.terminal
+            and not self.terminating
+            and bool(self.request.mig)
+            and self.scheduler_name in schedulers
+            and not self.gates
+        )
 
 
 @dataclass(frozen=True)
@@ -86,6 +129,10 @@ class NodeState:
     mig_config_state: str | None = None  # None: no MIG manager label on the node
     allocatable: Mapping[str, int] = field(default_factory=dict)
     used: Mapping[str, int] = field(default_factory=dict)
+    # What pods' placement rules match, never what filter or prioritize read:
+    # kept out of `signature`, so nodes that differ only here share a decision.
+    labels: Mapping[str, str] = field(default_factory=dict)
+    taints: tuple[Taint, ...] = ()  # NoSchedule and NoExecute taints only; a cordon counts as one
 
     @property
     def offers_slices(self) -> bool:
@@ -263,16 +310,21 @@ def _no_borrow(metadata: Mapping[str, Any], annotations: Mapping[str, Any]) -> s
 
 
 def pod_request(pod: Any) -> PodRequest:
-    """Read a Pod object (as JSON) into the core's request; raise ObjectError naming the bad field."""
+    """Read a Pod object (as JSON) into the core's request; raise ObjectError naming the bad field.
+
+    Its placement rules never raise: rules that cannot be read make a pod that may run nowhere.
+    """
     pod = _mapping(pod, "Pod")
     metadata = _mapping(pod.get("metadata"), "Pod.metadata")
     annotations = _mapping(metadata.get("annotations"), "Pod.metadata.annotations")
+    spec = _mapping(pod.get("spec"), "Pod.spec")
     return PodRequest(
         namespace=_string(metadata.get("namespace"), "Pod.metadata.namespace") or "default",
         name=_string(metadata.get("name"), "Pod.metadata.name"),
         uid=_string(metadata.get("uid"), "Pod.metadata.uid"),
-        mig=pod_mig_requests(_mapping(pod.get("spec"), "Pod.spec")),
+        mig=pod_mig_requests(spec),
         no_borrow=_no_borrow(metadata, annotations),
+        constraints=node_constraints(spec),
     )
 
 
@@ -281,7 +333,7 @@ def pod_record(pod: Any) -> PodRecord:
     request = pod_request(pod)
     spec = _mapping(pod.get("spec"), "Pod.spec")
     status = _mapping(pod.get("status"), "Pod.status")
-    metadata = pod["metadata"]
+    metadata = _mapping(pod.get("metadata"), "Pod.metadata")
     annotations = _mapping(metadata.get("annotations"), "Pod.metadata.annotations")
     controller = controller_of(metadata) or {}
     return PodRecord(
@@ -297,7 +349,28 @@ def pod_record(pod: Any) -> PodRecord:
             if key.startswith(ANNOTATION_PREFIX) and isinstance(value, str)
         },
         owner=_string(controller.get("uid"), "Pod.metadata.ownerReferences[controller].uid"),
+        scheduler_name=_scheduler_name(spec.get("schedulerName")),
+        gates=_gates(spec.get("schedulingGates")),
     )
+
+
+def _scheduler_name(value: Any) -> str:
+    if value is None or value == "":
+        return DEFAULT_SCHEDULER  # what the API server would have written
+    return sys.intern(value) if isinstance(value, str) else ""  # unreadable: no scheduler's
+
+
+def _gates(value: Any) -> tuple[str, ...]:
+    """The names of a pod's scheduling gates; a gate that cannot be read still gates it."""
+    if not value:
+        return ()
+    if not isinstance(value, list):
+        return ("(unreadable)",)
+    names = []
+    for item in value[:MAX_GATES_KEPT]:
+        name = item.get("name") if isinstance(item, Mapping) else None
+        names.append(name if isinstance(name, str) and name else "(unreadable)")
+    return tuple(names)
 
 
 def node_state(node: Any, used: Mapping[str, int] | None = None) -> NodeState:
@@ -308,6 +381,7 @@ def node_state(node: Any, used: Mapping[str, int] | None = None) -> NodeState:
     if not name:
         raise ObjectError("Node.metadata.name: missing")
     labels = _mapping(metadata.get("labels"), f"Node {name}: metadata.labels")
+    spec = _mapping(node.get("spec"), f"Node {name}: spec")
     status = _mapping(node.get("status"), f"Node {name}: status")
     allocatable = _mapping(status.get("allocatable"), f"Node {name}: status.allocatable")
     state = labels.get(MIG_CONFIG_STATE_LABEL)
@@ -321,4 +395,30 @@ def node_state(node: Any, used: Mapping[str, int] | None = None) -> NodeState:
             if is_mig_resource(resource)
         },
         used=dict(used or {}),
+        # Interned: thousands of nodes share most label keys and values, and the cache keeps them all.
+        labels={
+            sys.intern(key): sys.intern(value)
+            for key, value in labels.items()
+            if isinstance(key, str) and isinstance(value, str)
+        },
+        taints=_taints(spec, name),
     )
+
+
+def _taints(spec: Mapping[str, Any], name: str) -> tuple[Taint, ...]:
+    """The node's taints that keep pods off it at scheduling, a cordon (spec.unschedulable) among them."""
+    taints = []
+    for index, item in enumerate(_sequence(spec.get("taints"), f"Node {name}: spec.taints")):
+        taint = _mapping(item, f"Node {name}: spec.taints[{index}]")
+        effect = taint.get("effect")
+        if effect in HARD_TAINT_EFFECTS:
+            taints.append(
+                Taint(
+                    _string(taint.get("key"), f"Node {name}: spec.taints[{index}].key"),
+                    _string(taint.get("value"), f"Node {name}: spec.taints[{index}].value"),
+                    str(effect),
+                )
+            )
+    if spec.get("unschedulable") is True:
+        taints.append(Taint(UNSCHEDULABLE_TAINT, "", "NoSchedule"))
+    return tuple(taints)

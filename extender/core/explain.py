@@ -9,13 +9,12 @@ admin sees why. No I/O, no clock.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from extender.core.cluster import MigCounts, NodeState, PodRecord, PodRequest, Snapshot
+from extender.core.cluster import MIGCHAIN_SCHEDULER, MigCounts, NodeState, PodRecord, PodRequest, Snapshot
 from extender.core.decide import (
     MAX_BORROW_DEMANDS,
     FilterDecision,
@@ -35,7 +34,9 @@ from extender.core.returns import (
     borrowers_of,
     pending_requests,
     plan_returns,
+    restored_request,
     return_mode_of,
+    worth_a_return,
 )
 from extender.core.rules import BorrowOption, Chain, ChainRules, ReturnMode
 from extender.core.status import text_table
@@ -120,22 +121,16 @@ class Explanation:
         return tuple(node.name for node in self.nodes if node.answer is Answer.PASSED)
 
 
-def candidate_nodes(pod: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]]) -> list[str]:
-    """The names of the Node objects whose labels match the pod's spec.nodeSelector, sorted.
+def candidate_nodes(request: PodRequest, snapshot: Snapshot) -> list[str]:
+    """The nodes migchain knows that the pod may run on (`PodRequest.may_run_on`), sorted.
 
-    A nodeSelector is how MIG pods are usually pointed at their GPU nodes.
-    kube-scheduler's other filters (taints, affinity, CPU and memory, cordons)
-    are not applied here, so this may name a node kube-scheduler would never
-    send to migchain; `migchain explain --nodes` gives the list exactly.
+    That is kube-scheduler's nodeSelector, required node affinity, taint and
+    cordon filters, as the return planner applies them. Its other filters (CPU
+    and memory, pod affinity, topology spread) are not applied, so this may
+    name a node kube-scheduler would never send to migchain;
+    `migchain explain --nodes` gives the list exactly.
     """
-    selector = (pod.get("spec") or {}).get("nodeSelector") or {}
-    names = []
-    for node in nodes:
-        metadata = node.get("metadata") or {}
-        labels = metadata.get("labels") or {}
-        if all(labels.get(key) == value for key, value in selector.items()) and metadata.get("name"):
-            names.append(str(metadata["name"]))
-    return sorted(names)
+    return sorted(name for name, node in snapshot.nodes.items() if request.may_run_on(node))
 
 
 def explain(
@@ -147,11 +142,13 @@ def explain(
     *,
     budget: int | None = None,
     candidates_from: str = "",
+    schedulers: Sequence[str] = (MIGCHAIN_SCHEDULER,),
 ) -> Explanation:
     """What /filter and /prioritize answer for `pod` over `candidates`, and the returner's view of it.
 
     `records` are every pod of the cluster (the pod itself among them): they
-    give the borrowers and the pending pods `plan_returns` plans over.
+    give the borrowers and the pending pods `plan_returns` plans over, those
+    for `schedulers` (the returner's --scheduler-name).
     `budget` defaults to the extender's, `nodes_to_pass(len(snapshot.nodes))`.
     """
     request = pod.request
@@ -170,8 +167,9 @@ def explain(
     verdicts.sort(key=_display_order)
     records = list(records)
     borrowers = borrowers_of(records, rules)
-    plans = plan_returns(snapshot, borrowers, pending_requests(records), rules) if borrowers else ()
-    outlook = _outlook(pod, snapshot, rules, records=records, borrowers=borrowers, plans=plans)
+    pending = pending_requests(records, schedulers)
+    plans = plan_returns(snapshot, borrowers, pending, rules) if borrowers else ()
+    outlook = _outlook(pod, snapshot, rules, pending=pending, borrowers=borrowers, plans=plans)
     requests = _request_policies(request, snapshot, candidates, rules)
     named = {chain for line in requests for chain in line.chains}
     return Explanation(
@@ -185,7 +183,7 @@ def explain(
         chains=tuple(chain for chain in rules.chains if chain.name in named),
         outlook=outlook,
         unblocking=tuple(plan for plan in plans if plan.unblocks == request.key),
-        notes=_notes(pod),
+        notes=_notes(pod, schedulers),
     )
 
 
@@ -231,11 +229,12 @@ def _state(pod: PodRecord) -> str:
     return f"bound to {pod.node}" if pod.node else "pending"
 
 
-def _notes(pod: PodRecord) -> tuple[str, ...]:
+def _notes(pod: PodRecord, schedulers: Sequence[str]) -> tuple[str, ...]:
     request = pod.request
     notes = []
     if not request.mig:
         notes.append("it asks for no MIG slice: kube-scheduler does not consult migchain for it")
+    notes += _demand_notes(pod, schedulers)
     if request.no_borrow:
         notes.append(f"it may not borrow: {request.no_borrow}")
     elif len(request.mig) > MAX_BORROW_DEMANDS:
@@ -251,6 +250,23 @@ def _notes(pod: PodRecord) -> tuple[str, ...]:
             "with the pod's own slices counted as used"
         )
     return tuple(notes)
+
+
+def _demand_notes(pod: PodRecord, schedulers: Sequence[str]) -> list[str]:
+    """For a pending pod: whether, and where, the returner counts it as waiting."""
+    if pod.node or pod.terminal or pod.terminating or not pod.request.mig:
+        return []
+    constraints = pod.request.constraints
+    if pod.scheduler_name not in schedulers:
+        served = ", ".join(schedulers)
+        return [f"no return is made for it: its schedulerName {pod.scheduler_name!r} is not migchain's ({served})"]
+    if pod.gates:
+        return [f"no return is made for it while it has scheduling gates ({', '.join(pod.gates)})"]
+    if constraints.unreadable:
+        return [f"no return is made for it: {constraints.describe()}"]
+    if constraints.depends_on_pods:
+        return [f"no return is made for it: with {constraints.depends_on_pods}, where it may run depends on other pods"]
+    return [f"the returner counts it as waiting on the nodes it may run on ({constraints.describe()})"]
 
 
 def _request_policies(
@@ -271,7 +287,7 @@ def _outlook(
     snapshot: Snapshot,
     rules: ChainRules,
     *,
-    records: Sequence[PodRecord],
+    pending: Sequence[PodRequest],
     borrowers: Sequence[Borrower],
     plans: Sequence[Restore],
 ) -> ReturnOutlook | None:
@@ -301,7 +317,7 @@ def _outlook(
         )
     restore = next((plan for plan in plans if plan.borrower.key == me.key), None)
     original, borrowed = _counts(loan.original), _counts(loan.borrowed)
-    homes = _exact_homes(pod.request, loan, snapshot, rules)
+    homes = _exact_homes(me, snapshot, rules)
     facts = [
         f"free {original} where it fits exactly: "
         + (", ".join(homes) if homes else "none")
@@ -309,11 +325,12 @@ def _outlook(
     ]
     waiting: list[str] = []
     if me.mode is ReturnMode.ON_DEMAND and not me.held_back:
-        blocked = _blocked(records, snapshot, rules)
+        blocked = blocked_pending(snapshot, pending, rules)  # as the returner plans (no claims here)
         waiting = _waiting_for(blocked, loan, snapshot.nodes.get(pod.node), rules)
         facts.append("pending pods that fit nowhere now: " + (", ".join(w.key for w in blocked) or "none"))
         facts.append(
-            f"of them, fitting the {borrowed} it would give back on {pod.node}: " + (", ".join(waiting) or "none")
+            f"of them, allowed on {pod.node} and fitting the {borrowed} it would give back there: "
+            + (", ".join(waiting) or "none")
         )
     if me.held_back:
         condition = f"never while {me.held_back}"
@@ -327,7 +344,7 @@ def _outlook(
     else:
         condition = (
             f"when a {original} is free on a node where it fits exactly and a pending pod that fits nowhere "
-            f"would fit the {borrowed} it gives back on {pod.node} (on-demand)"
+            f"may run on {pod.node} and would fit the {borrowed} it gives back there (on-demand)"
         )
     why_not = ""
     if restore is None:
@@ -358,26 +375,24 @@ def _outlook(
     )
 
 
-def _exact_homes(request: PodRequest, loan: Loan, snapshot: Snapshot, rules: ChainRules) -> list[str]:
-    """Nodes where the borrower's original request fits exactly now, as its restored pod would ask."""
-    restored = dataclasses.replace(request, mig=loan.original, no_borrow="restoring a borrower")
+def _exact_homes(borrower: Borrower, snapshot: Snapshot, rules: ChainRules) -> list[str]:
+    """Nodes where the borrower's original request fits exactly now and it may run, as its restored pod would ask."""
+    restored = restored_request(borrower)
     return [
         name
         for name, node in sorted(snapshot.nodes.items())
-        if isinstance(place(restored, node, name, rules), Placement)
+        if restored.may_run_on(node) and isinstance(place(restored, node, name, rules), Placement)
     ]
 
 
-def _blocked(records: Sequence[PodRecord], snapshot: Snapshot, rules: ChainRules) -> list[PodRequest]:
-    return blocked_pending(snapshot, pending_requests(records), rules)  # as the returner plans (no claims here)
-
-
 def _waiting_for(blocked: Sequence[PodRequest], loan: Loan, home: NodeState | None, rules: ChainRules) -> list[str]:
-    """The blocked pods that would fit on the borrower's node with its borrowed slices given back."""
+    """The blocked pods a return may be spent for on the borrower's node, and that fit its borrowed slices."""
     if home is None:
         return []
     freed = home.without(loan.borrowed)
-    return [w.key for w in blocked if isinstance(place(w, freed, home.name, rules), Placement)]
+    return [
+        w.key for w in blocked if worth_a_return(w, home) and isinstance(place(w, freed, home.name, rules), Placement)
+    ]
 
 
 def _counts(counts: MigCounts) -> str:

@@ -11,6 +11,11 @@ comes from the policy of the chain the loan was made on:
   nowhere now but fits the slice the borrower gives back;
 - never.
 
+A pending pod is demand only if migchain's scheduler will place it (its
+schedulerName, no scheduling gate), and counts only on the nodes it may run on
+(`PodRequest.may_run_on`): where it takes free slices, and where a return may
+make room for it. A restored borrower goes back only where it may run.
+
 Ties go to fewer restarts so far, then the oldest loan, then the name. A plan
 never counts a slice twice and never counts a slice that is only about to be
 freed: those show up, free, in the next round.
@@ -19,10 +24,19 @@ freed: those show up, free, in the next round.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from extender.core.cluster import ANNOTATION_PREFIX, MigCounts, NodeState, PodRecord, PodRequest, Snapshot
+from extender.core.cluster import (
+    ANNOTATION_PREFIX,
+    MIGCHAIN_SCHEDULER,
+    MigCounts,
+    NodeState,
+    PodRecord,
+    PodRequest,
+    Snapshot,
+)
+from extender.core.constraints import NodeConstraints
 from extender.core.decide import Placement, place
 from extender.core.loan import RESTARTS_ANNOTATION, Loan, loan_of
 from extender.core.rules import ChainRules, ReturnMode
@@ -76,29 +90,50 @@ def borrowers_of(records: Iterable[PodRecord], rules: ChainRules) -> list[Borrow
     return found
 
 
-def pending_requests(records: Iterable[PodRecord]) -> list[PodRequest]:
-    """The pods waiting for MIG slices: unbound, not finished, not on their way out."""
-    return [r.request for r in records if not r.node and not r.terminal and not r.terminating and r.request.mig]
+def pending_requests(
+    records: Iterable[PodRecord], schedulers: Collection[str] = (MIGCHAIN_SCHEDULER,)
+) -> list[PodRequest]:
+    """The pods waiting for MIG slices that one of `schedulers` will place once they are free (PodRecord.waits_for).
+
+    `schedulers` are the scheduler names migchain's profile serves; pods for
+    any other scheduler, or held by a scheduling gate, are no demand.
+    """
+    return [r.request for r in records if r.waits_for(schedulers)]
+
+
+def worth_a_return(waiting: PodRequest, home: NodeState) -> bool:
+    """Whether a return on `home` may be spent for the pending pod `waiting`, its slices aside.
+
+    It must be allowed on `home`. A pod whose place depends on other pods
+    (hard topology spread, required pod affinity or anti-affinity) might still
+    be kept off it by where its siblings run, which the planner does not see:
+    no restart is spent on a maybe.
+    """
+    return not waiting.constraints.depends_on_pods and waiting.may_run_on(home)
 
 
 def blocked_pending(
     snapshot: Snapshot, pending: Sequence[PodRequest], rules: ChainRules, claims: Iterable[tuple[str, MigCounts]] = ()
 ) -> list[PodRequest]:
     """The pending pods that fit nowhere once the pods before them have taken their spots: those a return helps."""
-    return _after_pending(snapshot, pending, rules, claims)[1]
+    return _after_pending(snapshot, pending, rules, claims, _Allowed(snapshot))[1]
 
 
 def _after_pending(
-    snapshot: Snapshot, pending: Sequence[PodRequest], rules: ChainRules, claims: Iterable[tuple[str, MigCounts]]
+    snapshot: Snapshot,
+    pending: Sequence[PodRequest],
+    rules: ChainRules,
+    claims: Iterable[tuple[str, MigCounts]],
+    allowed: _Allowed,
 ) -> tuple[_Free, list[PodRequest]]:
     """The free slices left once `claims` and the pending pods that fit somewhere are counted, and those that do not."""
-    free = _Free({name: dict(node.free) for name, node in snapshot.nodes.items() if node.offers_slices})
+    free = _Free({name: dict(snapshot.nodes[name].free) for name in allowed.names})
     for node, counts in claims:
         if node in free.nodes:
             free.take(node, counts)
     blocked = []
     for waiting in sorted(pending, key=lambda pod: pod.key):
-        spot = _best_spot(waiting, snapshot, free.nodes, rules)
+        spot = _best_spot(waiting, snapshot, allowed.nodes(waiting), free.nodes, rules)
         if spot is None:
             blocked.append(waiting)
         else:
@@ -119,13 +154,14 @@ def plan_returns(
     `claims` (returns under way whose pods are not back yet) are not free:
     counting them would restart a borrower only for it to borrow again.
     """
-    free, blocked = _after_pending(snapshot, pending, rules, claims)
+    allowed = _Allowed(snapshot)
+    free, blocked = _after_pending(snapshot, pending, rules, claims, allowed)
     plans: list[Restore] = []
     movable = sorted((b for b in borrowers if not b.held_back and b.mode is not ReturnMode.NEVER), key=Borrower.order)
     for borrower in (b for b in movable if b.mode is ReturnMode.EAGER):
         if not free.enough(borrower.loan.original):
             continue
-        target = _exact_home(borrower.loan.original, borrower.record.request, snapshot, free.nodes, rules)
+        target = _exact_home(borrower, snapshot, allowed, free.nodes, rules)
         if target is not None:
             free.take(target, borrower.loan.original)
             plans.append(Restore(borrower, target, "", f"a free {_names(borrower.loan.original)} on {target} (eager)"))
@@ -135,7 +171,7 @@ def plan_returns(
         for borrower in on_demand:
             if borrower.key in planned:
                 continue
-            restore = _unblock(borrower, waiting, snapshot, free, rules)
+            restore = _unblock(borrower, waiting, snapshot, allowed=allowed, free=free, rules=rules)
             if restore is not None:
                 plans.append(restore)
                 planned.add(borrower.key)
@@ -144,18 +180,20 @@ def plan_returns(
 
 
 def _unblock(
-    borrower: Borrower, waiting: PodRequest, snapshot: Snapshot, free: _Free, rules: ChainRules
+    borrower: Borrower, waiting: PodRequest, snapshot: Snapshot, *, allowed: _Allowed, free: _Free, rules: ChainRules
 ) -> Restore | None:
     """Plan `borrower`'s return if, with its slices given back, `waiting` fits on its node."""
     home = borrower.record.node
     if home not in free.nodes or not free.enough(borrower.loan.original):
         return None
+    if not worth_a_return(waiting, snapshot.nodes[home]):
+        return None  # it may not run there: the restart would buy it nothing
     given_back = dict(free.nodes[home])
     for resource, count in borrower.loan.borrowed:
         given_back[resource] = given_back.get(resource, 0) + count
     if not isinstance(place(waiting, _with_free(snapshot.nodes[home], given_back), home, rules), Placement):
         return None  # cheap test first: would the waiting pod fit there at all?
-    target = _exact_home(borrower.loan.original, borrower.record.request, snapshot, free.nodes, rules)
+    target = _exact_home(borrower, snapshot, allowed, free.nodes, rules)
     if target is None:
         return None
     trial = free.copy()
@@ -172,6 +210,24 @@ def _unblock(
         waiting.key,
         f"{waiting.key} is waiting and fits the {_names(borrower.loan.borrowed)} it gives back on {home} (on-demand)",
     )
+
+
+class _Allowed:
+    """The nodes offering slices that each pod may run on, in name order, found once per distinct set of
+    placement rules: pods of one workload share theirs, so a round matches rules against the nodes a few
+    times, not once per pending pod."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.names = sorted(name for name, node in snapshot.nodes.items() if node.offers_slices)
+        self.found: dict[NodeConstraints, list[str]] = {}
+
+    def nodes(self, pod: PodRequest) -> list[str]:
+        found = self.found.get(pod.constraints)
+        if found is None:
+            nodes = self.snapshot.nodes
+            found = self.found[pod.constraints] = [name for name in self.names if pod.may_run_on(nodes[name])]
+        return found
 
 
 class _Free:
@@ -205,16 +261,17 @@ class _Free:
 
 
 def _exact_home(
-    original: MigCounts,
-    request: PodRequest,
+    borrower: Borrower,
     snapshot: Snapshot,
+    allowed: _Allowed,
     free: Mapping[str, Mapping[str, int]],
     rules: ChainRules,
 ) -> str | None:
-    """The node the restored pod would land on: an exact fit of its original request, best score, then name."""
-    restored = dataclasses.replace(request, mig=original, no_borrow="restoring a borrower")
+    """The node the restored pod would land on: an exact fit of its original request where it may run,
+    best score, then name. It comes back with the borrower's placement rules."""
+    restored = restored_request(borrower)
     best: tuple[int, str] | None = None
-    for name in sorted(free):
+    for name in allowed.nodes(restored):
         verdict = place(restored, _with_free(snapshot.nodes[name], free[name]), name, rules)
         if isinstance(verdict, Placement):
             rank = (verdict.leftover, name)  # the tightest fit, as the scheduler's score prefers
@@ -223,12 +280,22 @@ def _exact_home(
     return None if best is None else best[1]
 
 
+def restored_request(borrower: Borrower) -> PodRequest:
+    """What the borrower's pod asks for once returned: its original slices, no borrowing, the same placement rules."""
+    return dataclasses.replace(borrower.record.request, mig=borrower.loan.original, no_borrow="restoring a borrower")
+
+
 def _best_spot(
-    pod: PodRequest, snapshot: Snapshot, free: Mapping[str, Mapping[str, int]], rules: ChainRules
+    pod: PodRequest,
+    snapshot: Snapshot,
+    allowed: Sequence[str],
+    free: Mapping[str, Mapping[str, int]],
+    rules: ChainRules,
 ) -> Placement | None:
-    """Where the scheduler would put a pending pod now: the cheapest, then tightest fit, then the name."""
+    """Where the scheduler would put a pending pod now, among the nodes it may run on (in name order):
+    the cheapest, then tightest fit, then the name."""
     best: Placement | None = None
-    for name in sorted(free):
+    for name in allowed:
         verdict = place(pod, _with_free(snapshot.nodes[name], free[name]), name, rules)
         if isinstance(verdict, Placement) and (
             best is None or (verdict.cost, verdict.leftover) < (best.cost, best.leftover)

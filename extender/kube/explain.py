@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO
 
 from extender.config import ConfigError, load_rules
-from extender.core.cluster import ObjectError, pod_record
+from extender.core.cluster import MIGCHAIN_SCHEDULER, ObjectError, pod_record
 from extender.core.explain import candidate_nodes, explain, explain_document, explain_text
 from extender.core.rules import ChainRules
 from extender.kube.snapshot import ClusterObjects, open_cluster
@@ -49,6 +49,7 @@ def render(
     *,
     nodes: Sequence[str] | None,
     output: str,
+    schedulers: Sequence[str] = (MIGCHAIN_SCHEDULER,),
 ) -> str:
     """The explanation of pod NAMESPACE/NAME in this cluster as text or JSON; raises ValueError if it cannot."""
     pod = next(
@@ -69,10 +70,11 @@ def render(
     if nodes:
         candidates, source = list(nodes), "given with --nodes"
     else:
-        candidates = candidate_nodes(pod, cluster.nodes)
-        selector = (pod.get("spec") or {}).get("nodeSelector")
-        source = "matching the pod's spec.nodeSelector" if selector else "every node: the pod has no nodeSelector"
-    explanation = explain(record, cluster.snapshot, rules, candidates, cluster.records, candidates_from=source)
+        candidates = candidate_nodes(record.request, cluster.snapshot)
+        source = f"the nodes it may run on: {record.request.constraints.describe()}"
+    explanation = explain(
+        record, cluster.snapshot, rules, candidates, cluster.records, candidates_from=source, schedulers=schedulers
+    )
     if output == "json":
         return json.dumps(explain_document(explanation), indent=2)
     return explain_text(explanation)
@@ -86,6 +88,7 @@ def run(
     chains: Sequence[str] | None,
     nodes: Sequence[str] | None,
     output: str,
+    schedulers: Sequence[str] = (MIGCHAIN_SCHEDULER,),
     out: IO[str] | None = None,
     err: IO[str] | None = None,
 ) -> int:
@@ -96,7 +99,7 @@ def run(
         return 1
     try:
         cluster = open_cluster(kubeconfig)
-        text = render(cluster, rules, namespace, name, nodes=nodes, output=output)
+        text = render(cluster, rules, namespace, name, nodes=nodes, output=output, schedulers=schedulers)
     except ValueError as error:
         print(f"{PROGRAM}: {error}", file=err)
         return 1

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from extender.core.claims import Claim, claim_for, open_claims
-from extender.core.cluster import ObjectError, PodRecord, controller_of
+from extender.core.cluster import MIGCHAIN_SCHEDULER, ObjectError, PodRecord, controller_of
 from extender.core.loan import restored_pod
 from extender.core.returns import Restore, borrowers_of, pending_requests, plan_returns
 from extender.kube.api import ApiError
@@ -52,7 +52,9 @@ class Returner:
         interval: float = 2.0,
         metrics: ReturnerMetrics | None = None,
         dry_run: bool = False,
+        schedulers: tuple[str, ...] = (MIGCHAIN_SCHEDULER,),
     ) -> None:
+        self.schedulers = schedulers  # --scheduler-name: pending pods for these are demand; others never cost a return
         self.dry_run = dry_run  # --dry-run: returns only announced; the chains' policy can add namespaces
         self._announced: set[str] = set()  # borrower UIDs already told "would return"
         self.cache = cache
@@ -88,7 +90,7 @@ class Returner:
         snapshot, records = self.cache.view()
         rules = self.rules.current()  # once: a round plans on one version of the rules
         borrowers = borrowers_of(records, rules)
-        pending = pending_requests(records)
+        pending = pending_requests(records, self.schedulers)
         now = time.monotonic()
         # A claim ends as soon as its pod is back: from then on it counts as pending or bound.
         self._claims = {claim.key: claim for claim in open_claims(self._claims.values(), records, now)}

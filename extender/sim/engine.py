@@ -1,7 +1,9 @@
 """The discrete-event simulator: pods arrive, are placed, run, complete and are returned by the SAME pure core.
 
-Placement is `filter_nodes` + `score_nodes` + `place`, as the live extender
-answers kube-scheduler; returns are `plan_returns`, as the returner decides.
+Placement is `filter_nodes` + `score_nodes` + `place` over the nodes a pod
+may run on (`PodRequest.may_run_on`), as kube-scheduler and the live extender
+decide; returns are `plan_returns`, as the returner decides. Trace pods carry
+no placement rules: they may run on every node, tainted ones too.
 No I/O, no clock: a run is a function of (fleet, rules, jobs, policy).
 """
 
@@ -15,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from extender.core.cluster import MigCounts, NodeState, PodRecord, PodRequest, Snapshot
+from extender.core.constraints import NodeConstraints
 from extender.core.decide import Placement, filter_nodes, place, score_nodes
 from extender.core.loan import Loan
 from extender.core.returns import Borrower, plan_returns, return_mode_of
@@ -216,18 +219,22 @@ class _Run:
 
     def schedule(self) -> None:
         """Place pending pods oldest first, as the scheduler would; a request that fit nowhere is not retried."""
-        failed: set[str] = set()
+        failed: set[tuple[str, NodeConstraints]] = set()  # requests that fit nowhere in this call
         still: list[str] = []
-        names = list(self.state)
+        allowed: dict[NodeConstraints, list[str]] = {}  # pods share their rules: match them once per call
         for name in self.pending:
             pod = self.pods[name]
-            if pod.job.resource in failed:
+            request = pod.request
+            if (pod.job.resource, request.constraints) in failed:
                 still.append(name)
                 continue
             snapshot = self.snapshot()
-            decision = filter_nodes(pod.request, names, snapshot, self.rules)
+            names = allowed.get(request.constraints)
+            if names is None:
+                names = allowed[request.constraints] = [n for n, node in self.state.items() if request.may_run_on(node)]
+            decision = filter_nodes(request, names, snapshot, self.rules)
             if not decision.passed:
-                failed.add(pod.job.resource)
+                failed.add((pod.job.resource, request.constraints))
                 still.append(name)
                 continue
             scores = score_nodes(pod.request, decision.passed, snapshot, self.rules)
@@ -292,9 +299,14 @@ class _Run:
         borrowers = list(self.borrowing.values())
         if not borrowers:
             return
-        # Pending pods of one type are interchangeable here: one of each is
-        # enough to find a return worth doing, and keeps a round cheap.
-        pending = list({self.pods[name].job.resource: self.pods[name].request for name in self.pending}.values())
+        # Pending pods of one type and placement rules are interchangeable here:
+        # one of each is enough to find a return worth doing, and keeps a round cheap.
+        pending = list(
+            {
+                (self.pods[name].job.resource, self.pods[name].request.constraints): self.pods[name].request
+                for name in self.pending
+            }.values()
+        )
         plans = plan_returns(self.snapshot(), borrowers, pending, self.rules)
         for plan in plans:
             pod = self.pods[plan.borrower.record.request.name]

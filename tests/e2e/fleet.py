@@ -70,8 +70,13 @@ def mig_pod(
     *,
     labels: Mapping[str, str] | None = None,
     annotations: Mapping[str, str] | None = None,
+    node_selector: Mapping[str, str] | None = None,
+    spec: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A pod for migchain-scheduler asking for MIG slices (profile -> count), kept on this test's nodes."""
+    """A pod for migchain-scheduler asking for MIG slices (profile -> count), kept on this test's nodes.
+
+    `node_selector` adds to the selector of this test's nodes; `spec` sets more fields of the spec.
+    """
     limits = {f"{MIG_RESOURCE_PREFIX}{profile}": str(count) for profile, count in requests.items()}
     return {
         "apiVersion": "v1",
@@ -79,9 +84,10 @@ def mig_pod(
         "metadata": {"name": name, "labels": dict(labels or {}), "annotations": dict(annotations or {})},
         "spec": {
             "schedulerName": SCHEDULER,
-            "nodeSelector": {TEST_LABEL: test},
+            "nodeSelector": {TEST_LABEL: test, **(node_selector or {})},
             "terminationGracePeriodSeconds": 0,
             "containers": [{"name": "main", "image": PAUSE, "resources": {"limits": limits}}],
+            **(spec or {}),
         },
     }
 

@@ -36,7 +36,10 @@ def pod(
     created: str = "2026-11-25T10:00:00Z",
 ) -> dict[str, Any]:
     limits = {resource: str(count) for resource, count in requests.items()}
-    spec: dict[str, Any] = {"containers": [{"name": "main", "image": "cuda", "resources": {"limits": limits}}]}
+    spec: dict[str, Any] = {
+        "schedulerName": "migchain-scheduler",
+        "containers": [{"name": "main", "image": "cuda", "resources": {"limits": limits}}],
+    }
     if node_name:
         spec["nodeName"] = node_name
     return {

@@ -62,6 +62,7 @@ def pod(
 ) -> dict[str, Any]:
     limits = {resource: str(count) for resource, count in requests.items()}
     spec: dict[str, Any] = {
+        "schedulerName": "migchain-scheduler",
         "nodeSelector": {"pool": "gpu"},
         "containers": [{"name": "main", "image": "cuda", "resources": {"limits": limits}}],
     }
@@ -109,8 +110,8 @@ def cluster(*items: dict[str, Any]) -> ClusterObjects:
 
 def explained(objects: ClusterObjects, name: str, namespace: str = "ml", **kwargs: Any) -> Explanation:
     [target] = [r for r in objects.records if r.request.key == f"{namespace}/{name}"]
-    [raw] = [p for p in objects.pods if p["metadata"]["name"] == name and p["metadata"]["namespace"] == namespace]
-    return explain(target, objects.snapshot, RULES, candidate_nodes(raw, objects.nodes), objects.records, **kwargs)
+    candidates = candidate_nodes(target.request, objects.snapshot)
+    return explain(target, objects.snapshot, RULES, candidates, objects.records, **kwargs)
 
 
 def verdict(explanation: Explanation, name: str) -> Any:
@@ -215,12 +216,15 @@ def test_the_budget_leaves_out_fitting_nodes_as_the_extender_does():
     assert explained(objects, "train").budget == 2  # nodes_to_pass of a 2-node cluster: all of them
 
 
-def test_candidates_follow_the_pods_node_selector():
-    objects = cluster(node("a", {G1: 1}), pod("train", {G1: 1}))
+def test_candidates_are_the_nodes_the_pod_may_run_on():
     other = {"kind": "Node", "metadata": {"name": "cpu-only", "labels": {"pool": "cpu"}}, "status": {}}
-    raw = objects.pods[0]
-    assert candidate_nodes(raw, [*objects.nodes, other]) == ["a"]
-    assert candidate_nodes({"spec": {}}, [*objects.nodes, other]) == ["a", "cpu-only"]
+    tainted = node("tainted", {G1: 1})
+    tainted["spec"] = {"taints": [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]}
+    objects = cluster(node("a", {G1: 1}), other, tainted, pod("train", {G1: 1}))
+    [train] = objects.records
+    assert candidate_nodes(train.request, objects.snapshot) == ["a"]
+    loose = pod_record(pod("loose", {G1: 1}) | {"spec": {"tolerations": [{"operator": "Exists"}]}}).request
+    assert candidate_nodes(loose, objects.snapshot) == ["a", "cpu-only", "tainted"]
 
 
 # -- borrowers and returns ----------------------------------------------------
@@ -238,8 +242,8 @@ def test_an_on_demand_borrower_with_nobody_waiting_stays_and_says_what_would_ret
     assert (outlook.mode, outlook.running, outlook.restarts, outlook.restore) == (ReturnMode.ON_DEMAND, True, 0, None)
     assert outlook.loan.original == ((G1, 1),) and outlook.loan.borrowed == ((G2, 1),)
     assert outlook.condition == (
-        "when a 1g.5gb is free on a node where it fits exactly and a pending pod that fits nowhere would fit "
-        "the 2g.10gb it gives back on a (on-demand)"
+        "when a 1g.5gb is free on a node where it fits exactly and a pending pod that fits nowhere may run on a "
+        "and would fit the 2g.10gb it gives back there (on-demand)"
     )
     assert outlook.why_not == "no free 1g.5gb where it would fit exactly"
     assert "(a borrower: it asked for 1g.5gb)" in explain_text(e)
@@ -257,7 +261,7 @@ def test_an_on_demand_borrower_is_returned_now_when_a_free_slice_and_a_waiting_p
     assert e.outlook.restore.unblocks == "ml/needs-2g"
     document = explain_document(e)["loan"]
     assert document["returned_now"] is True
-    assert "of them, fitting the 2g.10gb it would give back on a: ml/needs-2g" in document["facts"]
+    assert "of them, allowed on a and fitting the 2g.10gb it would give back there: ml/needs-2g" in document["facts"]
     # The waiting pod's own explanation names the return that makes room for it.
     waiting = explained(objects, "needs-2g")
     assert [plan.borrower.key for plan in waiting.unblocking] == ["ml/notebook"]
@@ -348,7 +352,7 @@ def test_render_finds_the_pod_and_prints_json_or_says_it_is_missing():
     objects = cluster(node("a", {G2: 1}), pod("train", {G1: 1}))
     document = json.loads(render(objects, RULES, "ml", "train", nodes=None, output="json"))
     assert document["pod"]["state"] == "pending"
-    assert document["candidates_from"] == "matching the pod's spec.nodeSelector"
+    assert document["candidates_from"] == "the nodes it may run on: its nodeSelector against node labels and taints"
     assert [(n["name"], n["fit"], n["filter"], n["score"]) for n in document["nodes"]] == [("a", "borrow", "passed", 5)]
     assert json.loads(render(objects, RULES, "ml", "train", nodes=["a", "b"], output="json"))["nodes"][1] == {
         "name": "b",
