@@ -39,6 +39,7 @@ class PodRequest:
     uid: str
     mig: MigCounts
     no_borrow: str = ""  # why this pod may not borrow; empty when it may
+    priority: int = 0  # spec.priority, which admission fills from the PriorityClass; 0 without one
 
     @property
     def may_borrow(self) -> bool:
@@ -70,6 +71,10 @@ class PodRecord:
     terminating: bool = False  # deletionTimestamp set: on its way out
     created: str = ""  # creationTimestamp (RFC 3339 sorts as text)
     migchain: Mapping[str, str] = field(default_factory=dict)  # its migchain.io/ annotations (the loan record)
+    preemption_policy: str = ""  # spec.preemptionPolicy: "Never" keeps a pod from preempting others
+    nominated: str = ""  # status.nominatedNodeName: the node a preemption made room on for it
+    scheduler: str = ""  # spec.schedulerName
+    unschedulable: bool = False  # its scheduler tried and found no node (PodScheduled False, Unschedulable)
 
     @property
     def holds_slices(self) -> bool:
@@ -127,6 +132,8 @@ class Snapshot:
 
     nodes: Mapping[str, NodeState] = field(default_factory=dict)
     reserved: Mapping[str, tuple[str, MigCounts]] = field(default_factory=dict)
+    # Pending pods nominated to a node (pod UID -> node, request): see core/preempt.py yield_to_nominated.
+    nominated: Mapping[str, tuple[str, PodRequest]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, nodes: Iterable[NodeState]) -> Snapshot:
@@ -149,7 +156,7 @@ class Snapshot:
         state = self.nodes.get(node)
         if state is None:
             return self
-        return Snapshot({**self.nodes, node: state.without(slices)}, self.reserved)
+        return replace(self, nodes={**self.nodes, node: state.without(slices)})
 
 
 def quantity(value: Any, where: str) -> int:
@@ -180,6 +187,14 @@ def _sequence(value: Any, where: str) -> list[Any]:
         return []
     if not isinstance(value, list):
         raise ObjectError(f"{where}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _whole_number(value: Any, where: str) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ObjectError(f"{where}: expected a whole number, got {type(value).__name__}")
     return value
 
 
@@ -272,6 +287,7 @@ def pod_request(pod: Any) -> PodRequest:
         uid=_string(metadata.get("uid"), "Pod.metadata.uid"),
         mig=pod_mig_requests(_mapping(pod.get("spec"), "Pod.spec")),
         no_borrow=_no_borrow(metadata, annotations),
+        priority=_whole_number(_mapping(pod.get("spec"), "Pod.spec").get("priority"), "Pod.spec.priority"),
     )
 
 
@@ -294,7 +310,20 @@ def pod_record(pod: Any) -> PodRecord:
             for key, value in annotations.items()
             if key.startswith(ANNOTATION_PREFIX) and isinstance(value, str)
         },
+        preemption_policy=_string(spec.get("preemptionPolicy"), "Pod.spec.preemptionPolicy"),
+        nominated=_string(status.get("nominatedNodeName"), "Pod.status.nominatedNodeName"),
+        scheduler=_string(spec.get("schedulerName"), "Pod.spec.schedulerName"),
+        unschedulable=_unschedulable(status),
     )
+
+
+def _unschedulable(status: Mapping[str, Any]) -> bool:
+    """Whether the pod's scheduler tried it and found no node: what kube-scheduler waits for before it preempts."""
+    for index, item in enumerate(_sequence(status.get("conditions"), "Pod.status.conditions")):
+        condition = _mapping(item, f"Pod.status.conditions[{index}]")
+        if condition.get("type") == "PodScheduled":
+            return condition.get("status") == "False" and condition.get("reason") == "Unschedulable"
+    return False
 
 
 def node_state(node: Any, used: Mapping[str, int] | None = None) -> NodeState:
