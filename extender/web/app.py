@@ -11,8 +11,10 @@ from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge, UnsupportedMediaType
 
-from extender.core.cluster import BindRequest
+from extender.core.cluster import BindRequest, Snapshot
 from extender.core.decide import Placement, filter_nodes, nodes_to_pass, score_nodes
+from extender.core.preempt import yield_to_nominated
+from extender.core.rules import ChainRules
 from extender.metrics import Metrics
 from extender.reload import RulesInForce
 from extender.store import SnapshotStore
@@ -114,18 +116,24 @@ def _body() -> bytes:
 def filter_() -> Response:
     args = wire.extender_args(_body())
     context = _context()
-    snapshot = wire.overlay(args, context.store.snapshot().for_pod(args.pod.uid))
+    rules = context.rules.current()
+    snapshot = _snapshot(args, rules)
     keep = None if context.pass_all_nodes else nodes_to_pass(len(snapshot.nodes))
-    decision = filter_nodes(args.pod, args.node_names, snapshot, context.rules.current(), keep)
+    decision = filter_nodes(args.pod, args.node_names, snapshot, rules, keep)
     return _json(wire.filter_result(args, decision))
 
 
 @routes.post("/prioritize")
 def prioritize() -> Response:
     args = wire.extender_args(_body())
-    context = _context()
-    snapshot = wire.overlay(args, context.store.snapshot().for_pod(args.pod.uid))
-    return _json(wire.host_priority_list(score_nodes(args.pod, args.node_names, snapshot, context.rules.current())))
+    rules = _context().rules.current()
+    return _json(wire.host_priority_list(score_nodes(args.pod, args.node_names, _snapshot(args, rules), rules)))
+
+
+def _snapshot(args: wire.ExtenderArgs, rules: ChainRules) -> Snapshot:
+    """The cluster as this pod should see it: its own reservation free, pods nominated ahead of it served first."""
+    current = _context().store.snapshot()
+    return yield_to_nominated(wire.overlay(args, current.for_pod(args.pod.uid)), args.pod, current.nominated, rules)
 
 
 @routes.post("/bind")
