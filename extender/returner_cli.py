@@ -19,6 +19,7 @@ from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder
 from extender.kube.executor import Executor
 from extender.kube.lease import LeaderElection
+from extender.kube.preemptor import SCHEDULER_NAME
 from extender.kube.returner import Returner
 from extender.metrics import ReturnerMetrics, watch_rules
 from extender.reload import RulesInForce
@@ -41,7 +42,13 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument(
         "--dry-run",
         action="store_true",
-        help="decide every return as usual, log, count and announce it (WouldReturn events), but evict nothing",
+        help="decide every return and preemption as usual, log, count and announce it (WouldReturn, WouldPreempt "
+        "events), but evict nothing",
+    )
+    cli.add_argument(
+        "--scheduler-name",
+        default=SCHEDULER_NAME,
+        help="preempt only for pods of this scheduler profile, the one wired to the extender (default %(default)s)",
     )
     cli.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     cli.add_argument("--log-format", default="text", choices=logs.FORMATS, help="text lines, or one JSON object a line")
@@ -98,7 +105,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     threading.Thread(target=election.run, args=(stop,), name="lease", daemon=True).start()
     events = EventRecorder(api, args.identity, metrics.errors)
     returner = Returner(
-        cache, rules_in_force, Executor(api, args.namespace), events, election, metrics=metrics, dry_run=args.dry_run
+        cache,
+        rules_in_force,
+        Executor(api, args.namespace),
+        events,
+        election,
+        metrics=metrics,
+        dry_run=args.dry_run,
+        scheduler_name=args.scheduler_name,
     )
     log.info("returner %s started; acting only while it holds the lease", args.identity)
     returner.run(stop)

@@ -200,10 +200,16 @@ class Executor:
 
     # -- return ---------------------------------------------------------------
 
-    def evict(self, pod: Mapping[str, Any]) -> None:
-        """Evict through the Eviction API, so PodDisruptionBudgets hold; raise EvictionBlocked on 429."""
+    def evict(self, pod: Mapping[str, Any], *, dry_run: bool = False) -> None:
+        """Evict through the Eviction API, so PodDisruptionBudgets hold; raise EvictionBlocked on 429.
+
+        With `dry_run` the API server checks the pod's budget and evicts nothing.
+        """
         metadata = pod["metadata"]
         namespace = metadata.get("namespace") or "default"
+        options: dict[str, Any] = {"preconditions": {"uid": metadata["uid"]}}
+        if dry_run:
+            options["dryRun"] = ["All"]
         try:
             self.api.create(
                 pod_path(namespace, metadata["name"]) + "/eviction",
@@ -211,7 +217,7 @@ class Executor:
                     "apiVersion": "policy/v1",
                     "kind": "Eviction",
                     "metadata": {"name": metadata["name"], "namespace": namespace},
-                    "deleteOptions": {"preconditions": {"uid": metadata["uid"]}},
+                    "deleteOptions": options,
                 },
             )
         except ApiError as error:
@@ -219,6 +225,23 @@ class Executor:
                 raise EvictionBlocked(error.message) from None
             if error.status not in (404, 409):  # gone already
                 raise
+
+    def nominate(self, pod: Mapping[str, Any], node: str) -> None:
+        """Set the pod's status.nominatedNodeName, as kube-scheduler does for the pod it preempted for.
+
+        kube-scheduler then tries that node first, and the extender keeps the
+        slices the pod fits there for it against pods of lower priority. The
+        UID test keeps a pod recreated under the name from being nominated.
+        """
+        metadata = pod["metadata"]
+        self.api.patch(
+            pod_path(metadata.get("namespace") or "default", metadata["name"]) + "/status",
+            [
+                {"op": "test", "path": "/metadata/uid", "value": metadata["uid"]},
+                {"op": "add", "path": "/status/nominatedNodeName", "value": node},
+            ],
+            content_type=JSON_PATCH,
+        )
 
     def restore(self, borrower: Mapping[str, Any], restored: Mapping[str, Any], owned: bool) -> str:
         """Move a borrower back to its original request; returns what was done, for the log and the event.

@@ -20,6 +20,7 @@ from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder, pod_reference
 from extender.kube.executor import BorrowError, EvictionBlocked, Executor, pod_path
 from extender.kube.lease import LeaderElection
+from extender.kube.preemptor import SCHEDULER_NAME, Preemptor
 from extender.metrics import ReturnerMetrics
 from extender.reload import RulesInForce
 
@@ -46,6 +47,7 @@ class Returner:
         interval: float = 2.0,
         metrics: ReturnerMetrics | None = None,
         dry_run: bool = False,
+        scheduler_name: str = SCHEDULER_NAME,
     ) -> None:
         self.dry_run = dry_run  # --dry-run: returns only announced; the chains' policy can add namespaces
         self._announced: set[str] = set()  # borrower UIDs already told "would return"
@@ -61,6 +63,9 @@ class Returner:
         # borrower key -> (borrower uid, until, node, original request).
         self._claims: dict[str, tuple[str, float, str, MigCounts]] = {}
         self._recover_at: float | None = 0.0  # when to (re)read the journal; None once it is clean
+        self.preemptor = Preemptor(
+            executor, events, self.metrics, scheduler=scheduler_name, dry_run=dry_run, recover_soon=self._recover_soon
+        )
 
     def run(self, stop: threading.Event) -> None:
         while not self.cache.wait_ready(timeout=60):
@@ -92,7 +97,8 @@ class Returner:
             key: claim for key, claim in self._claims.items() if claim[1] > now and back.get(key, claim[0]) == claim[0]
         }
         claims = [(node, counts) for _, _, node, counts in self._claims.values()]
-        for restore in plan_returns(snapshot, borrowers, pending, rules, claims):
+        restores = plan_returns(snapshot, borrowers, pending, rules, [*claims, *self.preemptor.claims()])
+        for restore in restores:
             if not self.election.leading():
                 return  # the lease may pass to another replica: stop before acting
             if self._blocked.get(restore.borrower.key, 0.0) > now:
@@ -101,6 +107,21 @@ class Returner:
                 self.announce(restore)
                 continue
             self.execute(restore)
+        # Preemption comes after returns: a pod a return makes room for waits for it, and a borrower on its
+        # way back is no victim.
+        returning = [r for r in restores if self._blocked.get(r.borrower.key, 0.0) <= now]
+        self.preemptor.round(
+            snapshot,
+            records,
+            rules,
+            leading=self.election.leading,
+            claims=[*claims, *((r.target, r.borrower.loan.original) for r in returning)],
+            waiting={r.unblocks for r in returning if r.unblocks},
+            spared={r.borrower.record.request.uid for r in returning},
+        )
+
+    def _recover_soon(self) -> None:
+        self._recover_at = time.monotonic() + RECOVERY_RETRY_SECONDS
 
     def announce(self, restore: Restore) -> None:
         """Dry run: the return decided as usual, logged, counted and announced once; nothing evicted."""
