@@ -142,8 +142,11 @@ class Ledger:
         return self._pods.values()
 
     def nominated(self) -> Mapping[str, tuple[str, PodRequest]]:
-        """Pending pods nominated to a node (uid -> node, request); the cache's lock held, as for every read."""
-        return self._nominated
+        """Pending pods nominated to a node (uid -> node, request), but those being bound: their reservation
+        counts for them already. Read under the cache's lock, as every read."""
+        if not self._reserved:
+            return self._nominated
+        return {uid: nomination for uid, nomination in self._nominated.items() if uid not in self._reserved}
 
     # -- reservations ---------------------------------------------------------
 
@@ -185,7 +188,7 @@ class Ledger:
         return Snapshot(
             dict(self._states),
             {uid: (reservation.node, reservation.slices) for uid, reservation in self._reserved.items()},
-            dict(self._nominated),
+            dict(self.nominated()),
         )
 
     # -- bookkeeping ----------------------------------------------------------

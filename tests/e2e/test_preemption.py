@@ -23,8 +23,9 @@ CLASSES = path("apis", "scheduling.k8s.io", "v1", "priorityclasses")
 
 @pytest.fixture
 def classes(scenario: Scenario) -> Iterator[dict[str, str]]:
-    """PriorityClasses of this test: low (10), high (1,000,000) and never (1,000,000, preemptionPolicy Never)."""
-    made = {"low": (LOW, None), "high": (HIGH, None), "never": (HIGH, "Never")}
+    """PriorityClasses of this test: low (10), high (1,000,000), never (1,000,000, preemptionPolicy Never)
+    and waiter (100, preemptionPolicy Never)."""
+    made = {"low": (LOW, None), "high": (HIGH, None), "never": (HIGH, "Never"), "waiter": (100, "Never")}
     names = {key: f"{scenario.test}-{key}"[:63] for key in made}
     for key, (value, policy) in made.items():
         body: dict[str, Any] = {
@@ -94,8 +95,10 @@ def test_a_pdb_spares_its_pod_and_the_preemption_takes_another_node(scenario: Sc
         },
     )
     wait_until(lambda: _budget_observed(scenario, "keep"), 30, "the PDB controller to count the budget")
+    started = time.monotonic()
     create(scenario, "urgent", "1g.5gb", classes["high"])
     assert scenario.wait_bound("urgent", timeout=60) == other
+    print(f"urgent bound {time.monotonic() - started:.1f} s after it was created (one victim behind a PDB)")
     assert alive(scenario, kept)
     assert not alive(scenario, free)
 
@@ -119,23 +122,35 @@ def test_a_pod_with_preemption_policy_never_preempts_nothing(scenario: Scenario,
     assert not scenario.events("polite", "Preempting")
 
 
-def _borrowing(scenario: Scenario, name: str) -> dict[str, Any] | None:
-    pod = scenario.pod(name)
+def _borrowing(scenario: Scenario) -> dict[str, Any] | None:
+    pod = scenario.pod("borrower")
     return pod if limits(pod) == {"nvidia.com/mig-2g.10gb": "1"} and pod["spec"].get("nodeName") else None
 
 
-def test_a_low_priority_borrower_is_returned_rather_than_an_exact_fit_killed(scenario: Scenario, classes):
+def test_a_low_priority_borrower_is_returned_rather_than_an_exact_fit_evicted(scenario: Scenario, classes):
     node = f"gpu-{scenario.test}-a"
     create_node(scenario.api, node, A100, {"1g.5gb": 1, "2g.10gb": 1}, scenario.test)
     exact = create(scenario, "exact", "1g.5gb", classes["low"])
     scenario.wait_bound("exact")
     create(scenario, "borrower", "1g.5gb", classes["low"])
-    borrower = wait_until(lambda: _borrowing(scenario, "borrower"), 30, "the borrower to borrow the 2g.10gb")
+    borrower = wait_until(lambda: _borrowing(scenario), 30, "the borrower to borrow the 2g.10gb")
+    # Waiting for a 2g.10gb too, at a priority between the two, and not allowed to preempt: first in
+    # kube-scheduler's queue when the slice frees. Only the preemptor's nomination keeps it off that slice.
+    create(scenario, "waiter", "2g.10gb", classes["waiter"])
+    wait_until(lambda: _unschedulable(scenario, "waiter"), 30, "the waiter to be found unschedulable")
+    started = time.monotonic()
     create(scenario, "urgent", "1g.5gb", classes["high"])
     assert scenario.wait_bound("urgent", timeout=60) == node
+    print(f"urgent bound {time.monotonic() - started:.1f} s after it was created")
+    urgent = scenario.pod("urgent")
+    assert limits(urgent) == {"nvidia.com/mig-2g.10gb": "1"}  # it borrows the slice the borrower gave back
     assert alive(scenario, exact)
-    back = scenario.pod("borrower")  # the bare borrower, recreated under its name with its original request
-    assert back["metadata"]["uid"] != borrower["metadata"]["uid"]
-    assert limits(back) == {"nvidia.com/mig-1g.5gb": "1"}
-    time.sleep(4)  # the slice it gave up stays the preemptor's: it does not borrow it back
-    assert not scenario.pod("borrower")["spec"].get("nodeName")
+    back = wait_until(lambda: not alive(scenario, borrower) and scenario.pod("borrower"), 30, "the borrower back")
+    assert limits(back) == {"nvidia.com/mig-1g.5gb": "1"}  # its own request, pending
+    assert not back["spec"].get("nodeName") and not scenario.pod("waiter")["spec"].get("nodeName")
+    assert scenario.events("borrower", "Preempted")
+
+
+def _unschedulable(scenario: Scenario, name: str) -> bool:
+    conditions = scenario.pod(name).get("status", {}).get("conditions") or []
+    return any(c.get("type") == "PodScheduled" and c.get("reason") == "Unschedulable" for c in conditions)

@@ -133,6 +133,8 @@ def test_pending_pods_nominated_to_a_node_are_in_the_snapshot_until_bound_or_gon
     ledger = Ledger()
     ledger.replace_pods([nominee, replace(record("q", "n1", ((TYPES[0], 1),), False), nominated="n1")])
     assert ledger.snapshot().nominated == {"p": ("n0", nominee.request)}  # a bound pod's nomination is over
+    ledger.reserve("p", "n0", ((TYPES[0], 1),), 60.0)  # being bound: its reservation holds its slices
+    assert ledger.snapshot().nominated == {}
     ledger.put_pod(replace(nominee, node="n0"))
     assert ledger.nominated() == {}
     ledger.put_pod(nominee)
