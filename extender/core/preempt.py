@@ -46,6 +46,11 @@ PREEMPT_NEVER = "Never"  # spec.preemptionPolicy of a pod that waits rather than
 # minCandidateNodesAbsolute).
 MIN_CANDIDATE_NODES_PERCENT = 10
 MIN_CANDIDATE_NODES = 100
+# kube-scheduler preempts for one pod per scheduling cycle; a round plans at
+# most this many, so a burst of preemptors on a large full cluster does not
+# stall the returner. The rest follow in the next rounds, which the evictions
+# themselves bring on.
+MAX_PREEMPTIONS_PER_ROUND = 16
 
 # A victim's fate, cheapest first: the order migchain prefers them in.
 RETURNED = "returned"  # a borrower, restored to its own type on a slice free now
@@ -54,6 +59,7 @@ EVICTED = "evicted"  # a pod that fits exactly: evicted, as kube-scheduler's pre
 _FATES = (RETURNED, PENDING, EVICTED)
 
 Eligibility = Callable[[PodRequest, NodeState], bool]
+FreeKey = tuple[tuple[str, int], ...]  # a node's free slices, sorted: a dictionary key
 
 
 def any_node(pod: PodRequest, node: NodeState) -> bool:
@@ -174,7 +180,7 @@ def plan_preemptions(
     state = _Round(snapshot, rules, may_run_on)
     for node, counts in claims:
         if node in state.free:
-            _take(state.free[node], counts)
+            state.take(node, counts)
     leaving: dict[str, list[PodRecord]] = {}
     for record in records:
         if record.holds_slices and record.node in state.free:
@@ -182,17 +188,19 @@ def plan_preemptions(
                 leaving.setdefault(record.node, []).append(record)
             elif record.request.uid not in spared:
                 state.holders.setdefault(record.node, []).append(record)
+    for holders in state.holders.values():
+        holders.sort(key=lambda holder: holder.request.priority)  # the lowest first: a quick test per node
     pending = sorted(
         (r for r in records if not r.node and not r.terminal and not r.terminating and r.request.mig),
         key=lambda r: (-r.request.priority, r.created, r.request.key),
     )
-    plans = []
+    plans: list[Preemption] = []
     for record in pending:
         spot = state.spot(record)
         if spot is not None:
-            _take(state.free[spot.node], spot.slices)  # it will be scheduled there: no one else may count it
+            state.take(spot.node, spot.slices)  # it will be scheduled there: no one else may count it
             continue
-        if not _may_preempt(record, scheduler, waiting, leaving):
+        if len(plans) >= MAX_PREEMPTIONS_PER_ROUND or not _may_preempt(record, scheduler, waiting, leaving):
             continue
         plan = state.best_preemption(record)
         if plan is not None:
@@ -222,10 +230,79 @@ class _Round:
         self.free = {name: dict(node.free) for name, node in sorted(snapshot.nodes.items()) if node.offers_slices}
         self.holders: dict[str, list[PodRecord]] = {}  # node -> pods holding slices there that may be victims
         self.enough = candidates_to_find(len(self.free))
+        # Nodes alike in all but their name and free slices (most of a fleet) are decided alike: a verdict is
+        # remembered by pod, node shape and free slices, and nodes are grouped by shape and free slices, so a
+        # search over thousands of nodes costs a few decisions.
+        self._shapes = {
+            name: repr((node.gpu_product, node.mig_config_state, sorted(node.allocatable.items())))
+            for name, node in snapshot.nodes.items()
+        }
+        self._verdicts: dict[tuple[PodRequest, str, FreeKey], Placement | None] = {}
+        self._group_of: dict[str, tuple[str, FreeKey]] = {}
+        self._groups: dict[tuple[str, FreeKey], set[str]] = {}
+        for name in self.free:
+            self._regroup(name)
 
-    def fits(self, pod: PodRequest, node: str, free: Mapping[str, int]) -> Placement | None:
+    def _regroup(self, node: str) -> None:
+        before = self._group_of.get(node)
+        if before is not None:
+            self._groups[before].discard(node)
+            if not self._groups[before]:
+                del self._groups[before]
+        group = (self._shapes[node], _key(self.free[node]))
+        self._group_of[node] = group
+        self._groups.setdefault(group, set()).add(node)
+
+    def take(self, node: str, counts: MigCounts) -> None:
+        _take(self.free[node], counts)
+        self._regroup(node)
+
+    def give(self, node: str, counts: MigCounts) -> None:
+        _give(self.free[node], counts)
+        self._regroup(node)
+
+    def fits(
+        self, pod: PodRequest, node: str, free: Mapping[str, int], free_key: FreeKey | None = None
+    ) -> Placement | None:
+        """How the pod fits `free` on `node`, or None; the placement may name another node of the same shape."""
+        key = (pod, self._shapes[node], _key(free) if free_key is None else free_key)
+        if key in self._verdicts:
+            return self._verdicts[key]
         verdict = place(pod, _with_free(self.snapshot.nodes[node], free), node, self.rules)
-        return verdict if isinstance(verdict, Placement) else None
+        placement = verdict if isinstance(verdict, Placement) else None
+        self._verdicts[key] = placement
+        return placement
+
+    def best_node(self, pod: PodRequest) -> str:
+        """Where the pod fits best now: the cheapest, then tightest fit, then the name; "" for nowhere."""
+        best: tuple[int, int, str] | None = None
+        for (_, free_key), members in self._groups.items():
+            placement = self.fits(pod, next(iter(members)), self.free[next(iter(members))], free_key)
+            if placement is None or (best is not None and (placement.cost, placement.leftover) > best[:2]):
+                continue
+            for name in sorted(members):
+                if self.may_run_on(pod, self.snapshot.nodes[name]):
+                    if best is None or (placement.cost, placement.leftover, name) < best:
+                        best = (placement.cost, placement.leftover, name)
+                    break
+        return "" if best is None else best[2]
+
+    def placement(self, pod: PodRequest, node: str, free: Mapping[str, int]) -> Placement | None:
+        """`fits`, naming `node`."""
+        placement = self.fits(pod, node, free)
+        if placement is None or placement.node == node:
+            return placement
+        return dataclasses.replace(placement, node=node)
+
+    def grantable(self, pod: PodRequest, node: NodeState) -> frozenset[str]:
+        """The types the pod could be granted on the node (a superset will do): only holders of these can make
+        room for it; the others would be put back anyway."""
+        types = {resource for resource, _ in pod.mig}
+        if pod.may_borrow:
+            for resource, _ in pod.mig:
+                options = self.rules.borrow_options(resource, node.gpu_product, pod.namespace)
+                types.update(option.granted for option in options if option.allowed)
+        return frozenset(types)
 
     def spot(self, record: PodRecord) -> Placement | None:
         """Where the pending pod fits now: its nominated node first (kube-scheduler tries it first), else the
@@ -233,41 +310,38 @@ class _Round:
         pod = record.request
         nominated = record.nominated
         if nominated in self.free and self.may_run_on(pod, self.snapshot.nodes[nominated]):
-            placement = self.fits(pod, nominated, self.free[nominated])
+            placement = self.placement(pod, nominated, self.free[nominated])
             if placement is not None:
                 return placement
-        best: Placement | None = None
-        for name, free in self.free.items():
-            if not self.may_run_on(pod, self.snapshot.nodes[name]):
-                continue
-            placement = self.fits(pod, name, free)
-            if placement is not None and (
-                best is None or (placement.cost, placement.leftover) < (best.cost, best.leftover)
-            ):
-                best = placement
-        return best
+        best = self.best_node(pod)
+        return self.placement(pod, best, self.free[best]) if best else None
 
     def home(self, record: PodRecord, loan: Loan) -> str:
-        """A node where a borrower's original request fits exactly now; "" when none."""
-        restored = dataclasses.replace(record.request, mig=loan.original, no_borrow="restoring a borrower")
-        best: tuple[int, str] | None = None
-        for name, free in self.free.items():
-            if not self.may_run_on(restored, self.snapshot.nodes[name]):
-                continue
-            placement = self.fits(restored, name, free)
-            if placement is not None and (best is None or (placement.leftover, name) < best):
-                best = (placement.leftover, name)
-        return "" if best is None else best[1]
+        """A node where a borrower's original request fits exactly now, the tightest; "" when none."""
+        return self.best_node(dataclasses.replace(record.request, mig=loan.original, no_borrow="restoring a borrower"))
 
     def best_preemption(self, record: PodRecord) -> Preemption | None:
         pod = record.request
         fates: dict[str, Victim] = {}  # victims as they would fare, by uid: computed once per preemptor
+        grantable: dict[str, frozenset[str]] = {}  # by GPU model
         found: list[tuple[tuple[object, ...], Preemption]] = []
         for name, holders in sorted(self.holders.items()):
             if len(found) >= self.enough:
                 break
-            lower = [holder for holder in holders if holder.request.priority < pod.priority]
-            if not lower or not self.may_run_on(pod, self.snapshot.nodes[name]):
+            node = self.snapshot.nodes[name]
+            if not holders or holders[0].request.priority >= pod.priority or not self.may_run_on(pod, node):
+                continue
+            if self.fits(pod, name, node.allocatable) is None:
+                continue  # not even on the node emptied
+            types = grantable.get(node.gpu_product)
+            if types is None:
+                types = grantable[node.gpu_product] = self.grantable(pod, node)
+            lower = [
+                holder
+                for holder in holders
+                if holder.request.priority < pod.priority and any(t in types for t, _ in holder.request.mig)
+            ]
+            if not lower:
                 continue
             victims = [self._victim(holder, fates) for holder in lower]
             plan = self._victims_on(record, name, victims)
@@ -297,17 +371,16 @@ class _Round:
             if self.fits(record.request, node, trial) is None:
                 _give(trial, victim.record.request.mig)
                 victims.append(victim)
-        placement = self.fits(record.request, node, trial)  # it fits: it did after each victim put back
+        placement = self.placement(record.request, node, trial)  # it fits: it did after each victim put back
         return None if placement is None else Preemption(record, node, tuple(victims), placement)
 
     def commit(self, plan: Preemption) -> Preemption:
         """Count what the plan does: victims gone, the preemptor's slices taken, returned borrowers' homes taken."""
         taken = {victim.record.request.uid for victim in plan.victims}
         self.holders[plan.node] = [r for r in self.holders[plan.node] if r.request.uid not in taken]
-        free = self.free[plan.node]
         for victim in plan.victims:
-            _give(free, victim.record.request.mig)
-        _take(free, plan.placement.slices)
+            self.give(plan.node, victim.record.request.mig)
+        self.take(plan.node, plan.placement.slices)
         return dataclasses.replace(plan, victims=tuple(map(self._send_home, plan.victims)))
 
     def _send_home(self, victim: Victim) -> Victim:
@@ -317,7 +390,7 @@ class _Round:
             return victim
         home = self.home(victim.record, victim.loan)
         if home:
-            _take(self.free[home], victim.loan.original)
+            self.take(home, victim.loan.original)
         return dataclasses.replace(victim, home=home)
 
 
@@ -364,6 +437,10 @@ def _using(node: NodeState, slices: MigCounts) -> NodeState:
     for resource, count in slices:
         used[resource] = used.get(resource, 0) + count
     return dataclasses.replace(node, used=used)
+
+
+def _key(free: Mapping[str, int]) -> FreeKey:
+    return tuple(sorted(free.items()))
 
 
 def _take(free: dict[str, int], counts: MigCounts) -> None:

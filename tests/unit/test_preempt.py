@@ -15,6 +15,7 @@ from extender.core.decide import Placement, place
 from extender.core.loan import counts_text
 from extender.core.preempt import (
     EVICTED,
+    MAX_PREEMPTIONS_PER_ROUND,
     PENDING,
     RETURNED,
     Preemption,
@@ -396,3 +397,14 @@ def test_nominations_only_ever_take_slices_and_only_for_pods_of_lower_or_equal_p
         assert all(count >= 0 for count in taken.values())
         if not any(node_name == name and p >= priority for _, p, node_name in nominees):
             assert seen.nodes[name].free == node.free
+
+
+def test_a_round_plans_at_most_a_bounded_number_of_preemptions_highest_priority_first():
+    nodes = {f"n{i:02d}": {G1: 1} for i in range(MAX_PREEMPTIONS_PER_ROUND + 4)}
+    records = [running(f"holder-{name}", name, G1, 0) for name in nodes]
+    records += [waiting(f"p{i:02d}", ((G1, 1),), 100 + i) for i in range(len(nodes))]
+    plans = plan(nodes, records)
+    assert len(plans) == MAX_PREEMPTIONS_PER_ROUND
+    assert [p.preemptor.request.priority for p in plans] == sorted((100 + i for i in range(len(nodes))), reverse=True)[
+        :MAX_PREEMPTIONS_PER_ROUND
+    ]
