@@ -88,6 +88,9 @@ class Preemptor:
         back = {r.request.key: r.request.uid for r in records}
         self._homes = {k: h for k, h in self._homes.items() if h[1] > now and back.get(k, h[0]) == h[0]}
         self._spared = {uid: until for uid, until in self._spared.items() if until > now}
+        waiting_uids = set(pending.values())  # what was said once about a pod is forgotten when it is placed
+        self._announced &= waiting_uids
+        self._told_blocked = {pair for pair in self._told_blocked if pair[0] in waiting_uids}
         plans = plan_preemptions(
             snapshot,
             records,
