@@ -8,11 +8,20 @@ burst of binds never hands one free slice to two pods.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from extender.core.cluster import MigCounts, NodeState, ObjectError, PodRecord, Snapshot, node_state, pod_record
+from extender.core.cluster import (
+    MigCounts,
+    NodeState,
+    ObjectError,
+    PodRecord,
+    PodRequest,
+    Snapshot,
+    node_state,
+    pod_record,
+)
 
 T = TypeVar("T")
 
@@ -62,6 +71,7 @@ class Ledger:
         self._reserved: dict[str, Reservation] = {}  # by the UID of the pod being bound
         self._holders: dict[str, set[str]] = {}  # node -> uids of pods holding slices there
         self._states: dict[str, NodeState] = {}  # nodes with `used` filled: what readers see
+        self._nominated: dict[str, tuple[str, PodRequest]] = {}  # pending pods nominated to a node, by uid
 
     # -- nodes ----------------------------------------------------------------
 
@@ -85,6 +95,7 @@ class Ledger:
         self._pods = {}
         self._keys = {}
         self._holders = {}
+        self._nominated = {}
         for record in pods:
             self._store(record)
         # A reservation whose pod (or replacement) the list shows bound is now
@@ -120,6 +131,7 @@ class Ledger:
             if self._keys.get(before.request.key) == uid:
                 del self._keys[before.request.key]
             self._holders.get(before.node, set()).discard(uid)
+            self._nominated.pop(uid, None)
             self._refresh(before.node)
 
     def pod(self, namespace: str, name: str) -> PodRecord | None:
@@ -128,6 +140,13 @@ class Ledger:
 
     def pods(self) -> Iterable[PodRecord]:
         return self._pods.values()
+
+    def nominated(self) -> Mapping[str, tuple[str, PodRequest]]:
+        """Pending pods nominated to a node (uid -> node, request), but those being bound: their reservation
+        counts for them already. Read under the cache's lock, as every read."""
+        if not self._reserved:
+            return self._nominated
+        return {uid: nomination for uid, nomination in self._nominated.items() if uid not in self._reserved}
 
     # -- reservations ---------------------------------------------------------
 
@@ -169,6 +188,7 @@ class Ledger:
         return Snapshot(
             dict(self._states),
             {uid: (reservation.node, reservation.slices) for uid, reservation in self._reserved.items()},
+            dict(self.nominated()),
         )
 
     # -- bookkeeping ----------------------------------------------------------
@@ -182,6 +202,16 @@ class Ledger:
         self._keys[record.request.key] = uid
         if record.holds_slices:
             self._holders.setdefault(record.node, set()).add(uid)
+        if (
+            record.nominated
+            and not record.node
+            and not record.terminal
+            and not record.terminating
+            and record.request.mig
+        ):
+            self._nominated[uid] = (record.nominated, record.request)
+        else:
+            self._nominated.pop(uid, None)
 
     def _refresh_all(self, names: Iterable[str]) -> None:
         for name in names:

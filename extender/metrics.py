@@ -116,6 +116,21 @@ class ReturnerMetrics:
             ["requested", "granted", "outcome"],
             registry=self.registry,
         )
+        self.preemptions = Counter(
+            "migchain_preemptions",
+            "Preemptions the returner tried for a pending pod of higher priority, by outcome: preempted, blocked "
+            "(a PodDisruptionBudget refused a victim's eviction; that victim is spared a while, another tried), "
+            "failed (API error), gone (the pod or a victim changed first), dry-run (decided and announced, not done).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.preempted = Counter(
+            "migchain_preempted_pods",
+            "Pods a preemption evicted, by fate: returned (a borrower, to its own type on a free slice), pending "
+            "(a borrower, to its own type, Pending until one frees), evicted (a pod that fit exactly).",
+            ["fate"],
+            registry=self.registry,
+        )
         self.leader = Gauge(
             "migchain_returner_leader",
             "1 while this returner replica holds the lease (and so acts), else 0.",

@@ -42,14 +42,15 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument(
         "--dry-run",
         action="store_true",
-        help="decide every return as usual, log, count and announce it (WouldReturn events), but evict nothing",
+        help="decide every return and preemption as usual, log, count and announce it (WouldReturn, WouldPreempt "
+        "events), but evict nothing",
     )
     cli.add_argument(
         "--scheduler-name",
         action="append",
         metavar="NAME",
         help=f"a schedulerName migchain's scheduler profile serves (repeatable; default {MIGCHAIN_SCHEDULER}): "
-        "pending pods naming another scheduler never cause a return",
+        "pending pods naming another scheduler never cause a return nor preempt",
     )
     cli.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     cli.add_argument("--log-format", default="text", choices=logs.FORMATS, help="text lines, or one JSON object a line")

@@ -55,6 +55,7 @@ class PodRequest:
     mig: MigCounts
     no_borrow: str = ""  # why this pod may not borrow; empty when it may
     constraints: NodeConstraints = ANYWHERE  # which nodes it may run on
+    priority: int = 0  # spec.priority, which admission fills from the PriorityClass; 0 without one
 
     @property
     def may_borrow(self) -> bool:
@@ -98,6 +99,9 @@ class PodRecord:
     owner: str = ""  # the UID of its controller (ownerReference with controller: true); "" for a bare pod
     scheduler_name: str = MIGCHAIN_SCHEDULER  # spec.schedulerName: which scheduler places it
     gates: tuple[str, ...] = ()  # spec.schedulingGates (at most MAX_GATES_KEPT named): none schedules it while any
+    preemption_policy: str = ""  # spec.preemptionPolicy: "Never" keeps a pod from preempting others
+    nominated: str = ""  # status.nominatedNodeName: the node a preemption made room on for it
+    unschedulable: bool = False  # its scheduler tried and found no node (PodScheduled False, Unschedulable)
 
     @property
     def holds_slices(self) -> bool:
@@ -175,6 +179,8 @@ class Snapshot:
 
     nodes: Mapping[str, NodeState] = field(default_factory=dict)
     reserved: Mapping[str, tuple[str, MigCounts]] = field(default_factory=dict)
+    # Pending pods nominated to a node (pod UID -> node, request): see core/preempt.py yield_to_nominated.
+    nominated: Mapping[str, tuple[str, PodRequest]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, nodes: Iterable[NodeState]) -> Snapshot:
@@ -197,7 +203,7 @@ class Snapshot:
         state = self.nodes.get(node)
         if state is None:
             return self
-        return Snapshot({**self.nodes, node: state.without(slices)}, self.reserved)
+        return replace(self, nodes={**self.nodes, node: state.without(slices)})
 
 
 def quantity(value: Any, where: str) -> int:
@@ -228,6 +234,14 @@ def _sequence(value: Any, where: str) -> list[Any]:
         return []
     if not isinstance(value, list):
         raise ObjectError(f"{where}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _whole_number(value: Any, where: str) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ObjectError(f"{where}: expected a whole number, got {type(value).__name__}")
     return value
 
 
@@ -325,6 +339,7 @@ def pod_request(pod: Any) -> PodRequest:
         mig=pod_mig_requests(spec),
         no_borrow=_no_borrow(metadata, annotations),
         constraints=node_constraints(spec),
+        priority=_whole_number(spec.get("priority"), "Pod.spec.priority"),
     )
 
 
@@ -351,6 +366,9 @@ def pod_record(pod: Any) -> PodRecord:
         owner=_string(controller.get("uid"), "Pod.metadata.ownerReferences[controller].uid"),
         scheduler_name=_scheduler_name(spec.get("schedulerName")),
         gates=_gates(spec.get("schedulingGates")),
+        preemption_policy=_string(spec.get("preemptionPolicy"), "Pod.spec.preemptionPolicy"),
+        nominated=_string(status.get("nominatedNodeName"), "Pod.status.nominatedNodeName"),
+        unschedulable=_unschedulable(status),
     )
 
 
@@ -371,6 +389,15 @@ def _gates(value: Any) -> tuple[str, ...]:
         name = item.get("name") if isinstance(item, Mapping) else None
         names.append(name if isinstance(name, str) and name else "(unreadable)")
     return tuple(names)
+
+
+def _unschedulable(status: Mapping[str, Any]) -> bool:
+    """Whether the pod's scheduler tried it and found no node: what kube-scheduler waits for before it preempts."""
+    for index, item in enumerate(_sequence(status.get("conditions"), "Pod.status.conditions")):
+        condition = _mapping(item, f"Pod.status.conditions[{index}]")
+        if condition.get("type") == "PodScheduled":
+            return condition.get("status") == "False" and condition.get("reason") == "Unschedulable"
+    return False
 
 
 def node_state(node: Any, used: Mapping[str, int] | None = None) -> NodeState:

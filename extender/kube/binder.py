@@ -26,6 +26,7 @@ from extender.core.cluster import (
 )
 from extender.core.decide import Placement, Rejection, place, refuse_needless_borrow
 from extender.core.loan import plan_borrow
+from extender.core.preempt import node_after_nominated
 from extender.core.rules import ChainRules
 from extender.filter_memory import FilterMemory
 from extender.kube.api import ApiError, KubeApi
@@ -92,6 +93,7 @@ class Binder:
         with self.cache.lock:
             rules = self.rules.current()  # once: the whole bind decides on one version of the rules
             state = self.cache.ledger.node_state(args.node, for_pod=record.request.uid)
+            state = node_after_nominated(state, record.request, self.cache.ledger.nominated(), rules)
             verdict = place(record.request, state, args.node, rules)
             if isinstance(verdict, Rejection):
                 return self._refuse(f"node {args.node} no longer fits pod {record.request.key}: {verdict.reason}")

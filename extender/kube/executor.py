@@ -235,6 +235,23 @@ class Executor:
             if error.status not in (404, 409):  # gone already
                 raise
 
+    def nominate(self, pod: Mapping[str, Any], node: str) -> None:
+        """Set the pod's status.nominatedNodeName, as kube-scheduler does for the pod it preempted for.
+
+        kube-scheduler then tries that node first, and the extender keeps the
+        slices the pod fits there for it against pods of lower priority. The
+        UID test keeps a pod recreated under the name from being nominated.
+        """
+        metadata = pod["metadata"]
+        self.api.patch(
+            pod_path(metadata.get("namespace") or "default", metadata["name"]) + "/status",
+            [
+                {"op": "test", "path": "/metadata/uid", "value": metadata["uid"]},
+                {"op": "add", "path": "/status/nominatedNodeName", "value": node},
+            ],
+            content_type=JSON_PATCH,
+        )
+
     def restore(self, borrower: Mapping[str, Any], restored: Mapping[str, Any], owned: bool) -> str:
         """Move a borrower back to its original request; returns what was done, for the log and the event.
 

@@ -22,6 +22,7 @@ from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder, pod_reference
 from extender.kube.executor import BorrowError, EvictionBlocked, Executor, pod_path
 from extender.kube.lease import LeaderElection
+from extender.kube.preemptor import Preemptor
 from extender.metrics import ReturnerMetrics
 from extender.reload import RulesInForce
 
@@ -68,6 +69,9 @@ class Returner:
         # Returns under way whose pod is not back yet hold their target slices, by borrower key.
         self._claims: dict[str, Claim] = {}
         self._recover_at: float | None = 0.0  # when to (re)read the journal; None once it is clean
+        self.preemptor = Preemptor(
+            executor, events, self.metrics, schedulers=schedulers, dry_run=dry_run, recover_soon=self._recover_soon
+        )
 
     def run(self, stop: threading.Event) -> None:
         while not self.cache.wait_ready(timeout=60):
@@ -95,7 +99,8 @@ class Returner:
         # A claim ends as soon as its pod is back: from then on it counts as pending or bound.
         self._claims = {claim.key: claim for claim in open_claims(self._claims.values(), records, now)}
         claims = [(claim.node, claim.slices) for claim in self._claims.values()]
-        for restore in plan_returns(snapshot, borrowers, pending, rules, claims):
+        restores = plan_returns(snapshot, borrowers, pending, rules, [*claims, *self.preemptor.claims()])
+        for restore in restores:
             if not self.election.leading():
                 return  # the lease may pass to another replica: stop before acting
             if self._blocked.get(restore.borrower.key, 0.0) > now:
@@ -104,6 +109,21 @@ class Returner:
                 self.announce(restore)
                 continue
             self.execute(restore, records)
+        # Preemption comes after returns: a pod a return makes room for waits for it, and a borrower on its
+        # way back is no victim.
+        returning = [r for r in restores if self._blocked.get(r.borrower.key, 0.0) <= now]
+        self.preemptor.round(
+            snapshot,
+            records,
+            rules,
+            leading=self.election.leading,
+            claims=[*claims, *((r.target, r.borrower.loan.original) for r in returning)],
+            waiting={r.unblocks for r in returning if r.unblocks},
+            spared={r.borrower.record.request.uid for r in returning},
+        )
+
+    def _recover_soon(self) -> None:
+        self._recover_at = time.monotonic() + RECOVERY_RETRY_SECONDS
 
     def announce(self, restore: Restore) -> None:
         """Dry run: the return decided as usual, logged, counted and announced once; nothing evicted."""

@@ -14,6 +14,8 @@ from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
 from extender.core.cluster import BindRequest, PodRequest, Snapshot
 from extender.core.decide import Placement, filter_nodes, nodes_to_pass, score_nodes
+from extender.core.preempt import yield_to_nominated
+from extender.core.rules import ChainRules
 from extender.metrics import Metrics
 from extender.reload import RulesInForce
 from extender.store import SnapshotStore
@@ -124,10 +126,11 @@ def _body() -> bytes:
 def filter_() -> Response:
     args = wire.extender_args(_body())
     context = _context()
+    rules = context.rules.current()
     current = context.store.snapshot()
-    snapshot = wire.overlay(args, current.for_pod(args.pod.uid))
+    snapshot = _snapshot(args, rules, current)
     keep = None if context.pass_all_nodes else nodes_to_pass(len(snapshot.nodes))
-    decision = filter_nodes(args.pod, args.node_names, snapshot, context.rules.current(), keep)
+    decision = filter_nodes(args.pod, args.node_names, snapshot, rules, keep)
     if context.filter_log is not None:
         # For the bind (where else the pod may run) and, when every node refused
         # it, for a retry once migchain's view catches up with the scheduler's.
@@ -138,9 +141,15 @@ def filter_() -> Response:
 @routes.post("/prioritize")
 def prioritize() -> Response:
     args = wire.extender_args(_body())
-    context = _context()
-    snapshot = wire.overlay(args, context.store.snapshot().for_pod(args.pod.uid))
-    return _json(wire.host_priority_list(score_nodes(args.pod, args.node_names, snapshot, context.rules.current())))
+    rules = _context().rules.current()
+    return _json(wire.host_priority_list(score_nodes(args.pod, args.node_names, _snapshot(args, rules), rules)))
+
+
+def _snapshot(args: wire.ExtenderArgs, rules: ChainRules, current: Snapshot | None = None) -> Snapshot:
+    """The cluster as this pod should see it: its own reservation free, pods nominated ahead of it served first."""
+    if current is None:
+        current = _context().store.snapshot()
+    return yield_to_nominated(wire.overlay(args, current.for_pod(args.pod.uid)), args.pod, current.nominated, rules)
 
 
 @routes.post("/bind")

@@ -36,9 +36,9 @@ DENIED = [
     Access(EXTENDER, "update", "nodes"),
     Access(EXTENDER, "patch", "nodes", subresource="status"),
     Access(EXTENDER, "get", "nodes"),  # it lists and watches; single reads go to its cache
-    # pods: never updated whole, never their status, never exec
+    # pods: never updated whole, their status only patched (nominatedNodeName), never exec
     Access(EXTENDER, "update", "pods", TEAM),
-    Access(EXTENDER, "patch", "pods", TEAM, subresource="status"),
+    Access(EXTENDER, "update", "pods", TEAM, subresource="status"),
     Access(EXTENDER, "create", "pods", TEAM, subresource="exec"),
     Access(EXTENDER, "get", "pods", TEAM, subresource="log"),
     Access(EXTENDER, "deletecollection", "pods", TEAM),

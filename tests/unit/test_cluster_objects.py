@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from extender.core.cluster import ObjectError, node_state, pod_request
+from extender.core.cluster import ObjectError, node_state, pod_record, pod_request
 
 G1 = "nvidia.com/mig-1g.5gb"
 G2 = "nvidia.com/mig-2g.10gb"
@@ -104,3 +104,29 @@ def test_node_state_reads_mig_allocatable_and_gfd_labels():
 
 def test_a_node_without_mig_manager_label_offers_its_slices():
     assert node_state({"metadata": {"name": "n"}, "status": {}}).offers_slices
+
+
+def test_priority_preemption_policy_scheduler_and_nomination_of_a_pod():
+    spec = pod()
+    spec["spec"].update({"priority": 1000, "preemptionPolicy": "Never", "schedulerName": "migchain-scheduler"})
+    spec["status"] = {
+        "nominatedNodeName": "gpu-1",
+        "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}],
+    }
+    record = pod_record(spec)
+    assert record.request.priority == 1000
+    assert (record.preemption_policy, record.nominated) == ("Never", "gpu-1")
+    assert record.scheduler_name == "migchain-scheduler"
+    assert record.unschedulable
+    plain = pod_record(pod())
+    assert (plain.request.priority, plain.preemption_policy, plain.nominated, plain.unschedulable) == (0, "", "", False)
+    spec["status"]["conditions"] = [{"type": "PodScheduled", "status": "True"}]
+    assert not pod_record(spec).unschedulable
+
+
+@pytest.mark.parametrize("value", ["1000", 1.5, True])
+def test_a_priority_that_is_no_whole_number_names_the_field(value):
+    spec = pod()
+    spec["spec"]["priority"] = value
+    with pytest.raises(ObjectError, match=r"Pod\.spec\.priority"):
+        pod_request(spec)

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from extender.config import load_rules
-from extender.core.cluster import NodeState, Snapshot
+from extender.core.cluster import NodeState, PodRequest, Snapshot
 from extender.reload import RulesInForce
 from extender.store import SnapshotStore
 from extender.web.app import WebSettings, create_app
@@ -246,3 +246,19 @@ def test_any_bytes_get_200_or_a_json_400(body):
     response = post(client, "filter", body)
     assert response.status_code in (200, 400)
     assert response.is_json
+
+
+def test_a_pod_nominated_by_a_preemption_keeps_its_slices_from_pods_of_lower_priority(client, store):
+    node = NodeState("freed", A100, "success", {G1: 1}, {})
+    nominee = PodRequest("ml", "urgent", "uid-urgent", ((G1, 1),), priority=1000)
+    store.publish(Snapshot({"freed": node}, nominated={"uid-urgent": ("freed", nominee)}))
+    low = pod_json()
+    low["spec"]["priority"] = 10
+    assert post(client, "filter", {"Pod": low, "NodeNames": ["freed"]}).get_json()["NodeNames"] == []
+    high = pod_json()
+    high["spec"]["priority"] = 2000
+    assert post(client, "filter", {"Pod": high, "NodeNames": ["freed"]}).get_json()["NodeNames"] == ["freed"]
+    nominated = pod_json()
+    nominated["metadata"]["uid"] = "uid-urgent"
+    nominated["spec"]["priority"] = 1000
+    assert post(client, "filter", {"Pod": nominated, "NodeNames": ["freed"]}).get_json()["NodeNames"] == ["freed"]

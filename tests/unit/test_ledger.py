@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -124,3 +126,17 @@ def test_lookup_by_namespace_and_name_follows_the_latest_uid():
     assert found is not None
     assert found.request.uid == "new"
     assert ledger.pod("ns", "pod-old") is None
+
+
+def test_pending_pods_nominated_to_a_node_are_in_the_snapshot_until_bound_or_gone():
+    nominee = replace(record("p", "", ((TYPES[0], 1),), False), nominated="n0")
+    ledger = Ledger()
+    ledger.replace_pods([nominee, replace(record("q", "n1", ((TYPES[0], 1),), False), nominated="n1")])
+    assert ledger.snapshot().nominated == {"p": ("n0", nominee.request)}  # a bound pod's nomination is over
+    ledger.reserve("p", "n0", ((TYPES[0], 1),), 60.0)  # being bound: its reservation holds its slices
+    assert ledger.snapshot().nominated == {}
+    ledger.put_pod(replace(nominee, node="n0"))
+    assert ledger.nominated() == {}
+    ledger.put_pod(nominee)
+    ledger.remove_pod("p")
+    assert ledger.snapshot().nominated == {}

@@ -78,7 +78,10 @@ API_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
     ),
     ("extender/kube/executor.py", "get"): (3, [Access(EXTENDER, "get", "pods", TEAM)]),
     ("extender/kube/executor.py", "list_all"): (1, [Access(EXTENDER, "list", "configmaps", NAMESPACE)]),
-    ("extender/kube/executor.py", "patch"): (3, [Access(EXTENDER, "patch", "pods", TEAM)]),
+    ("extender/kube/executor.py", "patch"): (
+        4,
+        [Access(EXTENDER, "patch", "pods", TEAM), Access(EXTENDER, "patch", "pods", TEAM, subresource="status")],
+    ),
     ("extender/kube/requeue.py", "patch"): (1, [Access(EXTENDER, "patch", "pods", TEAM)]),
     ("extender/kube/lease.py", "create"): (
         1,
@@ -93,6 +96,7 @@ API_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
         [Access(EXTENDER, "update", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-returner")],
     ),
     ("extender/kube/returner.py", "get"): (1, [Access(EXTENDER, "get", "pods", TEAM)]),
+    ("extender/kube/preemptor.py", "get"): (1, [Access(EXTENDER, "get", "pods", TEAM)]),
     # The admin's commands (`migchain status`, ...) with the user's kubeconfig, or
     # in the extender's pod (kubectl exec) with its ServiceAccount.
     ("extender/kube/status.py", "list_all"): (
