@@ -7,6 +7,7 @@ at scrape time by `ClusterCollector`, never updated per event.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -17,7 +18,7 @@ from extender.core.cluster import PodRecord, Snapshot
 from extender.core.decide import Placement
 from extender.core.loan import Loan
 from extender.core.mig import short_name
-from extender.core.status import loan_pairs, loan_rows, on_loan, slice_totals
+from extender.core.status import loan_pairs, on_loan, read_loans, slice_totals
 from extender.reload import ReloadStatus
 
 # Filter and prioritize answer in well under a millisecond per hundred nodes;
@@ -42,6 +43,46 @@ class Errors:
 
     def count(self, component: str, kind: str, amount: int = 1) -> None:
         self.counter.labels(component, kind).inc(amount)
+
+
+class UnreadableLoans:
+    """`migchain_unreadable_loans_total{process}`: pods found with a loan record that cannot be read or does
+    not match them, each counted once (by UID).
+
+    It remembers only the UIDs of the pods found last time: a pod that is
+    fixed, or gone, is forgotten, so the memory is bounded by the pods there are.
+    """
+
+    def __init__(self, process: str) -> None:
+        self.process = process
+        self.total = 0
+        self.reported: set[str] = set()
+        self._lock = threading.Lock()  # scrapes run on several threads
+
+    def report(self, uids: Iterable[str], limit: int | None = None) -> list[str]:
+        """The UIDs among `uids` not reported before (at most `limit` of them, the rest wait), counted now."""
+        with self._lock:
+            found = set(uids)
+            fresh = sorted(found - self.reported)[:limit]
+            self.reported = (self.reported & found) | set(fresh)
+            self.total += len(fresh)
+            return fresh
+
+    def family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(
+            "migchain_unreadable_loans",
+            "Pods skipped because their loan record (migchain.io annotations, which a pod's owner can edit) "
+            "cannot be read or does not match what the pod asks for; each pod counted once.",
+            labels=["process"],
+        )
+        family.add_metric([self.process], self.total)
+        return family
+
+    def describe(self) -> Iterator[Metric]:
+        return iter([self.family()])
+
+    def collect(self) -> Iterator[Metric]:
+        yield self.family()
 
 
 class Metrics:
@@ -91,6 +132,7 @@ class Metrics:
             registry=self.registry,
         )
         self.errors = Errors(self.registry)
+        self.unreadable = UnreadableLoans("extender")  # exported with the cluster (watch_cluster)
 
     def count_borrow(self, placement: Placement, *, dry_run: bool = False) -> None:
         counter = self.dry_run_borrows if dry_run else self.borrows
@@ -100,7 +142,7 @@ class Metrics:
 
     def watch_cluster(self, view: ClusterView) -> None:
         """Export loans and slices read from `view` at every scrape."""
-        self.registry.register(ClusterCollector(view))
+        self.registry.register(ClusterCollector(view, self.unreadable))
 
 
 class ReturnerMetrics:
@@ -137,6 +179,8 @@ class ReturnerMetrics:
             registry=self.registry,
         )
         self.errors = Errors(self.registry)
+        self.unreadable = UnreadableLoans("returner")
+        self.registry.register(self.unreadable)
 
     def count_return(self, loan: Loan, outcome: str) -> None:
         for requested, granted, count in loan_pairs(loan):
@@ -149,8 +193,9 @@ class ReturnerMetrics:
 class ClusterCollector:
     """Gauges computed at scrape time from the cache's current snapshot and pod records."""
 
-    def __init__(self, view: ClusterView) -> None:
+    def __init__(self, view: ClusterView, unreadable: UnreadableLoans | None = None) -> None:
         self._view = view
+        self._unreadable = unreadable if unreadable is not None else UnreadableLoans("extender")
 
     @staticmethod
     def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
@@ -173,19 +218,21 @@ class ClusterCollector:
         )
 
     def describe(self) -> Iterator[Metric]:
-        return iter(self._families())
+        return iter((*self._families(), self._unreadable.family()))
 
     def collect(self) -> Iterator[Metric]:
         loans, free, allocatable = self._families()
         current = self._view()
         if current is not None:  # before the first lists, no numbers rather than zeros
             snapshot, records = current
-            for (requested, granted), count in sorted(on_loan(loan_rows(records)).items()):
+            rows, unreadable = read_loans(records)
+            self._unreadable.report(record.request.uid for record, _ in unreadable)
+            for (requested, granted), count in sorted(on_loan(rows).items()):
                 loans.add_metric([short_name(requested), short_name(granted)], count)
             for resource, (total, available) in sorted(slice_totals(snapshot).items()):
                 free.add_metric([short_name(resource)], available)
                 allocatable.add_metric([short_name(resource)], total)
-        yield from (loans, free, allocatable)
+        yield from (loans, free, allocatable, self._unreadable.family())
 
 
 # What `RulesCollector` reads: the reload status of the chain rules in force.

@@ -17,11 +17,30 @@ from extender.core.constraints import (
     node_constraints,
 )
 from extender.core.mig import is_mig_resource
+from extender.core.untrusted import excerpt, kept
 
 # Annotation keys: one domain prefix, documented in README.
 ANNOTATION_PREFIX = "migchain.io/"
 BORROW_ANNOTATION = ANNOTATION_PREFIX + "borrow"  # "false" opts a pod out of borrowing
 REPLACED_UID_ANNOTATION = ANNOTATION_PREFIX + "replaced-uid"  # on a borrower: the pod it replaced
+
+# The migchain.io annotations the cache keeps of a pod, each with the longest
+# value kept (longer ones are noted, not kept: see core/untrusted.py `kept`):
+# the loan record (core/loan.py) and the pod's return settings (core/returns.py).
+# Nothing else under the prefix is kept: both caches hold every pod, and a pod
+# may carry 256 KiB of annotations. A real loan record is a few hundred bytes;
+# original-resources grows by about 100 bytes per container that asks for MIG.
+KEPT_ANNOTATIONS: Mapping[str, int] = {
+    ANNOTATION_PREFIX + "original-requests": 1024,
+    ANNOTATION_PREFIX + "borrowed-requests": 1024,
+    ANNOTATION_PREFIX + "chain": 1024,
+    ANNOTATION_PREFIX + "steps": 16,
+    ANNOTATION_PREFIX + "original-resources": 8192,
+    REPLACED_UID_ANNOTATION: 128,
+    ANNOTATION_PREFIX + "restarts": 16,
+    ANNOTATION_PREFIX + "max-restarts": 16,
+    ANNOTATION_PREFIX + "return": 64,
+}
 
 # Controllers that recreate their pods by name or by node from their own
 # template: a replacement would be fought (StatefulSet recreates the name it
@@ -316,7 +335,8 @@ def _no_borrow(metadata: Mapping[str, Any], annotations: Mapping[str, Any]) -> s
     opt = annotations.get(BORROW_ANNOTATION)
     # Anything but an absent annotation or "true" opts out: a typo must not enable borrowing.
     if opt is not None and opt != "true":
-        return f"pod annotation {BORROW_ANNOTATION}={opt}"
+        # An excerpt: this goes into the reason of every node the pod fails on.
+        return f"pod annotation {BORROW_ANNOTATION}={excerpt(str(opt))}"
     controller = controller_of(metadata)
     if controller is not None and controller.get("kind") in PINNED_OWNERS:
         return f"{controller.get('kind')} pods never borrow (their controller recreates them from its template)"
@@ -351,18 +371,15 @@ def pod_record(pod: Any) -> PodRecord:
     metadata = _mapping(pod.get("metadata"), "Pod.metadata")
     annotations = _mapping(metadata.get("annotations"), "Pod.metadata.annotations")
     controller = controller_of(metadata) or {}
+    replaces = _string(annotations.get(REPLACED_UID_ANNOTATION), f"annotations[{REPLACED_UID_ANNOTATION}]")
     return PodRecord(
         request=request,
         node=_string(spec.get("nodeName"), "Pod.spec.nodeName"),
         terminal=status.get("phase") in ("Succeeded", "Failed"),
-        replaces=_string(annotations.get(REPLACED_UID_ANNOTATION), f"annotations[{REPLACED_UID_ANNOTATION}]"),
+        replaces=replaces if len(replaces) <= KEPT_ANNOTATIONS[REPLACED_UID_ANNOTATION] else "",
         terminating=bool(metadata.get("deletionTimestamp")),
         created=_string(metadata.get("creationTimestamp"), "Pod.metadata.creationTimestamp"),
-        migchain={
-            key: value
-            for key, value in annotations.items()
-            if key.startswith(ANNOTATION_PREFIX) and isinstance(value, str)
-        },
+        migchain=kept(annotations, KEPT_ANNOTATIONS),
         owner=_string(controller.get("uid"), "Pod.metadata.ownerReferences[controller].uid"),
         scheduler_name=_scheduler_name(spec.get("schedulerName")),
         gates=_gates(spec.get("schedulingGates")),

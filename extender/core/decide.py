@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from extender.core.cluster import MigCounts, NodeState, PodRequest, Snapshot
 from extender.core.mig import short_name
 from extender.core.rules import BorrowOption, ChainRules
+from extender.core.untrusted import excerpt
 
 MAX_SCORE = 10  # k8s.io/kube-scheduler/extender/v1 MaxExtenderPriority
 
@@ -22,6 +23,13 @@ MAX_SCORE = 10  # k8s.io/kube-scheduler/extender/v1 MaxExtenderPriority
 # for; real pods ask for one or two. Beyond this only exact fits are tried, so a
 # pathological pod cannot stall the scheduler.
 MAX_BORROW_DEMANDS = 4
+
+# kube-scheduler gets a reason for every node that fails, so an answer must
+# grow with the nodes only, whatever the pod carries: a reason names at most
+# this many of the pod's MIG types (the pod's text only as a short excerpt),
+# and is cut at this length whatever made it long (escaped, as any text shown).
+MAX_REASON_TYPES = 2
+MAX_REASON_CHARS = 512
 
 # kube-scheduler's own scoring budget (numFeasibleNodesToFind in
 # pkg/scheduler/schedule_one.go, with percentageOfNodesToScore unset): every
@@ -166,9 +174,9 @@ def _outcomes(pod: PodRequest, node_names: Iterable[str], snapshot: Snapshot, ru
         if outcome is None:
             verdict = place(pod, node, name, rules)
             if isinstance(verdict, Placement):
-                outcome = _Outcome(verdict.cost, verdict.describe(), True, score(verdict))
+                outcome = _Outcome(verdict.cost, _reason(verdict.describe()), True, score(verdict))
             else:
-                outcome = _Outcome(None, verdict.reason, verdict.resolvable, 0)
+                outcome = _Outcome(None, _reason(verdict.reason), verdict.resolvable, 0)
             memo[key] = outcome
         outcomes[name] = outcome
     return outcomes
@@ -332,6 +340,7 @@ def _why_not(pod: PodRequest, node: NodeState, rules: ChainRules) -> str:
     line of the FailedScheduling event ("0/20 nodes are available: 20 <reason>"),
     so nodes in the same state must give the same words.
     """
+    shared = _no_borrow_note(pod)  # why no type may borrow, said once
     parts = []
     for requested, count in pod.mig:
         if node.allocatable.get(requested, 0) < count:
@@ -346,15 +355,26 @@ def _why_not(pod: PodRequest, node: NodeState, rules: ChainRules) -> str:
             )
         else:
             continue
-        parts.append(part + _borrow_note(pod, node, rules, requested, count))
-    return "; ".join(parts)
+        parts.append(part + ("" if shared else _borrow_note(pod, node, rules, requested, count)))
+    if len(parts) > MAX_REASON_TYPES:
+        parts[MAX_REASON_TYPES:] = [f"and {len(parts) - MAX_REASON_TYPES} more MIG type(s) short"]
+    return "; ".join(parts) + shared
 
 
-def _borrow_note(pod: PodRequest, node: NodeState, rules: ChainRules, requested: str, count: int) -> str:
+def _reason(text: str) -> str:
+    """A node's reason as it goes into an answer: printable, and short whatever the pod asks for."""
+    return excerpt(text, MAX_REASON_CHARS)
+
+
+def _no_borrow_note(pod: PodRequest) -> str:
     if pod.no_borrow:
         return f" (borrowing off: {pod.no_borrow})"
     if len(pod.mig) > MAX_BORROW_DEMANDS:
         return f" (borrowing is tried only for pods with at most {MAX_BORROW_DEMANDS} MIG types)"
+    return ""
+
+
+def _borrow_note(pod: PodRequest, node: NodeState, rules: ChainRules, requested: str, count: int) -> str:
     if not rules.has_chain_for(requested, node.gpu_product):
         return f" (no chain for it on GPU model {node.gpu_product or '(unlabelled)'})"
     options = rules.borrow_options(requested, node.gpu_product, pod.namespace)

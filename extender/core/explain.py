@@ -24,7 +24,7 @@ from extender.core.decide import (
     place,
     score_nodes,
 )
-from extender.core.loan import RESTARTS_ANNOTATION, Loan, loan_of
+from extender.core.loan import Loan, UnreadableLoan, record_loan
 from extender.core.mig import short_name
 from extender.core.returns import (
     MAX_RESTARTS_ANNOTATION,
@@ -40,6 +40,7 @@ from extender.core.returns import (
 )
 from extender.core.rules import BorrowOption, Chain, ChainRules, ReturnMode
 from extender.core.status import text_table
+from extender.core.untrusted import excerpt
 
 
 class Fit(enum.Enum):
@@ -94,7 +95,7 @@ class ReturnOutlook:
     chain_modes: tuple[tuple[str, ReturnMode | None], ...]  # each chain of the loan, its returnMode now (None: gone)
     mode: ReturnMode  # what the returner applies (return_mode_of)
     restarts: int
-    max_restarts: str | None  # the pod's migchain.io/max-restarts, as written
+    max_restarts: str | None  # the pod's migchain.io/max-restarts, as written (an excerpt)
     held_back: str  # why it may not be returned at all; "" when it may
     restore: Restore | None  # the return plan_returns makes now, if any
     condition: str  # what would make the returner return it
@@ -235,6 +236,9 @@ def _notes(pod: PodRecord, schedulers: Sequence[str]) -> tuple[str, ...]:
     if not request.mig:
         notes.append("it asks for no MIG slice: kube-scheduler does not consult migchain for it")
     notes += _demand_notes(pod, schedulers)
+    loan = record_loan(pod)
+    if isinstance(loan, UnreadableLoan):
+        notes.append(f"its loan record cannot be read: the returner does not treat it as a borrower ({loan.why})")
     if request.no_borrow:
         notes.append(f"it may not borrow: {request.no_borrow}")
     elif len(request.mig) > MAX_BORROW_DEMANDS:
@@ -291,23 +295,23 @@ def _outlook(
     borrowers: Sequence[Borrower],
     plans: Sequence[Restore],
 ) -> ReturnOutlook | None:
-    loan = loan_of(pod.migchain)
-    if loan is None:
-        return None
+    loan = record_loan(pod)
+    if not isinstance(loan, Loan):
+        return None  # no loan, or one that cannot be read: a note says so
     loaded = {chain.name: chain.policy.return_mode for chain in rules.chains}
     chain_modes = tuple((name, loaded.get(name)) for name in loan.chains)
-    cap = pod.migchain.get(MAX_RESTARTS_ANNOTATION)
+    written = pod.migchain.get(MAX_RESTARTS_ANNOTATION)
+    cap = None if written is None else excerpt(written)
     me = next((b for b in borrowers if b.key == pod.request.key), None)
     if me is None:
         condition = "never while it is not running: only a running borrower is returned"
-        restarts = pod.migchain.get(RESTARTS_ANNOTATION, "0")
         return ReturnOutlook(
             loan=loan,
             node=pod.node,
             running=False,
             chain_modes=chain_modes,
             mode=return_mode_of(loan, rules),
-            restarts=int(restarts) if restarts.isdigit() else 0,
+            restarts=loan.restarts,
             max_restarts=cap,
             held_back="",
             restore=None,
@@ -360,7 +364,7 @@ def _outlook(
                 "or to other returns planned in the same round"
             )
     return ReturnOutlook(
-        loan=loan,
+        loan=me.loan,  # its steps as the returner counts them (at most what its chains allow)
         node=pod.node,
         running=True,
         chain_modes=chain_modes,

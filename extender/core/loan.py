@@ -16,11 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from extender.core import untrusted
 from extender.core.cluster import (
     ANNOTATION_PREFIX,
+    KEPT_ANNOTATIONS,
     REPLACED_UID_ANNOTATION,
     MigCounts,
     ObjectError,
+    PodRecord,
     controller_of,
     pod_mig_requests,
     quantity,
@@ -74,6 +77,18 @@ class Loan:
     chains: tuple[str, ...]
     steps: int
     replaced_uid: str
+    restarts: int = 0  # returns of this pod so far (RESTARTS_ANNOTATION): the restart cap counts them
+
+
+@dataclass(frozen=True)
+class UnreadableLoan:
+    """A loan record that cannot be read back, or does not match its pod: that pod is no borrower.
+
+    Its pod's owner can edit the record, or forge one: the pod is skipped,
+    counted and reported once, and nothing else is held up by it.
+    """
+
+    why: str  # names the annotation; shows the pod's text only as a short escaped excerpt
 
 
 @dataclass(frozen=True)
@@ -119,27 +134,87 @@ def counts_text(counts: MigCounts) -> str:
 
 
 def parse_counts(text: str) -> MigCounts:
-    pairs = []
+    """`nvidia.com/mig-1g.5gb=1,...` read back; ValueError unless each entry is a MIG type, named once, with
+    an ASCII count of 1 to MAX_SLICES, and there are at most MAX_TYPES of them."""
+    counts: dict[str, int] = {}
     for item in filter(None, text.split(",")):
-        resource, _, count = item.partition("=")
-        pairs.append((resource, int(count)))
-    return tuple(sorted(pairs))
+        resource, _, written = item.partition("=")
+        number = untrusted.count(written, untrusted.MAX_SLICES)
+        if not untrusted.MIG_RESOURCE.fullmatch(resource) or not number or resource in counts:
+            raise ValueError(f"expected MIG type=count entries, each count 1 to {untrusted.MAX_SLICES}")
+        counts[resource] = number
+        if len(counts) > untrusted.MAX_TYPES:
+            raise ValueError(f"more than {untrusted.MAX_TYPES} MIG types")
+    return tuple(sorted(counts.items()))
+
+
+def read_loan(annotations: Mapping[str, str]) -> Loan | UnreadableLoan | None:
+    """The loan recorded in a pod's annotations; None for a pod that borrows nothing; UnreadableLoan for
+    a record that cannot be read back whole (its pod's owner can edit it), naming the annotation.
+
+    Every field goes through the one reader of pod-written text (core/untrusted.py):
+    counts are ASCII digits under caps no real loan reaches, names match the
+    patterns the API server and the rules loader allow, the original-resources
+    JSON is size-capped and checked against its schema.
+    """
+    record = untrusted.kept(annotations, KEPT_ANNOTATIONS)
+    if REPLACED_UID_ANNOTATION not in record or ORIGINAL_REQUESTS_ANNOTATION not in record:
+        return None
+    key = ORIGINAL_REQUESTS_ANNOTATION
+    try:
+        original = _some_counts(record[key])
+        key = BORROWED_REQUESTS_ANNOTATION
+        borrowed = _some_counts(record.get(key, ""))
+        key = CHAIN_ANNOTATION
+        chains = tuple(filter(None, record.get(key, "").split(",")))
+        if len(chains) > untrusted.MAX_CHAINS or not all(map(untrusted.CHAIN_NAME.fullmatch, chains)):
+            raise ValueError(f"expected at most {untrusted.MAX_CHAINS} chain names, comma-separated")
+        key = STEPS_ANNOTATION
+        most = untrusted.MAX_STEPS_PER_SLICE * sum(count for _, count in borrowed)
+        steps = untrusted.count(record.get(key, "0"), most)
+        if steps is None:
+            raise ValueError(f"expected a count of 0 to {most}")
+        key = RESTARTS_ANNOTATION
+        restarts = untrusted.count(record.get(key, "0"), untrusted.MAX_RESTARTS)
+        if restarts is None:
+            raise ValueError(f"expected a count of 0 to {untrusted.MAX_RESTARTS}")
+        key = REPLACED_UID_ANNOTATION
+        if not untrusted.UID.fullmatch(record[key]):
+            raise ValueError("expected a pod UID")
+        key = ORIGINAL_RESOURCES_ANNOTATION
+        if key in record:
+            _original_resources(record[key])
+    except ObjectError as error:  # the original-resources record's, naming it
+        return UnreadableLoan(str(error))
+    except ValueError as error:
+        return UnreadableLoan(f"annotation {key}={untrusted.excerpt(record.get(key, ''))}: {error}")
+    return Loan(original, borrowed, chains, steps, record[REPLACED_UID_ANNOTATION], restarts)
+
+
+def _some_counts(text: str) -> MigCounts:
+    counts = parse_counts(text)
+    if not counts:
+        raise ValueError("names no MIG slice")
+    return counts
 
 
 def loan_of(annotations: Mapping[str, str]) -> Loan | None:
     """The loan recorded on a pod, or None for a pod that borrows nothing (or a record that is unreadable)."""
-    if REPLACED_UID_ANNOTATION not in annotations or ORIGINAL_REQUESTS_ANNOTATION not in annotations:
-        return None
-    try:
-        return Loan(
-            original=parse_counts(annotations[ORIGINAL_REQUESTS_ANNOTATION]),
-            borrowed=parse_counts(annotations.get(BORROWED_REQUESTS_ANNOTATION, "")),
-            chains=tuple(filter(None, annotations.get(CHAIN_ANNOTATION, "").split(","))),
-            steps=int(annotations.get(STEPS_ANNOTATION, "0")),
-            replaced_uid=annotations[REPLACED_UID_ANNOTATION],
+    loan = read_loan(annotations)
+    return loan if isinstance(loan, Loan) else None
+
+
+def record_loan(record: PodRecord) -> Loan | UnreadableLoan | None:
+    """The loan of a pod the cache keeps, read back and checked against the pod: what it asks for now must
+    be what the loan says it borrowed (a loan forged on any other pod, one with no MIG request
+    included, is no loan)."""
+    loan = read_loan(record.migchain)
+    if isinstance(loan, Loan) and loan.borrowed != record.request.mig:
+        holds = untrusted.excerpt(counts_text(record.request.mig), 80) or "no MIG slice"
+        return UnreadableLoan(
+            f"annotation {BORROWED_REQUESTS_ANNOTATION} does not match what the pod asks for ({holds})"
         )
-    except ValueError:
-        return None
+    return loan
 
 
 def replacement_name(name: str, uid: str) -> str:
@@ -244,9 +319,9 @@ def _original_resources(text: str) -> dict[str, dict[str, dict[str, str]]]:
     """
     where = f"annotation {ORIGINAL_RESOURCES_ANNOTATION}"
     try:
-        record = json.loads(text)
-    except ValueError:
-        raise ObjectError(f"{where}: not JSON") from None
+        record = untrusted.json_document(text, KEPT_ANNOTATIONS[ORIGINAL_RESOURCES_ANNOTATION])
+    except ValueError as error:
+        raise ObjectError(f"{where}: {error}") from None
     if not isinstance(record, dict):
         raise ObjectError(f"{where}: expected an object of containers")
     for kinds in record.values():
@@ -254,7 +329,9 @@ def _original_resources(text: str) -> dict[str, dict[str, dict[str, str]]]:
             raise ObjectError(f"{where}: expected limits and requests per container")
         for values in kinds.values():
             if not isinstance(values, dict) or not all(
-                is_mig_resource(resource) and isinstance(count, str) and count.isdigit()
+                untrusted.MIG_RESOURCE.fullmatch(resource)
+                and isinstance(count, str)
+                and untrusted.count(count, untrusted.MAX_SLICES) is not None
                 for resource, count in values.items()
             ):
                 raise ObjectError(f"{where}: expected whole numbers of MIG resources")

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from extender.core.cluster import MigCounts, NodeState, PodRecord, PodRequest, Snapshot
 from extender.core.decide import Placement, place
-from extender.core.loan import Loan, loan_of
+from extender.core.loan import Loan, record_loan
 from extender.core.rules import ChainRules
 
 PREEMPT_NEVER = "Never"  # spec.preemptionPolicy of a pod that waits rather than preempts
@@ -355,7 +355,8 @@ class _Round:
     def _victim(self, record: PodRecord, fates: dict[str, Victim]) -> Victim:
         victim = fates.get(record.request.uid)
         if victim is None:
-            loan = loan_of(record.migchain)
+            read = record_loan(record)
+            loan = read if isinstance(read, Loan) else None  # a record that cannot be read makes no borrower
             victim = Victim(record, loan, self.home(record, loan) if loan is not None else "")
             fates[record.request.uid] = victim
         return victim

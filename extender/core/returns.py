@@ -27,6 +27,7 @@ import dataclasses
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from extender.core import untrusted
 from extender.core.cluster import (
     ANNOTATION_PREFIX,
     MIGCHAIN_SCHEDULER,
@@ -38,8 +39,9 @@ from extender.core.cluster import (
 )
 from extender.core.constraints import NodeConstraints
 from extender.core.decide import Placement, place
-from extender.core.loan import RESTARTS_ANNOTATION, Loan, loan_of
+from extender.core.loan import Loan, UnreadableLoan, record_loan
 from extender.core.rules import ChainRules, ReturnMode
+from extender.core.status import loan_pairs
 
 RETURN_ANNOTATION = ANNOTATION_PREFIX + "return"  # "false": never return this pod
 MAX_RESTARTS_ANNOTATION = ANNOTATION_PREFIX + "max-restarts"  # cap on returns of this pod
@@ -72,22 +74,56 @@ class Restore:
 
 def borrowers_of(records: Iterable[PodRecord], rules: ChainRules) -> list[Borrower]:
     """The running borrowers among the cache's pods, with the return mode of the chain they borrowed on."""
+    return scan_borrowers(records, rules)[0]
+
+
+def scan_borrowers(
+    records: Iterable[PodRecord], rules: ChainRules
+) -> tuple[list[Borrower], list[tuple[PodRecord, str]]]:
+    """The running borrowers, and the running pods whose loan record cannot be read or does not match them
+    (`record_loan`), with why: those are no borrowers, for the caller to count and report; never an error.
+
+    A loan's steps decide who goes first (eager): they count for at most what
+    the chains allow for the types it names (`steps_allowed`), whatever the
+    record says.
+    """
     found = []
+    unreadable = []
     for record in records:
         if not record.node or record.terminal or record.terminating:
             continue
-        loan = loan_of(record.migchain)
+        loan = record_loan(record)
         if loan is None:
             continue
-        restarts = _whole(record.migchain.get(RESTARTS_ANNOTATION)) or 0
-        cap = _whole(record.migchain.get(MAX_RESTARTS_ANNOTATION))
+        if isinstance(loan, UnreadableLoan):
+            unreadable.append((record, loan.why))
+            continue
+        loan = dataclasses.replace(loan, steps=min(loan.steps, steps_allowed(loan, rules)))
+        # A cap that is no count (a typo) caps nothing.
+        cap = untrusted.count(record.migchain.get(MAX_RESTARTS_ANNOTATION), untrusted.MAX_RESTARTS)
         held_back = ""
         if record.migchain.get(RETURN_ANNOTATION, "true") != "true":
-            held_back = f"pod annotation {RETURN_ANNOTATION}={record.migchain[RETURN_ANNOTATION]}"
-        elif cap is not None and restarts >= cap:
-            held_back = f"restarted {restarts} time(s), {MAX_RESTARTS_ANNOTATION}={cap}"
-        found.append(Borrower(record, loan, return_mode_of(loan, rules), restarts, held_back))
-    return found
+            held_back = f"pod annotation {RETURN_ANNOTATION}={untrusted.excerpt(record.migchain[RETURN_ANNOTATION])}"
+        elif cap is not None and loan.restarts >= cap:
+            held_back = f"restarted {loan.restarts} time(s), {MAX_RESTARTS_ANNOTATION}={cap}"
+        found.append(Borrower(record, loan, return_mode_of(loan, rules), loan.restarts, held_back))
+    return found, unreadable
+
+
+def steps_allowed(loan: Loan, rules: ChainRules) -> int:
+    """The most steps a loan can have borrowed: each slice it holds for a smaller type counts as far up as
+    the two types lie apart on a chain the loan names (on any loaded chain when none of those is loaded,
+    one step when no chain has both)."""
+    named = [chain for chain in rules.chains if chain.name in loan.chains] or list(rules.chains)
+    total = 0
+    for requested, granted, slices in loan_pairs(loan):
+        distances = [
+            chain.types.index(granted) - chain.types.index(requested)
+            for chain in named
+            if requested in chain.types and granted in chain.types
+        ]
+        total += slices * max([1, *distances])
+    return total
 
 
 def pending_requests(
@@ -321,8 +357,3 @@ def return_mode_of(loan: Loan, rules: ChainRules) -> ReturnMode:
         if chain.name in loan.chains:
             return chain.policy.return_mode
     return ReturnMode.ON_DEMAND
-
-
-def _whole(text: str | None) -> int | None:
-    """A whole number from an annotation; None when absent or not a number (a typo caps nothing)."""
-    return int(text) if text is not None and text.strip().isdigit() else None

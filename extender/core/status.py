@@ -1,6 +1,6 @@
 """What `migchain status` and the metrics show: MIG slices per node and the loans in force, as rows and text; pure.
 
-Loans are read back from the borrowers' annotations with `loan_of`, slices in
+Loans are read back from the borrowers' annotations with `record_loan`, slices in
 use from the snapshot the ledger builds: the same reading the returner acts
 on. No clock: the caller passes `now` where an age is shown.
 """
@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from extender.core.cluster import MigCounts, PodRecord, Snapshot
-from extender.core.loan import Loan, loan_of
+from extender.core.cluster import REPLACED_UID_ANNOTATION, MigCounts, PodRecord, Snapshot
+from extender.core.loan import Loan, UnreadableLoan, record_loan
 from extender.core.mig import parse_mig_resource, short_name
 
 
@@ -64,6 +64,7 @@ class LoanRow:
 class ClusterStatus:
     nodes: tuple[NodeRow, ...] = ()
     loans: tuple[LoanRow, ...] = ()
+    unreadable: tuple[str, ...] = ()  # bound pods whose loan record cannot be read (namespace/name): no loan
 
     def types(self) -> list[str]:
         """Every MIG type on some node, smallest first."""
@@ -93,6 +94,10 @@ def loan_pairs(loan: Loan) -> tuple[tuple[str, str, int], ...]:
     is held for itself; the rest are paired in size order, smallest request
     with smallest grant, which is how a borrow up a chain lines them up. A pod
     borrowing for one type (the usual case) has exactly one pair.
+
+    Counts are matched as numbers, never spelled out one slice at a time: a
+    loan record is pod-written text (the reader caps its counts, and this
+    costs the same whatever they are).
     """
     original = dict(loan.original)
     held = dict(loan.borrowed)
@@ -100,25 +105,46 @@ def loan_pairs(loan: Loan) -> tuple[tuple[str, str, int], ...]:
         exact = min(original[resource], held[resource])
         original[resource] -= exact
         held[resource] -= exact
-    requested = [r for r in sorted(original, key=type_order) for _ in range(original[r])]
-    granted = [r for r in sorted(held, key=type_order) for _ in range(held[r])]
-    pairs: Counter[tuple[str, str]] = Counter(zip(requested, granted, strict=False))
+    requested = [(r, original[r]) for r in sorted(original, key=type_order) if original[r] > 0]
+    granted = [(r, held[r]) for r in sorted(held, key=type_order) if held[r] > 0]
+    pairs: Counter[tuple[str, str]] = Counter()
+    asking = giving = 0  # both lists in size order: the smallest request takes the smallest grant
+    left, spare = (requested[0][1] if requested else 0), (granted[0][1] if granted else 0)
+    while asking < len(requested) and giving < len(granted):
+        paired = min(left, spare)
+        pairs[requested[asking][0], granted[giving][0]] += paired
+        left, spare = left - paired, spare - paired
+        if left == 0:
+            asking += 1
+            left = requested[asking][1] if asking < len(requested) else 0
+        if spare == 0:
+            giving += 1
+            spare = granted[giving][1] if giving < len(granted) else 0
     return tuple((requested, granted, count) for (requested, granted), count in sorted(pairs.items()))
 
 
 def loan_rows(records: Iterable[PodRecord]) -> list[LoanRow]:
     """The borrowers that hold slices now, sorted by namespace and name."""
+    return read_loans(records)[0]
+
+
+def read_loans(records: Iterable[PodRecord]) -> tuple[list[LoanRow], list[tuple[PodRecord, str]]]:
+    """The borrowers that hold slices now, sorted by namespace and name; and the bound pods whose loan
+    record cannot be read or does not match them (`record_loan`), with why: those hold no loan."""
     loans = []
+    unreadable = []
     for record in records:
-        # `replaces` is set only on borrowers: a cheap test before parsing the record.
-        if not record.replaces or not record.holds_slices:
+        # Only a borrower carries the replaced UID: a cheap test before reading the record.
+        if REPLACED_UID_ANNOTATION not in record.migchain or not record.node or record.terminal:
             continue
-        loan = loan_of(record.migchain)
-        if loan is not None:
+        loan = record_loan(record)
+        if isinstance(loan, UnreadableLoan):
+            unreadable.append((record, loan.why))
+        elif loan is not None:
             request = record.request
             loans.append(LoanRow(request.namespace, request.name, record.node, loan, record.created))
     loans.sort(key=lambda row: (row.namespace, row.pod))
-    return loans
+    return loans, unreadable
 
 
 def on_loan(loans: Iterable[LoanRow]) -> dict[tuple[str, str], int]:
@@ -149,7 +175,7 @@ def slice_totals(snapshot: Snapshot) -> dict[str, tuple[int, int]]:
 
 def cluster_status(snapshot: Snapshot, records: Iterable[PodRecord]) -> ClusterStatus:
     """Nodes that have MIG slices, and the borrowers that hold some, both sorted by name."""
-    loans = loan_rows(records)
+    loans, unreadable = read_loans(records)
     borrowed: dict[str, Counter[str]] = {}
     for row in loans:
         for _, granted, count in row.pairs:
@@ -168,7 +194,7 @@ def cluster_status(snapshot: Snapshot, records: Iterable[PodRecord]) -> ClusterS
         }
         if slices:
             nodes.append(NodeRow(node.name, node.gpu_product, node.mig_config_state, node.offers_slices, slices))
-    return ClusterStatus(tuple(nodes), tuple(loans))
+    return ClusterStatus(tuple(nodes), tuple(loans), tuple(sorted(record.request.key for record, _ in unreadable)))
 
 
 # -- showing it ---------------------------------------------------------------
@@ -226,6 +252,9 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
     ]
 
 
+UNREADABLE_SHOWN = 10  # pods named in the line about unreadable loan records
+
+
 def status_text(status: ClusterStatus, now: datetime.datetime) -> str:
     """Two tables: nodes x MIG types (used/allocatable, borrowed), then the loans in force."""
     lines: list[str] = []
@@ -268,6 +297,13 @@ def status_text(status: ClusterStatus, now: datetime.datetime) -> str:
         lines += text_table(header, rows)
     else:
         lines.append("no active loans")
+    if status.unreadable:
+        shown = ", ".join(status.unreadable[:UNREADABLE_SHOWN])
+        more = len(status.unreadable) - UNREADABLE_SHOWN
+        lines.append(
+            f"{len(status.unreadable)} pod(s) whose loan record cannot be read, not counted as loans: {shown}"
+            + (f" and {more} more" if more > 0 else "")
+        )
     return "\n".join(lines)
 
 
@@ -307,4 +343,5 @@ def status_document(status: ClusterStatus, now: datetime.datetime) -> dict[str, 
             }
             for row in status.loans
         ],
+        "unreadable_loans": list(status.unreadable),
     }

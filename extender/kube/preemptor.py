@@ -21,8 +21,16 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from extender.core.claims import Claim, claim_for, open_claims
-from extender.core.cluster import MIGCHAIN_SCHEDULER, MigCounts, PodRecord, PodRequest, Snapshot, controller_of
-from extender.core.loan import RESTARTS_ANNOTATION, restored_pod
+from extender.core.cluster import (
+    MIGCHAIN_SCHEDULER,
+    MigCounts,
+    ObjectError,
+    PodRecord,
+    PodRequest,
+    Snapshot,
+    controller_of,
+)
+from extender.core.loan import restored_pod
 from extender.core.preempt import Preemption, Victim, plan_preemptions
 from extender.core.rules import ChainRules
 from extender.kube.api import ApiError
@@ -160,12 +168,15 @@ class Preemptor:
                 self.executor.evict(pod)
                 outcome = "evicted"
             else:
-                restarts = victim.record.migchain.get(RESTARTS_ANNOTATION, "")
-                restored = restored_pod(pod, (int(restarts) if restarts.isascii() and restarts.isdigit() else 0) + 1)
+                # Its controller recreates an owned pod; a bare pod is recreated from its loan record.
+                restored = restored_pod(pod, victim.loan.restarts + 1) if _bare(pod) else {}
                 outcome = self.executor.restore(pod, restored, not _bare(pod))
         except EvictionBlocked as blocked:
             # The budget changed since the dry run: the rest stays, the next round plans again.
             self._blocked(preemptor, victim, str(blocked))
+            return False
+        except ObjectError as error:  # its loan record was edited since the cache read it: nothing was done
+            self._failed(plan.preemptor.request, f"{key} cannot be restored: {error}")
             return False
         except (ApiError, BorrowError) as error:
             self._failed(plan.preemptor.request, f"evicting {key} failed: {error}")

@@ -3,7 +3,9 @@
 Planning is the pure `plan_returns`; this module reads the cache, checks the
 lease before every action, and turns each Restore into an eviction (owned
 pods) or a journaled evict-and-recreate (bare pods). A borrower whose eviction
-a PodDisruptionBudget refuses is retried after a pause, never forced.
+a PodDisruptionBudget refuses is retried after a pause, never forced, and the
+round plans again without it, so it holds no other return back. A pod whose
+loan record cannot be read is no borrower: counted, and reported once.
 """
 
 from __future__ import annotations
@@ -14,9 +16,18 @@ import time
 from collections.abc import Sequence
 
 from extender.core.claims import Claim, claim_for, open_claims
-from extender.core.cluster import MIGCHAIN_SCHEDULER, ObjectError, PodRecord, controller_of
+from extender.core.cluster import (
+    MIGCHAIN_SCHEDULER,
+    MigCounts,
+    ObjectError,
+    PodRecord,
+    PodRequest,
+    Snapshot,
+    controller_of,
+)
 from extender.core.loan import restored_pod
-from extender.core.returns import Restore, borrowers_of, pending_requests, plan_returns
+from extender.core.returns import Borrower, Restore, pending_requests, plan_returns, scan_borrowers
+from extender.core.rules import ChainRules
 from extender.kube.api import ApiError
 from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder, pod_reference
@@ -39,6 +50,11 @@ UNREADABLE_RETRY_SECONDS = 300.0
 # A journaled return that could not be finished (its pod not gone yet, an API
 # error) is tried again this soon.
 RECOVERY_RETRY_SECONDS = 5.0
+# A round plans again without the borrowers whose return was just refused, at
+# most this many times: each plan leaves out every refusal of the one before.
+PLANS_PER_ROUND = 4
+# Pods with an unreadable loan record reported (an Event each) per round; more wait for the next rounds.
+REPORTS_PER_ROUND = 20
 
 
 class Returner:
@@ -93,25 +109,20 @@ class Returner:
             self._recover_at = None if self.recover() else time.monotonic() + RECOVERY_RETRY_SECONDS
         snapshot, records = self.cache.view()
         rules = self.rules.current()  # once: a round plans on one version of the rules
-        borrowers = borrowers_of(records, rules)
+        borrowers, unreadable = scan_borrowers(records, rules)
+        self.report_unreadable(unreadable)
         pending = pending_requests(records, self.schedulers)
         now = time.monotonic()
         # A claim ends as soon as its pod is back: from then on it counts as pending or bound.
         self._claims = {claim.key: claim for claim in open_claims(self._claims.values(), records, now)}
         claims = [(claim.node, claim.slices) for claim in self._claims.values()]
-        restores = plan_returns(snapshot, borrowers, pending, rules, [*claims, *self.preemptor.claims()])
-        for restore in restores:
-            if not self.election.leading():
-                return  # the lease may pass to another replica: stop before acting
-            if self._blocked.get(restore.borrower.key, 0.0) > now:
-                continue
-            if self.dry_run or rules.dry_run(restore.borrower.loan.chains, restore.borrower.record.request.namespace):
-                self.announce(restore)
-                continue
-            self.execute(restore, records)
+        returning = self.return_borrowers(
+            snapshot=snapshot, records=records, rules=rules, borrowers=borrowers, pending=pending, claims=claims
+        )
+        if returning is None:
+            return  # the lease may pass to another replica: stop before acting
         # Preemption comes after returns: a pod a return makes room for waits for it, and a borrower on its
         # way back is no victim.
-        returning = [r for r in restores if self._blocked.get(r.borrower.key, 0.0) <= now]
         self.preemptor.round(
             snapshot,
             records,
@@ -121,6 +132,68 @@ class Returner:
             waiting={r.unblocks for r in returning if r.unblocks},
             spared={r.borrower.record.request.uid for r in returning},
         )
+
+    def return_borrowers(
+        self,
+        *,
+        snapshot: Snapshot,
+        records: Sequence[PodRecord],
+        rules: ChainRules,
+        borrowers: Sequence[Borrower],
+        pending: Sequence[PodRequest],
+        claims: Sequence[tuple[str, MigCounts]],
+    ) -> list[Restore] | None:
+        """Plan this round's returns and carry them out; the returns under way, or None if the lease was lost.
+
+        A borrower whose return is refused (a PodDisruptionBudget, an unreadable
+        record) is left out and the round plans again, so the slice it was
+        planned for goes to the next borrower at once: a pod that can never be
+        evicted must not hold every other return back. Borrowers still waiting
+        out such a refusal are left out from the start.
+        """
+        now = time.monotonic()
+        done: set[str] = set()
+        returning: list[Restore] = []
+        for _ in range(PLANS_PER_ROUND):
+            movable = [b for b in borrowers if b.key not in done and self._blocked.get(b.key, 0.0) <= now]
+            served = {restore.unblocks for restore in returning}
+            waiting = [pod for pod in pending if pod.key not in served]
+            under_way = [(restore.target, restore.borrower.loan.original) for restore in returning]
+            refused = False
+            for restore in plan_returns(
+                snapshot, movable, waiting, rules, [*claims, *under_way, *self.preemptor.claims()]
+            ):
+                if not self.election.leading():
+                    return None
+                key = restore.borrower.key
+                done.add(key)
+                if self.dry_run or rules.dry_run(
+                    restore.borrower.loan.chains, restore.borrower.record.request.namespace
+                ):
+                    self.announce(restore)
+                else:
+                    self.execute(restore, records)
+                if self._blocked.get(key, 0.0) > now:
+                    refused = True
+                else:
+                    returning.append(restore)
+            if not refused:
+                break
+        return returning
+
+    def report_unreadable(self, unreadable: Sequence[tuple[PodRecord, str]]) -> None:
+        """Count, log and report with an Event, once per pod, each running pod whose loan record cannot be read."""
+        found = {record.request.uid: (record, why) for record, why in unreadable}
+        for uid in self.metrics.unreadable.report(found, REPORTS_PER_ROUND):
+            record, why = found[uid]
+            key = record.request.key
+            log.warning("%s is no borrower, its loan record cannot be read: %s", key, why, extra={"pod": key})
+            self.events.record(
+                pod_reference(record.request),
+                "LoanUnreadable",
+                f"not treated as a borrower (never returned): its loan record cannot be read: {why}",
+                "Warning",
+            )
 
     def _recover_soon(self) -> None:
         self._recover_at = time.monotonic() + RECOVERY_RETRY_SECONDS

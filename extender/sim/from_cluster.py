@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from extender.core.cluster import NodeState, PodRecord, Snapshot
-from extender.core.loan import loan_of
+from extender.core.loan import Loan, record_loan
 from extender.core.rules import ChainRules
 from extender.sim.bounds import Bounds, bounds
 from extender.sim.engine import Job, Running, SimPolicy, simulate
@@ -57,7 +57,8 @@ def starting_state(snapshot: Snapshot, records: Iterable[PodRecord]) -> Starting
             continue
         for resource, count in request.mig:
             free[resource] -= count
-        loan = loan_of(record.migchain)
+        read = record_loan(record)
+        loan = read if isinstance(read, Loan) else None  # a loan record that cannot be read is no loan
         borrowers += loan is not None
         running.append(Running(request.key, record.node, request.mig, request.mig if loan is None else loan.original))
     return StartingState(nodes, tuple(running), borrowers, tuple(left_out))

@@ -186,6 +186,7 @@ def test_a_borrower_that_has_ended_meanwhile_is_not_returned(phase):
 def test_a_bare_borrower_whose_loan_record_is_forged_is_not_returned_and_the_round_goes_on():
     metrics = ReturnerMetrics()
     loaned = borrower("b1", {G1: 1}, "gpu-a", free={G2: 1})
+    planned = restore_of(loaned)  # the cache read a good record; the pod's owner edits it before the return
     loaned["metadata"]["annotations"]["migchain.io/original-resources"] = '{"containers/main": "<script>"}'
     api = FakeApi({"/api/v1/namespaces/ml/pods/b1": loaned})
     executor = FakeExecutor(api, AssertionError("a pod whose record is unreadable is never evicted"))
@@ -197,7 +198,7 @@ def test_a_bare_borrower_whose_loan_record_is_forged_is_not_returned_and_the_rou
         cast(LeaderElection, None),
         metrics=metrics,
     )
-    returner.execute(restore_of(loaned))
+    returner.execute(planned)
     assert sample(metrics.registry, "migchain_returns_total", requested="1g.5gb", granted="2g.10gb", outcome="failed")
     [(_, event)] = api.created
     assert event["reason"] == "ReturnFailed" and "<script>" not in event["message"]
@@ -381,4 +382,5 @@ def test_the_cluster_gauges_and_counters_are_all_named_by_convention():
         "migchain_loans": "gauge",
         "migchain_free_slices": "gauge",
         "migchain_allocatable_slices": "gauge",
+        "migchain_unreadable_loans": "counter",
     }

@@ -176,3 +176,23 @@ def test_dry_run_announces_once_and_touches_nothing():
     assert executor.calls == []
     assert executor.events == [("urgent", "WouldPreempt")]
     assert outcomes(metrics) == {"dry-run": 1}
+
+
+def test_a_borrower_victim_whose_record_turns_unreadable_is_not_restored_and_the_round_goes_on():
+    """Issue 17: restored_pod's ObjectError (a record edited since the cache read it) ended the whole round."""
+    loan = {
+        "migchain.io/original-requests": "nvidia.com/mig-1g.5gb=1",
+        "migchain.io/borrowed-requests": "nvidia.com/mig-1g.5gb=1",
+        "migchain.io/chain": "a100-40gb",
+        "migchain.io/steps": "0",
+        "migchain.io/replaced-uid": "old",
+    }
+    seen = pod("borrower", "gpu-a", annotations=loan)
+    edited = pod("borrower", "gpu-a", annotations={**loan, "migchain.io/original-resources": "{"})
+    metrics = ReturnerMetrics()
+    executor = ScriptedExecutor([edited, pod("urgent", priority=1000)])
+    preemptor = Preemptor(cast(Executor, executor), EventRecorder(cast(KubeApi, executor)), metrics)
+    records = [pod_record(seen), pod_record(pod("urgent", priority=1000))]
+    preemptor.round(Snapshot.of([node_state(node("gpu-a"), {G1: 1})]), records, RULES, leading=lambda: True)
+    assert ("restore", "borrower") not in executor.calls
+    assert outcomes(metrics) == {"failed": 1}
