@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
-from extender.core.cluster import BindRequest
+from extender.core.cluster import BindRequest, node_state, pod_record
 from extender.core.decide import Placement
+from extender.ledger import Ledger
+from extender.metrics import Metrics
 from extender.reload import RulesInForce
 from extender.store import SnapshotStore
 from extender.web.app import WebSettings, create_app
 from tests.strategies import one_value_replaced
-from tests.unit.test_http import RULES, node_json, pod_json
+from tests.unit.test_http import G1, G2, RULES, node_json, pod_json
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
@@ -104,3 +108,49 @@ def test_only_json_bodies_are_read(content_type):
     assert_json_answer(response)
     is_json = content_type.split(";")[0].strip().lower() == "application/json"
     assert (response.status_code == 415) != is_json
+
+
+# -- hostile annotations on running pods (issue 17) -------------------------------
+
+LOAN_KEYS = [
+    "migchain.io/original-requests",
+    "migchain.io/borrowed-requests",
+    "migchain.io/steps",
+    "migchain.io/original-resources",
+    "migchain.io/chain",
+    "migchain.io/replaced-uid",
+    "migchain.io/restarts",
+    "migchain.io/max-restarts",
+    "migchain.io/return",
+    "migchain.io/borrow",
+]
+HOSTILE_VALUES = (
+    st.sampled_from(["²", "٣", "-1", "{", "[" * 3000, f"{G2}=50000000", f"{G2}=1000000000000", f"{G2}=1", "1", ""])
+    | st.text(max_size=60)
+    | st.from_regex(r"(nvidia\.com/mig-[0-9a-z.]{1,8}=[0-9²٣-]{1,14},?){1,3}", fullmatch=True)
+)
+
+
+@given(annotations=st.dictionaries(st.sampled_from(LOAN_KEYS), HOSTILE_VALUES, max_size=6))
+def test_any_annotations_on_a_running_pod_leave_metrics_and_filter_answers_small(annotations):
+    """A running pod whose owner wrote anything under migchain.io/: /metrics answers at once, /filter stays small."""
+    ledger = Ledger()
+    ledger.replace_nodes([node_state(node_json(f"gpu-{i}", **{G2: "1"})) for i in range(20)])
+    running = pod_json(G2, "1", **{"migchain.io/replaced-uid": "old", "migchain.io/original-requests": f"{G1}=1"})
+    running["metadata"]["annotations"].update(annotations)
+    running["spec"]["nodeName"] = "gpu-0"
+    running["status"]["phase"] = "Running"
+    ledger.replace_pods([pod_record(running)])
+    metrics = Metrics(CollectorRegistry())
+    metrics.watch_cluster(lambda: (ledger.snapshot(), list(ledger.pods())))
+    client = create_app(
+        WebSettings(), RulesInForce.fixed(RULES), SnapshotStore(ledger.snapshot()), RecordingBinder(), metrics
+    ).test_client()
+    started = time.perf_counter()
+    assert client.get("/metrics").status_code == 200
+    assert time.perf_counter() - started < 0.5
+    pending = pod_json(G1, "1", **annotations)
+    body = {"Pod": pending, "NodeNames": [f"gpu-{i}" for i in range(20)], "Nodes": None}
+    response = client.post("/filter", data=json.dumps(body), content_type="application/json")
+    assert_json_answer(response)
+    assert len(response.get_data()) < 300 * 20
