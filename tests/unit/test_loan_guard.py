@@ -10,12 +10,22 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from extender import cli, serve
-from extender.core.cluster import NodeState, pod_record, pod_request
+from extender.core.cluster import NodeState, Snapshot, node_state, pod_record, pod_request
 from extender.core.decide import Placement, place
-from extender.core.loan import FORGED, UNSIGNED, loan_of, plan_borrow
+from extender.core.loan import (
+    FORGED,
+    LOAN_SIGNATURE_ANNOTATION,
+    SIGNED_ANNOTATIONS,
+    UNSIGNED,
+    loan_of,
+    plan_borrow,
+)
+from extender.core.returns import borrowers_of, plan_returns
 from extender.core.status import loan_rows
 from extender.kube.api import ApiError, KubeApi
 from extender.kube.cache import ClusterCache
@@ -217,3 +227,31 @@ def test_neither_process_starts_against_a_cluster_without_a_usable_loan_key(tmp_
     short = run("extender.serve", kubeconfig, f"--loan-key-file={tmp_path / 'short'}", "--chains", chains)
     assert short.returncode == 2 and "needs at least 32 bytes" in short.stderr
     assert serve.parser().parse_args(["--chains", chains]).loan_key_file is None  # standalone: no key needed
+
+
+hostile_values = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(("²", "1" * 400, "{", "-1", "nvidia.com/mig-1g.5gb=99999999999", "v1:" + "0" * 64)),
+)
+hostile_annotations = st.dictionaries(
+    st.sampled_from((*SIGNED_ANNOTATIONS, LOAN_SIGNATURE_ANNOTATION, "migchain.io/return", "migchain.io/max-restarts")),
+    hostile_values,
+    max_size=9,
+)
+
+
+@given(annotations=st.lists(hostile_annotations, min_size=1, max_size=4))
+def test_whatever_a_tenant_writes_on_running_pods_makes_no_borrower_and_stops_no_round(annotations):
+    """Running pods that never borrowed, their owners writing any migchain.io/ annotations at all: through the
+    cache's guard none is a borrower, and the return round, status and metrics read them without an exception."""
+    guard = LoanGuard(LOAN_KEY)
+    pods = []
+    for index, written in enumerate(annotations):
+        running = pod(f"p{index}", {G2: 1}, "gpu-a")
+        running["metadata"]["annotations"] = dict(written)
+        pods.append(running)
+    records = [guard.vouch(pod_record(p)) for p in pods]
+    assert borrowers_of(records, RULES) == []
+    assert loan_rows(records) == []
+    snapshot = Snapshot.of([node_state(node("gpu-a", {G1: 1, G2: len(pods)}))])
+    assert plan_returns(snapshot, borrowers_of(records, RULES), [], RULES) == ()
