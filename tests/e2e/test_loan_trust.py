@@ -21,7 +21,7 @@ from tests.e2e.conftest import Scenario
 from tests.e2e.controlplane import wait_until
 from tests.e2e.fleet import PAUSE, create_node, mig_pod
 from tests.e2e.invariants import check_invariants, over_commits
-from tests.e2e.test_faults import failing_webhook
+from tests.e2e.test_faults import failing_webhook, report
 
 pytestmark = pytest.mark.e2e
 
@@ -128,7 +128,9 @@ def test_a_forged_loan_is_no_borrower_and_blocks_no_genuine_return(scenario: Sce
     borrower, forger = scenario.pod("b"), scenario.pod("forger")
     scenario.set_phase("filler", "Succeeded")
     scenario.create_pod("needs-2g", {"2g.10gb": 1})
+    started = time.monotonic()
     back = wait_until(lambda: returned(scenario, "b", borrower), 30, "the genuine borrower to be returned")
+    report("forged loan behind a PDB", genuine_returned_after_s=round(time.monotonic() - started, 2))
     assert limits(back) == {G1: "1"}
     assert scenario.wait_bound("needs-2g", timeout=30) == node
     assert scenario.pod("forger")["metadata"]["uid"] == forger["metadata"]["uid"]  # an ordinary pod: left alone
@@ -202,6 +204,8 @@ def test_a_forged_replaced_uid_does_not_cancel_another_pods_reservation(scenario
                 given_twice.append(touch)
             time.sleep(0.2)
         assert not given_twice, "the forged replaced-uid freed a slice reserved for another pod's bind"
+        assert touch >= 5, f"only {touch} probes in 8 s: too few to show anything"
+        report("forged replaced-uid", probes=touch, slice_given_twice=len(given_twice))
     assert scenario.wait_bound("first", timeout=30) == node
     # (check_invariants would take the forger, which names `first` as the pod it replaced, for a second copy of
     # a loan: it reads annotations as written. Its slice count is the point here.)
