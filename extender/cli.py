@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,7 +66,7 @@ def _simulate(args: argparse.Namespace) -> int:
             from extender.kube.snapshot import open_cluster
             from extender.sim.from_cluster import run_from_cluster, starting_state
 
-            cluster = open_cluster(args.kubeconfig)
+            cluster = open_cluster(args.kubeconfig, args.loan_key_file, _warn("migchain simulate"))
             start = starting_state(cluster.snapshot, cluster.records)
             report = run_from_cluster(start, rules, args.workload, args.openb, policies, skipped=cluster.skipped)
         else:
@@ -154,15 +155,52 @@ def _store_secrets(args: argparse.Namespace, pairs: dict[str, KeyPair], ca: byte
     return 0
 
 
+def _warn(program: str) -> Callable[[str], None]:
+    return lambda warning: print(f"{program}: {warning}", file=sys.stderr)
+
+
 def _status(args: argparse.Namespace) -> int:
+    from extender.kube.loan_key import admin_key
     from extender.kube.status import connect, run
 
     try:
         api = connect(args.kubeconfig)
+        loan_key = admin_key(api, args.loan_key_file, _warn("migchain status"))
     except ValueError as error:
         print(f"migchain status: {error}", file=sys.stderr)
         return 1
-    return run(api, args.output, args.watch)
+    return run(api, args.output, args.watch, loan_key=loan_key)
+
+
+def _loan_key(args: argparse.Namespace) -> int:
+    """Make migchain's loan key once: a Secret (the manifests' Job runs this), or a file with --out."""
+    from extender.loan_key import new_key
+
+    if args.out:
+        target = Path(args.out)
+        try:
+            # Never overwrite one (every loan signed with it would stop being a loan); readable by its owner only.
+            descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(new_key())
+        except OSError as error:
+            print(f"migchain loan-key: cannot write {target}: {error.strerror or error}", file=sys.stderr)
+            return 1
+        print(f"wrote {target}")
+        return 0
+    import urllib3
+
+    from extender.kube.api import ApiError
+    from extender.kube.loan_key import create_secret
+    from extender.kube.status import connect
+
+    try:
+        made = create_secret(connect(args.kubeconfig), args.namespace, args.secret)
+    except (ValueError, ApiError, urllib3.exceptions.HTTPError, OSError) as error:
+        print(f"migchain loan-key: cannot make Secret {args.namespace}/{args.secret}: {error}", file=sys.stderr)
+        return 1
+    print(f"{'created' if made else 'kept the existing'} Secret {args.namespace}/{args.secret}")
+    return 0
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -176,6 +214,7 @@ def _explain(args: argparse.Namespace) -> int:
         nodes=args.nodes,
         output=args.output,
         schedulers=args.scheduler_name or (MIGCHAIN_SCHEDULER,),
+        loan_key_file=args.loan_key_file,
     )
 
 
@@ -208,6 +247,7 @@ def parser(prog: str = "migchain") -> argparse.ArgumentParser:
     simulate.add_argument(
         "--kubeconfig", default=None, help="with --from-cluster: default $KUBECONFIG, ~/.kube/config, or in-cluster"
     )
+    _loan_key_flag(simulate)
     simulate.add_argument("--chains", nargs="+", required=True, metavar="FILE", help="chain rule files")
     source = simulate.add_mutually_exclusive_group(required=True)
     source.add_argument("--workload", metavar="TRACE.csv", help="a trace in migchain's CSV format (bench/README.md)")
@@ -242,6 +282,7 @@ def parser(prog: str = "migchain") -> argparse.ArgumentParser:
     status.add_argument("--kubeconfig", default=None, help="default $KUBECONFIG, ~/.kube/config, or in-cluster")
     status.add_argument("-o", "--output", choices=["table", "json"], default="table")
     status.add_argument("-w", "--watch", action="store_true", help="print again on every change; Ctrl-C stops")
+    _loan_key_flag(status)
     status.set_defaults(run=_status)
     explain = verbs.add_parser(
         "explain",
@@ -275,8 +316,34 @@ def parser(prog: str = "migchain") -> argparse.ArgumentParser:
         "(repeatable; default migchain-scheduler): pending pods for other schedulers are no demand",
     )
     explain.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    _loan_key_flag(explain)
     explain.set_defaults(run=_explain)
+    _add_loan_key_verb(verbs)
     return cli
+
+
+def _add_loan_key_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    loan_key = verbs.add_parser(
+        "loan-key",
+        help="make migchain's loan key (the HMAC key loans are signed with) as a Secret, unless it exists",
+        description="Creates Secret SECRET in NAMESPACE holding a new random key (entry `key`) unless it exists, "
+        "or writes it to --out. migchain-extender and migchain-returner read it with --loan-key-file. Replacing "
+        "the key makes every loan signed with the old one an ordinary pod (kept, never returned).",
+    )
+    loan_key.add_argument("--namespace", default="migchain-system")
+    loan_key.add_argument("--secret", default="migchain-loan-key")
+    loan_key.add_argument("--kubeconfig", default=None, help="default $KUBECONFIG, ~/.kube/config, or in-cluster")
+    loan_key.add_argument("--out", metavar="FILE", help="write the key to FILE (mode 0600, never overwritten) instead")
+    loan_key.set_defaults(run=_loan_key)
+
+
+def _loan_key_flag(verb: argparse.ArgumentParser) -> None:
+    verb.add_argument(
+        "--loan-key-file",
+        metavar="FILE",
+        help="migchain's loan key, to believe only the loans migchain signed, as it does; default: Secret "
+        "migchain-system/migchain-loan-key if you may read it, else loans are shown as written (with a warning)",
+    )
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "migchain") -> int:

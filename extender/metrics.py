@@ -44,6 +44,24 @@ class Errors:
         self.counter.labels(component, kind).inc(amount)
 
 
+class UnreadableLoans:
+    """`migchain_unreadable_loans_total{reason}`: pods whose loan record migchain does not believe, once each."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.counter = Counter(
+            "migchain_unreadable_loans",
+            "Pods whose loan record migchain did not believe, each counted once, by reason: forged (its "
+            "migchain.io/loan-signature does not match: the record or the pod was edited, or the record copied), "
+            "unsigned (no signature: made before loans were signed, or not by migchain). Such a pod is no borrower: "
+            "it keeps what it asks for and is never returned.",
+            ["reason"],
+            registry=registry if registry is not None else CollectorRegistry(),
+        )
+
+    def count(self, reason: str) -> None:
+        self.counter.labels(reason).inc()
+
+
 class Metrics:
     """The extender's: its HTTP verbs, binds and borrows, errors, and the cluster as the watch sees it."""
 
@@ -91,6 +109,7 @@ class Metrics:
             registry=self.registry,
         )
         self.errors = Errors(self.registry)
+        self.unreadable_loans = UnreadableLoans(self.registry)
 
     def count_borrow(self, placement: Placement, *, dry_run: bool = False) -> None:
         counter = self.dry_run_borrows if dry_run else self.borrows
@@ -137,6 +156,7 @@ class ReturnerMetrics:
             registry=self.registry,
         )
         self.errors = Errors(self.registry)
+        self.unreadable_loans = UnreadableLoans(self.registry)
 
     def count_return(self, loan: Loan, outcome: str) -> None:
         for requested, granted, count in loan_pairs(loan):

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +22,8 @@ from extender.kube.events import EventRecorder
 from extender.kube.executor import Executor
 from extender.kube.lease import LeaderElection
 from extender.kube.returner import Returner
+from extender.loan_guard import LoanGuard
+from extender.loan_key import LoanKeyError, read_key_file
 from extender.metrics import ReturnerMetrics, watch_rules
 from extender.reload import RulesInForce
 from extender.store import SnapshotStore
@@ -38,6 +41,12 @@ def parser() -> argparse.ArgumentParser:
         help="namespace of the lease and the journal (default $POD_NAMESPACE or %(default)s)",
     )
     cli.add_argument("--identity", default=os.environ.get("POD_NAME", socket.gethostname()), help="lease holder name")
+    cli.add_argument(
+        "--loan-key-file",
+        metavar="FILE",
+        help="migchain's loan key (Secret migchain-loan-key, made by `migchain loan-key`; required): only a loan "
+        "record it verifies makes a pod a borrower, and returned bare pods carry their restart count signed with it",
+    )
     cli.add_argument("--health-bind", default="127.0.0.1:8889", help="HOST:PORT of /healthz, /readyz and /metrics")
     cli.add_argument(
         "--dry-run",
@@ -92,11 +101,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     rules_in_force = RulesInForce.at_start("migchain-returner", args.chains)
     if rules_in_force is None:
         return 2
+    try:
+        if not args.loan_key_file:
+            raise LoanKeyError("--loan-key-file is required: only loans signed with that key are returned")
+        loan_key = read_key_file(args.loan_key_file)
+    except LoanKeyError as error:
+        print(f"migchain-returner: {error}", file=sys.stderr)
+        return 2
     api = KubeApi(Connection.load(args.kubeconfig))
     store = SnapshotStore(ready=False, detail="waiting for the first list of nodes and pods")
     metrics = ReturnerMetrics()
     watch_rules(metrics.registry, rules_in_force.status)
-    cache = ClusterCache(api, store, errors=metrics.errors)
+    loans = LoanGuard(loan_key, metrics.unreadable_loans, reports=True)
+    cache = ClusterCache(api, store, errors=metrics.errors, loans=loans)
     cache.start()
     _serve_health(args.health_bind, store, metrics.registry)
     stop = threading.Event()
@@ -109,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     returner = Returner(
         cache,
         rules_in_force,
-        Executor(api, args.namespace),
+        Executor(api, args.namespace, loan_key),
         events,
         election,
         metrics=metrics,

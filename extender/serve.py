@@ -25,6 +25,7 @@ from extender import logs
 from extender.core.cluster import Snapshot
 from extender.filter_memory import FilterMemory
 from extender.ledger import Ledger
+from extender.loan_key import LoanKeyError, read_key_file
 from extender.metrics import Metrics, watch_rules
 from extender.reload import RulesInForce
 from extender.store import SnapshotStore
@@ -81,8 +82,11 @@ class _Server(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type 
         return self._build()
 
 
-def build_app(args: argparse.Namespace, rules: RulesInForce) -> Flask:
-    """Standalone without a cluster; otherwise the watch-fed cache and the binder. Runs in the worker."""
+def build_app(args: argparse.Namespace, rules: RulesInForce, loan_key: bytes | None = None) -> Flask:
+    """Standalone without a cluster; otherwise the watch-fed cache and the binder. Runs in the worker.
+
+    `loan_key` signs and verifies loans; `main` makes sure there is one when there is a cluster.
+    """
     metrics = Metrics()
     watch_rules(metrics.registry, rules.status)
     rules.watch(threading.Event())  # the worker's life long: edits of the files take effect within seconds
@@ -104,16 +108,26 @@ def build_app(args: argparse.Namespace, rules: RulesInForce) -> Flask:
     from extender.kube.events import EventRecorder
     from extender.kube.executor import Executor
     from extender.kube.requeue import Requeuer
+    from extender.loan_guard import LoanGuard
 
+    if loan_key is None:
+        raise ValueError("no loan key: migchain-extender needs --loan-key-file with a cluster")
     api = KubeApi(Connection.load(args.kubeconfig), pool_size=args.threads + 4)
     store = SnapshotStore(ready=False, detail="waiting for the first list of nodes and pods")
-    cache = ClusterCache(api, store, errors=metrics.errors)
+    cache = ClusterCache(api, store, errors=metrics.errors, loans=LoanGuard(loan_key, metrics.unreadable_loans))
     metrics.watch_cluster(lambda: cache.view() if store.readiness().ready else None)
     cache.start()
     events = EventRecorder(api, socket.gethostname(), metrics.errors)
     memory = FilterMemory(store, wake=cache.changed)
     binder = Binder(
-        api, cache, rules, Executor(api, args.namespace), events, metrics=metrics, memory=memory, dry_run=args.dry_run
+        api,
+        cache,
+        rules,
+        Executor(api, args.namespace, loan_key),
+        events,
+        metrics=metrics,
+        memory=memory,
+        dry_run=args.dry_run,
     )
 
     threading.Thread(
@@ -203,6 +217,12 @@ def parser() -> argparse.ArgumentParser:
         help="verify client certificates against this CA; /filter, /prioritize and /bind then answer 403 "
         "to callers without one (kube-scheduler's extender tlsConfig certFile/keyFile)",
     )
+    cli.add_argument(
+        "--loan-key-file",
+        metavar="FILE",
+        help="migchain's loan key (Secret migchain-loan-key, made by `migchain loan-key`): borrows sign their loan "
+        "record with it, and only a record it verifies makes a pod a borrower; required with a cluster",
+    )
     cli.add_argument("--threads", type=int, default=8, help="request threads (default %(default)s)")
     cli.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body")
     cli.add_argument(
@@ -226,6 +246,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     rules = RulesInForce.at_start("migchain-extender", args.chains)
     if rules is None:
         return 2
+    loan_key = None
+    if args.loan_key_file:
+        try:
+            loan_key = read_key_file(args.loan_key_file)
+        except LoanKeyError as error:
+            print(f"migchain-extender: {error}", file=sys.stderr)
+            return 2
+    elif not args.snapshot and (args.kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST")):
+        print(
+            "migchain-extender: --loan-key-file is required with a cluster: borrows sign their loans with it "
+            "(make one with `migchain loan-key`)",
+            file=sys.stderr,
+        )
+        return 2
     options: dict[str, Any] = {
         "bind": args.bind,
         "workers": WORKERS,
@@ -247,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a certificate that is shown must verify, and the app refuses the
         # verbs to callers that showed none.
         options |= {"ca_certs": args.client_ca_file, "cert_reqs": ssl.CERT_OPTIONAL}
-    _Server(lambda: build_app(args, rules), options).run()
+    _Server(lambda: build_app(args, rules, loan_key), options).run()
     return 0
 
 

@@ -28,17 +28,19 @@ from extender.core.loan import RESTARTS_ANNOTATION, Loan, loan_of
 from extender.core.mig import short_name
 from extender.core.returns import (
     MAX_RESTARTS_ANNOTATION,
+    RETURN_ANNOTATION,
     Borrower,
     Restore,
     blocked_pending,
     borrowers_of,
+    loan_policy,
     pending_requests,
     plan_returns,
     restored_request,
     return_mode_of,
     worth_a_return,
 )
-from extender.core.rules import BorrowOption, Chain, ChainRules, ReturnMode
+from extender.core.rules import BorrowOption, Chain, ChainRules, PodOptOuts, ReturnMode
 from extender.core.status import text_table
 
 
@@ -100,6 +102,7 @@ class ReturnOutlook:
     condition: str  # what would make the returner return it
     facts: tuple[str, ...]  # the cluster now, as far as the condition reads it
     why_not: str  # why it is not returned now; "" when it is
+    ignored_opt_outs: tuple[str, ...] = ()  # the pod's opt-outs its chain's policy does not honour (podOptOuts)
 
 
 @dataclass(frozen=True)
@@ -297,6 +300,7 @@ def _outlook(
     loaded = {chain.name: chain.policy.return_mode for chain in rules.chains}
     chain_modes = tuple((name, loaded.get(name)) for name in loan.chains)
     cap = pod.migchain.get(MAX_RESTARTS_ANNOTATION)
+    ignored = _ignored_opt_outs(pod, loan_policy(loan, rules).pod_opt_outs)
     me = next((b for b in borrowers if b.key == pod.request.key), None)
     if me is None:
         condition = "never while it is not running: only a running borrower is returned"
@@ -314,6 +318,7 @@ def _outlook(
             condition=condition,
             facts=(),
             why_not=condition,
+            ignored_opt_outs=ignored,
         )
     restore = next((plan for plan in plans if plan.borrower.key == me.key), None)
     original, borrowed = _counts(loan.original), _counts(loan.borrowed)
@@ -372,7 +377,20 @@ def _outlook(
         condition=condition,
         facts=tuple(facts),
         why_not=why_not,
+        ignored_opt_outs=ignored,
     )
+
+
+def _ignored_opt_outs(pod: PodRecord, opt_outs: PodOptOuts) -> tuple[str, ...]:
+    """The return opt-outs the pod's owner wrote that the policy does not honour in its namespace."""
+    namespace, ignored = pod.request.namespace, []
+    never = pod.migchain.get(RETURN_ANNOTATION)
+    if never is not None and never != "true" and not opt_outs.honours_return(namespace):
+        ignored.append(f"{RETURN_ANNOTATION}={never}")
+    cap = pod.migchain.get(MAX_RESTARTS_ANNOTATION)
+    if cap is not None and not opt_outs.honours_max_restarts(namespace):
+        ignored.append(f"{MAX_RESTARTS_ANNOTATION}={cap}")
+    return tuple(ignored)
 
 
 def _exact_homes(borrower: Borrower, snapshot: Snapshot, rules: ChainRules) -> list[str]:
@@ -470,11 +488,17 @@ def _policy_text(chain: Chain, namespace: str) -> str:
     covered = "covered" if selector.admits(namespace) else "NOT covered"
     # A dry-run chain decides as usual but only announces its borrows and returns.
     dry_run = "on" if policy.dry_run is not None and policy.dry_run.admits(namespace) else "off"
+    opt_outs = policy.pod_opt_outs
+    honoured = [
+        name for name, yes in (("return", opt_outs.never_return), ("maxRestarts", opt_outs.max_restarts)) if yes
+    ]
+    honoured = honoured if opt_outs.namespaces.admits(namespace) else []
     return (
         f"borrowing {'on' if policy.borrowing else 'OFF'}; "
         f"maxSteps {'unlimited' if policy.max_steps is None else policy.max_steps}; "
         f"allowedTypes {allowed}; namespaces {namespaces} ({namespace} {covered}); "
-        f"returnMode {policy.return_mode.value}; dryRun {dry_run} for {namespace}"
+        f"returnMode {policy.return_mode.value}; dryRun {dry_run} for {namespace}; "
+        f"pod opt-outs honoured for {namespace}: {', '.join(honoured) or 'none'}"
     )
 
 
@@ -496,6 +520,7 @@ def _outlook_text(outlook: ReturnOutlook) -> list[str]:
         f"{loan.steps} {steps} up {', '.join(loan.chains) or '(no chain recorded)'}",
         f"  return mode: {outlook.mode.value} ({modes or 'no chain recorded: on-demand by default'})",
         f"  restarts: {outlook.restarts}, {cap}",
+        *(f"  pod opt-out not honoured by its chain's policy (podOptOuts): {o}" for o in outlook.ignored_opt_outs),
         f"  returned: {outlook.condition}",
         f"  returned now: {now}",
         *(f"    {fact}" for fact in outlook.facts),
@@ -591,6 +616,10 @@ def _chain_document(chain: Chain, namespace: str) -> dict[str, Any]:
         },
         "return_mode": policy.return_mode.value,
         "dry_run_for_pod": policy.dry_run is not None and policy.dry_run.admits(namespace),
+        "pod_opt_outs_for_pod": {
+            "return": policy.pod_opt_outs.honours_return(namespace),
+            "max_restarts": policy.pod_opt_outs.honours_max_restarts(namespace),
+        },
     }
 
 
@@ -609,6 +638,7 @@ def _outlook_document(outlook: ReturnOutlook) -> dict[str, Any]:
         "restarts": outlook.restarts,
         "max_restarts": outlook.max_restarts,
         "held_back": outlook.held_back,
+        "ignored_opt_outs": list(outlook.ignored_opt_outs),
         "returned_now": outlook.restore is not None,
         "return": None if outlook.restore is None else _restore_document(outlook.restore),
         "condition": outlook.condition,

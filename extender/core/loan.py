@@ -4,12 +4,18 @@ A borrow cannot change a pod's requests (they are immutable), so it replaces
 the pod with a copy asking for the granted types, bound to the chosen node.
 The copy carries everything needed to undo it: the original requests of each
 container, the chain, the steps and the UID it replaced.
+
+The pod's owner can edit those annotations, so migchain signs the record
+(`loan_signature`, an HMAC with a key only migchain reads) and believes only
+a record that verifies (`vouched`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
+import hmac
 import json
 import re
 from collections.abc import Mapping
@@ -21,6 +27,7 @@ from extender.core.cluster import (
     REPLACED_UID_ANNOTATION,
     MigCounts,
     ObjectError,
+    PodRecord,
     controller_of,
     pod_mig_requests,
     quantity,
@@ -43,6 +50,14 @@ LOAN_ANNOTATIONS = (
     ORIGINAL_RESOURCES_ANNOTATION,
     REPLACED_UID_ANNOTATION,
 )
+# migchain's HMAC over the loan record (see loan_signature), written with it.
+LOAN_SIGNATURE_ANNOTATION = ANNOTATION_PREFIX + "loan-signature"
+# What the signature covers: the loan, and the returns a bare pod carries across them.
+SIGNED_ANNOTATIONS = (*LOAN_ANNOTATIONS, RESTARTS_ANNOTATION)
+MIN_LOAN_KEY_BYTES = 32  # the HMAC-SHA256 key: as long as its output
+# Why a pod's loan record is not believed (see vouched).
+UNSIGNED = "unsigned"  # no signature: written before loans were signed, or not by migchain
+FORGED = "forged"  # a signature that does not match: the record or the pod was edited, or copied
 
 # A ReplicaSet scaling down removes, among its running and ready pods, those of
 # lowest deletion cost first. The pending original a borrow replaces is given
@@ -157,8 +172,13 @@ def recreatable(pod: Mapping[str, Any]) -> dict[str, Any]:
     return fresh
 
 
-def plan_borrow(pod: Mapping[str, Any], placement: Placement) -> BorrowPlan:
-    """The replacement of a pending `pod` that asks for the placement's granted types on its node."""
+def plan_borrow(pod: Mapping[str, Any], placement: Placement, loan_key: bytes) -> BorrowPlan:
+    """The replacement of a pending `pod` that asks for the placement's granted types on its node.
+
+    Its loan record is signed with `loan_key`. The returns the pod carries
+    (`migchain.io/restarts`) go with it only if migchain signed them when it
+    restored the pod; a count its owner wrote is dropped.
+    """
     metadata = pod["metadata"]
     controller = controller_of(metadata)
     keeps_name = controller is None
@@ -184,6 +204,8 @@ def plan_borrow(pod: Mapping[str, Any], placement: Placement) -> BorrowPlan:
     spec["nodeName"] = placement.node
     original = tuple(sorted((grant.requested, grant.count) for grant in placement.grants))
     annotations = dict(new_metadata.get("annotations") or {})
+    if not signed_by_migchain(pod, loan_key):
+        annotations.pop(RESTARTS_ANNOTATION, None)
     annotations.update(
         {
             ORIGINAL_REQUESTS_ANNOTATION: counts_text(_merge(original)),
@@ -199,15 +221,20 @@ def plan_borrow(pod: Mapping[str, Any], placement: Placement) -> BorrowPlan:
     )
     if controller is not None and controller.get("kind") == "ReplicaSet":
         annotations[DELETION_COST_ANNOTATION] = str(_borrower_deletion_cost(annotations.get(DELETION_COST_ANNOTATION)))
+    namespace = str(metadata.get("namespace") or "default")
+    annotations[LOAN_SIGNATURE_ANNOTATION] = loan_signature(
+        loan_key, namespace, new_metadata["name"], pod_mig_requests(spec), annotations
+    )
     new_metadata["annotations"] = annotations
     return BorrowPlan(original=pod, replacement=replacement, placement=placement, keeps_name=keeps_name)
 
 
-def restored_pod(borrower: Mapping[str, Any], restarts: int) -> dict[str, Any]:
+def restored_pod(borrower: Mapping[str, Any], restarts: int, loan_key: bytes) -> dict[str, Any]:
     """The borrower as it was before it borrowed: original requests, unbound, no loan record; for bare pods.
 
-    `restarts` is written to the restarts annotation, so the restart cap holds
-    across returns. The scheduler places it again (on a slice of its own type).
+    `restarts` is written to the restarts annotation, signed with `loan_key`,
+    so the count holds across returns. The scheduler places it again (on a
+    slice of its own type).
     Raises ObjectError when the loan record cannot be read back (the pod's
     owner can edit it): such a pod is not restored.
     """
@@ -233,7 +260,68 @@ def restored_pod(borrower: Mapping[str, Any], restarts: int) -> dict[str, Any]:
                     resources[kind] = values
                 else:
                     resources.pop(kind, None)
+    metadata = restored["metadata"]
+    annotations[LOAN_SIGNATURE_ANNOTATION] = loan_signature(
+        loan_key, str(metadata.get("namespace") or "default"), metadata["name"], pod_mig_requests(spec), annotations
+    )
     return restored
+
+
+def loan_signature(key: bytes, namespace: str, name: str, mig: MigCounts, annotations: Mapping[str, Any]) -> str:
+    """migchain's signature of a pod's loan record: an HMAC-SHA256, under `key`, of the signed annotations
+    (absent ones too), the pod's namespace and name, and the MIG slices it asks for.
+
+    It binds the record to what is known when the pod is written, before it
+    has a UID: the name (a bare pod keeps its own, an owned one gets a name
+    derived from the original's UID) and its requests, which are immutable.
+    Copied onto another pod, or edited, it no longer verifies. The fields are
+    encoded as one JSON list, so no two records share an encoding.
+    """
+    fields: list[object] = ["migchain-loan/v1", namespace, name, counts_text(mig)]
+    fields += [annotations.get(key) for key in SIGNED_ANNOTATIONS]
+    message = json.dumps(fields, separators=(",", ":")).encode()
+    return "v1:" + hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def _signature_matches(key: bytes, namespace: str, name: str, mig: MigCounts, annotations: Mapping[str, Any]) -> bool:
+    given = annotations.get(LOAN_SIGNATURE_ANNOTATION)
+    expected = loan_signature(key, namespace, name, mig, annotations)
+    return isinstance(given, str) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def signed_by_migchain(pod: Mapping[str, Any], key: bytes) -> bool:
+    """Whether this Pod object (as the API server returns it) carries a record migchain signed; False when it
+    cannot be read."""
+    try:
+        metadata = pod["metadata"]
+        annotations = metadata.get("annotations") or {}
+        namespace = str(metadata.get("namespace") or "default")
+        return _signature_matches(key, namespace, str(metadata["name"]), pod_mig_requests(pod["spec"]), annotations)
+    except (KeyError, TypeError, AttributeError, ObjectError):
+        return False
+
+
+def vouched(record: PodRecord, key: bytes | None) -> tuple[PodRecord, str]:
+    """The pod as migchain may believe it, and why its loan was not believed ("" when nothing was wrong).
+
+    A record migchain signed is kept whole. Otherwise the signed annotations
+    (the loan, the restart count) and the signature are dropped and
+    `replaces` cleared: the pod is an ordinary pod holding what it asks for,
+    never returned, confirming no reservation. The reason (UNSIGNED, FORGED)
+    is given only when the pod claimed a loan. Without a key (an admin's
+    command that cannot read it) the record is taken as written.
+    """
+    claimed = [key for key in (*SIGNED_ANNOTATIONS, LOAN_SIGNATURE_ANNOTATION) if key in record.migchain]
+    if key is None or (not claimed and not record.replaces):
+        return record, ""
+    request = record.request
+    if _signature_matches(key, request.namespace, request.name, request.mig, record.migchain):
+        return record, ""
+    kept = {name: value for name, value in record.migchain.items() if name not in claimed}
+    problem = ""
+    if record.replaces or any(name in record.migchain for name in LOAN_ANNOTATIONS):
+        problem = FORGED if LOAN_SIGNATURE_ANNOTATION in record.migchain else UNSIGNED
+    return dataclasses.replace(record, replaces="", migchain=kept), problem
 
 
 def _original_resources(text: str) -> dict[str, dict[str, dict[str, str]]]:

@@ -39,7 +39,7 @@ from extender.core.cluster import (
 from extender.core.constraints import NodeConstraints
 from extender.core.decide import Placement, place
 from extender.core.loan import RESTARTS_ANNOTATION, Loan, loan_of
-from extender.core.rules import ChainRules, ReturnMode
+from extender.core.rules import ChainRules, Policy, ReturnMode
 
 RETURN_ANNOTATION = ANNOTATION_PREFIX + "return"  # "false": never return this pod
 MAX_RESTARTS_ANNOTATION = ANNOTATION_PREFIX + "max-restarts"  # cap on returns of this pod
@@ -81,12 +81,15 @@ def borrowers_of(records: Iterable[PodRecord], rules: ChainRules) -> list[Borrow
             continue
         restarts = _whole(record.migchain.get(RESTARTS_ANNOTATION)) or 0
         cap = _whole(record.migchain.get(MAX_RESTARTS_ANNOTATION))
+        # The opt-outs are the pod owner's words: they hold a borrower back only where the admin's policy says.
+        policy = loan_policy(loan, rules)
+        opt_outs, namespace = policy.pod_opt_outs, record.request.namespace
         held_back = ""
-        if record.migchain.get(RETURN_ANNOTATION, "true") != "true":
+        if record.migchain.get(RETURN_ANNOTATION, "true") != "true" and opt_outs.honours_return(namespace):
             held_back = f"pod annotation {RETURN_ANNOTATION}={record.migchain[RETURN_ANNOTATION]}"
-        elif cap is not None and restarts >= cap:
+        elif cap is not None and restarts >= cap and opt_outs.honours_max_restarts(namespace):
             held_back = f"restarted {restarts} time(s), {MAX_RESTARTS_ANNOTATION}={cap}"
-        found.append(Borrower(record, loan, return_mode_of(loan, rules), restarts, held_back))
+        found.append(Borrower(record, loan, policy.return_mode, restarts, held_back))
     return found
 
 
@@ -314,13 +317,20 @@ def _names(counts: MigCounts) -> str:
     return ", ".join(f"{count}x {resource}" for resource, count in counts)
 
 
-def return_mode_of(loan: Loan, rules: ChainRules) -> ReturnMode:
-    # Loans outlive rule edits: the chain's current policy decides, and a loan
-    # whose chain is gone returns on demand, the default.
+def loan_policy(loan: Loan, rules: ChainRules) -> Policy:
+    """The policy a loan is returned by: its chain's, from the signed record.
+
+    Loans outlive rule edits: the chain's current policy decides, and a loan
+    whose chain is gone is under the default one (on demand, no pod opt-outs).
+    """
     for chain in rules.chains:
         if chain.name in loan.chains:
-            return chain.policy.return_mode
-    return ReturnMode.ON_DEMAND
+            return chain.policy
+    return Policy()
+
+
+def return_mode_of(loan: Loan, rules: ChainRules) -> ReturnMode:
+    return loan_policy(loan, rules).return_mode
 
 
 def _whole(text: str | None) -> int | None:

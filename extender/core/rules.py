@@ -27,6 +27,25 @@ class NamespaceSelector:
 
 
 @dataclass(frozen=True)
+class PodOptOuts:
+    """Which return opt-outs a pod's owner writes the admin honours, and in which namespaces.
+
+    Off by default: the annotations are the tenant's, the return policy the
+    admin's, so a pod keeps a slice it borrowed only where the admin lets it.
+    """
+
+    never_return: bool = False  # migchain.io/return: "false"
+    max_restarts: bool = False  # migchain.io/max-restarts: "N" (a cap of 0 is the same opt-out)
+    namespaces: NamespaceSelector = field(default_factory=NamespaceSelector)
+
+    def honours_return(self, namespace: str) -> bool:
+        return self.never_return and self.namespaces.admits(namespace)
+
+    def honours_max_restarts(self, namespace: str) -> bool:
+        return self.max_restarts and self.namespaces.admits(namespace)
+
+
+@dataclass(frozen=True)
 class Policy:
     """Limits on borrowing along the chains of one rules file."""
 
@@ -38,6 +57,7 @@ class Policy:
     # None: live. A selector: in the namespaces it admits, borrows and returns
     # along these chains are decided, logged, counted and announced, never done.
     dry_run: NamespaceSelector | None = None
+    pod_opt_outs: PodOptOuts = field(default_factory=PodOptOuts)
 
     def denial(self, granted: str, steps: int, namespace: str, chain: str) -> str | None:
         """Why this policy forbids borrowing `granted` `steps` up `chain`, or None if it allows it."""

@@ -199,7 +199,7 @@ class Binder:
         pod = self.api.get(pod_path(args.pod_namespace, args.pod_name))
         if pod["metadata"].get("uid") != args.pod_uid or pod["spec"].get("nodeName"):
             raise BorrowError(f"pod {args.pod_namespace}/{args.pod_name} changed before it could borrow")
-        plan = plan_borrow(pod, placement)
+        plan = plan_borrow(pod, placement, self.executor.loan_key)
         replacement = self.executor.borrow(plan)
         message = plan.describe()
         self.events.record(pod, "Borrowed", f"{message}; replaced by pod {plan.replacement_name}")

@@ -16,6 +16,7 @@ from typing import IO
 from extender.config import ConfigError, load_rules
 from extender.core.cluster import MIGCHAIN_SCHEDULER, ObjectError, pod_record
 from extender.core.explain import candidate_nodes, explain, explain_document, explain_text
+from extender.core.loan import vouched
 from extender.core.rules import ChainRules
 from extender.kube.snapshot import ClusterObjects, open_cluster
 
@@ -64,7 +65,7 @@ def render(
     if pod is None:
         raise ValueError(f"pod {namespace}/{name} not found")
     try:
-        record = pod_record(pod)
+        record = vouched(pod_record(pod), cluster.loan_key)[0]
     except ObjectError as error:
         raise ValueError(f"pod {namespace}/{name} cannot be read: {error}") from error
     if nodes:
@@ -89,6 +90,7 @@ def run(
     nodes: Sequence[str] | None,
     output: str,
     schedulers: Sequence[str] = (MIGCHAIN_SCHEDULER,),
+    loan_key_file: str | None = None,
     out: IO[str] | None = None,
     err: IO[str] | None = None,
 ) -> int:
@@ -98,7 +100,7 @@ def run(
     if rules is None:
         return 1
     try:
-        cluster = open_cluster(kubeconfig)
+        cluster = open_cluster(kubeconfig, loan_key_file, lambda warning: print(f"{PROGRAM}: {warning}", file=err))
         text = render(cluster, rules, namespace, name, nodes=nodes, output=output, schedulers=schedulers)
     except ValueError as error:
         print(f"{PROGRAM}: {error}", file=err)

@@ -161,7 +161,8 @@ class Preemptor:
                 outcome = "evicted"
             else:
                 restarts = victim.record.migchain.get(RESTARTS_ANNOTATION, "")
-                restored = restored_pod(pod, (int(restarts) if restarts.isascii() and restarts.isdigit() else 0) + 1)
+                count = int(restarts) if restarts.isascii() and restarts.isdigit() else 0
+                restored = restored_pod(pod, count + 1, self.executor.loan_key)
                 outcome = self.executor.restore(pod, restored, not _bare(pod))
         except EvictionBlocked as blocked:
             # The budget changed since the dry run: the rest stays, the next round plans again.

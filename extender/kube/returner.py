@@ -23,6 +23,7 @@ from extender.kube.events import EventRecorder, pod_reference
 from extender.kube.executor import BorrowError, EvictionBlocked, Executor, pod_path
 from extender.kube.lease import LeaderElection
 from extender.kube.preemptor import Preemptor
+from extender.loan_guard import MAX_QUEUED_REPORTS
 from extender.metrics import ReturnerMetrics
 from extender.reload import RulesInForce
 
@@ -36,6 +37,8 @@ CLAIM_SECONDS = 30.0
 # A borrower whose loan record cannot be read back (its owner edited it) is
 # not restored; it is looked at again this much later, should it be fixed.
 UNREADABLE_RETRY_SECONDS = 300.0
+# Events on pods whose loan record migchain does not believe, at most this many a round.
+REJECTED_LOANS_PER_ROUND = 20
 # A journaled return that could not be finished (its pod not gone yet, an API
 # error) is tried again this soon.
 RECOVERY_RETRY_SECONDS = 5.0
@@ -81,6 +84,7 @@ class Returner:
             self.cache.changed.clear()
             if not self.election.leading():
                 self._recover_at = 0.0  # a new term starts with the journal
+                self.cache.loans.take_reports(MAX_QUEUED_REPORTS)  # the leader reports them
                 continue
             try:
                 self.round()
@@ -89,6 +93,7 @@ class Returner:
                 log.exception("return round failed")
 
     def round(self) -> None:
+        self.report_rejected_loans()
         if self._recover_at is not None and time.monotonic() >= self._recover_at:
             self._recover_at = None if self.recover() else time.monotonic() + RECOVERY_RETRY_SECONDS
         snapshot, records = self.cache.view()
@@ -121,6 +126,15 @@ class Returner:
             waiting={r.unblocks for r in returning if r.unblocks},
             spared={r.borrower.record.request.uid for r in returning},
         )
+
+    def report_rejected_loans(self) -> None:
+        """One Event on each pod whose loan record the cache did not believe (a few a round: they are cheap, not
+        free, and a tenant may forge many)."""
+        for rejected in self.cache.loans.take_reports(REJECTED_LOANS_PER_ROUND):
+            key = f"{rejected.namespace}/{rejected.name}"
+            log.warning("loan of %s not believed (%s): %s", key, rejected.reason, rejected.message, extra={"pod": key})
+            reference = {"metadata": {"name": rejected.name, "namespace": rejected.namespace, "uid": rejected.uid}}
+            self.events.record(reference, "LoanRejected", rejected.message, "Warning")
 
     def _recover_soon(self) -> None:
         self._recover_at = time.monotonic() + RECOVERY_RETRY_SECONDS
@@ -159,7 +173,7 @@ class Returner:
         owned = controller_of(borrower["metadata"]) is not None
         try:
             # Its controller recreates an owned pod; a bare pod is recreated from its loan record.
-            restored = {} if owned else restored_pod(borrower, restore.borrower.restarts + 1)
+            restored = {} if owned else restored_pod(borrower, restore.borrower.restarts + 1, self.executor.loan_key)
         except ObjectError as error:
             self._blocked[request.key] = time.monotonic() + UNREADABLE_RETRY_SECONDS
             self.metrics.count_return(loan, "failed")

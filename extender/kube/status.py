@@ -38,17 +38,20 @@ def kubeconfig_path(given: str | None, environ: Mapping[str, str] = os.environ) 
 
 
 def status_of_objects(
-    nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]]
+    nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]], loan_key: bytes | None = None
 ) -> tuple[ClusterStatus, int]:
-    """The status of these Node and Pod objects, and how many were unreadable (skipped)."""
-    ledger, skipped = Ledger.of_readable(nodes, pods)
+    """The status of these Node and Pod objects, and how many were unreadable (skipped).
+
+    With `loan_key` a loan counts only if migchain signed it, as in the extender; without, as written.
+    """
+    ledger, skipped = Ledger.of_readable(nodes, pods, loan_key)
     return cluster_status(ledger.snapshot(), ledger.pods()), skipped
 
 
-def read_status(api: KubeApi) -> tuple[ClusterStatus, int]:
+def read_status(api: KubeApi, loan_key: bytes | None = None) -> tuple[ClusterStatus, int]:
     nodes, _ = api.list_all("/api/v1/nodes")
     pods, _ = api.list_all("/api/v1/pods", fieldSelector=HOLDING_PODS)
-    return status_of_objects(nodes, pods)
+    return status_of_objects(nodes, pods, loan_key)
 
 
 def render(status: ClusterStatus, output: str, now: datetime.datetime, watching: bool) -> str:
@@ -69,6 +72,7 @@ def run(
     err: IO[str] = sys.stderr,
     clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
     sleep: Callable[[float], None] = time.sleep,
+    loan_key: bytes | None = None,
 ) -> int:
     """Print the status once (exit 1 if the cluster cannot be read), or on every change until Ctrl-C (exit 0).
 
@@ -79,7 +83,7 @@ def run(
     try:
         while True:
             try:
-                status, skipped = read_status(api)
+                status, skipped = read_status(api, loan_key)
             except (ApiError, urllib3.exceptions.HTTPError, OSError) as error:
                 print(f"migchain status: cannot read nodes and pods: {error}", file=err)
                 if not watch:

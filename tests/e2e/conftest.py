@@ -20,6 +20,7 @@ from tests.e2e.fleet import TEST_LABEL, mig_pod
 
 CHAINS = [str(ROOT / "chains" / name) for name in ("a100-40gb.yaml", "a100-80gb.yaml", "h100-80gb.yaml")]
 CHAINS.append(str(ROOT / "tests" / "fixtures" / "chains" / "e2e-eager.yaml"))
+CHAINS.append(str(ROOT / "tests" / "fixtures" / "chains" / "e2e-opt-outs.yaml"))  # podOptOuts honoured
 LIVE_CHAIN = ROOT / "tests" / "fixtures" / "chains" / "e2e-live.yaml"  # a copy of it is edited while migchain runs
 
 

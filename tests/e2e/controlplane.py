@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from extender import certs
 from extender.kube.api import ApiError, Connection, KubeApi
+from extender.kube.loan_key import create_secret, read_secret
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".cache" / "kube" / "bin"
@@ -180,6 +181,7 @@ class ControlPlane:
     processes: dict[str, Process] = field(default_factory=dict)
     api_port: int = 0
     kubeconfig: Path = Path()
+    loan_key: Path = Path()  # migchain's loan key, as kubelet mounts it from the Secret
 
     # -- start ----------------------------------------------------------------
 
@@ -257,6 +259,17 @@ class ControlPlane:
         # kube-scheduler's leader election lease lives in the namespace manifests/ create.
         self.ensure_namespace("migchain-system")
         self.sa_key = sa_key
+        self._make_loan_key()
+
+    def _make_loan_key(self) -> None:
+        """migchain's loan key as an install makes it (`migchain loan-key`: the Secret), and the file kubelet
+        mounts from it, which both processes read with --loan-key-file."""
+        create_secret(self.api, "migchain-system")
+        key = read_secret(self.api, "migchain-system")
+        assert key is not None
+        self.loan_key = self.folder / "loan-key" / "key"
+        self.loan_key.parent.mkdir(exist_ok=True)
+        self.loan_key.write_bytes(key)
 
     def kubeconfig_document(self, token: str) -> dict[str, Any]:
         return {
@@ -323,6 +336,7 @@ class ControlPlane:
                 "extender.serve",
                 f"--bind=127.0.0.1:{port}",
                 f"--kubeconfig={self.kubeconfig}",
+                f"--loan-key-file={self.loan_key}",
                 *tls.extender_flags(),
                 *flags,
                 "--chains",
@@ -346,6 +360,7 @@ class ControlPlane:
                 "-m",
                 "extender.returner_cli",
                 f"--kubeconfig={self.kubeconfig}",
+                f"--loan-key-file={self.loan_key}",
                 f"--identity={identity}",
                 f"--health-bind=127.0.0.1:{free_port()}",
                 "--chains",

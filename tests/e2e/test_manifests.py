@@ -20,7 +20,7 @@ import yaml
 from extender.kube.api import ApiError, path
 from tests.e2e.conftest import Cluster
 from tests.e2e.controlplane import BIN, wait_until
-from tests.unit.test_manifests import API_CALLS, CERTS, EXTENDER, NAMESPACE, SCHEDULER, TEAM, Access, render
+from tests.unit.test_manifests import API_CALLS, CERTS, EXTENDER, LOAN_KEY, NAMESPACE, SCHEDULER, TEAM, Access, render
 
 pytestmark = pytest.mark.e2e
 
@@ -81,6 +81,15 @@ DENIED = [
     Access(CERTS, "delete", "secrets", NAMESPACE, name="migchain-scheduler-client-tls"),
     Access(CERTS, "create", "secrets", "kube-system"),
     Access(CERTS, "list", "pods"),
+    # the loan key: made by its Job, read through the API by nobody else (the extender pod mounts it)
+    Access(EXTENDER, "get", "secrets", NAMESPACE, name=LOAN_KEY),
+    Access(SCHEDULER, "get", "secrets", NAMESPACE, name=LOAN_KEY),
+    Access(CERTS, "get", "secrets", NAMESPACE, name=LOAN_KEY),
+    Access(LOAN_KEY, "list", "secrets", NAMESPACE),
+    Access(LOAN_KEY, "update", "secrets", NAMESPACE, name=LOAN_KEY),
+    Access(LOAN_KEY, "delete", "secrets", NAMESPACE, name=LOAN_KEY),
+    Access(LOAN_KEY, "get", "secrets", NAMESPACE, name="migchain-extender-tls"),
+    Access(LOAN_KEY, "list", "pods"),
 ]
 
 # What a second kube-scheduler needs from the bindings manifests/ give it (Configure Multiple Schedulers).
@@ -103,6 +112,7 @@ IN_FORCE = [
     Access(EXTENDER, "list", "nodes"),  # ClusterRoleBinding to the ClusterRole migchain-extender
     Access(EXTENDER, "list", "configmaps", NAMESPACE),  # RoleBinding to the Role migchain-extender
     Access(CERTS, "create", "secrets", NAMESPACE),  # RoleBinding to the Role migchain-certs
+    Access(LOAN_KEY, "create", "secrets", NAMESPACE),  # RoleBinding to the Role migchain-loan-key
     Access(SCHEDULER, "update", "leases", NAMESPACE, group=LEASES, name="migchain-scheduler"),  # its Role
     Access(SCHEDULER, "list", "nodes"),  # ClusterRoleBinding to system:kube-scheduler
     Access(SCHEDULER, "get", "persistentvolumes"),  # ClusterRoleBinding to system:volume-scheduler

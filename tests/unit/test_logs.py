@@ -217,6 +217,7 @@ def test_the_real_extender_logs_only_json_lines_gunicorns_included():
 
 
 def test_the_returner_reports_a_fatal_start_as_one_json_record(tmp_path):
+    (tmp_path / "loan.key").write_bytes(b"k" * 32)
     result = subprocess.run(
         [
             sys.executable,
@@ -224,6 +225,7 @@ def test_the_returner_reports_a_fatal_start_as_one_json_record(tmp_path):
             "extender.returner_cli",
             "--log-format=json",
             f"--kubeconfig={tmp_path / 'missing'}",
+            f"--loan-key-file={tmp_path / 'loan.key'}",
             "--chains",
             str(ROOT / "chains" / "a100-40gb.yaml"),
         ],

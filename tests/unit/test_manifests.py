@@ -31,6 +31,7 @@ NAMESPACE = "migchain-system"
 
 EXTENDER = "migchain-extender"  # the ServiceAccount of the extender pod: extender and returner
 CERTS = "migchain-certs"
+LOAN_KEY = "migchain-loan-key"  # the Job that makes the loan key's Secret, and that Secret
 SCHEDULER = "migchain-scheduler"
 
 
@@ -116,6 +117,10 @@ API_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
         ],
     ),
     ("extender/cli.py", "create"): (1, [Access(CERTS, "create", "secrets", NAMESPACE)]),
+    # `migchain loan-key`, run by the migchain-loan-key Job (the admin's commands read the Secret with the
+    # user's kubeconfig, if they may).
+    ("extender/kube/loan_key.py", "get"): (1, [Access(LOAN_KEY, "get", "secrets", NAMESPACE, name=LOAN_KEY)]),
+    ("extender/kube/loan_key.py", "create"): (1, [Access(LOAN_KEY, "create", "secrets", NAMESPACE)]),
 }
 
 API_CALL = re.compile(r"\bapi\.(get|create|patch|delete|list_all|watch|request)\(")
@@ -215,15 +220,15 @@ def test_kustomize_renders_every_object_into_its_namespace(rendered):
     kinds = Counter(o["kind"] for o in rendered)
     assert kinds == {
         "Namespace": 1,
-        "ServiceAccount": 3,
+        "ServiceAccount": 4,
         "ClusterRole": 1,
         "ClusterRoleBinding": 3,
-        "Role": 3,
-        "RoleBinding": 4,
+        "Role": 4,
+        "RoleBinding": 5,
         "ConfigMap": 2,
         "Service": 1,
         "Deployment": 2,
-        "Job": 1,
+        "Job": 2,
         "PodDisruptionBudget": 1,
     }
     for o in rendered:
@@ -262,7 +267,7 @@ def test_the_scheduler_configmap_is_scheduler_config_yaml_byte_for_byte(rendered
 
 def test_every_pod_runs_locked_down_as_the_dockerfile_user_with_resources_and_a_tmp(rendered):
     workloads = [o for o in rendered if o["kind"] in ("Deployment", "Job")]
-    assert len(workloads) == 3
+    assert len(workloads) == 4
     uid = dockerfile_uid()
     for workload in workloads:
         where = f"{workload['kind']} {workload['metadata']['name']}"
@@ -434,9 +439,36 @@ def test_the_certs_job_makes_exactly_the_secrets_the_deployments_mount(rendered)
         for v in pod_spec(rendered, kind, name)["volumes"]
         if "secret" in v
     }
-    assert {args.server_secret, args.client_secret} == mounted
+    assert {args.server_secret, args.client_secret} == mounted - {LOAN_KEY}
     [named] = [rule for rule in the(rendered, "Role", CERTS)["rules"] if rule.get("resourceNames")]
-    assert set(named["resourceNames"]) == mounted
+    assert set(named["resourceNames"]) == mounted - {LOAN_KEY}
+
+
+def test_the_loan_key_job_makes_the_secret_both_containers_load_their_key_from(rendered):
+    job = the(rendered, "Job", LOAN_KEY)
+    assert job["spec"]["backoffLimit"] > 0
+    spec = job["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == LOAN_KEY
+    [maker] = spec["containers"]
+    args = cli.parser().parse_args(argv(maker)[1:])
+    assert args.run is cli._loan_key
+    assert args.out is None  # a Secret, not a file
+    assert (args.namespace, args.secret) == (job["metadata"]["namespace"], LOAN_KEY)
+    [named] = [rule for rule in the(rendered, "Role", LOAN_KEY)["rules"] if rule.get("resourceNames")]
+    assert named["resourceNames"] == [LOAN_KEY] and named["verbs"] == ["get"]
+    deployment = pod_spec(rendered, "Deployment", "migchain-extender")
+    extender, returner = container(deployment, "extender"), container(deployment, "returner")
+    folder = mount_path(deployment, extender, "secret", LOAN_KEY)
+    assert mount_path(deployment, returner, "secret", LOAN_KEY) == folder
+    assert serve.parser().parse_args(argv(extender)[1:]).loan_key_file == f"{folder}/key"
+    assert returner_cli.parser().parse_args(argv(returner)[1:]).loan_key_file == f"{folder}/key"
+    # No other account may read it through the API: tenants must never learn the key (tests/e2e/test_manifests.py).
+    readers = {
+        account
+        for account, _, _, resource, verb, names in _granted(rendered)
+        if resource == "secrets" and verb in ("get", "list", "watch") and (not names or LOAN_KEY in names)
+    }
+    assert readers == {LOAN_KEY}
 
 
 def test_migchain_containers_run_this_version_of_the_image(rendered):

@@ -22,12 +22,13 @@ from extender.kube.executor import EvictionBlocked, Executor
 from extender.kube.lease import LeaderElection
 from extender.kube.returner import Returner
 from extender.ledger import Ledger
+from extender.loan_guard import LoanGuard
 from extender.metrics import Errors, Metrics, ReturnerMetrics
 from extender.reload import RulesInForce
 from extender.returner_cli import _serve_health
 from extender.store import SnapshotStore
 from extender.web.app import WebSettings, create_app
-from tests.unit.objects import G1, G2, G3, RULES, borrower, node, pod
+from tests.unit.objects import G1, G2, G3, LOAN_KEY, RULES, borrower, node, pod
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -77,6 +78,8 @@ class FakeApi:
 
 
 class FakeExecutor:
+    loan_key = LOAN_KEY
+
     def __init__(self, api: FakeApi, restore_error: Exception | None = None) -> None:
         self.api = api
         self.restore_error = restore_error
@@ -91,7 +94,7 @@ class FakeExecutor:
 
 
 def binder_on(api: FakeApi, pods: list[dict[str, Any]], metrics: Metrics) -> Binder:
-    cache = ClusterCache(cast(KubeApi, api), SnapshotStore(), errors=metrics.errors)
+    cache = ClusterCache(cast(KubeApi, api), SnapshotStore(), errors=metrics.errors, loans=LoanGuard(LOAN_KEY))
     cache.ledger.replace_nodes([node_state(node("gpu-a", {G1: 1, G2: 1})), node_state(node("gpu-b", {G2: 1}))])
     cache.ledger.replace_pods(pod_record(p) for p in pods)
     events = EventRecorder(cast(KubeApi, api), "test", metrics.errors)
@@ -324,7 +327,7 @@ def test_watch_restarts_and_unreadable_objects_are_counted():
             ConnectionResetError("reset by peer"),
         ]
     )
-    cache = ClusterCache(cast(KubeApi, api), SnapshotStore(ready=False), errors=errors)
+    cache = ClusterCache(cast(KubeApi, api), SnapshotStore(ready=False), errors=errors, loans=LoanGuard(LOAN_KEY))
     cache.start()
     try:
         assert api.done.wait(20)
@@ -378,6 +381,7 @@ def test_the_cluster_gauges_and_counters_are_all_named_by_convention():
         "migchain_dry_run_borrows": "counter",
         "migchain_requeues": "counter",
         "migchain_errors": "counter",
+        "migchain_unreadable_loans": "counter",
         "migchain_loans": "gauge",
         "migchain_free_slices": "gauge",
         "migchain_allocatable_slices": "gauge",
