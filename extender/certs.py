@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -207,7 +207,6 @@ class Stored:
     authority: Mapping[str, bytes]
     leaves: Mapping[str, Mapping[str, bytes]]
     bundle_changed: datetime.datetime | None = None
-    notes: tuple[str, ...] = field(default=(), compare=False)  # what could not be read, for the log
 
 
 def renew(

@@ -75,3 +75,25 @@ def test_migchain_certs_replaces_a_deleted_leaf(tmp_path: Path, capsys, secret):
             file.unlink()
     assert "missing or unreadable" in run_certs(tmp_path, capsys)
     assert certificate((tmp_path / secret / "tls.crt").read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("annotation", "status", "loaded"),
+    [
+        ("abc", {"observedGeneration": 3, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}, True),
+        ("old", {"observedGeneration": 3, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}, False),
+        ("abc", {"observedGeneration": 2, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}, False),
+        ("abc", {"observedGeneration": 3, "replicas": 2, "updatedReplicas": 1, "availableReplicas": 2}, False),
+        ("abc", {"observedGeneration": 3, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 0}, False),
+    ],
+)
+def test_a_new_ca_waits_for_kube_schedulers_rollout_with_the_new_bundle_to_complete(annotation, status, loaded):
+    """Old pods (replicas > updated), a pod not yet available, or a rollout not yet observed: not loaded."""
+    from extender.kube.certs import TRUST_BUNDLE, _runs_with
+
+    deployment = {
+        "metadata": {"generation": 3},
+        "spec": {"replicas": 1, "template": {"metadata": {"annotations": {TRUST_BUNDLE: annotation}}}},
+        "status": status,
+    }
+    assert _runs_with(deployment, "abc") is loaded
