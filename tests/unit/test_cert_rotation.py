@@ -274,3 +274,10 @@ def _accepted(extender: Extender, context: ssl.SSLContext) -> bool:
         return extender.get("/healthz", context)[1] == 200
     except (ssl.SSLError, OSError):
         return False
+
+
+def test_the_extenders_own_serving_certificate_cannot_call_it_as_the_scheduler(extender: Extender):
+    """The CA signs two leaves only, each for one use: the serving one (serverAuth) is no client certificate."""
+    serving = extender.ca.issue("migchain-extender", hosts=HOSTS, server=True, validity=SHORT)
+    assert not _accepted(extender, extender.client(serving))
+    assert _accepted(extender, extender.client())
