@@ -7,15 +7,11 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from extender.config import ConfigError, load_rules
 from extender.core.cluster import MIGCHAIN_SCHEDULER
 from extender.core.mig import short_name
 from extender.sim.engine import SimPolicy
-
-if TYPE_CHECKING:
-    from extender.certs import KeyPair
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -79,32 +75,17 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from extender.certs import CertificateAuthority, service_hosts
+    import datetime
 
-    authority = CertificateAuthority("migchain-ca")
-    serving = authority.issue(args.service, hosts=service_hosts(args.service, args.namespace), server=True)
-    client = authority.issue("migchain-scheduler", client=True)
-    pairs: dict[str, KeyPair] = {args.server_secret: serving, args.client_secret: client}
+    from extender.certs import migchain_leaves
+
+    specs = migchain_leaves(args.service, args.namespace, args.server_secret, args.client_secret)
+    now = datetime.datetime.now(datetime.UTC)
     if args.out:
-        folder = Path(args.out)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, pair in pairs.items():
-            for file, data in (("tls.crt", pair.certificate), ("tls.key", pair.key), ("ca.crt", authority.certificate)):
-                target = folder / name / file
-                target.parent.mkdir(exist_ok=True)
-                target.write_bytes(data)
-                if file == "tls.key":
-                    target.chmod(0o600)
-        print(f"wrote {', '.join(f'{folder / name}/{{tls.crt,tls.key,ca.crt}}' for name in pairs)}")
-        return 0
-    return _store_secrets(args, pairs, authority.certificate)
+        from extender.cert_files import renew_folders
 
-
-def _store_secrets(args: argparse.Namespace, pairs: dict[str, KeyPair], ca: bytes) -> int:
-    """Create the Secrets unless both exist; never overwrite one (a running scheduler trusts the CA in it)."""
-    import base64
-
-    from extender.kube.api import ApiError, path
+        return renew_folders(Path(args.out), args.ca_secret, specs, now)
+    from extender.kube.certs import renew_secrets
     from extender.kube.status import connect
 
     try:
@@ -112,47 +93,14 @@ def _store_secrets(args: argparse.Namespace, pairs: dict[str, KeyPair], ca: byte
     except ValueError as error:
         print(f"migchain certs: {error}", file=sys.stderr)
         return 1
-    secrets = path("api", "v1", "namespaces", args.namespace, "secrets")
-    existing = []
-    for name in pairs:
-        try:
-            api.get(f"{secrets}/{name}")
-            existing.append(name)
-        except ApiError as error:
-            if error.status != 404:
-                print(f"migchain certs: cannot read Secret {args.namespace}/{name}: {error}", file=sys.stderr)
-                return 1
-    if len(existing) == len(pairs):
-        print(f"Secrets {', '.join(pairs)} exist in {args.namespace}: nothing to do")
-        return 0
-    if existing:
-        # Half a set: a new CA would not match the one the other Secret holds.
-        print(
-            f"migchain certs: only {', '.join(existing)} exists in {args.namespace}; delete it and run again "
-            "so that both certificates come from one CA",
-            file=sys.stderr,
-        )
-        return 1
-    for name, pair in pairs.items():
-        data = {"tls.crt": pair.certificate, "tls.key": pair.key, "ca.crt": ca}
-        body = {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "type": "kubernetes.io/tls",
-            "metadata": {
-                "name": name,
-                "namespace": args.namespace,
-                "labels": {"app.kubernetes.io/part-of": "migchain"},
-            },
-            "data": {key: base64.b64encode(value).decode() for key, value in data.items()},
-        }
-        try:
-            api.create(secrets, body)
-        except ApiError as error:
-            print(f"migchain certs: cannot create Secret {args.namespace}/{name}: {error}", file=sys.stderr)
-            return 1
-        print(f"created Secret {args.namespace}/{name}")
-    return 0
+    return renew_secrets(
+        api,
+        namespace=args.namespace,
+        ca_secret=args.ca_secret,
+        specs=specs,
+        scheduler=args.scheduler_deployment,
+        now=now,
+    )
 
 
 def _warn(program: str) -> Callable[[str], None]:
@@ -261,20 +209,7 @@ def parser(prog: str = "migchain") -> argparse.ArgumentParser:
     )
     simulate.add_argument("-o", "--output", choices=["table", "json"], default="table")
     simulate.set_defaults(run=_simulate)
-    certs = verbs.add_parser(
-        "certs",
-        help="issue a CA, the extender's serving and kube-scheduler's client certificate for mutual TLS",
-        description="Creates Secrets SERVER_SECRET and CLIENT_SECRET (tls.crt, tls.key, ca.crt) in NAMESPACE "
-        "unless both exist, or writes them under --out. The CA's key is thrown away: to rotate, delete both "
-        "Secrets and run again, then restart migchain-extender and migchain-scheduler.",
-    )
-    certs.add_argument("--namespace", default="migchain-system")
-    certs.add_argument("--service", default="migchain-extender", help="the extender's Service (names to serve)")
-    certs.add_argument("--server-secret", default="migchain-extender-tls")
-    certs.add_argument("--client-secret", default="migchain-scheduler-client-tls")
-    certs.add_argument("--kubeconfig", default=None, help="default $KUBECONFIG, ~/.kube/config, or in-cluster")
-    certs.add_argument("--out", metavar="DIR", help="write files DIR/<secret>/{tls.crt,tls.key,ca.crt} instead")
-    certs.set_defaults(run=_certs)
+    _add_certs_verb(verbs)
     status = verbs.add_parser(
         "status",
         help="MIG slices per node (allocatable, used, borrowed) and the loans in force, read from the cluster",
@@ -320,6 +255,37 @@ def parser(prog: str = "migchain") -> argparse.ArgumentParser:
     explain.set_defaults(run=_explain)
     _add_loan_key_verb(verbs)
     return cli
+
+
+def _add_certs_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    certs = verbs.add_parser(
+        "certs",
+        help="issue and renew the CA, the extender's serving and kube-scheduler's client certificate for mutual TLS",
+        description="Keeps Secrets CA_SECRET (the CA and its key), SERVER_SECRET and CLIENT_SECRET (tls.crt, "
+        "tls.key, ca.crt) in NAMESPACE current, or folders under --out: creates what is missing, renews leaves "
+        "within 30 days of their 90-day life, and rotates the CA with an overlap (a new CA joins the trusted "
+        "bundle, signs once kube-scheduler was restarted with it, the old one leaves). Safe to run at any time; "
+        "the migchain-certs CronJob runs it. docs/certificates.md tells the whole cycle.",
+    )
+    certs.add_argument("--namespace", default="migchain-system")
+    certs.add_argument("--service", default="migchain-extender", help="the extender's Service (names to serve)")
+    certs.add_argument("--ca-secret", default="migchain-ca", help="the CA and its key; only the certs Job reads it")
+    certs.add_argument("--server-secret", default="migchain-extender-tls")
+    certs.add_argument("--client-secret", default="migchain-scheduler-client-tls")
+    certs.add_argument(
+        "--scheduler-deployment",
+        default="migchain-scheduler",
+        metavar="NAME",
+        help="the Deployment of kube-scheduler in NAMESPACE, restarted when the CA bundle it trusts changes; "
+        "'' to restart it yourself (a new CA then signs without waiting for it)",
+    )
+    certs.add_argument("--kubeconfig", default=None, help="default $KUBECONFIG, ~/.kube/config, or in-cluster")
+    certs.add_argument(
+        "--out",
+        metavar="DIR",
+        help="keep folders DIR/<secret>/ (files behind a ..data symlink, as a mounted Secret) instead of Secrets",
+    )
+    certs.set_defaults(run=_certs)
 
 
 def _add_loan_key_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

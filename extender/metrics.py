@@ -7,6 +7,7 @@ at scrape time by `ClusterCollector`, never updated per event.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -19,6 +20,7 @@ from extender.core.loan import Loan
 from extender.core.mig import short_name
 from extender.core.status import loan_pairs, loan_rows, on_loan, slice_totals
 from extender.reload import ReloadStatus
+from extender.tls import CertificateStatus
 
 # Filter and prioritize answer in well under a millisecond per hundred nodes;
 # buckets resolve the range kube-scheduler cares about (its timeout is seconds).
@@ -250,3 +252,66 @@ class RulesCollector:
 def watch_rules(registry: CollectorRegistry, status: RulesStatus) -> None:
     """Export the reload state of the chain rules on `registry` (the extender's or the returner's)."""
     registry.register(RulesCollector(status))
+
+
+class CertificateCollector:
+    """The extender's certificates, read at scrape time: when each expires, how many days are left, reloads."""
+
+    def __init__(self, status: Callable[[], CertificateStatus], clock: Callable[[], float]) -> None:
+        self._status = status
+        self._clock = clock
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily, GaugeMetricFamily]:
+        certificates = (
+            "by certificate: serving (the extender's), client-ca (the last CA of the bundle it verifies "
+            "kube-scheduler with to expire), client (the last verified client certificate it was shown)"
+        )
+        return (
+            GaugeMetricFamily(
+                "migchain_certificate_expiry_timestamp_seconds",
+                f"When a certificate expires (Unix time), {certificates}.",
+                labels=["certificate"],
+            ),
+            GaugeMetricFamily(
+                "migchain_certificate_days_left",
+                f"Days until a certificate expires (negative once it has), {certificates}. Renewal keeps the "
+                "leaves above 30 days of their 90; alert below 20.",
+                labels=["certificate"],
+            ),
+            CounterMetricFamily(
+                "migchain_certificate_reload_failures",
+                "Changes of the TLS files that could not be loaded (a key that is not the certificate's, a broken "
+                "file); the credentials before them stayed in use.",
+            ),
+            GaugeMetricFamily(
+                "migchain_certificate_last_reload_timestamp_seconds",
+                "When the TLS credentials in use were loaded (Unix time).",
+            ),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        expiry, days_left, failures, last_reload = self._families()
+        status = self._status()
+        now = self._clock()
+        for certificate, not_after in (
+            ("serving", status.serving_not_after),
+            ("client-ca", status.client_ca_not_after),
+            ("client", status.client_not_after),
+        ):
+            if not_after:
+                expiry.add_metric([certificate], not_after)
+                days_left.add_metric([certificate], (not_after - now) / 86400)
+        failures.add_metric([], status.failures)
+        last_reload.add_metric([], status.last_reload)
+        yield from (expiry, days_left, failures, last_reload)
+
+
+def watch_certificates(
+    registry: CollectorRegistry, status: Callable[[], CertificateStatus], clock: Callable[[], float] = time.time
+) -> None:
+    """Export the expiry and reloads of the extender's TLS credentials on `registry`."""
+    registry.register(CertificateCollector(status, clock))

@@ -26,9 +26,10 @@ from extender.core.cluster import Snapshot
 from extender.filter_memory import FilterMemory
 from extender.ledger import Ledger
 from extender.loan_key import LoanKeyError, read_key_file
-from extender.metrics import Metrics, watch_rules
+from extender.metrics import Metrics, watch_certificates, watch_rules
 from extender.reload import RulesInForce
 from extender.store import SnapshotStore
+from extender.tls import ServingCredentials
 from extender.web.app import DEFAULT_MAX_BODY_BYTES, WebSettings, create_app
 
 log = logging.getLogger("migchain.extender")
@@ -82,13 +83,21 @@ class _Server(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type 
         return self._build()
 
 
-def build_app(args: argparse.Namespace, rules: RulesInForce, loan_key: bytes | None = None) -> Flask:
+def build_app(
+    args: argparse.Namespace,
+    rules: RulesInForce,
+    loan_key: bytes | None = None,
+    credentials: ServingCredentials | None = None,
+) -> Flask:
     """Standalone without a cluster; otherwise the watch-fed cache and the binder. Runs in the worker.
 
     `loan_key` signs and verifies loans; `main` makes sure there is one when there is a cluster.
+    `credentials`: the serving certificate and client CA bundle, reloaded when renewed.
     """
     metrics = Metrics()
     watch_rules(metrics.registry, rules.status)
+    if credentials is not None:
+        watch_certificates(metrics.registry, credentials.status)
     rules.watch(threading.Event())  # the worker's life long: edits of the files take effect within seconds
     settings = WebSettings(
         max_body_bytes=args.max_body_bytes,
@@ -281,7 +290,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a certificate that is shown must verify, and the app refuses the
         # verbs to callers that showed none.
         options |= {"ca_certs": args.client_ca_file, "cert_reqs": ssl.CERT_OPTIONAL}
-    _Server(lambda: build_app(args, rules, loan_key), options).run()
+    credentials = None
+    if args.tls_cert_file:
+        # Renewed certificates and client CA bundles are served without a
+        # restart, and a broken renewal never replaces working files (extender/tls.py).
+        credentials = ServingCredentials.at_start(
+            "migchain-extender",
+            args.tls_cert_file,
+            args.tls_key_file,
+            args.client_ca_file,
+            options.get("cert_reqs", ssl.CERT_NONE),
+        )
+        if credentials is None:
+            return 2
+        options["ssl_context"] = credentials.gunicorn_hook
+    _Server(lambda: build_app(args, rules, loan_key, credentials), options).run()
     return 0
 
 

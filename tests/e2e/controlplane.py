@@ -149,12 +149,13 @@ class ExtenderTls:
     ca: Path
     serving: Credentials
     client: Credentials
+    authority: certs.CertificateAuthority | None = field(default=None, compare=False)  # to renew a leaf
 
     @classmethod
     def issue(cls, folder: Path) -> ExtenderTls:
         authority = CertificateAuthority(folder, "migchain-ca")
         serving = authority.issue("migchain-extender", hosts=("127.0.0.1", "localhost"), server=True)
-        return cls(authority.path, serving, authority.issue("migchain-scheduler", client=True))
+        return cls(authority.path, serving, authority.issue("migchain-scheduler", client=True), authority.authority)
 
     def extender_flags(self) -> list[str]:
         return [

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from extender import __version__, cli, returner_cli, serve
+from extender.certs import POLICY, service_hosts
 from extender.config import load_rules
 from extender.core.mig import MIG_RESOURCE_PREFIX
 
@@ -33,6 +34,8 @@ EXTENDER = "migchain-extender"  # the ServiceAccount of the extender pod: extend
 CERTS = "migchain-certs"
 LOAN_KEY = "migchain-loan-key"  # the Job that makes the loan key's Secret, and that Secret
 SCHEDULER = "migchain-scheduler"
+# What `migchain certs` keeps: the CA with its key, the serving and the client certificate.
+CERT_SECRETS = ("migchain-ca", "migchain-extender-tls", "migchain-scheduler-client-tls")
 
 
 class Access(NamedTuple):
@@ -108,15 +111,23 @@ API_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
         2,
         [Access(EXTENDER, "list", "nodes"), Access(EXTENDER, "list", "pods")],
     ),
-    # `migchain certs`, run by the migchain-certs Job.
-    ("extender/cli.py", "get"): (
-        1,
+    # `migchain certs`, run by the migchain-certs Job and the migchain-certs-renewal CronJob.
+    ("extender/kube/certs.py", "get"): (
+        2,
         [
-            Access(CERTS, "get", "secrets", NAMESPACE, name="migchain-extender-tls"),
-            Access(CERTS, "get", "secrets", NAMESPACE, name="migchain-scheduler-client-tls"),
+            *(Access(CERTS, "get", "secrets", NAMESPACE, name=secret) for secret in CERT_SECRETS),
+            Access(CERTS, "get", "deployments", NAMESPACE, group="apps", name=SCHEDULER),
         ],
     ),
-    ("extender/cli.py", "create"): (1, [Access(CERTS, "create", "secrets", NAMESPACE)]),
+    ("extender/kube/certs.py", "create"): (1, [Access(CERTS, "create", "secrets", NAMESPACE)]),
+    ("extender/kube/certs.py", "request"): (  # PUT
+        1,
+        [Access(CERTS, "update", "secrets", NAMESPACE, name=secret) for secret in CERT_SECRETS],
+    ),
+    ("extender/kube/certs.py", "patch"): (
+        1,
+        [Access(CERTS, "patch", "deployments", NAMESPACE, group="apps", name=SCHEDULER)],
+    ),
     # `migchain loan-key`, run by the migchain-loan-key Job (the admin's commands read the Secret with the
     # user's kubeconfig, if they may).
     ("extender/kube/loan_key.py", "get"): (1, [Access(LOAN_KEY, "get", "secrets", NAMESPACE, name=LOAN_KEY)]),
@@ -148,8 +159,18 @@ def the(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 
 
 def pod_spec(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    spec: dict[str, Any] = the(objects, kind, name)["spec"]["template"]["spec"]
-    return spec
+    return template_spec(the(objects, kind, name))
+
+
+def template_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    """The pod spec of a Deployment, a Job or a CronJob."""
+    spec = workload["spec"]
+    spec = spec["jobTemplate"]["spec"] if workload["kind"] == "CronJob" else spec
+    found: dict[str, Any] = spec["template"]["spec"]
+    return found
+
+
+WORKLOADS = ("Deployment", "Job", "CronJob")
 
 
 def container(spec: dict[str, Any], name: str) -> dict[str, Any]:
@@ -229,6 +250,7 @@ def test_kustomize_renders_every_object_into_its_namespace(rendered):
         "Service": 1,
         "Deployment": 2,
         "Job": 2,
+        "CronJob": 1,
         "PodDisruptionBudget": 1,
     }
     for o in rendered:
@@ -266,12 +288,12 @@ def test_the_scheduler_configmap_is_scheduler_config_yaml_byte_for_byte(rendered
 
 
 def test_every_pod_runs_locked_down_as_the_dockerfile_user_with_resources_and_a_tmp(rendered):
-    workloads = [o for o in rendered if o["kind"] in ("Deployment", "Job")]
-    assert len(workloads) == 4
+    workloads = [o for o in rendered if o["kind"] in WORKLOADS]
+    assert len(workloads) == 5
     uid = dockerfile_uid()
     for workload in workloads:
         where = f"{workload['kind']} {workload['metadata']['name']}"
-        spec = workload["spec"]["template"]["spec"]
+        spec = template_spec(workload)
         assert spec["securityContext"]["runAsNonRoot"] is True, where
         assert spec["securityContext"]["runAsUser"] == uid, where
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
@@ -440,8 +462,93 @@ def test_the_certs_job_makes_exactly_the_secrets_the_deployments_mount(rendered)
         if "secret" in v
     }
     assert {args.server_secret, args.client_secret} == mounted - {LOAN_KEY}
-    [named] = [rule for rule in the(rendered, "Role", CERTS)["rules"] if rule.get("resourceNames")]
-    assert set(named["resourceNames"]) == mounted - {LOAN_KEY}
+    assert args.ca_secret not in mounted  # the CA's key is in no pod but the certs Job's (and read over the API)
+    assert args.scheduler_deployment == SCHEDULER
+    rules = the(rendered, "Role", CERTS)["rules"]
+    [secrets] = [rule for rule in rules if rule.get("resourceNames") and rule["resources"] == ["secrets"]]
+    assert set(secrets["resourceNames"]) == {*mounted - {LOAN_KEY}, args.ca_secret} == set(CERT_SECRETS)
+    [deployments] = [rule for rule in rules if rule["resources"] == ["deployments"]]
+    assert deployments["resourceNames"] == [SCHEDULER]
+
+
+def test_the_certs_cronjob_runs_the_install_jobs_command_often_enough_to_renew_in_time(rendered):
+    job, cron = the(rendered, "Job", CERTS), the(rendered, "CronJob", "migchain-certs-renewal")
+    spec, cron_spec = template_spec(job), template_spec(cron)
+    assert argv(container(cron_spec, "certs")) == argv(container(spec, "certs"))
+    assert cron_spec["serviceAccountName"] == spec["serviceAccountName"] == CERTS
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"  # never two CAs made at once
+    minute, hour, *rest = cron["spec"]["schedule"].split()
+    assert minute.isdigit() and hour.startswith("*/") and rest == ["*", "*", "*"]
+    # Runs every few hours: many chances within the 30-day renewal window, and
+    # each step of a CA rotation (after its hour to settle) waits one run at most.
+    every = int(hour.removeprefix("*/"))
+    assert every <= 6
+    assert every * 3600 <= 24 * 3600 < POLICY.leaf_renew_before.total_seconds()
+    assert POLICY.problems() == []
+
+
+def test_only_the_certs_account_may_read_the_ca_key(rendered):
+    readers = {
+        account
+        for account, namespace, group, resource, verb, names in _granted(rendered)
+        if resource == "secrets" and verb in ("get", "list", "watch") and (not names or "migchain-ca" in names)
+    }
+    assert readers == {CERTS}
+
+
+def render_with_cert_manager(tmp_path: Path) -> list[dict[str, Any]]:
+    """manifests/ with the cert-manager component, as an overlay of a user renders it."""
+    if not KUBECTL.exists():
+        pytest.skip(f"{KUBECTL} is not built")
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    up = os.path.relpath(MANIFESTS, overlay)  # kustomize takes relative paths only
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump({"resources": [up], "components": [f"{up}/cert-manager"]})
+    )
+    result = subprocess.run(
+        [str(KUBECTL), "kustomize", str(overlay)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return [document for document in yaml.safe_load_all(result.stdout) if document]
+
+
+def test_with_cert_manager_the_same_secrets_are_issued_and_renewed_and_the_certs_jobs_are_gone(tmp_path, rendered):
+    objects = render_with_cert_manager(tmp_path)
+    kinds = Counter(o["kind"] for o in objects)
+    assert kinds["Certificate"] == 3 and kinds["Issuer"] == 2
+    certs_objects = [o for o in objects if o["metadata"]["name"] in (CERTS, "migchain-certs-renewal")]
+    assert not certs_objects  # the loan key's Job stays: cert-manager does not make it
+    assert {o["kind"] for o in objects} - {"Certificate", "Issuer"} == {o["kind"] for o in rendered} - {"CronJob"}
+    certificates = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "Certificate"}
+    ca = certificates.pop("migchain-ca")
+    assert ca["isCA"] is True
+    assert ca["privateKey"]["rotationPolicy"] == "Never"  # a renewed CA verifies what the old one signed
+    assert hours(ca["renewBefore"]) > max(hours(c["duration"]) for c in certificates.values())
+    mounted = {
+        v["secret"]["secretName"]
+        for name in ("migchain-extender", SCHEDULER)
+        for v in pod_spec(objects, "Deployment", name)["volumes"]
+        if "secret" in v
+    }
+    assert {c["secretName"] for c in certificates.values()} == mounted - {LOAN_KEY}
+    issuer = the(objects, "Issuer", ca["secretName"])
+    assert issuer["spec"]["ca"]["secretName"] == ca["secretName"]
+    service = the(objects, "Service", "migchain-extender")["metadata"]
+    serving, client = certificates["migchain-extender-tls"], certificates["migchain-scheduler-client-tls"]
+    assert tuple(serving["dnsNames"]) == service_hosts(service["name"], service["namespace"])
+    assert "server auth" in serving["usages"] and "client auth" not in serving["usages"]
+    assert "client auth" in client["usages"] and "server auth" not in client["usages"]
+    for spec in (serving, client):
+        assert spec["issuerRef"] == {"name": issuer["metadata"]["name"], "kind": "Issuer"}
+        assert hours(spec["duration"]) == POLICY.leaf_life.total_seconds() / 3600
+        assert hours(spec["renewBefore"]) == POLICY.leaf_renew_before.total_seconds() / 3600
+        assert spec["privateKey"]["rotationPolicy"] == "Always"
+
+
+def hours(duration: str) -> float:
+    assert duration.endswith("h"), duration
+    return float(duration.removesuffix("h"))
 
 
 def test_the_loan_key_job_makes_the_secret_both_containers_load_their_key_from(rendered):
@@ -475,8 +582,8 @@ def test_migchain_containers_run_this_version_of_the_image(rendered):
     images = {
         c["image"]
         for o in rendered
-        if o["kind"] in ("Deployment", "Job")
-        for c in o["spec"]["template"]["spec"]["containers"]
+        if o["kind"] in WORKLOADS
+        for c in template_spec(o)["containers"]
         if not c["image"].startswith("registry.k8s.io/")
     }
     assert images == {f"migchain:{__version__}"}
@@ -567,12 +674,47 @@ def test_every_rule_names_the_code_that_needs_it():
 
 def test_the_dockerfile_installs_pinned_runtime_dependencies_as_a_fixed_non_root_user():
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11\.\d+-slim", text, re.MULTILINE), "base pinned to a patch release"
-    assert "pip install --no-cache-dir --constraint constraints.txt ." in text
+    [base] = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
+    # a patch release, and the digest of what it pointed at: a moved tag cannot change the image
+    assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?@sha256:[0-9a-f]{64}", base), base
+    assert not re.search(r"@sha256:(0{64}|[0-9a-f]?x+)", base), "a placeholder digest: run `make image-pin`"
+    commands = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    installs = [" ".join(line.split()) for line in re.findall(r"pip install[^\\&\n]*", commands)]
+    assert installs == [
+        "pip install --no-cache-dir --require-hashes --no-deps --requirement requirements.lock",
+        "pip install --no-cache-dir --no-deps --no-build-isolation .",
+    ], "every file pip fetches is checked against a hash; migchain itself fetches nothing"
     assert "[test" not in text and "[sim" not in text
     assert dockerfile_uid() != 0
     [exposed] = re.findall(r"^EXPOSE (\d+)", text, re.MULTILINE)
     assert int(exposed) == 8443
+
+
+def _pins(text: str) -> dict[str, str]:
+    """name -> version of `name==version` lines, names normalised as pip does."""
+    found = re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", text, re.MULTILINE)
+    return {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in found}
+
+
+def test_requirements_lock_hashes_every_runtime_dependency_at_the_versions_of_constraints_txt():
+    lock = (ROOT / "requirements.lock").read_text()
+    entries = re.split(r"\n(?=[A-Za-z0-9])", lock.split("\n\n", 1)[-1].split("\n", 6)[-1])
+    pinned = _pins(lock)
+    for entry in entries:
+        if re.match(r"[A-Za-z0-9]", entry):
+            assert "--hash=sha256:" in entry, f"no hash: {entry.splitlines()[0]}"
+    assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in re.findall(r"--hash=sha256:(\S+)", lock))
+    constraints = _pins((ROOT / "constraints.txt").read_text())
+    different = {name: (version, constraints[name]) for name, version in pinned.items() if name in constraints}
+    assert {name: pair for name, pair in different.items() if pair[0] != pair[1]} == {}, "run `make lock`"
+    # every runtime requirement of setup.cfg, and the build backend of pyproject.toml (no build isolation)
+    runtime = re.search(r"install_requires =\n((?:    .*\n)+)", (ROOT / "setup.cfg").read_text())
+    assert runtime is not None
+    names = {
+        re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[ ]", line.strip())[0]).lower() for line in runtime[1].splitlines()
+    }
+    assert names | {"setuptools", "wheel"} <= set(pinned), "run `make lock`"
+    assert not {"pytest", "hypothesis", "mypy", "scipy", "matplotlib"} & set(pinned)  # no test or sim extras
 
 
 def test_the_dockerignore_keeps_what_the_build_copies_and_drops_the_rest():
