@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import selectors
 import socket
 import ssl
@@ -77,6 +78,15 @@ def write_json_error(sock: socket.socket, status: int, reason: str, message: str
     gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
+def _stamp(path: str | None) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced (kubelet swaps a Secret's files by a symlink), or None."""
+    try:
+        status = os.stat(path) if path else None
+    except OSError:
+        return None
+    return None if status is None else (status.st_ino, status.st_size, status.st_mtime_ns)
+
+
 @dataclass(eq=False)
 class _Arriving:
     """A connection whose handshake or request head is not complete yet."""
@@ -95,6 +105,8 @@ class GuardedWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no ty
         gunicorn_util.write_error = write_json_error
         self._arriving: Arrivals[_Arriving] = Arrivals(ARRIVING, PER_PEER)
         self._lingering: Arrivals[socket.socket] = Arrivals(ARRIVING, ARRIVING)
+        self._tls: ssl.SSLContext | None = None
+        self._tls_stamp: tuple[tuple[int, int, int] | None, ...] = ()
         super().init_process()
 
     # -- a new connection: handshake and head in the event loop -----------------
@@ -110,8 +122,7 @@ class GuardedWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no ty
         client.setblocking(False)
         if self.cfg.is_ssl:
             try:
-                # A context per connection, as gunicorn builds it: renewed certificate files take effect at once.
-                client = gunicorn_sock.ssl_context(self.cfg).wrap_socket(
+                client = self._tls_context().wrap_socket(
                     client,
                     server_side=True,
                     do_handshake_on_connect=False,
@@ -125,6 +136,26 @@ class GuardedWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no ty
         conn = TConn(self.cfg, client, address, listener.getsockname())
         conn.initialized = True  # gunicorn's TConn.init (a blocking handshake) must not run: _advance does it
         self._arrive(_Arriving(conn, secured=not self.cfg.is_ssl))
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """gunicorn's TLS context, built again when a certificate, key or CA file changes (a renewed Secret).
+
+        gunicorn builds one per connection, which picks up renewed files too
+        but costs milliseconds of this loop's time for every client.
+        """
+        stamp = tuple(_stamp(path) for path in (self.cfg.certfile, self.cfg.keyfile, self.cfg.ca_certs))
+        if stamp != self._tls_stamp:
+            self._tls_stamp = stamp
+            try:
+                self._tls = gunicorn_sock.ssl_context(self.cfg)
+            except (OSError, ssl.SSLError, ValueError) as error:
+                if self._tls is None:
+                    raise
+                # Files caught mid-update (a new certificate beside the old key): keep the last good context
+                # until they change again.
+                log.warning("the TLS files changed but do not load (%s): serving with the previous ones", error)
+        assert self._tls is not None
+        return self._tls
 
     def _arrive(self, arriving: _Arriving) -> None:
         peer = str(arriving.conn.client[0]) if isinstance(arriving.conn.client, tuple) else "local"

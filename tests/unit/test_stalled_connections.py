@@ -60,6 +60,7 @@ class Extender:
     process: subprocess.Popen[bytes]
     credentials: Credentials
     body: bytes  # a /filter call as kube-scheduler makes it
+    authority: CertificateAuthority
 
 
 def write_pair(folder: Path, name: str, certificate: bytes, key: bytes) -> tuple[Path, Path]:
@@ -109,7 +110,9 @@ def extender(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Extender]:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    server = Extender(port, health_port, process, credentials, orjson.dumps({"Pod": pod_json(), "NodeNames": names}))
+    server = Extender(
+        port, health_port, process, credentials, orjson.dumps({"Pod": pod_json(), "NodeNames": names}), authority
+    )
     deadline = time.monotonic() + 60
     while True:
         with contextlib.suppress(OSError, http.client.HTTPException), Scheduler(server) as ready:
@@ -428,3 +431,29 @@ def test_a_flood_of_unfinished_handshakes_from_one_address_is_capped_and_the_sch
     finally:
         for connection in flood:
             connection.close()
+
+
+def served_certificate(extender: Extender) -> bytes:
+    context = extender.credentials.client(extender.credentials.scheduler)
+    with (
+        socket.create_connection(("127.0.0.1", extender.port), timeout=TIMEOUT) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as connection,
+    ):
+        certificate = connection.getpeercert(binary_form=True)
+    assert certificate is not None
+    return certificate
+
+
+def test_renewed_serving_certificate_files_are_served_from_the_next_connection_on(extender: Extender):
+    """The TLS context is built once and again when its files change, as kubelet replaces a renewed Secret's."""
+    before = served_certificate(extender)
+    renewed = extender.authority.issue("migchain-extender", hosts=("127.0.0.1",), server=True)
+    certificate, key = extender.credentials.serving
+    for path, data in ((certificate, renewed.certificate), (key, renewed.key)):
+        path.with_suffix(".new").write_bytes(data)
+        path.with_suffix(".new").rename(path)  # a new file in its place, as a Secret volume's symlink swap
+    after = served_certificate(extender)
+    assert after != before
+    assert after == ssl.PEM_cert_to_DER_cert(renewed.certificate.decode())
+    with Scheduler(extender) as scheduler:
+        assert scheduler.filter() is not None
