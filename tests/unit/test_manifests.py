@@ -396,7 +396,7 @@ def test_the_network_policy_admits_only_the_scheduler_to_the_verbs_and_only_moni
         [found] = [p["containerPort"] for c in containers for p in c.get("ports", []) if port in (p["name"], p)]
         return int(found)
 
-    admitted = {}
+    admitted: dict[int, list[dict[str, Any]]] = {}
     for rule in policy["ingress"]:
         assert rule.get("from"), "a rule without `from` admits every client"
         assert all("ipBlock" not in peer for peer in rule["from"])
