@@ -1,4 +1,4 @@
-"""Bookkeeping of connections that have not yet sent a whole request: a deadline each, a cap in all and per address.
+"""Bookkeeping of connections that have not yet sent a whole request (a deadline each, caps), and who a peer is.
 
 No I/O: the servers (extender.worker, extender.probes) close what it hands back.
 """
@@ -71,3 +71,24 @@ class Arrivals(Generic[Item]):
         for item in gone:
             self.remove(item)
         return gone
+
+
+def certificate_names(certificate: dict[str, object]) -> frozenset[str]:
+    """The common names and the DNS and URI alternative names of a certificate, as `getpeercert()` gives it."""
+    subject = certificate.get("subject")
+    alternatives = certificate.get("subjectAltName")
+    names = {
+        value
+        for entry in (subject if isinstance(subject, tuple) else ())
+        for key, value in entry
+        if key == "commonName"
+    }
+    names.update(
+        value for kind, value in (alternatives if isinstance(alternatives, tuple) else ()) if kind in ("DNS", "URI")
+    )
+    return frozenset(names)
+
+
+def shown_names(names: frozenset[str]) -> str:
+    """Names from a certificate, for a log line or an error: escaped, and cut short."""
+    return ", ".join(sorted(names))[:200].encode("unicode_escape").decode("ascii") or "no name"

@@ -42,9 +42,12 @@ WORKERS = 1
 class _Server(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type hints
     """gunicorn calls `load` in the worker after the fork, so the watch threads start where they serve."""
 
-    def __init__(self, build: Callable[[], Flask], options: dict[str, Any]) -> None:
+    def __init__(
+        self, build: Callable[[], Flask], options: dict[str, Any], client_identities: frozenset[str] = frozenset()
+    ) -> None:
         self._build = build
         self._options = options
+        self.client_identities = client_identities  # read by extender.worker.GuardedWorker
         super().__init__()
 
     def load_config(self) -> None:
@@ -268,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # signed never gets to send a request. kubelet's probes and Prometheus
         # have their own port (--health-bind).
         options |= {"ca_certs": args.client_ca_file, "cert_reqs": ssl.CERT_REQUIRED}
-    _Server(lambda: build_app(args, rules, health), options).run()
+    _Server(lambda: build_app(args, rules, health), options, frozenset(args.client_identity or ())).run()
     return 0
 
 

@@ -41,7 +41,7 @@ from gunicorn import sock as gunicorn_sock
 from gunicorn import util as gunicorn_util
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
-from extender.connections import Arrivals
+from extender.connections import Arrivals, certificate_names, shown_names
 
 log = logging.getLogger("migchain.extender")
 
@@ -106,6 +106,8 @@ class GuardedWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no ty
         self._arriving: Arrivals[_Arriving] = Arrivals(ARRIVING, PER_PEER)
         self._lingering: Arrivals[socket.socket] = Arrivals(ARRIVING, ARRIVING)
         self._tls: ssl.SSLContext | None = None
+        # serve.py's application object carries them (gunicorn passes it to the worker).
+        self._identities = frozenset(getattr(self.app, "client_identities", ()))
         self._tls_stamp: tuple[tuple[int, int, int] | None, ...] = ()
         super().init_process()
 
@@ -171,6 +173,9 @@ class GuardedWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no ty
             if not arriving.secured:
                 sock.do_handshake()
                 arriving.secured = True
+                if not self._is_scheduler(arriving):
+                    self._drop(arriving)
+                    return
                 self._wait(arriving, selectors.EVENT_READ)
             while True:
                 data = sock.recv(65536)
@@ -192,6 +197,25 @@ class GuardedWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no ty
             # Mostly a client without a valid certificate: refused at the handshake, which is the point.
             log.debug("closing a connection from %s: %s", arriving.conn.client, error)
             self._drop(arriving)
+
+    def _is_scheduler(self, arriving: _Arriving) -> bool:
+        """Whether the verified client certificate bears a --client-identity name (true when none is pinned).
+
+        Checked here, right after the handshake, so that another certificate
+        of the CA gets no request thread either (the app refuses it too).
+        """
+        if not self._identities:
+            return True
+        certificate = arriving.conn.sock.getpeercert()
+        names = certificate_names(certificate) if isinstance(certificate, dict) else frozenset()
+        if names & self._identities:
+            return True
+        log.warning(
+            "closing a connection from %s: its client certificate (%s) is not kube-scheduler's (--client-identity)",
+            arriving.conn.client,
+            shown_names(names),
+        )
+        return False
 
     def _wait(self, arriving: _Arriving, events: int) -> None:
         self.poller.modify(arriving.conn.sock, events, partial(self._advance, arriving))

@@ -15,6 +15,7 @@ from typing import Protocol
 from flask import Blueprint, Flask, Response, current_app, g, request
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge, UnsupportedMediaType
 
+from extender.connections import certificate_names, shown_names
 from extender.core.cluster import BindRequest, PodRequest, Snapshot
 from extender.core.decide import Placement, filter_nodes, nodes_to_pass, score_nodes
 from extender.core.preempt import yield_to_nominated
@@ -184,27 +185,13 @@ def _require_scheduler(identities: frozenset[str]) -> Response | None:
         )
     names = certificate_names(certificate)
     if identities and not names & identities:
-        shown = ", ".join(sorted(names))[:200].encode("unicode_escape").decode("ascii") or "no name"
         return _json(
-            wire.error_result(f"the client certificate ({shown}) is not kube-scheduler's: {sorted(identities)}"), 403
+            wire.error_result(
+                f"the client certificate ({shown_names(names)}) is not kube-scheduler's: {sorted(identities)}"
+            ),
+            403,
         )
     return None
-
-
-def certificate_names(certificate: dict[str, object]) -> frozenset[str]:
-    """The common names and the DNS and URI alternative names of a certificate, as `getpeercert()` gives it."""
-    subject = certificate.get("subject")
-    alternatives = certificate.get("subjectAltName")
-    names = {
-        value
-        for entry in (subject if isinstance(subject, tuple) else ())
-        for key, value in entry
-        if key == "commonName"
-    }
-    names.update(
-        value for kind, value in (alternatives if isinstance(alternatives, tuple) else ()) if kind in ("DNS", "URI")
-    )
-    return frozenset(names)
 
 
 def _require_cache_in_sync() -> Response | None:
