@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
@@ -211,3 +211,27 @@ def test_a_taken_port_is_a_clear_error():
         port = taken.getsockname()[1]
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
             listen(f"127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[ProbeServer]:
+    with probe_server() as server:
+        yield server
+
+
+@settings(max_examples=60)
+@given(data=st.binary(max_size=400))
+def test_any_bytes_get_one_json_answer_or_none_and_the_server_carries_on(shared_server, data):
+    with socket.create_connection(("127.0.0.1", shared_server.port), timeout=5) as connection:
+        with contextlib.suppress(OSError):
+            connection.sendall(data)
+            connection.shutdown(socket.SHUT_WR)
+        answer = b""
+        with contextlib.suppress(ConnectionError):
+            while chunk := connection.recv(65536):
+                answer += chunk
+    if answer:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 ") and head.split(b" ")[1] in (b"200", b"400", b"404", b"405", b"431")
+        assert json.loads(body)
+    assert ask(shared_server.port, b"GET /healthz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200")
