@@ -106,9 +106,9 @@ class GuardedWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no ty
         self._arriving: Arrivals[_Arriving] = Arrivals(ARRIVING, PER_PEER)
         self._lingering: Arrivals[socket.socket] = Arrivals(ARRIVING, ARRIVING)
         self._tls: ssl.SSLContext | None = None
+        self._tls_stamp: tuple[tuple[int, int, int] | None, ...] = ()
         # serve.py's application object carries them (gunicorn passes it to the worker).
         self._identities = frozenset(getattr(self.app, "client_identities", ()))
-        self._tls_stamp: tuple[tuple[int, int, int] | None, ...] = ()
         super().init_process()
 
     # -- a new connection: handshake and head in the event loop -----------------
@@ -130,7 +130,7 @@ class GuardedWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no ty
                     do_handshake_on_connect=False,
                     suppress_ragged_eofs=self.cfg.suppress_ragged_eofs,
                 )
-            except (OSError, ssl.SSLError) as error:
+            except (OSError, ssl.SSLError, ValueError) as error:
                 log.warning("cannot start TLS with a client: %s", error)
                 self.nr_conns -= 1
                 gunicorn_util.close(client)
@@ -152,6 +152,7 @@ class GuardedWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no ty
                 self._tls = gunicorn_sock.ssl_context(self.cfg)
             except (OSError, ssl.SSLError, ValueError) as error:
                 if self._tls is None:
+                    self._tls_stamp = ()  # nothing to serve with yet: try again at the next connection
                     raise
                 # Files caught mid-update (a new certificate beside the old key): keep the last good context
                 # until they change again.
@@ -180,7 +181,10 @@ class GuardedWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no ty
             while True:
                 data = sock.recv(65536)
                 if not data:  # the client hung up: the parser answers what it sent, if anything
-                    self._dispatch(arriving) if arriving.head else self._drop(arriving)
+                    if arriving.head:
+                        self._dispatch(arriving)
+                    else:
+                        self._drop(arriving)
                     return
                 arriving.head += data
                 if b"\r\n\r\n" in arriving.head:
@@ -322,9 +326,10 @@ class GuardedWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no ty
         self.poller.register(sock, selectors.EVENT_READ, self._drain)
 
     def _drain(self, sock: socket.socket) -> None:
+        # One read a turn, whatever the client sends: a fast sender must not keep the loop here.
         try:
-            while sock.recv(65536):
-                pass
+            if sock.recv(65536):
+                return
         except BlockingIOError:
             return
         except OSError:

@@ -176,3 +176,24 @@ def test_random_bytes_on_the_socket_get_a_json_client_error_or_nothing_and_the_s
             assert headers.get("content-type") == "application/json"
     assert process.poll() is None
     assert exchange(port, FILTER)[0] == 200
+
+
+def test_clients_that_never_close_after_their_answer_do_not_hold_up_the_others(server):
+    """After an answer that ends the connection, the server waits a little for the client to close too.
+
+    gunicorn did that wait (up to 2 s) on its event loop's own thread, one
+    connection after the other: ten clients that never close held every other
+    client up for 20 s.
+    """
+    port, _ = server
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=PATIENCE) for _ in range(10)]
+    try:
+        for connection in silent:
+            connection.sendall(b"NOT-HTTP\r\n\r\n")  # answered 400 with Connection: close; never closed by us
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert exchange(port, FILTER)[0] == 200
+        assert time.monotonic() - started < 2.0
+    finally:
+        for connection in silent:
+            connection.close()
