@@ -48,7 +48,7 @@ def restored(cluster: Cluster) -> Iterator[Path]:
 
 
 def readiness(cluster: Cluster) -> str:
-    status, body = cluster.call("/readyz", as_scheduler=False)
+    status, body = cluster.probe("/readyz")
     assert status == 200  # ready whatever the files hold
     return str(orjson.loads(body)["detail"])
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,11 @@ from extender.certs import CertificateAuthority, KeyPair
 ROOT = Path(__file__).resolve().parents[2]
 SHORT = datetime.timedelta(hours=2)  # short-lived, as a test CronJob would issue them
 HOSTS = ("127.0.0.1", "localhost")
+
+# The verbs port answers every path but the verbs 404 (JSON): an answer at all
+# means the handshake, the part under test, went through.
+PROBE = "/healthz"
+ANSWERED = 404
 
 
 def kubelet_update(folder: Path, files: Mapping[str, bytes]) -> None:
@@ -71,6 +77,7 @@ class Extender:
     process: subprocess.Popen[bytes]
     client_files: Path
     log: Path
+    health_port: int
     pid: int = 0
 
     def serve(self, pair: KeyPair, bundle: bytes | None = None) -> None:
@@ -101,7 +108,9 @@ class Extender:
             connection.close()
 
     def metric(self, context: ssl.SSLContext, name: str, **labels: str) -> float | None:
-        text = self.get("/metrics", context)[2].decode()
+        """A sample of the extender's /metrics, on its health port (plain HTTP; `context` is not needed there)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
@@ -114,7 +123,7 @@ def extender(tmp_path: Path) -> Iterator[Extender]:
     ca = CertificateAuthority("migchain-ca")
     folder, clients = tmp_path / "tls", tmp_path / "clients"
     clients.mkdir()
-    port, log_file = free_port(), tmp_path / "extender.log"
+    port, health_port, log_file = free_port(), free_port(), tmp_path / "extender.log"
     first = ca.issue("migchain-extender", hosts=HOSTS, server=True, validity=SHORT)
     kubelet_update(folder, {"tls.crt": first.certificate, "tls.key": first.key, "ca.crt": ca.certificate})
     environment = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
@@ -125,6 +134,7 @@ def extender(tmp_path: Path) -> Iterator[Extender]:
                 "-m",
                 "extender.serve",
                 f"--bind=127.0.0.1:{port}",
+                f"--health-bind=127.0.0.1:{health_port}",
                 f"--tls-cert-file={folder / 'tls.crt'}",
                 f"--tls-key-file={folder / 'tls.key'}",
                 f"--client-ca-file={folder / 'ca.crt'}",
@@ -136,12 +146,12 @@ def extender(tmp_path: Path) -> Iterator[Extender]:
             env=environment,
             cwd=ROOT,
         )
-    running = Extender(folder, ca, port, process, clients, log_file, process.pid)
+    running = Extender(folder, ca, port, process, clients, log_file, health_port, process.pid)
     probe = running.client()
     deadline = time.monotonic() + 60
     while True:
         try:
-            if running.get("/healthz", probe)[1] == 200:
+            if running.get(PROBE, probe)[1] == ANSWERED:
                 break
         except OSError:
             pass
@@ -171,8 +181,8 @@ class Load:
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                number, status, _ = self.extender.get("/healthz", self.context)
-                assert status == 200, status
+                number, status, _ = self.extender.get(PROBE, self.context)
+                assert status == ANSWERED, status
                 self.served.append((time.monotonic(), number))
             except (OSError, AssertionError, http.client.HTTPException) as error:
                 self.failures.append(repr(error))
@@ -226,7 +236,7 @@ def test_renewed_serving_certificates_are_served_without_a_restart_and_no_handsh
 
 def test_a_broken_renewal_never_replaces_the_certificate_in_use(extender: Extender):
     context = extender.client()
-    served = extender.get("/healthz", context)[0]
+    served = extender.get(PROBE, context)[0]
     good, other = (extender.ca.issue("migchain-extender", hosts=HOSTS, server=True, validity=SHORT) for _ in "ab")
     with Load(extender, context) as load:
         # A key that is not the certificate's (a renewal stopped halfway, a bad copy by hand).
@@ -249,29 +259,29 @@ def test_a_rotated_client_ca_bundle_is_trusted_at_once_and_a_retired_ca_no_more(
     new_pair = new_ca.issue("migchain-scheduler", client=True, validity=SHORT)
     new_client = extender.client(new_pair)
     with pytest.raises(ssl.SSLError):
-        extender.get("/healthz", new_client)  # not trusted yet
+        extender.get(PROBE, new_client)  # not trusted yet
     # The new CA joins the bundle: both clients are accepted, by the same process.
     extender.serve(serving, old_ca.certificate + new_ca.certificate)
     wait_for(lambda: _accepted(extender, new_client))
-    assert extender.get("/healthz", old_client)[1] == 200
+    assert extender.get(PROBE, old_client)[1] == ANSWERED
     not_after = x509.load_pem_x509_certificate(new_pair.certificate).not_valid_after_utc.timestamp()
     assert extender.metric(old_client, "migchain_certificate_expiry_timestamp_seconds", certificate="client-ca") == (
         x509.load_pem_x509_certificate(new_ca.certificate).not_valid_after_utc.timestamp()
     )
-    assert extender.get("/healthz", new_client)[1] == 200
+    assert extender.get(PROBE, new_client)[1] == ANSWERED
     assert extender.metric(new_client, "migchain_certificate_expiry_timestamp_seconds", certificate="client") == (
         not_after
     )
     # The old CA leaves the bundle: its client is refused.
     extender.serve(serving, new_ca.certificate)
     wait_for(lambda: not _accepted(extender, old_client))
-    assert extender.get("/healthz", new_client)[1] == 200
+    assert extender.get(PROBE, new_client)[1] == ANSWERED
     assert extender.process.pid == extender.pid
 
 
 def _accepted(extender: Extender, context: ssl.SSLContext) -> bool:
     try:
-        return extender.get("/healthz", context)[1] == 200
+        return extender.get(PROBE, context)[1] == ANSWERED
     except (ssl.SSLError, OSError):
         return False
 

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from extender import __version__, cli, returner_cli, serve
 from extender.certs import POLICY, service_hosts
@@ -36,6 +38,7 @@ LOAN_KEY = "migchain-loan-key"  # the Job that makes the loan key's Secret, and 
 SCHEDULER = "migchain-scheduler"
 # What `migchain certs` keeps: the CA with its key, the serving and the client certificate.
 CERT_SECRETS = ("migchain-ca", "migchain-extender-tls", "migchain-scheduler-client-tls")
+SCHEDULER_CLIENT_NAME = "migchain-scheduler"  # the common name `migchain certs` gives kube-scheduler's certificate
 
 
 class Access(NamedTuple):
@@ -252,6 +255,7 @@ def test_kustomize_renders_every_object_into_its_namespace(rendered):
         "Job": 2,
         "CronJob": 1,
         "PodDisruptionBudget": 1,
+        "NetworkPolicy": 1,
     }
     for o in rendered:
         namespace = o["metadata"].get("namespace")
@@ -311,13 +315,16 @@ def test_every_pod_runs_locked_down_as_the_dockerfile_user_with_resources_and_a_
             assert any(m["mountPath"] == "/tmp" and m["name"] in tmp for m in c["volumeMounts"]), (where, c["name"])
 
 
-def test_the_extender_is_probed_over_https_without_a_client_certificate_on_its_serving_port(rendered):
+def test_the_extender_is_probed_over_plain_http_on_its_health_port_not_on_the_verbs_port(rendered):
     spec = pod_spec(rendered, "Deployment", "migchain-extender")
     extender = container(spec, "extender")
-    port = int(serve.parser().parse_args(argv(extender)[1:]).bind.rsplit(":", 1)[1])
+    args = serve.parser().parse_args(argv(extender)[1:])
+    health = int(args.health_bind.rsplit(":", 1)[1])
+    assert args.health_bind.startswith("0.0.0.0:")  # kubelet probes the pod IP
+    assert health != int(args.bind.rsplit(":", 1)[1])
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = extender[probe]["httpGet"]
-        assert (get["path"], get["scheme"], port_number(extender, get["port"])) == (path, "HTTPS", port)
+        assert (get["path"], get.get("scheme", "HTTP"), port_number(extender, get["port"])) == (path, "HTTP", health)
         assert "httpHeaders" not in get
 
 
@@ -350,6 +357,8 @@ def test_migchain_extender_accepts_its_flags_serves_mutual_tls_and_loads_mounted
         f"{tls}/tls.key",
         f"{tls}/ca.crt",
     )
+    # The verbs answer only the certificate the certs Job issues kube-scheduler.
+    assert args.client_identity == [SCHEDULER_CLIENT_NAME]
     chains = mount_path(spec, extender, "configMap", "migchain-chains")
     assert all(Path(path).parent == Path(chains) for path in args.chains)
     names = [Path(path).name for path in args.chains]
@@ -357,6 +366,14 @@ def test_migchain_extender_accepts_its_flags_serves_mutual_tls_and_loads_mounted
     load_rules([ROOT / "chains" / name for name in names])  # raises if they conflict
     env = {e["name"]: e for e in extender["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+def test_the_pinned_client_identity_is_the_name_migchain_certs_gives_the_schedulers_certificate(rendered, tmp_path):
+    assert cli.main(["certs", "--out", str(tmp_path)]) == 0
+    certificate = x509.load_pem_x509_certificate((tmp_path / "migchain-scheduler-client-tls" / "tls.crt").read_bytes())
+    names = [attribute.value for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    extender = container(pod_spec(rendered, "Deployment", "migchain-extender"), "extender")
+    assert names == serve.parser().parse_args(argv(extender)[1:]).client_identity == [SCHEDULER_CLIENT_NAME]
 
 
 def test_migchain_returner_accepts_its_flags_uses_the_extenders_rules_and_the_pod_name_as_lease_identity(rendered):
@@ -381,16 +398,48 @@ def test_one_extender_at_a_time_behind_its_service_and_a_budget_that_never_block
     service = the(rendered, "Service", "migchain-extender")
     assert service["spec"]["selector"].items() <= labels.items()
     ports = {port["name"]: port for port in service["spec"]["ports"]}
-    assert set(ports) == {"https", "returner"}
+    assert set(ports) == {"https", "health", "returner"}
     extender = container(deployment["spec"]["template"]["spec"], "extender")
     assert ports["https"]["port"] == 443
     assert port_number(extender, ports["https"]["targetPort"]) == 8443
+    health = serve.parser().parse_args(argv(extender)[1:]).health_bind
+    assert port_number(extender, ports["health"]["targetPort"]) == int(health.rsplit(":", 1)[1])
     returner = container(deployment["spec"]["template"]["spec"], "returner")
     health = returner_cli.parser().parse_args(argv(returner)[1:]).health_bind
     assert port_number(returner, ports["returner"]["targetPort"]) == int(health.rsplit(":", 1)[1])
     budget = the(rendered, "PodDisruptionBudget", "migchain-extender")
     assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert budget["spec"]["maxUnavailable"] == 1
+
+
+def test_the_network_policy_admits_only_the_scheduler_to_the_verbs_and_only_monitoring_to_the_health_ports(rendered):
+    policy = the(rendered, "NetworkPolicy", "migchain-extender")["spec"]
+    template = the(rendered, "Deployment", "migchain-extender")["spec"]["template"]
+    assert policy["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]  # everything not admitted below is dropped
+    containers = template["spec"]["containers"]
+
+    def number(port: int | str) -> int:
+        [found] = [p["containerPort"] for c in containers for p in c.get("ports", []) if port in (p["name"], p)]
+        return int(found)
+
+    admitted: dict[int, list[dict[str, Any]]] = {}
+    for rule in policy["ingress"]:
+        assert rule.get("from"), "a rule without `from` admits every client"
+        assert all("ipBlock" not in peer for peer in rule["from"])
+        for port in rule["ports"]:
+            assert port["protocol"] == "TCP"
+            admitted.setdefault(number(port["port"]), []).extend(rule["from"])
+    scheduler_labels = the(rendered, "Deployment", "migchain-scheduler")["spec"]["template"]["metadata"]["labels"]
+    verbs = int(serve.parser().parse_args(argv(container(template["spec"], "extender"))[1:]).bind.rsplit(":", 1)[1])
+    [scheduler] = admitted.pop(verbs)
+    assert set(scheduler) == {"podSelector"}  # this namespace, these pods, no other
+    assert scheduler["podSelector"]["matchLabels"].items() <= scheduler_labels.items()
+    extender_health = serve.parser().parse_args(argv(container(template["spec"], "extender"))[1:]).health_bind
+    returner_health = returner_cli.parser().parse_args(argv(container(template["spec"], "returner"))[1:]).health_bind
+    assert set(admitted) == {int(extender_health.rsplit(":", 1)[1]), int(returner_health.rsplit(":", 1)[1])}
+    for peers in admitted.values():
+        assert peers == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
 
 
 def test_the_scheduler_deployment_matches_scheduler_config_yaml(rendered):

@@ -24,8 +24,8 @@ from extender.kube.returner import Returner
 from extender.ledger import Ledger
 from extender.loan_guard import LoanGuard
 from extender.metrics import Errors, Metrics, ReturnerMetrics
+from extender.probes import health_routes, listen, serve_health
 from extender.reload import RulesInForce
-from extender.returner_cli import _serve_health
 from extender.store import SnapshotStore
 from extender.web.app import WebSettings, create_app
 from tests.unit.objects import G1, G2, G3, LOAN_KEY, RULES, borrower, node, pod
@@ -210,17 +210,13 @@ def test_the_returner_serves_its_metrics_on_the_health_port():
     metrics = ReturnerMetrics()
     metrics.watch_leadership(lambda: True)
     metrics.count_return(restore_of(borrower("b1", {G1: 1}, "gpu-a", free={G2: 1})).borrower.loan, "returned")
-    server = _serve_health("127.0.0.1:0", SnapshotStore(), metrics.registry)
-    try:
-        port = server.server_address[1]
+    with listen("127.0.0.1:0") as listener:
+        port = serve_health(listener, SnapshotStore(), RulesInForce.fixed(RULES), metrics.registry).port
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             assert response.headers["Content-Type"].startswith("text/plain; version=")
             samples = scrape(response.read().decode())
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
             assert response.status == 200
-    finally:
-        server.shutdown()
-        server.server_close()
     returned = frozenset({("requested", "1g.5gb"), ("granted", "2g.10gb"), ("outcome", "returned")})
     assert samples[("migchain_returns_total", returned)] == 1
     assert samples[("migchain_returner_leader", frozenset())] == 1
@@ -278,9 +274,9 @@ def test_the_extenders_metrics_endpoint_shows_verbs_cluster_gauges_and_unexpecte
     ).test_client()
     body = {"PodName": "p", "PodNamespace": "ml", "PodUID": "u", "Node": "gpu-a"}
     assert client.post("/bind", json=body).status_code == 500
-    response = client.get("/metrics")
-    assert response.status_code == 200
-    samples = scrape(response.get_data(as_text=True))
+    answer = health_routes(SnapshotStore(), RulesInForce.fixed(RULES), metrics.registry)["/metrics"]()
+    assert answer.status == 200
+    samples = scrape(answer.body.decode())
     assert samples[("migchain_loans", frozenset({("requested", "1g.5gb"), ("granted", "2g.10gb")}))] == 1
     assert samples[("migchain_free_slices", frozenset({("type", "1g.5gb")}))] == 1
     assert samples[("migchain_extender_requests_total", frozenset({("verb", "bind"), ("code", "500")}))] == 1
