@@ -234,13 +234,14 @@ class _Round:
         self.holders: dict[str, list[PodRecord]] = {}  # node -> pods holding slices there that may be victims
         self.enough = candidates_to_find(len(self.free))
         # Nodes alike in all but their name and free slices (most of a fleet) are decided alike: a verdict is
-        # remembered by pod, node shape and free slices, and nodes are grouped by shape and free slices, so a
-        # search over thousands of nodes costs a few decisions.
+        # remembered by what `place` reads of the pod (its slices, whether it may borrow, its namespace: the
+        # pods of a workload share it), node shape and free slices, and nodes are grouped by shape and free
+        # slices, so a search over thousands of nodes for hundreds of pending pods costs a few decisions.
         self._shapes = {
             name: repr((node.gpu_product, node.mig_config_state, sorted(node.allocatable.items())))
             for name, node in snapshot.nodes.items()
         }
-        self._verdicts: dict[tuple[PodRequest, str, FreeKey], Placement | None] = {}
+        self._verdicts: dict[tuple[tuple[MigCounts, bool, str], str, FreeKey], Placement | None] = {}
         self._group_of: dict[str, tuple[str, FreeKey]] = {}
         self._groups: dict[tuple[str, FreeKey], set[str]] = {}
         for name in self.free:
@@ -268,7 +269,11 @@ class _Round:
         self, pod: PodRequest, node: str, free: Mapping[str, int], free_key: FreeKey | None = None
     ) -> Placement | None:
         """How the pod fits `free` on `node`, or None; the placement may name another node of the same shape."""
-        key = (pod, self._shapes[node], _key(free) if free_key is None else free_key)
+        key = (
+            (pod.mig, pod.may_borrow, pod.namespace),
+            self._shapes[node],
+            _key(free) if free_key is None else free_key,
+        )
         if key in self._verdicts:
             return self._verdicts[key]
         verdict = place(pod, _with_free(self.snapshot.nodes[node], free), node, self.rules)
