@@ -424,26 +424,32 @@ class _OnDemand:
         self.borrowers = borrowers
         self.holding: dict[str, list[int]] = {}  # borrowed type -> positions
         self.on: dict[str, list[int]] = {}  # node -> positions
+        self.asked: dict[MigCounts, set[int]] = {}  # original request -> positions
         for position, borrower in enumerate(borrowers):
             for resource, _ in borrower.loan.borrowed:
                 self.holding.setdefault(resource, []).append(position)
             self.on.setdefault(borrower.record.node, []).append(position)
+            self.asked.setdefault(borrower.loan.original, set()).add(position)
 
     def worth_trying(self, waiting: PodRequest, free: _Free) -> Iterable[Borrower]:
-        """The borrowers whose return might make room for `waiting`, in order: a slice it could be granted
-        must be free on the borrower's node once the borrower gives its own back, so the borrower holds
-        such a type, or the node has one free already."""
+        """The borrowers whose return might make room for `waiting`, in order: the fleet has their original
+        request free (`_Free.enough`), and a slice `waiting` could be granted is free on the borrower's node
+        once the borrower gives its own back, so the borrower holds such a type, or the node has one free."""
         if waiting.constraints.depends_on_pods:
             return ()  # worth_a_return says no to every one
+        returnable: set[int] = set()
+        for original, positions in self.asked.items():
+            if free.enough(original):
+                returnable |= positions
         if not _plain(waiting.mig):
-            return self.borrowers
+            return [self.borrowers[position] for position in sorted(returnable)]
         types = frozenset().union(*free.usable(waiting))
         positions: set[int] = set()
         for resource in types:
             positions.update(self.holding.get(resource, ()))
         for node in free.with_free(types, among=self.on):
             positions.update(self.on[node])
-        return [self.borrowers[position] for position in sorted(positions)]
+        return [self.borrowers[position] for position in sorted(positions & returnable)]
 
 
 def restored_request(borrower: Borrower) -> PodRequest:
