@@ -2,15 +2,17 @@
 
 Each size: half the nodes are CPU-only (no MIG allocatable), the other half
 8-GPU A100-40GB and H100-80GB nodes in GPU Operator layouts (all-balanced,
-all-1g), nearly full: bound pods hold all but a few slices, some of them
-borrowers (a 1g pod on a 2g or 3g slice, on-demand or eager). Then `--pending`
-pods wait, in workloads of ten alike (ReplicaSets): mixed MIG types, a quarter
-with a nodeSelector, all found unschedulable by kube-scheduler, a fifth of a
-higher priority than the running pods (they may preempt). The objects are read as the returner's cache reads them; one round
-is what `Returner.round` computes before it acts: `borrowers_of`,
-`pending_requests`, `plan_returns` and `plan_preemptions`. Prints p50 / p99
-of `--rounds` rounds per size (wall clock, and the process's CPU time, which a
-busy shared machine inflates less), and what the last round planned.
+all-1g), nearly full: bound pods hold all but `--free` of the slices, some of
+them borrowers (a 1g or 2g pod on a larger slice; the shipped chains return
+on demand). Then `--pending` pods wait, in workloads of ten alike
+(ReplicaSets): mixed MIG types, a quarter with a nodeSelector, all found
+unschedulable by kube-scheduler, a fifth of a higher priority than the
+running pods (they may preempt). The objects are read, and kept out of the
+cyclic collector, as the returner's cache does; one round is what
+`Returner.round` computes before it acts: `borrowers_of`, `pending_requests`,
+`plan_returns` and `plan_preemptions`. Prints p50 / p99 of `--rounds` rounds
+per size (wall clock, and the process's CPU time, which a busy shared machine
+inflates less), and what the last round planned.
 
 Run: .venv/bin/python bench/planner.py [--sizes 500 2000 5000 --pending 400 --rounds 20]
 """
