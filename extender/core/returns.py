@@ -438,9 +438,9 @@ class _OnDemand:
         if waiting.constraints.depends_on_pods:
             return ()  # worth_a_return says no to every one
         returnable: set[int] = set()
-        for original, positions in self.asked.items():
+        for original, asking in self.asked.items():
             if free.enough(original):
-                returnable |= positions
+                returnable |= asking
         if not _plain(waiting.mig):
             return [self.borrowers[position] for position in sorted(returnable)]
         types = frozenset().union(*free.usable(waiting))
