@@ -242,10 +242,7 @@ class _Round:
         # remembered by what `place` reads of the pod (its slices, whether it may borrow, its namespace: the
         # pods of a workload share it), node shape and free slices, and nodes are grouped by shape and free
         # slices, so a search over thousands of nodes for hundreds of pending pods costs a few decisions.
-        self._shapes = {
-            name: repr((node.gpu_product, node.mig_config_state, sorted(node.allocatable.items())))
-            for name, node in snapshot.nodes.items()
-        }
+        self._shapes = {name: node.layout for name, node in snapshot.nodes.items()}
         self._verdicts: dict[tuple[tuple[MigCounts, bool, str], str, FreeKey], Placement | None] = {}
         self._group_of: dict[str, tuple[str, FreeKey]] = {}
         self._groups: dict[tuple[str, FreeKey], set[str]] = {}

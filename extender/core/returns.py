@@ -19,6 +19,12 @@ make room for it. A restored borrower goes back only where it may run.
 Ties go to fewer restarts so far, then the oldest loan, then the name. A plan
 never counts a slice twice and never counts a slice that is only about to be
 freed: those show up, free, in the next round.
+
+The returner plans a round on every change of the cluster, so a round must
+cost little at fleet scale: a pod is tried only where a type it could be
+granted is free, and nodes and pods alike are decided once (`_Free`). The
+answers are exactly those of trying every pod on every node, which
+tests/unit/planner_reference.py keeps to compare with.
 """
 
 from __future__ import annotations
@@ -138,7 +144,7 @@ def _after_pending(free: _Free, pending: Sequence[PodRequest]) -> list[PodReques
             continue
         free.take(spot.node, spot.slices)
         if any(count < 0 for _, count in spot.slices):
-            nowhere.clear()  # a request of fewer than no slices gives them: not from the cache, but it must not lie
+            nowhere.clear()  # a count below zero (never read from a pod) gives slices back: all may fit again
     return blocked
 
 
@@ -218,9 +224,6 @@ def _unblock(borrower: Borrower, waiting: PodRequest, free: _Free) -> Restore | 
 
 
 PodShape = tuple[MigCounts, bool, str]  # what `place` reads of a pod: its slices, whether it may borrow, its namespace
-_Layout = tuple[
-    str, str | None, MigCounts
-]  # what `place` reads of a node but its free slices: GPU model, MIG state, allocatable
 
 
 def _shape(pod: PodRequest) -> PodShape:
@@ -259,8 +262,7 @@ class _Free:
                 self.totals[resource] = self.totals.get(resource, 0) + count
         self.version = 0  # bumped by every change: what was found at one version holds until the next
         self._products = sorted({snapshot.nodes[name].gpu_product for name in names})
-        self._layouts: dict[str, _Layout] = {}
-        self._states: dict[tuple[_Layout, MigCounts], int] = {}  # (layout, free slices) -> its number
+        self._states: dict[str, int] = {}  # a node state, as NodeState.signature writes it -> its number
         self._state: dict[str, int] = {}  # node -> its state's number
         self._members: dict[int, list[str]] = {}  # state -> its nodes, in name order
         self._free_types: list[frozenset[str]] = []  # state -> the types it has free
@@ -271,9 +273,7 @@ class _Free:
         self._admitted: dict[NodeConstraints, dict[str, bool]] = {}
         self._homes: dict[tuple[PodShape, NodeConstraints], tuple[int, str | None]] = {}
         for name in names:
-            node = snapshot.nodes[name]
-            self._layouts[name] = (node.gpu_product, node.mig_config_state, tuple(sorted(node.allocatable.items())))
-            state = self._state[name] = self._number(self._layouts[name], self.nodes[name])
+            state = self._state[name] = self._number(snapshot.nodes[name])
             self._members.setdefault(state, []).append(name)  # in name order: the names come sorted
         for node_name, counts in claims:
             if node_name in self.nodes:
@@ -292,22 +292,28 @@ class _Free:
             slices[resource] = slices.get(resource, 0) + count
             self.totals[resource] = self.totals.get(resource, 0) + count
         self.version += 1
-        state = self._number(self._layouts[node], slices)
+        state = self._number(self.snapshot.nodes[node], slices)
         if state != self._state[node]:
             before = self._members[self._state[node]]
             del before[bisect.bisect_left(before, node)]
             bisect.insort(self._members.setdefault(state, []), node)
             self._state[node] = state
 
-    def _number(self, layout: _Layout, slices: Mapping[str, int]) -> int:
-        """The number of the state of a node of `layout` with `slices` free, as `place` sees it (`_with_free`):
-        its allocatable types only, none fewer than zero."""
-        free = tuple((resource, max(0, slices.get(resource, 0))) for resource, _ in layout[2])
-        key = (layout, free)
+    def _number(self, node: NodeState, slices: Mapping[str, int] | None = None) -> int:
+        """The number of the state of `node` with `slices` free (by default what the snapshot has free), as
+        `place` sees it (`_with_free`: its allocatable types only, none fewer than zero). The key is the
+        signature that node would have: the snapshot's nodes bring theirs computed."""
+        if slices is None:
+            free, key = node.free, node.signature
+        else:
+            free = {resource: max(0, slices.get(resource, 0)) for resource in node.allocatable}
+            key = repr(
+                (node.gpu_product, node.mig_config_state, sorted(node.allocatable.items()), sorted(free.items()))
+            )
         number = self._states.get(key)
         if number is None:
             number = self._states[key] = len(self._states)
-            self._free_types.append(frozenset(resource for resource, count in free if count > 0))
+            self._free_types.append(frozenset(resource for resource, count in free.items() if count > 0))
             for resource in self._free_types[number]:
                 self._holding.setdefault(resource, set()).add(number)
         return number
@@ -323,7 +329,7 @@ class _Free:
 
     def fits(self, pod: PodRequest, node: str, slices: Mapping[str, int]) -> Placement | None:
         """How `pod` fits `node` with `slices` free, or None; the placement may name another node alike."""
-        return self._fits(pod, self._pod_number(pod), self._number(self._layouts[node], slices), node, slices)
+        return self._fits(pod, self._pod_number(pod), self._number(self.snapshot.nodes[node], slices), node, slices)
 
     def _fits(
         self, pod: PodRequest, pod_number: int, state: int, node: str, slices: Mapping[str, int]
