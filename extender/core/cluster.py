@@ -160,6 +160,11 @@ class NodeState:
             (self.gpu_product, self.mig_config_state, sorted(self.allocatable.items()), sorted(self.free.items()))
         )
 
+    @cached_property
+    def layout(self) -> str:
+        """What a decision reads of this node but its name and free slices (the planners file nodes by it)."""
+        return repr((self.gpu_product, self.mig_config_state, sorted(self.allocatable.items())))
+
     def without(self, slices: MigCounts) -> NodeState:
         """This node with `slices` no longer counted as used."""
         used = dict(self.used)

@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 
 from extender.core.mig import parse_mig_resource, short_name
 
+# Answers of `ChainRules.borrow_options` remembered at most: its keys come from pods (their namespaces), so
+# the memo is bounded, and started afresh when full; a few hundred namespaces times a few types fit.
+MEMO_ENTRIES = 4096
+
 
 class ReturnMode(enum.Enum):
     EAGER = "eager"
@@ -111,7 +115,8 @@ class ChainRules:
                         upward.setdefault((requested, product), []).append((chain.types[high], high - low, chain))
         self._upward = {key: tuple(value) for key, value in upward.items()}
         # Memo of borrow_options; the rules never change, so entries never go stale.
-        # Concurrent fills compute the same value, so the race is harmless.
+        # Concurrent fills compute the same value, so the race is harmless. Only types
+        # some chain starts from are remembered, at most MEMO_ENTRIES answers.
         self._memo: dict[tuple[str, str, str], tuple[BorrowOption, ...]] = {}
         self._by_name = {chain.name: chain for chain in self.chains}
 
@@ -139,8 +144,11 @@ class ChainRules:
         cached = self._memo.get(key)
         if cached is not None:
             return cached
+        upward = self._upward.get((requested, gpu_product))
+        if upward is None:
+            return ()  # no chain for it: a pod may name any type, so nothing is remembered of it
         best: dict[str, BorrowOption] = {}
-        for granted, steps, chain in self._upward.get((requested, gpu_product), ()):
+        for granted, steps, chain in upward:
             option = BorrowOption(
                 granted, steps, chain.name, chain.policy.denial(granted, steps, namespace, chain.name)
             )
@@ -148,6 +156,8 @@ class ChainRules:
             if current is None or _preference(option) < _preference(current):
                 best[granted] = option
         options = tuple(sorted(best.values(), key=_preference))
+        if len(self._memo) >= MEMO_ENTRIES:
+            self._memo.clear()
         self._memo[key] = options
         return options
 

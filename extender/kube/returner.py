@@ -16,12 +16,13 @@ from collections.abc import Sequence
 from extender.core.claims import Claim, claim_for, open_claims
 from extender.core.cluster import MIGCHAIN_SCHEDULER, ObjectError, PodRecord, controller_of
 from extender.core.loan import restored_pod
-from extender.core.returns import Restore, borrowers_of, pending_requests, plan_returns
+from extender.core.returns import Borrower, Restore, borrowers_of, pending_requests, plan_returns
 from extender.kube.api import ApiError
 from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder, pod_reference
 from extender.kube.executor import BorrowError, EvictionBlocked, Executor, pod_path
 from extender.kube.lease import LeaderElection
+from extender.kube.once import Once
 from extender.kube.preemptor import Preemptor
 from extender.loan_guard import MAX_QUEUED_REPORTS
 from extender.metrics import ReturnerMetrics
@@ -42,6 +43,11 @@ REJECTED_LOANS_PER_ROUND = 20
 # A journaled return that could not be finished (its pod not gone yet, an API
 # error) is tried again this soon.
 RECOVERY_RETRY_SECONDS = 5.0
+# The least time from the start of one round to the start of the next. A round
+# follows every change of the cluster, and a busy cluster changes many times a
+# second: the changes that come meanwhile are planned for in one round. A round
+# at 2,000 nodes takes tens of milliseconds; a return waits this much at most.
+MIN_ROUND_GAP = 0.2
 
 
 class Returner:
@@ -54,19 +60,21 @@ class Returner:
         election: LeaderElection,
         *,
         interval: float = 2.0,
+        min_round_gap: float = MIN_ROUND_GAP,
         metrics: ReturnerMetrics | None = None,
         dry_run: bool = False,
         schedulers: tuple[str, ...] = (MIGCHAIN_SCHEDULER,),
     ) -> None:
         self.schedulers = schedulers  # --scheduler-name: pending pods for these are demand; others never cost a return
         self.dry_run = dry_run  # --dry-run: returns only announced; the chains' policy can add namespaces
-        self._announced: set[str] = set()  # borrower UIDs already told "would return"
+        self._announced = Once[str]()  # borrower UIDs already told "would return"
         self.cache = cache
         self.rules = rules
         self.executor = executor
         self.events = events
         self.election = election
         self.interval = interval
+        self.min_round_gap = min_round_gap
         self.metrics = metrics if metrics is not None else ReturnerMetrics()
         self._blocked: dict[str, float] = {}  # borrower key -> when to try again
         # Returns under way whose pod is not back yet hold their target slices, by borrower key.
@@ -86,11 +94,14 @@ class Returner:
                 self._recover_at = 0.0  # a new term starts with the journal
                 self.cache.loans.take_reports(MAX_QUEUED_REPORTS)  # the leader reports them
                 continue
+            started = time.monotonic()
             try:
                 self.round()
             except Exception:  # one bad round must not stop the returner
                 self.metrics.errors.count("returner", "round")
                 log.exception("return round failed")
+            # Changes meanwhile set `changed`: the next round, right after the gap, plans for them all.
+            stop.wait(max(0.0, self.min_round_gap - (time.monotonic() - started)))
 
     def round(self) -> None:
         self.report_rejected_loans()
@@ -101,6 +112,7 @@ class Returner:
         borrowers = borrowers_of(records, rules)
         pending = pending_requests(records, self.schedulers)
         now = time.monotonic()
+        self._forget_gone(borrowers, now)
         # A claim ends as soon as its pod is back: from then on it counts as pending or bound.
         self._claims = {claim.key: claim for claim in open_claims(self._claims.values(), records, now)}
         claims = [(claim.node, claim.slices) for claim in self._claims.values()]
@@ -136,15 +148,21 @@ class Returner:
             reference = {"metadata": {"name": rejected.name, "namespace": rejected.namespace, "uid": rejected.uid}}
             self.events.record(reference, "LoanRejected", rejected.message, "Warning")
 
+    def _forget_gone(self, borrowers: Sequence[Borrower], now: float) -> None:
+        """What was said or held back about borrowers is kept only while they borrow (and a pause only until it
+        ends): pods come and go for as long as the returner runs."""
+        self._announced.keep_only({borrower.record.request.uid for borrower in borrowers})
+        keys = {borrower.key for borrower in borrowers}
+        self._blocked = {key: until for key, until in self._blocked.items() if until > now and key in keys}
+
     def _recover_soon(self) -> None:
         self._recover_at = time.monotonic() + RECOVERY_RETRY_SECONDS
 
     def announce(self, restore: Restore) -> None:
         """Dry run: the return decided as usual, logged, counted and announced once; nothing evicted."""
         request = restore.borrower.record.request
-        if request.uid in self._announced:
+        if not self._announced.first(request.uid):
             return
-        self._announced.add(request.uid)
         original = ", ".join(resource for resource, _ in restore.borrower.loan.original)
         message = f"dry run: would return to {original} on {restore.target}: {restore.reason}; nothing is evicted"
         self.metrics.count_return(restore.borrower.loan, "dry-run")
