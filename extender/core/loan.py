@@ -333,7 +333,7 @@ def _original_resources(text: str) -> dict[str, dict[str, dict[str, str]]]:
     where = f"annotation {ORIGINAL_RESOURCES_ANNOTATION}"
     try:
         record = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested deeper than the parser recurses
         raise ObjectError(f"{where}: not JSON") from None
     if not isinstance(record, dict):
         raise ObjectError(f"{where}: expected an object of containers")
@@ -342,7 +342,7 @@ def _original_resources(text: str) -> dict[str, dict[str, dict[str, str]]]:
             raise ObjectError(f"{where}: expected limits and requests per container")
         for values in kinds.values():
             if not isinstance(values, dict) or not all(
-                is_mig_resource(resource) and isinstance(count, str) and count.isdigit()
+                is_mig_resource(resource) and isinstance(count, str) and count.isascii() and count.isdigit()
                 for resource, count in values.items()
             ):
                 raise ObjectError(f"{where}: expected whole numbers of MIG resources")
@@ -351,7 +351,7 @@ def _original_resources(text: str) -> dict[str, dict[str, dict[str, str]]]:
 
 def _borrower_deletion_cost(own: Any) -> int:
     """One less than the pod's own deletion cost, the one its exact-fit siblings have (0 when it has none)."""
-    cost = int(own) if isinstance(own, str) and re.fullmatch(r"-?\d{1,10}", own) else 0
+    cost = int(own) if isinstance(own, str) and re.fullmatch(r"-?[0-9]{1,10}", own) else 0
     if not LOWEST_DELETION_COST < cost <= HIGHEST_DELETION_COST:
         cost = 0  # the mark a borrow puts on the pending original (a retried borrow reads it back), or out of range
     return cost - 1

@@ -501,4 +501,6 @@ def return_mode_of(loan: Loan, rules: ChainRules) -> ReturnMode:
 
 def _whole(text: str | None) -> int | None:
     """A whole number from an annotation; None when absent or not a number (a typo caps nothing)."""
-    return int(text) if text is not None and text.strip().isdigit() else None
+    # ASCII only: "²" passes str.isdigit() and then int() refuses it.
+    digits = text.strip() if text is not None else ""
+    return int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 9 else None

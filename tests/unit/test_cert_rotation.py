@@ -147,24 +147,26 @@ def extender(tmp_path: Path) -> Iterator[Extender]:
             cwd=ROOT,
         )
     running = Extender(folder, ca, port, process, clients, log_file, health_port, process.pid)
-    probe = running.client()
-    deadline = time.monotonic() + 60
-    while True:
+    try:  # a start that fails must not leave the server running
+        probe = running.client()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if running.get(PROBE, probe)[1] == ANSWERED:
+                    break
+            except OSError:
+                pass
+            assert running.process.poll() is None, running.log.read_text()
+            assert time.monotonic() < deadline, running.log.read_text()
+            time.sleep(0.2)
+        yield running
+    finally:
+        running.process.terminate()
         try:
-            if running.get(PROBE, probe)[1] == ANSWERED:
-                break
-        except OSError:
-            pass
-        assert running.process.poll() is None, running.log.read_text()
-        assert time.monotonic() < deadline, running.log.read_text()
-        time.sleep(0.2)
-    yield running
-    running.process.terminate()
-    try:
-        running.process.wait(15)
-    except subprocess.TimeoutExpired:
-        running.process.kill()
-        running.process.wait(5)
+            running.process.wait(15)
+        except subprocess.TimeoutExpired:
+            running.process.kill()
+            running.process.wait(5)
 
 
 @dataclass

@@ -239,7 +239,15 @@ def test_an_init_containers_slice_granted_as_the_apps_type_is_reused_and_the_loa
 
 @pytest.mark.parametrize(
     "record",
-    ["not json", "[1]", '{"containers/c0": 3}', '{"containers/c0": {"limits": [1]}}', '{"containers/c0": {"x": {}}}'],
+    [
+        "not json",
+        "[1]",
+        '{"containers/c0": 3}',
+        '{"containers/c0": {"limits": [1]}}',
+        '{"containers/c0": {"x": {}}}',
+        "[" * 100_000,  # deeper than the JSON parser recurses
+        '{"containers/c0": {"limits": {"nvidia.com/mig-1g.5gb": "\u00b2"}}}',  # "²" passes str.isdigit()
+    ],
 )
 def test_a_forged_record_of_the_original_resources_is_refused_not_a_crash(record):
     pod = pod_json([{G1: "1"}], owned=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -234,3 +235,11 @@ def test_tenant_opt_outs_do_not_hold_a_borrower_back_by_default():
     node = NodeState("n0", A100, "success", {g1: 1, g2: 1}, {g2: 1})
     [restore] = plan_returns(Snapshot.of([node]), [borrower], [], RULES)
     assert restore.borrower.key == "ns/b"
+
+
+@pytest.mark.parametrize("cap", ["\u00b2", "\u0663", "9" * 40, "-1", ""])
+def test_a_restart_cap_that_is_no_ascii_number_caps_nothing_and_never_raises(cap):
+    """A tenant writes max-restarts: "²" passes str.isdigit() and then int() refuses it."""
+    g1, g2, _ = TYPES
+    records = [record("odd", "n0", g1, g2, steps=1, created="t", **{"migchain.io/max-restarts": cap})]
+    assert [b.held_back for b in borrowers_of(records, HONOURING)] == [""]
