@@ -56,3 +56,12 @@ manifests:
 	mkdir -p manifests/copies/chains
 	cp chains/*.yaml manifests/copies/chains/
 	cp scheduler-config.yaml manifests/copies/
+
+## lock: regenerate requirements.lock (hashed pins the Dockerfile installs with --require-hashes) after editing setup.cfg or constraints.txt
+.PHONY: lock image-pin
+lock:
+	bash scripts/lock.sh
+
+## image-pin: pin the Dockerfile's base image to the digest its tag points at now (TAG=... for another tag)
+image-pin:
+	bash scripts/pin-base-image.sh $(TAG)

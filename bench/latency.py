@@ -204,13 +204,14 @@ def run(size: int, samples: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         snapshot = Path(folder) / "cluster.json"
         snapshot.write_bytes(orjson.dumps({"kind": "List", "apiVersion": "v1", "items": nodes + pods}))
-        port = free_port()
+        port, health = free_port(), free_port()
         server = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "extender.serve",
                 f"--bind=127.0.0.1:{port}",
+                f"--health-bind=127.0.0.1:{health}",
                 "--snapshot",
                 str(snapshot),
                 "--log-level=warning",
@@ -222,7 +223,7 @@ def run(size: int, samples: int) -> None:
             deadline = time.time() + 120
             while time.time() < deadline:
                 try:
-                    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                    connection = http.client.HTTPConnection("127.0.0.1", health, timeout=2)
                     connection.request("GET", "/readyz")
                     if connection.getresponse().status == 200:
                         break

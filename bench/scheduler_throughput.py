@@ -92,8 +92,8 @@ def burst(plane: ControlPlane, namespace: str, pods: int, config: Path) -> tuple
     return pods / max(last - first, 1e-3), spent
 
 
-def bind_latency(url: str, tls: ExtenderTls) -> str:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5, context=tls.context(as_scheduler=False)) as response:
+def bind_latency(health_url: str) -> str:
+    with urllib.request.urlopen(f"{health_url}/metrics", timeout=5) as response:
         text = response.read().decode()
     buckets: list[tuple[float, float]] = []
     for family in text_string_to_metric_families(text):
@@ -124,11 +124,11 @@ def main() -> int:
             )
             print(f"{args.nodes} nodes created in {time.monotonic() - started:.0f} s")
             tls = ExtenderTls.issue(Path(folder))  # mutual TLS, as shipped: its cost is part of the figure
-            _, url = plane.start_extender(tls, CHAINS, "--log-level=warning")
+            extender = plane.start_extender(tls, CHAINS, "--log-level=warning")
             document = yaml.safe_load((ROOT / "scheduler-config.yaml").read_text())
             document["clientConnection"]["kubeconfig"] = str(plane.kubeconfig)
             document["leaderElection"] = {"leaderElect": False}
-            document["extenders"][0]["urlPrefix"] = url
+            document["extenders"][0]["urlPrefix"] = extender.url
             document["extenders"][0]["tlsConfig"] = tls.scheduler_config()
             with_migchain = Path(folder) / "with.yaml"
             with_migchain.write_text(yaml.safe_dump(document))
@@ -136,7 +136,7 @@ def main() -> int:
             without = Path(folder) / "without.yaml"
             without.write_text(yaml.safe_dump(document))
             rate_with, cpu_with = burst(plane, "with-migchain", args.pods, with_migchain)
-            latency = bind_latency(url, tls)
+            latency = bind_latency(extender.health_url)
             rate_without, cpu_without = burst(plane, "without-extender", args.pods, without)
             print(f"\n{args.pods} MIG pods onto {args.nodes} nodes, real kube-scheduler v1.37.2:")
             print(f"  (a) with migchain (filter, prioritize, bind): {rate_with:7.1f} pods/s")

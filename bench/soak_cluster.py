@@ -131,15 +131,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="migchain-soak-") as folder, running(ControlPlane(Path(folder))) as plane:
         plane.start_fake_kubelet()
         tls = ExtenderTls.issue(Path(folder))
-        extender, url = plane.start_extender(tls, CHAINS, "--log-level=warning")
-        plane.start_scheduler(url, tls)
+        extender = plane.start_extender(tls, CHAINS, "--log-level=warning")
+        plane.start_scheduler(extender.url, tls)
         returner = plane.start_returner(CHAINS)
         plane.ensure_namespace(NAMESPACE)
         for index in range(args.nodes):
             create_node(
                 plane.api, f"gpu-{index:03d}", A100, {k: v * 8 for k, v in LAYOUTS[index % 4].items()}, NAMESPACE
             )
-        soak = Soak(plane, rng, [extender, returner])
+        soak = Soak(plane, rng, [extender.process, returner])
         soak.replica_set("train", "1g.5gb", 4)
         soak.replica_set("serve", "2g.10gb", 3)
         started = time.monotonic()

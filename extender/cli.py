@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from extender.config import ConfigError, load_rules
 from extender.core.cluster import MIGCHAIN_SCHEDULER
 from extender.core.mig import short_name
 from extender.sim.engine import SimPolicy
-
-if TYPE_CHECKING:
-    from extender.certs import KeyPair
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -65,7 +62,7 @@ def _simulate(args: argparse.Namespace) -> int:
             from extender.kube.snapshot import open_cluster
             from extender.sim.from_cluster import run_from_cluster, starting_state
 
-            cluster = open_cluster(args.kubeconfig)
+            cluster = open_cluster(args.kubeconfig, args.loan_key_file, _warn("migchain simulate"))
             start = starting_state(cluster.snapshot, cluster.records)
             report = run_from_cluster(start, rules, args.workload, args.openb, policies, skipped=cluster.skipped)
         else:
@@ -78,32 +75,17 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from extender.certs import CertificateAuthority, service_hosts
+    import datetime
 
-    authority = CertificateAuthority("migchain-ca")
-    serving = authority.issue(args.service, hosts=service_hosts(args.service, args.namespace), server=True)
-    client = authority.issue("migchain-scheduler", client=True)
-    pairs: dict[str, KeyPair] = {args.server_secret: serving, args.client_secret: client}
+    from extender.certs import migchain_leaves
+
+    specs = migchain_leaves(args.service, args.namespace, args.server_secret, args.client_secret)
+    now = datetime.datetime.now(datetime.UTC)
     if args.out:
-        folder = Path(args.out)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, pair in pairs.items():
-            for file, data in (("tls.crt", pair.certificate), ("tls.key", pair.key), ("ca.crt", authority.certificate)):
-                target = folder / name / file
-                target.parent.mkdir(exist_ok=True)
-                target.write_bytes(data)
-                if file == "tls.key":
-                    target.chmod(0o600)
-        print(f"wrote {', '.join(f'{folder / name}/{{tls.crt,tls.key,ca.crt}}' for name in pairs)}")
-        return 0
-    return _store_secrets(args, pairs, authority.certificate)
+        from extender.cert_files import renew_folders
 
-
-def _store_secrets(args: argparse.Namespace, pairs: dict[str, KeyPair], ca: bytes) -> int:
-    """Create the Secrets unless both exist; never overwrite one (a running scheduler trusts the CA in it)."""
-    import base64
-
-    from extender.kube.api import ApiError, path
+        return renew_folders(Path(args.out), args.ca_secret, specs, now)
+    from extender.kube.certs import renew_secrets
     from extender.kube.status import connect
 
     try:
@@ -111,58 +93,62 @@ def _store_secrets(args: argparse.Namespace, pairs: dict[str, KeyPair], ca: byte
     except ValueError as error:
         print(f"migchain certs: {error}", file=sys.stderr)
         return 1
-    secrets = path("api", "v1", "namespaces", args.namespace, "secrets")
-    existing = []
-    for name in pairs:
-        try:
-            api.get(f"{secrets}/{name}")
-            existing.append(name)
-        except ApiError as error:
-            if error.status != 404:
-                print(f"migchain certs: cannot read Secret {args.namespace}/{name}: {error}", file=sys.stderr)
-                return 1
-    if len(existing) == len(pairs):
-        print(f"Secrets {', '.join(pairs)} exist in {args.namespace}: nothing to do")
-        return 0
-    if existing:
-        # Half a set: a new CA would not match the one the other Secret holds.
-        print(
-            f"migchain certs: only {', '.join(existing)} exists in {args.namespace}; delete it and run again "
-            "so that both certificates come from one CA",
-            file=sys.stderr,
-        )
-        return 1
-    for name, pair in pairs.items():
-        data = {"tls.crt": pair.certificate, "tls.key": pair.key, "ca.crt": ca}
-        body = {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "type": "kubernetes.io/tls",
-            "metadata": {
-                "name": name,
-                "namespace": args.namespace,
-                "labels": {"app.kubernetes.io/part-of": "migchain"},
-            },
-            "data": {key: base64.b64encode(value).decode() for key, value in data.items()},
-        }
-        try:
-            api.create(secrets, body)
-        except ApiError as error:
-            print(f"migchain certs: cannot create Secret {args.namespace}/{name}: {error}", file=sys.stderr)
-            return 1
-        print(f"created Secret {args.namespace}/{name}")
-    return 0
+    return renew_secrets(
+        api,
+        namespace=args.namespace,
+        ca_secret=args.ca_secret,
+        specs=specs,
+        scheduler=args.scheduler_deployment,
+        now=now,
+    )
+
+
+def _warn(program: str) -> Callable[[str], None]:
+    return lambda warning: print(f"{program}: {warning}", file=sys.stderr)
 
 
 def _status(args: argparse.Namespace) -> int:
+    from extender.kube.loan_key import admin_key
     from extender.kube.status import connect, run
 
     try:
         api = connect(args.kubeconfig)
+        loan_key = admin_key(api, args.loan_key_file, _warn("migchain status"))
     except ValueError as error:
         print(f"migchain status: {error}", file=sys.stderr)
         return 1
-    return run(api, args.output, args.watch)
+    return run(api, args.output, args.watch, loan_key=loan_key)
+
+
+def _loan_key(args: argparse.Namespace) -> int:
+    """Make migchain's loan key once: a Secret (the manifests' Job runs this), or a file with --out."""
+    from extender.loan_key import new_key
+
+    if args.out:
+        target = Path(args.out)
+        try:
+            # Never overwrite one (every loan signed with it would stop being a loan); readable by its owner only.
+            descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(new_key())
+        except OSError as error:
+            print(f"migchain loan-key: cannot write {target}: {error.strerror or error}", file=sys.stderr)
+            return 1
+        print(f"wrote {target}")
+        return 0
+    import urllib3
+
+    from extender.kube.api import ApiError
+    from extender.kube.loan_key import create_secret
+    from extender.kube.status import connect
+
+    try:
+        made = create_secret(connect(args.kubeconfig), args.namespace, args.secret)
+    except (ValueError, ApiError, urllib3.exceptions.HTTPError, OSError) as error:
+        print(f"migchain loan-key: cannot make Secret {args.namespace}/{args.secret}: {error}", file=sys.stderr)
+        return 1
+    print(f"{'created' if made else 'kept the existing'} Secret {args.namespace}/{args.secret}")
+    return 0
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -176,6 +162,7 @@ def _explain(args: argparse.Namespace) -> int:
         nodes=args.nodes,
         output=args.output,
         schedulers=args.scheduler_name or (MIGCHAIN_SCHEDULER,),
+        loan_key_file=args.loan_key_file,
     )
 
 
@@ -208,6 +195,7 @@ def parser(prog: str = "migchain") -> argparse.ArgumentParser:
     simulate.add_argument(
         "--kubeconfig", default=None, help="with --from-cluster: default $KUBECONFIG, ~/.kube/config, or in-cluster"
     )
+    _loan_key_flag(simulate)
     simulate.add_argument("--chains", nargs="+", required=True, metavar="FILE", help="chain rule files")
     source = simulate.add_mutually_exclusive_group(required=True)
     source.add_argument("--workload", metavar="TRACE.csv", help="a trace in migchain's CSV format (bench/README.md)")
@@ -221,20 +209,7 @@ def parser(prog: str = "migchain") -> argparse.ArgumentParser:
     )
     simulate.add_argument("-o", "--output", choices=["table", "json"], default="table")
     simulate.set_defaults(run=_simulate)
-    certs = verbs.add_parser(
-        "certs",
-        help="issue a CA, the extender's serving and kube-scheduler's client certificate for mutual TLS",
-        description="Creates Secrets SERVER_SECRET and CLIENT_SECRET (tls.crt, tls.key, ca.crt) in NAMESPACE "
-        "unless both exist, or writes them under --out. The CA's key is thrown away: to rotate, delete both "
-        "Secrets and run again, then restart migchain-extender and migchain-scheduler.",
-    )
-    certs.add_argument("--namespace", default="migchain-system")
-    certs.add_argument("--service", default="migchain-extender", help="the extender's Service (names to serve)")
-    certs.add_argument("--server-secret", default="migchain-extender-tls")
-    certs.add_argument("--client-secret", default="migchain-scheduler-client-tls")
-    certs.add_argument("--kubeconfig", default=None, help="default $KUBECONFIG, ~/.kube/config, or in-cluster")
-    certs.add_argument("--out", metavar="DIR", help="write files DIR/<secret>/{tls.crt,tls.key,ca.crt} instead")
-    certs.set_defaults(run=_certs)
+    _add_certs_verb(verbs)
     status = verbs.add_parser(
         "status",
         help="MIG slices per node (allocatable, used, borrowed) and the loans in force, read from the cluster",
@@ -242,6 +217,7 @@ def parser(prog: str = "migchain") -> argparse.ArgumentParser:
     status.add_argument("--kubeconfig", default=None, help="default $KUBECONFIG, ~/.kube/config, or in-cluster")
     status.add_argument("-o", "--output", choices=["table", "json"], default="table")
     status.add_argument("-w", "--watch", action="store_true", help="print again on every change; Ctrl-C stops")
+    _loan_key_flag(status)
     status.set_defaults(run=_status)
     explain = verbs.add_parser(
         "explain",
@@ -275,8 +251,65 @@ def parser(prog: str = "migchain") -> argparse.ArgumentParser:
         "(repeatable; default migchain-scheduler): pending pods for other schedulers are no demand",
     )
     explain.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    _loan_key_flag(explain)
     explain.set_defaults(run=_explain)
+    _add_loan_key_verb(verbs)
     return cli
+
+
+def _add_certs_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    certs = verbs.add_parser(
+        "certs",
+        help="issue and renew the CA, the extender's serving and kube-scheduler's client certificate for mutual TLS",
+        description="Keeps Secrets CA_SECRET (the CA and its key), SERVER_SECRET and CLIENT_SECRET (tls.crt, "
+        "tls.key, ca.crt) in NAMESPACE current, or folders under --out: creates what is missing, renews leaves "
+        "within 30 days of their 90-day life, and rotates the CA with an overlap (a new CA joins the trusted "
+        "bundle, signs once kube-scheduler was restarted with it, the old one leaves). Safe to run at any time; "
+        "the migchain-certs CronJob runs it. docs/certificates.md tells the whole cycle.",
+    )
+    certs.add_argument("--namespace", default="migchain-system")
+    certs.add_argument("--service", default="migchain-extender", help="the extender's Service (names to serve)")
+    certs.add_argument("--ca-secret", default="migchain-ca", help="the CA and its key; only the certs Job reads it")
+    certs.add_argument("--server-secret", default="migchain-extender-tls")
+    certs.add_argument("--client-secret", default="migchain-scheduler-client-tls")
+    certs.add_argument(
+        "--scheduler-deployment",
+        default="migchain-scheduler",
+        metavar="NAME",
+        help="the Deployment of kube-scheduler in NAMESPACE, restarted when the CA bundle it trusts changes; "
+        "'' to restart it yourself (a new CA then signs without waiting for it)",
+    )
+    certs.add_argument("--kubeconfig", default=None, help="default $KUBECONFIG, ~/.kube/config, or in-cluster")
+    certs.add_argument(
+        "--out",
+        metavar="DIR",
+        help="keep folders DIR/<secret>/ (files behind a ..data symlink, as a mounted Secret) instead of Secrets",
+    )
+    certs.set_defaults(run=_certs)
+
+
+def _add_loan_key_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    loan_key = verbs.add_parser(
+        "loan-key",
+        help="make migchain's loan key (the HMAC key loans are signed with) as a Secret, unless it exists",
+        description="Creates Secret SECRET in NAMESPACE holding a new random key (entry `key`) unless it exists, "
+        "or writes it to --out. migchain-extender and migchain-returner read it with --loan-key-file. Replacing "
+        "the key makes every loan signed with the old one an ordinary pod (kept, never returned).",
+    )
+    loan_key.add_argument("--namespace", default="migchain-system")
+    loan_key.add_argument("--secret", default="migchain-loan-key")
+    loan_key.add_argument("--kubeconfig", default=None, help="default $KUBECONFIG, ~/.kube/config, or in-cluster")
+    loan_key.add_argument("--out", metavar="FILE", help="write the key to FILE (mode 0600, never overwritten) instead")
+    loan_key.set_defaults(run=_loan_key)
+
+
+def _loan_key_flag(verb: argparse.ArgumentParser) -> None:
+    verb.add_argument(
+        "--loan-key-file",
+        metavar="FILE",
+        help="migchain's loan key, to believe only the loans migchain signed, as it does; default: Secret "
+        "migchain-system/migchain-loan-key if you may read it, else loans are shown as written (with a warning)",
+    )
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "migchain") -> int:

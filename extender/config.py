@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import yaml
 
 from extender.core.mig import parse_mig_resource
-from extender.core.rules import Chain, ChainRules, NamespaceSelector, Policy, ReturnMode
+from extender.core.rules import Chain, ChainRules, NamespaceSelector, PodOptOuts, Policy, ReturnMode
 
 API_VERSION = "migchain.io/v1alpha1"
 KIND = "ChainRules"
@@ -292,7 +292,7 @@ class _Reader:
             node,
             "policy",
             required=(),
-            optional=("borrowing", "maxSteps", "allowedTypes", "returnMode", "namespaces", "dryRun"),
+            optional=("borrowing", "maxSteps", "allowedTypes", "returnMode", "namespaces", "dryRun", "podOptOuts"),
         )
         if fields is None:
             return Policy()
@@ -334,6 +334,9 @@ class _Reader:
                 spec = self.mapping(node, "policy.dryRun", ("namespaces",), ())
                 if spec is not None and "namespaces" in spec:
                     dry_run = self.namespace_selector(spec["namespaces"], "policy.dryRun.namespaces")
+        opt_outs = PodOptOuts()
+        if "podOptOuts" in fields:
+            opt_outs = self.pod_opt_outs(fields["podOptOuts"], "policy.podOptOuts")
         return Policy(
             borrowing=bool(borrowing),
             max_steps=max_steps,
@@ -341,6 +344,21 @@ class _Reader:
             return_mode=return_mode,
             namespaces=namespaces,
             dry_run=dry_run,
+            pod_opt_outs=opt_outs,
+        )
+
+    def pod_opt_outs(self, node: yaml.Node, field: str) -> PodOptOuts:
+        """`podOptOuts: {return: BOOL, maxRestarts: BOOL, namespaces: {include, exclude}}`; each off by default."""
+        fields = self.mapping(node, field, (), ("return", "maxRestarts", "namespaces"))
+        if fields is None:
+            return PodOptOuts()
+        namespaces = NamespaceSelector()
+        if "namespaces" in fields:
+            namespaces = self.namespace_selector(fields["namespaces"], f"{field}.namespaces") or namespaces
+        return PodOptOuts(
+            never_return=bool(self.optional(fields, "return", f"{field}.return", self.boolean, False)),
+            max_restarts=bool(self.optional(fields, "maxRestarts", f"{field}.maxRestarts", self.boolean, False)),
+            namespaces=namespaces,
         )
 
     def namespace_selector(self, node: yaml.Node, field: str) -> NamespaceSelector | None:

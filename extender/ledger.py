@@ -22,6 +22,7 @@ from extender.core.cluster import (
     node_state,
     pod_record,
 )
+from extender.core.loan import vouched
 
 T = TypeVar("T")
 
@@ -55,13 +56,18 @@ class Ledger:
         return ledger
 
     @classmethod
-    def of_readable(cls, nodes: Iterable[Any], pods: Iterable[Any]) -> tuple[Ledger, int]:
-        """A ledger of the Node and Pod objects that parse, and how many did not (left out, as the cache does)."""
+    def of_readable(
+        cls, nodes: Iterable[Any], pods: Iterable[Any], loan_key: bytes | None = None
+    ) -> tuple[Ledger, int]:
+        """A ledger of the Node and Pod objects that parse, and how many did not (left out, as the cache does).
+
+        With `loan_key`, loans are believed only if migchain signed them, as the cache does (core/loan.py vouched).
+        """
         states, bad_nodes = _readable(nodes, node_state)
         records, bad_pods = _readable(pods, pod_record)
         ledger = cls()
         ledger.replace_nodes(states)
-        ledger.replace_pods(records)
+        ledger.replace_pods(vouched(record, loan_key)[0] for record in records)
         return ledger, bad_nodes + bad_pods
 
     def __init__(self) -> None:
@@ -101,11 +107,9 @@ class Ledger:
         # A reservation whose pod (or replacement) the list shows bound is now
         # counted through that pod. Others stay until confirmed or expired: the
         # list may predate the bind, and dropping them could give a slice twice.
-        confirmed = {
-            key for record in self._pods.values() if record.node for key in (record.request.uid, record.replaces)
-        }
-        for key in [key for key in self._reserved if key in confirmed]:
-            del self._reserved[key]
+        for record in self._pods.values():
+            for key in self._confirms(record):
+                del self._reserved[key]
         self._states = {}
         for name in self._nodes:
             self._refresh(name)
@@ -115,12 +119,8 @@ class Ledger:
         before = self._pods.get(uid)
         self._store(record)
         touched = {record.node, before.node if before else ""}
-        for key in (uid, record.replaces):
-            reservation = self._reserved.get(key) if key else None
-            if reservation is not None:
-                touched.add(reservation.node)
-                if record.node:
-                    del self._reserved[key]  # the watch confirmed the bind: the pod itself counts now
+        for key in self._confirms(record):
+            touched.add(self._reserved.pop(key).node)  # the watch confirmed the bind: the pod itself counts now
         self._refresh_all(touched)
 
     def remove_pod(self, uid: str) -> None:
@@ -192,6 +192,23 @@ class Ledger:
         )
 
     # -- bookkeeping ----------------------------------------------------------
+
+    def _confirms(self, record: PodRecord) -> list[str]:
+        """The reservations this pod's record shows done: its own once it is bound, and the one of the pod it
+        replaced, if it is bound where that was reserved.
+
+        `replaces` comes from a loan record migchain signed (the cache drops any
+        other, see core/loan.py vouched); the node must match as well, so no
+        pod elsewhere can make a reserved slice look free while the bind it was
+        held for may have happened.
+        """
+        if not record.node:
+            return []
+        keys = [record.request.uid] if record.request.uid in self._reserved else []
+        held = self._reserved.get(record.replaces) if record.replaces else None
+        if held is not None and held.node == record.node and record.replaces not in keys:
+            keys.append(record.replaces)
+        return keys
 
     def _store(self, record: PodRecord) -> None:
         uid = record.request.uid

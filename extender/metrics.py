@@ -7,7 +7,7 @@ at scrape time by `ClusterCollector`, never updated per event.
 
 from __future__ import annotations
 
-import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -18,8 +18,9 @@ from extender.core.cluster import PodRecord, Snapshot
 from extender.core.decide import Placement
 from extender.core.loan import Loan
 from extender.core.mig import short_name
-from extender.core.status import loan_pairs, on_loan, read_loans, slice_totals
+from extender.core.status import loan_pairs, loan_rows, on_loan, slice_totals
 from extender.reload import ReloadStatus
+from extender.tls import CertificateStatus
 
 # Filter and prioritize answer in well under a millisecond per hundred nodes;
 # buckets resolve the range kube-scheduler cares about (its timeout is seconds).
@@ -46,43 +47,21 @@ class Errors:
 
 
 class UnreadableLoans:
-    """`migchain_unreadable_loans_total{process}`: pods found with a loan record that cannot be read or does
-    not match them, each counted once (by UID).
+    """`migchain_unreadable_loans_total{reason}`: pods whose loan record migchain does not believe, once each."""
 
-    It remembers only the UIDs of the pods found last time: a pod that is
-    fixed, or gone, is forgotten, so the memory is bounded by the pods there are.
-    """
-
-    def __init__(self, process: str) -> None:
-        self.process = process
-        self.total = 0
-        self.reported: set[str] = set()
-        self._lock = threading.Lock()  # scrapes run on several threads
-
-    def report(self, uids: Iterable[str], limit: int | None = None) -> list[str]:
-        """The UIDs among `uids` not reported before (at most `limit` of them, the rest wait), counted now."""
-        with self._lock:
-            found = set(uids)
-            fresh = sorted(found - self.reported)[:limit]
-            self.reported = (self.reported & found) | set(fresh)
-            self.total += len(fresh)
-            return fresh
-
-    def family(self) -> CounterMetricFamily:
-        family = CounterMetricFamily(
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.counter = Counter(
             "migchain_unreadable_loans",
-            "Pods skipped because their loan record (migchain.io annotations, which a pod's owner can edit) "
-            "cannot be read or does not match what the pod asks for; each pod counted once.",
-            labels=["process"],
+            "Pods whose loan record migchain did not believe, each counted once, by reason: forged (its "
+            "migchain.io/loan-signature does not match: the record or the pod was edited, or the record copied), "
+            "unsigned (no signature: made before loans were signed, or not by migchain). Such a pod is no borrower: "
+            "it keeps what it asks for and is never returned.",
+            ["reason"],
+            registry=registry if registry is not None else CollectorRegistry(),
         )
-        family.add_metric([self.process], self.total)
-        return family
 
-    def describe(self) -> Iterator[Metric]:
-        return iter([self.family()])
-
-    def collect(self) -> Iterator[Metric]:
-        yield self.family()
+    def count(self, reason: str) -> None:
+        self.counter.labels(reason).inc()
 
 
 class Metrics:
@@ -132,7 +111,7 @@ class Metrics:
             registry=self.registry,
         )
         self.errors = Errors(self.registry)
-        self.unreadable = UnreadableLoans("extender")  # exported with the cluster (watch_cluster)
+        self.unreadable_loans = UnreadableLoans(self.registry)
 
     def count_borrow(self, placement: Placement, *, dry_run: bool = False) -> None:
         counter = self.dry_run_borrows if dry_run else self.borrows
@@ -142,7 +121,7 @@ class Metrics:
 
     def watch_cluster(self, view: ClusterView) -> None:
         """Export loans and slices read from `view` at every scrape."""
-        self.registry.register(ClusterCollector(view, self.unreadable))
+        self.registry.register(ClusterCollector(view))
 
 
 class ReturnerMetrics:
@@ -179,8 +158,7 @@ class ReturnerMetrics:
             registry=self.registry,
         )
         self.errors = Errors(self.registry)
-        self.unreadable = UnreadableLoans("returner")
-        self.registry.register(self.unreadable)
+        self.unreadable_loans = UnreadableLoans(self.registry)
 
     def count_return(self, loan: Loan, outcome: str) -> None:
         for requested, granted, count in loan_pairs(loan):
@@ -193,9 +171,8 @@ class ReturnerMetrics:
 class ClusterCollector:
     """Gauges computed at scrape time from the cache's current snapshot and pod records."""
 
-    def __init__(self, view: ClusterView, unreadable: UnreadableLoans | None = None) -> None:
+    def __init__(self, view: ClusterView) -> None:
         self._view = view
-        self._unreadable = unreadable if unreadable is not None else UnreadableLoans("extender")
 
     @staticmethod
     def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
@@ -218,21 +195,19 @@ class ClusterCollector:
         )
 
     def describe(self) -> Iterator[Metric]:
-        return iter((*self._families(), self._unreadable.family()))
+        return iter(self._families())
 
     def collect(self) -> Iterator[Metric]:
         loans, free, allocatable = self._families()
         current = self._view()
         if current is not None:  # before the first lists, no numbers rather than zeros
             snapshot, records = current
-            rows, unreadable = read_loans(records)
-            self._unreadable.report(record.request.uid for record, _ in unreadable)
-            for (requested, granted), count in sorted(on_loan(rows).items()):
+            for (requested, granted), count in sorted(on_loan(loan_rows(records)).items()):
                 loans.add_metric([short_name(requested), short_name(granted)], count)
             for resource, (total, available) in sorted(slice_totals(snapshot).items()):
                 free.add_metric([short_name(resource)], available)
                 allocatable.add_metric([short_name(resource)], total)
-        yield from (loans, free, allocatable, self._unreadable.family())
+        yield from (loans, free, allocatable)
 
 
 # What `RulesCollector` reads: the reload status of the chain rules in force.
@@ -277,3 +252,66 @@ class RulesCollector:
 def watch_rules(registry: CollectorRegistry, status: RulesStatus) -> None:
     """Export the reload state of the chain rules on `registry` (the extender's or the returner's)."""
     registry.register(RulesCollector(status))
+
+
+class CertificateCollector:
+    """The extender's certificates, read at scrape time: when each expires, how many days are left, reloads."""
+
+    def __init__(self, status: Callable[[], CertificateStatus], clock: Callable[[], float]) -> None:
+        self._status = status
+        self._clock = clock
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily, GaugeMetricFamily]:
+        certificates = (
+            "by certificate: serving (the extender's), client-ca (the last CA of the bundle it verifies "
+            "kube-scheduler with to expire), client (the last verified client certificate it was shown)"
+        )
+        return (
+            GaugeMetricFamily(
+                "migchain_certificate_expiry_timestamp_seconds",
+                f"When a certificate expires (Unix time), {certificates}.",
+                labels=["certificate"],
+            ),
+            GaugeMetricFamily(
+                "migchain_certificate_days_left",
+                f"Days until a certificate expires (negative once it has), {certificates}. Renewal keeps the "
+                "leaves above 30 days of their 90; alert below 20.",
+                labels=["certificate"],
+            ),
+            CounterMetricFamily(
+                "migchain_certificate_reload_failures",
+                "Changes of the TLS files that could not be loaded (a key that is not the certificate's, a broken "
+                "file); the credentials before them stayed in use.",
+            ),
+            GaugeMetricFamily(
+                "migchain_certificate_last_reload_timestamp_seconds",
+                "When the TLS credentials in use were loaded (Unix time).",
+            ),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        expiry, days_left, failures, last_reload = self._families()
+        status = self._status()
+        now = self._clock()
+        for certificate, not_after in (
+            ("serving", status.serving_not_after),
+            ("client-ca", status.client_ca_not_after),
+            ("client", status.client_not_after),
+        ):
+            if not_after:
+                expiry.add_metric([certificate], not_after)
+                days_left.add_metric([certificate], (not_after - now) / 86400)
+        failures.add_metric([], status.failures)
+        last_reload.add_metric([], status.last_reload)
+        yield from (expiry, days_left, failures, last_reload)
+
+
+def watch_certificates(
+    registry: CollectorRegistry, status: Callable[[], CertificateStatus], clock: Callable[[], float] = time.time
+) -> None:
+    """Export the expiry and reloads of the extender's TLS credentials on `registry`."""
+    registry.register(CertificateCollector(status, clock))

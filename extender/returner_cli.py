@@ -7,13 +7,11 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-
-from extender import logs
+from extender import logs, probes
 from extender.core.cluster import MIGCHAIN_SCHEDULER
 from extender.kube.api import Connection, KubeApi
 from extender.kube.cache import ClusterCache
@@ -21,6 +19,8 @@ from extender.kube.events import EventRecorder
 from extender.kube.executor import Executor
 from extender.kube.lease import LeaderElection
 from extender.kube.returner import Returner
+from extender.loan_guard import LoanGuard
+from extender.loan_key import LoanKeyError, read_key_file
 from extender.metrics import ReturnerMetrics, watch_rules
 from extender.reload import RulesInForce
 from extender.store import SnapshotStore
@@ -38,7 +38,18 @@ def parser() -> argparse.ArgumentParser:
         help="namespace of the lease and the journal (default $POD_NAMESPACE or %(default)s)",
     )
     cli.add_argument("--identity", default=os.environ.get("POD_NAME", socket.gethostname()), help="lease holder name")
-    cli.add_argument("--health-bind", default="127.0.0.1:8889", help="HOST:PORT of /healthz, /readyz and /metrics")
+    cli.add_argument(
+        "--loan-key-file",
+        metavar="FILE",
+        help="migchain's loan key (Secret migchain-loan-key, made by `migchain loan-key`; required): only a loan "
+        "record it verifies makes a pod a borrower, and returned bare pods carry their restart count signed with it",
+    )
+    cli.add_argument(
+        "--health-bind",
+        default="127.0.0.1:8889",
+        help="HOST:PORT of /healthz, /readyz and /metrics, plain HTTP, for kubelet and Prometheus "
+        "(default %(default)s)",
+    )
     cli.add_argument(
         "--dry-run",
         action="store_true",
@@ -57,48 +68,32 @@ def parser() -> argparse.ArgumentParser:
     return cli
 
 
-def _serve_health(bind: str, store: SnapshotStore, registry: CollectorRegistry) -> ThreadingHTTPServer:
-    class Health(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path == "/metrics":
-                body = generate_latest(registry)
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-                return
-            ready = store.readiness().ready
-            status = 200 if self.path == "/healthz" or (self.path == "/readyz" and ready) else 503
-            if self.path not in ("/healthz", "/readyz"):
-                status = 404
-            self.send_response(status)
-            self.send_header("Content-Type", "text/plain")
-            self.end_headers()
-            self.wfile.write(b"ok\n" if status == 200 else b"not ready\n")
-
-        def log_message(self, *args: object) -> None:  # probes are not news
-            return
-
-    host, _, port = bind.rpartition(":")
-    server = ThreadingHTTPServer((host, int(port)), Health)
-    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
-    return server
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     rules_in_force = RulesInForce.at_start("migchain-returner", args.chains)
     if rules_in_force is None:
         return 2
+    try:
+        if not args.loan_key_file:
+            raise LoanKeyError("--loan-key-file is required: only loans signed with that key are returned")
+        loan_key = read_key_file(args.loan_key_file)
+    except LoanKeyError as error:
+        print(f"migchain-returner: {error}", file=sys.stderr)
+        return 2
     api = KubeApi(Connection.load(args.kubeconfig))
+    try:
+        health = probes.listen(args.health_bind)
+    except OSError as error:
+        print(f"migchain-returner: --health-bind: {error}", file=sys.stderr)
+        return 2
     store = SnapshotStore(ready=False, detail="waiting for the first list of nodes and pods")
     metrics = ReturnerMetrics()
     watch_rules(metrics.registry, rules_in_force.status)
-    cache = ClusterCache(api, store, errors=metrics.errors)
+    loans = LoanGuard(loan_key, metrics.unreadable_loans, reports=True)
+    cache = ClusterCache(api, store, errors=metrics.errors, loans=loans)
     cache.start()
-    _serve_health(args.health_bind, store, metrics.registry)
+    probes.serve_health(health, store, rules_in_force, metrics.registry)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     rules_in_force.watch(stop)
@@ -109,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     returner = Returner(
         cache,
         rules_in_force,
-        Executor(api, args.namespace),
+        Executor(api, args.namespace, loan_key),
         events,
         election,
         metrics=metrics,

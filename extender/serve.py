@@ -17,17 +17,17 @@ from typing import Any
 
 import orjson
 from flask import Flask
-from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
-from gunicorn.workers.gthread import ThreadWorker
 
-from extender import logs
+from extender import logs, probes
 from extender.core.cluster import Snapshot
 from extender.filter_memory import FilterMemory
 from extender.ledger import Ledger
-from extender.metrics import Metrics, watch_rules
+from extender.loan_key import LoanKeyError, read_key_file
+from extender.metrics import Metrics, watch_certificates, watch_rules
 from extender.reload import RulesInForce
 from extender.store import SnapshotStore
+from extender.tls import ServingCredentials
 from extender.web.app import DEFAULT_MAX_BODY_BYTES, WebSettings, create_app
 
 log = logging.getLogger("migchain.extender")
@@ -41,36 +41,15 @@ log = logging.getLogger("migchain.extender")
 WORKERS = 1
 
 
-def write_json_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
-    """gunicorn's answer to a request it cannot parse (bad request line, headers, chunking), as JSON.
-
-    Every other error the extender gives is `{"Error": ...}`; a client that
-    speaks broken HTTP gets the same shape rather than gunicorn's HTML page.
-    """
-    body = orjson.dumps({"Error": f"{reason}: {message}" if message else reason})
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    )
-    gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
-
-
-class JsonErrorWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no type hints
-    """gunicorn's threaded worker, answering unparseable requests with JSON (see write_json_error)."""
-
-    def init_process(self) -> None:
-        # gunicorn writes those answers through this module function and has no
-        # hook for it; the worker process is ours alone, so replace it here.
-        gunicorn_util.write_error = write_json_error
-        super().init_process()
-
-
 class _Server(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type hints
     """gunicorn calls `load` in the worker after the fork, so the watch threads start where they serve."""
 
-    def __init__(self, build: Callable[[], Flask], options: dict[str, Any]) -> None:
+    def __init__(
+        self, build: Callable[[], Flask], options: dict[str, Any], client_identities: frozenset[str] = frozenset()
+    ) -> None:
         self._build = build
         self._options = options
+        self.client_identities = client_identities  # read by extender.worker.GuardedWorker
         super().__init__()
 
     def load_config(self) -> None:
@@ -81,39 +60,66 @@ class _Server(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type 
         return self._build()
 
 
-def build_app(args: argparse.Namespace, rules: RulesInForce) -> Flask:
-    """Standalone without a cluster; otherwise the watch-fed cache and the binder. Runs in the worker."""
+def build_app(
+    args: argparse.Namespace,
+    rules: RulesInForce,
+    health: socket.socket,
+    loan_key: bytes | None = None,
+    credentials: ServingCredentials | None = None,
+) -> Flask:
+    """Standalone without a cluster; otherwise the watch-fed cache and the binder. Runs in the worker.
+
+    The probes and /metrics are answered on `health` (bound before the fork) by a thread of the worker.
+    `loan_key` signs and verifies loans; `main` makes sure there is one when there is a cluster.
+    `credentials`: the serving certificate and client CA bundle, reloaded when renewed.
+    """
     metrics = Metrics()
     watch_rules(metrics.registry, rules.status)
+    if credentials is not None:
+        watch_certificates(metrics.registry, credentials.status)
     rules.watch(threading.Event())  # the worker's life long: edits of the files take effect within seconds
     settings = WebSettings(
         max_body_bytes=args.max_body_bytes,
         pass_all_nodes=args.pass_all_nodes,
         require_client_certificate=bool(args.client_ca_file),
+        client_identities=frozenset(args.client_identity or ()),
     )
     if args.snapshot:
         store = SnapshotStore(read_snapshot(args.snapshot), detail=f"snapshot {args.snapshot}")
         gc.freeze()  # the snapshot lives as long as the process: keep the collector from re-scanning it
+        probes.serve_health(health, store, rules, metrics.registry)
         return create_app(settings, rules, store, metrics=metrics)
     if not args.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
         log.warning("no --kubeconfig and not in a cluster: running standalone (no cache, no /bind)")
-        return create_app(settings, rules, SnapshotStore(), metrics=metrics)
+        store = SnapshotStore()
+        probes.serve_health(health, store, rules, metrics.registry)
+        return create_app(settings, rules, store, metrics=metrics)
     from extender.kube.api import Connection, KubeApi
     from extender.kube.binder import Binder
     from extender.kube.cache import ClusterCache
     from extender.kube.events import EventRecorder
     from extender.kube.executor import Executor
     from extender.kube.requeue import Requeuer
+    from extender.loan_guard import LoanGuard
 
+    if loan_key is None:
+        raise ValueError("no loan key: migchain-extender needs --loan-key-file with a cluster")
     api = KubeApi(Connection.load(args.kubeconfig), pool_size=args.threads + 4)
     store = SnapshotStore(ready=False, detail="waiting for the first list of nodes and pods")
-    cache = ClusterCache(api, store, errors=metrics.errors)
+    cache = ClusterCache(api, store, errors=metrics.errors, loans=LoanGuard(loan_key, metrics.unreadable_loans))
     metrics.watch_cluster(lambda: cache.view() if store.readiness().ready else None)
     cache.start()
     events = EventRecorder(api, socket.gethostname(), metrics.errors)
     memory = FilterMemory(store, wake=cache.changed)
     binder = Binder(
-        api, cache, rules, Executor(api, args.namespace), events, metrics=metrics, memory=memory, dry_run=args.dry_run
+        api,
+        cache,
+        rules,
+        Executor(api, args.namespace, loan_key),
+        events,
+        metrics=metrics,
+        memory=memory,
+        dry_run=args.dry_run,
     )
 
     threading.Thread(
@@ -121,6 +127,7 @@ def build_app(args: argparse.Namespace, rules: RulesInForce) -> Flask:
     ).start()
     requeuer = Requeuer(api, cache, memory, rules, metrics)
     threading.Thread(target=requeuer.run, args=(threading.Event(),), name="requeue", daemon=True).start()
+    probes.serve_health(health, store, rules, metrics.registry)
     return create_app(settings, rules, store, binder, metrics, filter_log=memory)
 
 
@@ -168,7 +175,17 @@ def _loopback(bind: str) -> bool:
 
 def parser() -> argparse.ArgumentParser:
     cli = argparse.ArgumentParser(prog="migchain-extender", description=__doc__)
-    cli.add_argument("--bind", default="127.0.0.1:8888", help="HOST:PORT to listen on (default %(default)s)")
+    cli.add_argument(
+        "--bind",
+        default="127.0.0.1:8888",
+        help="HOST:PORT of kube-scheduler's verbs: /filter, /prioritize, /bind (default %(default)s)",
+    )
+    cli.add_argument(
+        "--health-bind",
+        default="127.0.0.1:8890",
+        help="HOST:PORT of /healthz, /readyz and /metrics, plain HTTP, for kubelet and Prometheus "
+        "(default %(default)s)",
+    )
     cli.add_argument("--chains", nargs="+", required=True, metavar="FILE", help="chain rule files (YAML)")
     cli.add_argument(
         "--kubeconfig",
@@ -200,8 +217,22 @@ def parser() -> argparse.ArgumentParser:
     tls.add_argument(
         "--client-ca-file",
         metavar="PEM",
-        help="verify client certificates against this CA; /filter, /prioritize and /bind then answer 403 "
-        "to callers without one (kube-scheduler's extender tlsConfig certFile/keyFile)",
+        help="require a client certificate signed by this CA: the TLS handshake refuses any caller without one "
+        "(kube-scheduler's extender tlsConfig certFile/keyFile)",
+    )
+    tls.add_argument(
+        "--client-identity",
+        action="append",
+        metavar="NAME",
+        help="answer the verbs only to a client certificate with this common name or subject alternative name "
+        "(DNS or URI); repeatable; `migchain certs` names kube-scheduler's migchain-scheduler. "
+        "Without it, any certificate the CA signed is accepted",
+    )
+    cli.add_argument(
+        "--loan-key-file",
+        metavar="FILE",
+        help="migchain's loan key (Secret migchain-loan-key, made by `migchain loan-key`): borrows sign their loan "
+        "record with it, and only a record it verifies makes a pod a borrower; required with a cluster",
     )
     cli.add_argument("--threads", type=int, default=8, help="request threads (default %(default)s)")
     cli.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body")
@@ -223,18 +254,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         print(f"migchain-extender: {problem}", file=sys.stderr)
         return 2
+    if args.client_identity and not args.client_ca_file:
+        print(
+            "migchain-extender: --client-identity needs --client-ca-file (it names a client certificate)",
+            file=sys.stderr,
+        )
+        return 2
     rules = RulesInForce.at_start("migchain-extender", args.chains)
     if rules is None:
+        return 2
+    loan_key = None
+    if args.loan_key_file:
+        try:
+            loan_key = read_key_file(args.loan_key_file)
+        except LoanKeyError as error:
+            print(f"migchain-extender: {error}", file=sys.stderr)
+            return 2
+    elif not args.snapshot and (args.kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST")):
+        print(
+            "migchain-extender: --loan-key-file is required with a cluster: borrows sign their loans with it "
+            "(make one with `migchain loan-key`)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        # Bound here, before gunicorn forks its worker: a taken port stops the start with a clear error.
+        health = probes.listen(args.health_bind)
+    except OSError as error:
+        print(f"migchain-extender: --health-bind: {error}", file=sys.stderr)
         return 2
     options: dict[str, Any] = {
         "bind": args.bind,
         "workers": WORKERS,
-        "worker_class": "extender.serve.JsonErrorWorker",
+        # The TLS handshake and the request head are read by the worker's event
+        # loop under a deadline, not by a request thread (extender/worker.py).
+        "worker_class": "extender.worker.GuardedWorker",
         "threads": args.threads,
+        # Every connection the worker holds, in all states. Those still in their
+        # handshake or head are capped lower (worker.ARRIVING), so stalled
+        # clients never stop it accepting; kept-alive ones come only from
+        # certificate holders (the handshake requires one).
+        "worker_connections": 512,
         "loglevel": args.log_level,
         "accesslog": "-" if args.log_level == "debug" else None,
         "logger_class": logs.GunicornLogger,  # gunicorn's lines in --log-format too
-        # kube-scheduler keeps connections alive; a short keep-alive frees threads.
+        # kube-scheduler keeps connections alive (they wait in the event loop,
+        # not in a thread); one idle for 5 s is closed, and its next call opens
+        # another (a handshake of a few milliseconds).
         "keepalive": 5,
         "graceful_timeout": 10,
         # gunicorn's control socket can add workers at run time; one worker is a must (above).
@@ -243,11 +309,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tls_cert_file:
         options |= {"certfile": args.tls_cert_file, "keyfile": args.tls_key_file}
     if args.client_ca_file:
-        # Optional at the handshake, so kubelet's probes and Prometheus get in;
-        # a certificate that is shown must verify, and the app refuses the
-        # verbs to callers that showed none.
-        options |= {"ca_certs": args.client_ca_file, "cert_reqs": ssl.CERT_OPTIONAL}
-    _Server(lambda: build_app(args, rules), options).run()
+        # Required at the handshake: a caller without a certificate the CA
+        # signed never gets to send a request. kubelet's probes and Prometheus
+        # have their own port (--health-bind).
+        options |= {"ca_certs": args.client_ca_file, "cert_reqs": ssl.CERT_REQUIRED}
+    credentials = None
+    if args.tls_cert_file:
+        # Renewed certificates and client CA bundles are served without a
+        # restart, and a broken renewal never replaces working files (extender/tls.py).
+        credentials = ServingCredentials.at_start(
+            "migchain-extender",
+            args.tls_cert_file,
+            args.tls_key_file,
+            args.client_ca_file,
+            options.get("cert_reqs", ssl.CERT_NONE),
+        )
+        if credentials is None:
+            return 2
+        options["ssl_context"] = credentials.gunicorn_hook
+    identities = frozenset(args.client_identity or ())
+    _Server(lambda: build_app(args, rules, health, loan_key, credentials), options, identities).run()
     return 0
 
 

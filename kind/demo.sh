@@ -144,6 +144,7 @@ images:
 EOF
 kubectl apply -k "$work"
 kubectl --namespace migchain-system wait --for=condition=complete job/migchain-certs --timeout=180s
+kubectl --namespace migchain-system wait --for=condition=complete job/migchain-loan-key --timeout=180s
 kubectl --namespace migchain-system rollout status deployment/migchain-extender --timeout=180s
 kubectl --namespace migchain-system rollout status deployment/migchain-scheduler --timeout=180s
 

@@ -145,8 +145,8 @@ def main() -> int:
         print(f"control plane up on {plane.kubeconfig} (logs in {folder})")
         plane.start_fake_kubelet()
         tls = ExtenderTls.issue(Path(folder))
-        _, url = plane.start_extender(tls, CHAINS)
-        plane.start_scheduler(url, tls)
+        extender = plane.start_extender(tls, CHAINS)
+        plane.start_scheduler(extender.url, tls)
         plane.start_returner(CHAINS)
         story = Story(plane)
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from extender.core.mig import short_name
-from extender.core.rules import Chain, ChainRules, NamespaceSelector, Policy
+from extender.core.rules import Chain, ChainRules, NamespaceSelector, PodOptOuts, Policy
 
 # Borrowing is judged for a pod in this namespace; namespace policies are diffed on their own.
 SAMPLE_NAMESPACE = "default"
@@ -50,6 +50,15 @@ def _selector(selector: NamespaceSelector | None) -> str:
     return f"namespaces {include}" + (f" except {exclude}" if exclude else "")
 
 
+def _opt_outs(opt_outs: PodOptOuts) -> str:
+    honoured = [
+        name for name, yes in (("return", opt_outs.never_return), ("maxRestarts", opt_outs.max_restarts)) if yes
+    ]
+    if not honoured:
+        return "none"
+    return f"{', '.join(honoured)} in {_selector(opt_outs.namespaces)}"
+
+
 def _policy_changes(old: Policy, new: Policy) -> list[str]:
     def allowed(policy: Policy) -> str:
         return "all" if policy.allowed_types is None else " ".join(sorted(map(short_name, policy.allowed_types)))
@@ -61,6 +70,7 @@ def _policy_changes(old: Policy, new: Policy) -> list[str]:
         ("returnMode", old.return_mode.value, new.return_mode.value),
         ("namespaces", _selector(old.namespaces), _selector(new.namespaces)),
         ("dryRun", _selector(old.dry_run), _selector(new.dry_run)),
+        ("podOptOuts", _opt_outs(old.pod_opt_outs), _opt_outs(new.pod_opt_outs)),
     ]
     return [f"{field}: {was} => {now}" for field, was, now in pairs if was != now]
 

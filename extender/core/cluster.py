@@ -26,7 +26,8 @@ REPLACED_UID_ANNOTATION = ANNOTATION_PREFIX + "replaced-uid"  # on a borrower: t
 
 # The migchain.io annotations the cache keeps of a pod, each with the longest
 # value kept (longer ones are noted, not kept: see core/untrusted.py `kept`):
-# the loan record (core/loan.py) and the pod's return settings (core/returns.py).
+# the loan record and its signature (core/loan.py) and the pod's return
+# settings (core/returns.py).
 # Nothing else under the prefix is kept: both caches hold every pod, and a pod
 # may carry 256 KiB of annotations. A real loan record is a few hundred bytes;
 # original-resources grows by about 100 bytes per container that asks for MIG.
@@ -40,6 +41,7 @@ KEPT_ANNOTATIONS: Mapping[str, int] = {
     ANNOTATION_PREFIX + "restarts": 16,
     ANNOTATION_PREFIX + "max-restarts": 16,
     ANNOTATION_PREFIX + "return": 64,
+    ANNOTATION_PREFIX + "loan-signature": 128,  # "v1:" and 64 hex digits
 }
 
 # Controllers that recreate their pods by name or by node from their own
@@ -178,6 +180,11 @@ class NodeState:
         return repr(
             (self.gpu_product, self.mig_config_state, sorted(self.allocatable.items()), sorted(self.free.items()))
         )
+
+    @cached_property
+    def layout(self) -> str:
+        """What a decision reads of this node but its name and free slices (the planners file nodes by it)."""
+        return repr((self.gpu_product, self.mig_config_state, sorted(self.allocatable.items())))
 
     def without(self, slices: MigCounts) -> NodeState:
         """This node with `slices` no longer counted as used."""

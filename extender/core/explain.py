@@ -24,21 +24,23 @@ from extender.core.decide import (
     place,
     score_nodes,
 )
-from extender.core.loan import Loan, UnreadableLoan, record_loan
+from extender.core.loan import Loan, record_loan
 from extender.core.mig import short_name
 from extender.core.returns import (
     MAX_RESTARTS_ANNOTATION,
+    RETURN_ANNOTATION,
     Borrower,
     Restore,
     blocked_pending,
     borrowers_of,
+    loan_policy,
     pending_requests,
     plan_returns,
     restored_request,
     return_mode_of,
     worth_a_return,
 )
-from extender.core.rules import BorrowOption, Chain, ChainRules, ReturnMode
+from extender.core.rules import BorrowOption, Chain, ChainRules, PodOptOuts, ReturnMode
 from extender.core.status import text_table
 from extender.core.untrusted import excerpt
 
@@ -101,6 +103,7 @@ class ReturnOutlook:
     condition: str  # what would make the returner return it
     facts: tuple[str, ...]  # the cluster now, as far as the condition reads it
     why_not: str  # why it is not returned now; "" when it is
+    ignored_opt_outs: tuple[str, ...] = ()  # the pod's opt-outs its chain's policy does not honour (podOptOuts)
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,7 @@ def explain(
     budget: int | None = None,
     candidates_from: str = "",
     schedulers: Sequence[str] = (MIGCHAIN_SCHEDULER,),
+    loan_doubt: str = "",
 ) -> Explanation:
     """What /filter and /prioritize answer for `pod` over `candidates`, and the returner's view of it.
 
@@ -151,6 +155,8 @@ def explain(
     give the borrowers and the pending pods `plan_returns` plans over, those
     for `schedulers` (the returner's --scheduler-name).
     `budget` defaults to the extender's, `nodes_to_pass(len(snapshot.nodes))`.
+    `loan_doubt` says why the pod's loan record was not believed (its record
+    as the loan guard left it, `core/loan.py` `vouched`), "" when it was.
     """
     request = pod.request
     keep = nodes_to_pass(len(snapshot.nodes)) if budget is None else budget
@@ -184,7 +190,7 @@ def explain(
         chains=tuple(chain for chain in rules.chains if chain.name in named),
         outlook=outlook,
         unblocking=tuple(plan for plan in plans if plan.unblocks == request.key),
-        notes=_notes(pod, schedulers),
+        notes=_notes(pod, schedulers, loan_doubt),
     )
 
 
@@ -230,15 +236,14 @@ def _state(pod: PodRecord) -> str:
     return f"bound to {pod.node}" if pod.node else "pending"
 
 
-def _notes(pod: PodRecord, schedulers: Sequence[str]) -> tuple[str, ...]:
+def _notes(pod: PodRecord, schedulers: Sequence[str], loan_doubt: str) -> tuple[str, ...]:
     request = pod.request
     notes = []
     if not request.mig:
         notes.append("it asks for no MIG slice: kube-scheduler does not consult migchain for it")
     notes += _demand_notes(pod, schedulers)
-    loan = record_loan(pod)
-    if isinstance(loan, UnreadableLoan):
-        notes.append(f"its loan record cannot be read: the returner does not treat it as a borrower ({loan.why})")
+    if loan_doubt:
+        notes.append(f"its loan record is not believed: it is not treated as a borrower ({loan_doubt})")
     if request.no_borrow:
         notes.append(f"it may not borrow: {request.no_borrow}")
     elif len(request.mig) > MAX_BORROW_DEMANDS:
@@ -302,6 +307,7 @@ def _outlook(
     chain_modes = tuple((name, loaded.get(name)) for name in loan.chains)
     written = pod.migchain.get(MAX_RESTARTS_ANNOTATION)
     cap = None if written is None else excerpt(written)
+    ignored = _ignored_opt_outs(pod, loan_policy(loan, rules).pod_opt_outs)
     me = next((b for b in borrowers if b.key == pod.request.key), None)
     if me is None:
         condition = "never while it is not running: only a running borrower is returned"
@@ -318,6 +324,7 @@ def _outlook(
             condition=condition,
             facts=(),
             why_not=condition,
+            ignored_opt_outs=ignored,
         )
     restore = next((plan for plan in plans if plan.borrower.key == me.key), None)
     original, borrowed = _counts(loan.original), _counts(loan.borrowed)
@@ -376,7 +383,20 @@ def _outlook(
         condition=condition,
         facts=tuple(facts),
         why_not=why_not,
+        ignored_opt_outs=ignored,
     )
+
+
+def _ignored_opt_outs(pod: PodRecord, opt_outs: PodOptOuts) -> tuple[str, ...]:
+    """The return opt-outs the pod's owner wrote that the policy does not honour in its namespace."""
+    namespace, ignored = pod.request.namespace, []
+    never = pod.migchain.get(RETURN_ANNOTATION)
+    if never is not None and never != "true" and not opt_outs.honours_return(namespace):
+        ignored.append(f"{RETURN_ANNOTATION}={excerpt(never)}")
+    cap = pod.migchain.get(MAX_RESTARTS_ANNOTATION)
+    if cap is not None and not opt_outs.honours_max_restarts(namespace):
+        ignored.append(f"{MAX_RESTARTS_ANNOTATION}={excerpt(cap)}")
+    return tuple(ignored)
 
 
 def _exact_homes(borrower: Borrower, snapshot: Snapshot, rules: ChainRules) -> list[str]:
@@ -474,11 +494,17 @@ def _policy_text(chain: Chain, namespace: str) -> str:
     covered = "covered" if selector.admits(namespace) else "NOT covered"
     # A dry-run chain decides as usual but only announces its borrows and returns.
     dry_run = "on" if policy.dry_run is not None and policy.dry_run.admits(namespace) else "off"
+    opt_outs = policy.pod_opt_outs
+    honoured = [
+        name for name, yes in (("return", opt_outs.never_return), ("maxRestarts", opt_outs.max_restarts)) if yes
+    ]
+    honoured = honoured if opt_outs.namespaces.admits(namespace) else []
     return (
         f"borrowing {'on' if policy.borrowing else 'OFF'}; "
         f"maxSteps {'unlimited' if policy.max_steps is None else policy.max_steps}; "
         f"allowedTypes {allowed}; namespaces {namespaces} ({namespace} {covered}); "
-        f"returnMode {policy.return_mode.value}; dryRun {dry_run} for {namespace}"
+        f"returnMode {policy.return_mode.value}; dryRun {dry_run} for {namespace}; "
+        f"pod opt-outs honoured for {namespace}: {', '.join(honoured) or 'none'}"
     )
 
 
@@ -500,6 +526,7 @@ def _outlook_text(outlook: ReturnOutlook) -> list[str]:
         f"{loan.steps} {steps} up {', '.join(loan.chains) or '(no chain recorded)'}",
         f"  return mode: {outlook.mode.value} ({modes or 'no chain recorded: on-demand by default'})",
         f"  restarts: {outlook.restarts}, {cap}",
+        *(f"  pod opt-out not honoured by its chain's policy (podOptOuts): {o}" for o in outlook.ignored_opt_outs),
         f"  returned: {outlook.condition}",
         f"  returned now: {now}",
         *(f"    {fact}" for fact in outlook.facts),
@@ -595,6 +622,10 @@ def _chain_document(chain: Chain, namespace: str) -> dict[str, Any]:
         },
         "return_mode": policy.return_mode.value,
         "dry_run_for_pod": policy.dry_run is not None and policy.dry_run.admits(namespace),
+        "pod_opt_outs_for_pod": {
+            "return": policy.pod_opt_outs.honours_return(namespace),
+            "max_restarts": policy.pod_opt_outs.honours_max_restarts(namespace),
+        },
     }
 
 
@@ -613,6 +644,7 @@ def _outlook_document(outlook: ReturnOutlook) -> dict[str, Any]:
         "restarts": outlook.restarts,
         "max_restarts": outlook.max_restarts,
         "held_back": outlook.held_back,
+        "ignored_opt_outs": list(outlook.ignored_opt_outs),
         "returned_now": outlook.restore is not None,
         "return": None if outlook.restore is None else _restore_document(outlook.restore),
         "condition": outlook.condition,

@@ -4,12 +4,18 @@ A borrow cannot change a pod's requests (they are immutable), so it replaces
 the pod with a copy asking for the granted types, bound to the chosen node.
 The copy carries everything needed to undo it: the original requests of each
 container, the chain, the steps and the UID it replaced.
+
+The pod's owner can edit those annotations, so migchain signs the record
+(`loan_signature`, an HMAC with a key only migchain reads) and believes only
+a record that verifies (`vouched`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
+import hmac
 import json
 import re
 from collections.abc import Mapping
@@ -46,6 +52,15 @@ LOAN_ANNOTATIONS = (
     ORIGINAL_RESOURCES_ANNOTATION,
     REPLACED_UID_ANNOTATION,
 )
+# migchain's HMAC over the loan record (see loan_signature), written with it.
+LOAN_SIGNATURE_ANNOTATION = ANNOTATION_PREFIX + "loan-signature"
+# What the signature covers: the loan, and the returns a bare pod carries across them.
+SIGNED_ANNOTATIONS = (*LOAN_ANNOTATIONS, RESTARTS_ANNOTATION)
+MIN_LOAN_KEY_BYTES = 32  # the HMAC-SHA256 key: as long as its output
+# Why a pod's loan record is not believed (see vouched).
+UNSIGNED = "unsigned"  # no signature: written before loans were signed, or not by migchain
+FORGED = "forged"  # a signature that does not match: the record or the pod was edited, or copied
+UNREADABLE = "unreadable"  # a record that cannot be read back whole, or does not match the pod
 
 # A ReplicaSet scaling down removes, among its running and ready pods, those of
 # lowest deletion cost first. The pending original a borrow replaces is given
@@ -232,8 +247,13 @@ def recreatable(pod: Mapping[str, Any]) -> dict[str, Any]:
     return fresh
 
 
-def plan_borrow(pod: Mapping[str, Any], placement: Placement) -> BorrowPlan:
-    """The replacement of a pending `pod` that asks for the placement's granted types on its node."""
+def plan_borrow(pod: Mapping[str, Any], placement: Placement, loan_key: bytes) -> BorrowPlan:
+    """The replacement of a pending `pod` that asks for the placement's granted types on its node.
+
+    Its loan record is signed with `loan_key`. The returns the pod carries
+    (`migchain.io/restarts`) go with it only if migchain signed them when it
+    restored the pod; a count its owner wrote is dropped.
+    """
     metadata = pod["metadata"]
     controller = controller_of(metadata)
     keeps_name = controller is None
@@ -259,6 +279,8 @@ def plan_borrow(pod: Mapping[str, Any], placement: Placement) -> BorrowPlan:
     spec["nodeName"] = placement.node
     original = tuple(sorted((grant.requested, grant.count) for grant in placement.grants))
     annotations = dict(new_metadata.get("annotations") or {})
+    if not signed_by_migchain(pod, loan_key):
+        annotations.pop(RESTARTS_ANNOTATION, None)
     annotations.update(
         {
             ORIGINAL_REQUESTS_ANNOTATION: counts_text(_merge(original)),
@@ -274,15 +296,20 @@ def plan_borrow(pod: Mapping[str, Any], placement: Placement) -> BorrowPlan:
     )
     if controller is not None and controller.get("kind") == "ReplicaSet":
         annotations[DELETION_COST_ANNOTATION] = str(_borrower_deletion_cost(annotations.get(DELETION_COST_ANNOTATION)))
+    namespace = str(metadata.get("namespace") or "default")
+    annotations[LOAN_SIGNATURE_ANNOTATION] = loan_signature(
+        loan_key, namespace, new_metadata["name"], pod_mig_requests(spec), annotations
+    )
     new_metadata["annotations"] = annotations
     return BorrowPlan(original=pod, replacement=replacement, placement=placement, keeps_name=keeps_name)
 
 
-def restored_pod(borrower: Mapping[str, Any], restarts: int) -> dict[str, Any]:
+def restored_pod(borrower: Mapping[str, Any], restarts: int, loan_key: bytes) -> dict[str, Any]:
     """The borrower as it was before it borrowed: original requests, unbound, no loan record; for bare pods.
 
-    `restarts` is written to the restarts annotation, so the restart cap holds
-    across returns. The scheduler places it again (on a slice of its own type).
+    `restarts` is written to the restarts annotation, signed with `loan_key`,
+    so the count holds across returns. The scheduler places it again (on a
+    slice of its own type).
     Raises ObjectError when the loan record cannot be read back (the pod's
     owner can edit it): such a pod is not restored.
     """
@@ -308,7 +335,93 @@ def restored_pod(borrower: Mapping[str, Any], restarts: int) -> dict[str, Any]:
                     resources[kind] = values
                 else:
                     resources.pop(kind, None)
+    metadata = restored["metadata"]
+    annotations[LOAN_SIGNATURE_ANNOTATION] = loan_signature(
+        loan_key, str(metadata.get("namespace") or "default"), metadata["name"], pod_mig_requests(spec), annotations
+    )
     return restored
+
+
+def loan_signature(key: bytes, namespace: str, name: str, mig: MigCounts, annotations: Mapping[str, Any]) -> str:
+    """migchain's signature of a pod's loan record: an HMAC-SHA256, under `key`, of the signed annotations
+    (absent ones too), the pod's namespace and name, and the MIG slices it asks for.
+
+    It binds the record to what is known when the pod is written, before it
+    has a UID: the name (a bare pod keeps its own, an owned one gets a name
+    derived from the original's UID) and its requests, which are immutable.
+    Copied onto another pod, or edited, it no longer verifies. The fields are
+    encoded as one JSON list, so no two records share an encoding.
+    """
+    fields: list[object] = ["migchain-loan/v1", namespace, name, counts_text(mig)]
+    fields += [annotations.get(key) for key in SIGNED_ANNOTATIONS]
+    message = json.dumps(fields, separators=(",", ":")).encode()
+    return "v1:" + hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def _signature_matches(key: bytes, namespace: str, name: str, mig: MigCounts, annotations: Mapping[str, Any]) -> bool:
+    given = annotations.get(LOAN_SIGNATURE_ANNOTATION)
+    expected = loan_signature(key, namespace, name, mig, annotations)
+    return isinstance(given, str) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def signed_by_migchain(pod: Mapping[str, Any], key: bytes) -> bool:
+    """Whether this Pod object (as the API server returns it) carries a record migchain signed; False when it
+    cannot be read."""
+    try:
+        metadata = pod["metadata"]
+        annotations = metadata.get("annotations") or {}
+        namespace = str(metadata.get("namespace") or "default")
+        return _signature_matches(key, namespace, str(metadata["name"]), pod_mig_requests(pod["spec"]), annotations)
+    except (KeyError, TypeError, AttributeError, ObjectError):
+        return False
+
+
+def vouched(record: PodRecord, key: bytes | None) -> tuple[PodRecord, str]:
+    """The pod as migchain may believe it, and why its loan was not believed ("" when nothing was wrong).
+
+    A record migchain signed, that reads back whole and matches the pod, is
+    kept whole. Otherwise the signed annotations (the loan, the restart count)
+    and the signature are dropped and `replaces` cleared: the pod is an
+    ordinary pod holding what it asks for, never returned, confirming no
+    reservation. The reason (UNSIGNED, FORGED, UNREADABLE; see `loan_doubt`)
+    is given only when the pod claimed a loan. Without a key (an admin's
+    command that cannot read it) the signature is not checked, the rest is.
+    """
+    claimed = [key for key in (*SIGNED_ANNOTATIONS, LOAN_SIGNATURE_ANNOTATION) if key in record.migchain]
+    if not claimed and not record.replaces:
+        return record, ""
+    request = record.request
+    problem = ""
+    if key is None or _signature_matches(key, request.namespace, request.name, request.mig, record.migchain):
+        # Signed by migchain, so written by it; read all the same: a record from an older version, or one
+        # taken as written, must cost that pod alone.
+        if not isinstance(record_loan(record), UnreadableLoan):
+            return record, ""
+        problem = UNREADABLE
+    elif record.replaces or any(name in record.migchain for name in LOAN_ANNOTATIONS):
+        problem = FORGED if LOAN_SIGNATURE_ANNOTATION in record.migchain else UNSIGNED
+    kept = {name: value for name, value in record.migchain.items() if name not in claimed}
+    return dataclasses.replace(record, replaces="", migchain=kept), problem
+
+
+def loan_doubt(record: PodRecord, reason: str) -> str:
+    """Why the loan record of `record` (as written) was not believed, `vouched` giving `reason`; "" if it was."""
+    consequence = "it is not treated as a borrower: it keeps the slices it asks for and is never returned"
+    if reason == FORGED:
+        return (
+            f"{LOAN_SIGNATURE_ANNOTATION} does not match this pod's loan record (its migchain.io/ annotations "
+            f"were edited, or copied from another pod): {consequence}"
+        )
+    if reason == UNSIGNED:
+        return (
+            f"this pod's loan record carries no {LOAN_SIGNATURE_ANNOTATION} (made before loans were signed, or "
+            f"not by migchain): {consequence}"
+        )
+    if reason == UNREADABLE:
+        read = record_loan(record)
+        why = read.why if isinstance(read, UnreadableLoan) else "it cannot be read back"
+        return f"this pod's loan record cannot be read back whole ({why}): {consequence}"
+    return ""
 
 
 def _original_resources(text: str) -> dict[str, dict[str, dict[str, str]]]:
@@ -340,7 +453,7 @@ def _original_resources(text: str) -> dict[str, dict[str, dict[str, str]]]:
 
 def _borrower_deletion_cost(own: Any) -> int:
     """One less than the pod's own deletion cost, the one its exact-fit siblings have (0 when it has none)."""
-    cost = int(own) if isinstance(own, str) and re.fullmatch(r"-?\d{1,10}", own) else 0
+    cost = int(own) if isinstance(own, str) and re.fullmatch(r"-?[0-9]{1,10}", own) else 0
     if not LOWEST_DELETION_COST < cost <= HIGHEST_DELETION_COST:
         cost = 0  # the mark a borrow puts on the pending original (a retried borrow reads it back), or out of range
     return cost - 1

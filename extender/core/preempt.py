@@ -30,6 +30,7 @@ counts a slice a higher one will take; a victim and a freed slice count once.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -182,18 +183,22 @@ def plan_preemptions(
         if node in state.free:
             state.take(node, counts)
     leaving: dict[str, list[PodRecord]] = {}
-    for record in records:
-        if record.holds_slices and record.node in state.free:
+    pending = []
+    for record in records:  # one pass over every pod of the cluster: the holders of slices, and the pending
+        if record.terminal or not record.request.mig:
+            continue
+        if not record.node:
+            if not record.terminating:
+                pending.append(record)
+        elif record.node in state.free:
             if record.terminating:
                 leaving.setdefault(record.node, []).append(record)
             elif record.request.uid not in spared:
                 state.holders.setdefault(record.node, []).append(record)
+    by_priority = operator.attrgetter("request.priority")
     for holders in state.holders.values():
-        holders.sort(key=lambda holder: holder.request.priority)  # the lowest first: a quick test per node
-    pending = sorted(
-        (r for r in records if not r.node and not r.terminal and not r.terminating and r.request.mig),
-        key=lambda r: (-r.request.priority, r.created, r.request.key),
-    )
+        holders.sort(key=by_priority)  # the lowest first: a quick test per node
+    pending.sort(key=lambda r: (-r.request.priority, r.created, r.request.key))
     plans: list[Preemption] = []
     for record in pending:
         spot = state.spot(record)
@@ -234,17 +239,26 @@ class _Round:
         self.holders: dict[str, list[PodRecord]] = {}  # node -> pods holding slices there that may be victims
         self.enough = candidates_to_find(len(self.free))
         # Nodes alike in all but their name and free slices (most of a fleet) are decided alike: a verdict is
-        # remembered by pod, node shape and free slices, and nodes are grouped by shape and free slices, so a
-        # search over thousands of nodes costs a few decisions.
-        self._shapes = {
-            name: repr((node.gpu_product, node.mig_config_state, sorted(node.allocatable.items())))
-            for name, node in snapshot.nodes.items()
-        }
-        self._verdicts: dict[tuple[PodRequest, str, FreeKey], Placement | None] = {}
+        # remembered by what `place` reads of the pod (its slices, whether it may borrow, its namespace: the
+        # pods of a workload share it), node shape and free slices, and nodes are grouped by shape and free
+        # slices, so a search over thousands of nodes for hundreds of pending pods costs a few decisions.
+        self._shapes = {name: node.layout for name, node in snapshot.nodes.items()}
+        self._verdicts: dict[tuple[tuple[MigCounts, bool, str], str, FreeKey], Placement | None] = {}
         self._group_of: dict[str, tuple[str, FreeKey]] = {}
         self._groups: dict[tuple[str, FreeKey], set[str]] = {}
         for name in self.free:
             self._regroup(name)
+        # What a search found holds while what it read stands: `version` counts changes of the free slices,
+        # `commits` the plans counted (the only changes that free slices or remove victims).
+        self.version = 0
+        self.commits = 0
+        self._homes: dict[object, tuple[int, str]] = {}  # restored request -> (version, its home)
+        self._selections: dict[object, tuple[tuple[int, ...], Placement] | None] = {}  # see _victims_on
+        self._below: dict[int, list[str]] = {}  # priority -> nodes holding a pod of lower priority, by name
+        self._hopeless: dict[object, int] = {}  # preemptor -> `commits` when it found no plan
+        self._nowhere: dict[object, int] = {}  # pod -> `commits` when it fitted no node
+        self._lowers: dict[tuple[str, int, frozenset[str]], tuple[list[PodRecord], list[PodRecord]]] = {}
+        self._known: dict[str, Victim] = {}  # possible victims by uid, as last found
 
     def _regroup(self, node: str) -> None:
         before = self._group_of.get(node)
@@ -259,16 +273,29 @@ class _Round:
     def take(self, node: str, counts: MigCounts) -> None:
         _take(self.free[node], counts)
         self._regroup(node)
+        self.version += 1
 
     def give(self, node: str, counts: MigCounts) -> None:
         _give(self.free[node], counts)
         self._regroup(node)
+        self.version += 1
+
+    def _alike(self, pod: PodRequest, *more: object) -> object:
+        """A key for what a search reads of `pod`: its shape and placement rules (the pods of a workload share
+        them), or, with an eligibility test of the caller's own, the pod itself."""
+        if self.may_run_on is placement_rules:
+            return ((pod.mig, pod.may_borrow, pod.namespace), pod.constraints, *more)
+        return (pod, *more)
 
     def fits(
         self, pod: PodRequest, node: str, free: Mapping[str, int], free_key: FreeKey | None = None
     ) -> Placement | None:
         """How the pod fits `free` on `node`, or None; the placement may name another node of the same shape."""
-        key = (pod, self._shapes[node], _key(free) if free_key is None else free_key)
+        key = (
+            (pod.mig, pod.may_borrow, pod.namespace),
+            self._shapes[node],
+            _key(free) if free_key is None else free_key,
+        )
         if key in self._verdicts:
             return self._verdicts[key]
         verdict = place(pod, _with_free(self.snapshot.nodes[node], free), node, self.rules)
@@ -277,7 +304,13 @@ class _Round:
         return placement
 
     def best_node(self, pod: PodRequest) -> str:
-        """Where the pod fits best now: the cheapest, then tightest fit, then the name; "" for nowhere."""
+        """Where the pod fits best now: the cheapest, then tightest fit, then the name; "" for nowhere.
+
+        Until a plan is counted slices are only taken, so a pod that fits nowhere fits nowhere until then:
+        the pods of a workload waiting alike are looked for once."""
+        alike = self._alike(pod)
+        if self._nowhere.get(alike) == self.commits:
+            return ""
         best: tuple[int, int, str] | None = None
         for (_, free_key), members in self._groups.items():
             placement = self.fits(pod, next(iter(members)), self.free[next(iter(members))], free_key)
@@ -288,7 +321,10 @@ class _Round:
                     if best is None or (placement.cost, placement.leftover, name) < best:
                         best = (placement.cost, placement.leftover, name)
                     break
-        return "" if best is None else best[2]
+        if best is None:
+            self._nowhere[alike] = self.commits
+            return ""
+        return best[2]
 
     def placement(self, pod: PodRequest, node: str, free: Mapping[str, int]) -> Placement | None:
         """`fits`, naming `node`."""
@@ -321,67 +357,134 @@ class _Round:
 
     def home(self, record: PodRecord, loan: Loan) -> str:
         """A node where a borrower's original request fits exactly now, the tightest; "" when none."""
-        return self.best_node(dataclasses.replace(record.request, mig=loan.original, no_borrow="restoring a borrower"))
+        request = record.request
+        alike: object = ((loan.original, False, request.namespace), request.constraints)  # `_alike`, restored
+        if self.may_run_on is not placement_rules:
+            alike = record.request.uid
+        found = self._homes.get(alike)
+        if found is None or found[0] != self.version:
+            restored = dataclasses.replace(request, mig=loan.original, no_borrow="restoring a borrower")
+            found = self._homes[alike] = (self.version, self.best_node(restored))
+        return found[1]
+
+    def _lower_than(self, priority: int) -> list[str]:
+        """The nodes holding a pod of lower priority than `priority` that may be a victim, in name order."""
+        below = self._below.get(priority)
+        if below is None:
+            below = self._below[priority] = [
+                name
+                for name, holders in sorted(self.holders.items())
+                if holders and holders[0].request.priority < priority
+            ]
+        return below
 
     def best_preemption(self, record: PodRecord) -> Preemption | None:
         pod = record.request
+        # A preemptor with no plan has none until a plan is counted: until then slices are only taken, and
+        # with fewer free slices no node that could not make room for it can.
+        alike = self._alike(pod, pod.priority)
+        if self._hopeless.get(alike) == self.commits:
+            return None
         fates: dict[str, Victim] = {}  # victims as they would fare, by uid: computed once per preemptor
         grantable: dict[str, frozenset[str]] = {}  # by GPU model
         found: list[tuple[tuple[object, ...], Preemption]] = []
-        for name, holders in sorted(self.holders.items()):
+        for name in self._lower_than(pod.priority):
             if len(found) >= self.enough:
                 break
-            node = self.snapshot.nodes[name]
-            if not holders or holders[0].request.priority >= pod.priority or not self.may_run_on(pod, node):
+            node, holders = self.snapshot.nodes[name], self.holders[name]
+            if not self.may_run_on(pod, node):
                 continue
             if self.fits(pod, name, node.allocatable) is None:
                 continue  # not even on the node emptied
             types = grantable.get(node.gpu_product)
             if types is None:
                 types = grantable[node.gpu_product] = self.grantable(pod, node)
-            lower = [
-                holder
-                for holder in holders
-                if holder.request.priority < pod.priority and any(t in types for t, _ in holder.request.mig)
-            ]
+            lower = self._lower(name, holders, pod.priority, types)
             if not lower:
                 continue
             victims = [self._victim(holder, fates) for holder in lower]
             plan = self._victims_on(record, name, victims)
             if plan is not None:
                 found.append((_rank(plan), plan))
-        return min(found, key=lambda item: item[0])[1] if found else None
+        if not found:
+            self._hopeless[alike] = self.commits
+            return None
+        return min(found, key=lambda item: item[0])[1]
+
+    def _lower(self, node: str, holders: list[PodRecord], priority: int, types: frozenset[str]) -> list[PodRecord]:
+        """The pods on `node` of lower priority than `priority` holding one of `types`: those that could make
+        room. Remembered until the node's holders change (a plan on it is counted)."""
+        key = (node, priority, types)
+        found = self._lowers.get(key)
+        if found is None or found[0] is not holders:
+            lower = [
+                holder
+                for holder in holders
+                if holder.request.priority < priority and any(t in types for t, _ in holder.request.mig)
+            ]
+            found = self._lowers[key] = (holders, lower)
+        return found[1]
 
     def _victim(self, record: PodRecord, fates: dict[str, Victim]) -> Victim:
         victim = fates.get(record.request.uid)
         if victim is None:
-            read = record_loan(record)
+            # The same pod is a possible victim of every preemptor of higher priority: its loan is read once a
+            # round, and the victim made anew only when its home changed.
+            known = self._known.get(record.request.uid)
+            read = record_loan(record) if known is None else known.loan
             loan = read if isinstance(read, Loan) else None  # a record that cannot be read makes no borrower
-            victim = Victim(record, loan, self.home(record, loan) if loan is not None else "")
-            fates[record.request.uid] = victim
+            home = self.home(record, loan) if loan is not None else ""
+            victim = known if known is not None and known.home == home else Victim(record, loan, home)
+            fates[record.request.uid] = self._known[record.request.uid] = victim
         return victim
 
     def _victims_on(self, record: PodRecord, node: str, lower: list[Victim]) -> Preemption | None:
         """SelectVictimsOnNode: every lower-priority pod out; then each back, most important first, if the pod
-        still fits; those that cannot come back are the victims."""
-        trial = dict(self.free[node])
-        for victim in lower:
-            _give(trial, victim.record.request.mig)
-        if self.fits(record.request, node, trial) is None:
+        still fits; those that cannot come back are the victims.
+
+        Which of them cannot come back depends only on the pod's shape, the node's shape and free slices, and
+        the slices of the victims in that order: remembered by those, nodes alike are decided once."""
+        ordered = sorted(lower, key=_importance)
+        pod = record.request
+        key = (
+            (pod.mig, pod.may_borrow, pod.namespace),
+            self._shapes[node],
+            _key(self.free[node]),
+            tuple(victim.record.request.mig for victim in ordered),
+        )
+        if key not in self._selections:
+            self._selections[key] = self._select(pod, node, [victim.record.request.mig for victim in ordered])
+        selected = self._selections[key]
+        if selected is None:
             return None
-        victims = []
-        for victim in sorted(lower, key=_importance):
-            _take(trial, victim.record.request.mig)
-            if self.fits(record.request, node, trial) is None:
-                _give(trial, victim.record.request.mig)
-                victims.append(victim)
-        placement = self.placement(record.request, node, trial)  # it fits: it did after each victim put back
-        return None if placement is None else Preemption(record, node, tuple(victims), placement)
+        chosen, placement = selected
+        if placement.node != node:
+            placement = dataclasses.replace(placement, node=node)
+        return Preemption(record, node, tuple(ordered[index] for index in chosen), placement)
+
+    def _select(self, pod: PodRequest, node: str, ordered: list[MigCounts]) -> tuple[tuple[int, ...], Placement] | None:
+        """`_victims_on` for victims holding `ordered`, most important first: the positions of those that
+        cannot come back, and the pod's placement then; None when it does not fit even with all of them gone."""
+        trial = dict(self.free[node])
+        for slices in ordered:
+            _give(trial, slices)
+        if self.fits(pod, node, trial) is None:
+            return None
+        chosen = []
+        for index, slices in enumerate(ordered):
+            _take(trial, slices)
+            if self.fits(pod, node, trial) is None:
+                _give(trial, slices)
+                chosen.append(index)
+        placement = self.placement(pod, node, trial)  # it fits: it did after each victim put back
+        return None if placement is None else (tuple(chosen), placement)
 
     def commit(self, plan: Preemption) -> Preemption:
         """Count what the plan does: victims gone, the preemptor's slices taken, returned borrowers' homes taken."""
         taken = {victim.record.request.uid for victim in plan.victims}
         self.holders[plan.node] = [r for r in self.holders[plan.node] if r.request.uid not in taken]
+        self.commits += 1
+        self._below.clear()
         for victim in plan.victims:
             self.give(plan.node, victim.record.request.mig)
         self.take(plan.node, plan.placement.slices)

@@ -19,10 +19,17 @@ make room for it. A restored borrower goes back only where it may run.
 Ties go to fewer restarts so far, then the oldest loan, then the name. A plan
 never counts a slice twice and never counts a slice that is only about to be
 freed: those show up, free, in the next round.
+
+The returner plans a round on every change of the cluster, so a round must
+cost little at fleet scale: a pod is tried only where a type it could be
+granted is free, and nodes and pods alike are decided once (`_Free`). The
+answers are exactly those of trying every pod on every node, which
+tests/unit/planner_reference.py keeps to compare with.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,9 +45,9 @@ from extender.core.cluster import (
     Snapshot,
 )
 from extender.core.constraints import NodeConstraints
-from extender.core.decide import Placement, place
-from extender.core.loan import Loan, UnreadableLoan, record_loan
-from extender.core.rules import ChainRules, ReturnMode
+from extender.core.decide import MAX_BORROW_DEMANDS, Placement, place
+from extender.core.loan import Loan, record_loan
+from extender.core.rules import ChainRules, Policy, ReturnMode
 from extender.core.status import loan_pairs
 
 RETURN_ANNOTATION = ANNOTATION_PREFIX + "return"  # "false": never return this pod
@@ -73,41 +80,34 @@ class Restore:
 
 
 def borrowers_of(records: Iterable[PodRecord], rules: ChainRules) -> list[Borrower]:
-    """The running borrowers among the cache's pods, with the return mode of the chain they borrowed on."""
-    return scan_borrowers(records, rules)[0]
+    """The running borrowers among the cache's pods, under the policy of the chain they borrowed on.
 
-
-def scan_borrowers(
-    records: Iterable[PodRecord], rules: ChainRules
-) -> tuple[list[Borrower], list[tuple[PodRecord, str]]]:
-    """The running borrowers, and the running pods whose loan record cannot be read or does not match them
-    (`record_loan`), with why: those are no borrowers, for the caller to count and report; never an error.
-
-    A loan's steps decide who goes first (eager): they count for at most what
+    A pod whose loan record cannot be read or does not match it (`record_loan`)
+    is no borrower: the cache's loan guard has counted and reported it. A
+    loan's steps decide who goes first (eager): they count for at most what
     the chains allow for the types it names (`steps_allowed`), whatever the
     record says.
     """
     found = []
-    unreadable = []
     for record in records:
         if not record.node or record.terminal or record.terminating:
             continue
         loan = record_loan(record)
-        if loan is None:
-            continue
-        if isinstance(loan, UnreadableLoan):
-            unreadable.append((record, loan.why))
+        if not isinstance(loan, Loan):
             continue
         loan = dataclasses.replace(loan, steps=min(loan.steps, steps_allowed(loan, rules)))
         # A cap that is no count (a typo) caps nothing.
         cap = untrusted.count(record.migchain.get(MAX_RESTARTS_ANNOTATION), untrusted.MAX_RESTARTS)
+        # The opt-outs are the pod owner's words: they hold a borrower back only where the admin's policy says.
+        policy = loan_policy(loan, rules)
+        opt_outs, namespace = policy.pod_opt_outs, record.request.namespace
         held_back = ""
-        if record.migchain.get(RETURN_ANNOTATION, "true") != "true":
+        if record.migchain.get(RETURN_ANNOTATION, "true") != "true" and opt_outs.honours_return(namespace):
             held_back = f"pod annotation {RETURN_ANNOTATION}={untrusted.excerpt(record.migchain[RETURN_ANNOTATION])}"
-        elif cap is not None and loan.restarts >= cap:
+        elif cap is not None and loan.restarts >= cap and opt_outs.honours_max_restarts(namespace):
             held_back = f"restarted {loan.restarts} time(s), {MAX_RESTARTS_ANNOTATION}={cap}"
-        found.append(Borrower(record, loan, return_mode_of(loan, rules), loan.restarts, held_back))
-    return found, unreadable
+        found.append(Borrower(record, loan, policy.return_mode, loan.restarts, held_back))
+    return found
 
 
 def steps_allowed(loan: Loan, rules: ChainRules) -> int:
@@ -152,29 +152,29 @@ def blocked_pending(
     snapshot: Snapshot, pending: Sequence[PodRequest], rules: ChainRules, claims: Iterable[tuple[str, MigCounts]] = ()
 ) -> list[PodRequest]:
     """The pending pods that fit nowhere once the pods before them have taken their spots: those a return helps."""
-    return _after_pending(snapshot, pending, rules, claims, _Allowed(snapshot))[1]
+    return _after_pending(_Free(snapshot, rules, claims), pending)
 
 
-def _after_pending(
-    snapshot: Snapshot,
-    pending: Sequence[PodRequest],
-    rules: ChainRules,
-    claims: Iterable[tuple[str, MigCounts]],
-    allowed: _Allowed,
-) -> tuple[_Free, list[PodRequest]]:
-    """The free slices left once `claims` and the pending pods that fit somewhere are counted, and those that do not."""
-    free = _Free({name: dict(snapshot.nodes[name].free) for name in allowed.names})
-    for node, counts in claims:
-        if node in free.nodes:
-            free.take(node, counts)
+def _after_pending(free: _Free, pending: Sequence[PodRequest]) -> list[PodRequest]:
+    """Count the spots of the pending pods that fit somewhere, in name order; return those that fit nowhere.
+
+    Taking slices never makes a pod fit where it did not, so once a pod fits
+    nowhere every later pod alike (the same request and placement rules, as a
+    workload's pods are) fits nowhere either: that is decided once.
+    """
     blocked = []
+    nowhere: set[tuple[PodShape, NodeConstraints]] = set()
     for waiting in sorted(pending, key=lambda pod: pod.key):
-        spot = _best_spot(waiting, snapshot, allowed.nodes(waiting), free.nodes, rules)
+        alike = (_shape(waiting), waiting.constraints)
+        spot = None if alike in nowhere else free.best_spot(waiting)
         if spot is None:
+            nowhere.add(alike)
             blocked.append(waiting)
-        else:
-            free.take(spot.node, spot.slices)
-    return free, blocked
+            continue
+        free.take(spot.node, spot.slices)
+        if any(count < 0 for _, count in spot.slices):
+            nowhere.clear()  # a count below zero (never read from a pod) gives slices back: all may fit again
+    return blocked
 
 
 def plan_returns(
@@ -190,56 +190,60 @@ def plan_returns(
     `claims` (returns under way whose pods are not back yet) are not free:
     counting them would restart a borrower only for it to borrow again.
     """
-    allowed = _Allowed(snapshot)
-    free, blocked = _after_pending(snapshot, pending, rules, claims, allowed)
+    free = _Free(snapshot, rules, claims)
+    blocked = _after_pending(free, pending)
     plans: list[Restore] = []
     movable = sorted((b for b in borrowers if not b.held_back and b.mode is not ReturnMode.NEVER), key=Borrower.order)
     for borrower in (b for b in movable if b.mode is ReturnMode.EAGER):
         if not free.enough(borrower.loan.original):
             continue
-        target = _exact_home(borrower, snapshot, allowed, free.nodes, rules)
+        target = free.exact_home(borrower)
         if target is not None:
             free.take(target, borrower.loan.original)
             plans.append(Restore(borrower, target, "", f"a free {_names(borrower.loan.original)} on {target} (eager)"))
     planned = {plan.borrower.key for plan in plans}
-    on_demand = [b for b in movable if b.mode is ReturnMode.ON_DEMAND]
+    on_demand = _OnDemand([b for b in movable if b.mode is ReturnMode.ON_DEMAND])
+    # A kind of pending pod no borrower can make room for stays so until a return changes what is free.
+    hopeless: dict[tuple[PodShape, NodeConstraints], tuple[int, int]] = {}
     for waiting in blocked:
-        for borrower in on_demand:
+        alike, now = (_shape(waiting), waiting.constraints), (free.version, len(plans))
+        if hopeless.get(alike) == now:
+            continue
+        for borrower in on_demand.worth_trying(waiting, free):
             if borrower.key in planned:
                 continue
-            restore = _unblock(borrower, waiting, snapshot, allowed=allowed, free=free, rules=rules)
+            restore = _unblock(borrower, waiting, free)
             if restore is not None:
                 plans.append(restore)
                 planned.add(borrower.key)
                 break
+        else:
+            hopeless[alike] = now
     return tuple(plans)
 
 
-def _unblock(
-    borrower: Borrower, waiting: PodRequest, snapshot: Snapshot, *, allowed: _Allowed, free: _Free, rules: ChainRules
-) -> Restore | None:
+def _unblock(borrower: Borrower, waiting: PodRequest, free: _Free) -> Restore | None:
     """Plan `borrower`'s return if, with its slices given back, `waiting` fits on its node."""
     home = borrower.record.node
     if home not in free.nodes or not free.enough(borrower.loan.original):
         return None
-    if not worth_a_return(waiting, snapshot.nodes[home]):
+    if not worth_a_return(waiting, free.snapshot.nodes[home]):
         return None  # it may not run there: the restart would buy it nothing
-    given_back = dict(free.nodes[home])
-    for resource, count in borrower.loan.borrowed:
-        given_back[resource] = given_back.get(resource, 0) + count
-    if not isinstance(place(waiting, _with_free(snapshot.nodes[home], given_back), home, rules), Placement):
+    given_back = _plus(free.nodes[home], borrower.loan.borrowed)
+    if free.fits(waiting, home, given_back) is None:
         return None  # cheap test first: would the waiting pod fit there at all?
-    target = _exact_home(borrower, snapshot, allowed, free.nodes, rules)
+    target = free.exact_home(borrower)
     if target is None:
         return None
-    trial = free.copy()
-    trial.take(target, borrower.loan.original)
-    trial.give(home, borrower.loan.borrowed)
-    placement = place(waiting, _with_free(snapshot.nodes[home], trial.nodes[home]), home, rules)
-    if not isinstance(placement, Placement):
+    after = dict(free.nodes[home])
+    if target == home:
+        after = _plus(after, tuple((resource, -count) for resource, count in borrower.loan.original))
+    placement = free.fits(waiting, home, _plus(after, borrower.loan.borrowed))
+    if placement is None:
         return None
-    trial.take(home, placement.slices)  # the unblocked pod will take them: no one else may
-    free.adopt(trial)
+    free.take(target, borrower.loan.original)
+    free.give(home, borrower.loan.borrowed)
+    free.take(home, placement.slices)  # the unblocked pod will take them: no one else may
     return Restore(
         borrower,
         target,
@@ -248,39 +252,61 @@ def _unblock(
     )
 
 
-class _Allowed:
-    """The nodes offering slices that each pod may run on, in name order, found once per distinct set of
-    placement rules: pods of one workload share theirs, so a round matches rules against the nodes a few
-    times, not once per pending pod."""
+PodShape = tuple[MigCounts, bool, str]  # what `place` reads of a pod: its slices, whether it may borrow, its namespace
 
-    def __init__(self, snapshot: Snapshot) -> None:
-        self.snapshot = snapshot
-        self.names = sorted(name for name, node in snapshot.nodes.items() if node.offers_slices)
-        self.found: dict[NodeConstraints, list[str]] = {}
 
-    def nodes(self, pod: PodRequest) -> list[str]:
-        found = self.found.get(pod.constraints)
-        if found is None:
-            nodes = self.snapshot.nodes
-            found = self.found[pod.constraints] = [name for name in self.names if pod.may_run_on(nodes[name])]
-        return found
+def _shape(pod: PodRequest) -> PodShape:
+    return (pod.mig, pod.may_borrow, pod.namespace)
+
+
+def _plain(mig: MigCounts) -> bool:
+    """A request of at least one slice of each type it names: it fits only where one of its types is free.
+    Every request read from a pod is; a loan record edited by hand may not be, and is then searched node by node."""
+    return bool(mig) and all(count > 0 for _, count in mig)
 
 
 class _Free:
-    """Free slices per node during planning, with fleet-wide totals for quick tests."""
+    """The free slices per node during one plan, and the searches over them.
 
-    def __init__(self, nodes: dict[str, dict[str, int]]) -> None:
-        self.nodes = nodes
+    A pending pod was once tried on every node, CPU-only and full ones
+    included: 400 pending pods on 2,000 nodes took seconds a round. Here nodes
+    alike in what `place` reads (GPU model, MIG state, allocatable and free
+    slices: a "state") are filed together in name order, with an index from
+    each type to the states that have it free. A pod is decided once per
+    state that has a type it could be granted free, and within a state the
+    first node it may run on stands for all. The answers are those of trying
+    every node in name order: the cheapest, then the tightest fit, then the
+    first name.
+    """
+
+    def __init__(self, snapshot: Snapshot, rules: ChainRules, claims: Iterable[tuple[str, MigCounts]]) -> None:
+        self.snapshot = snapshot
+        self.rules = rules
+        # Nodes being repartitioned offer nothing; name order is the order of ties.
+        names = sorted(name for name, node in snapshot.nodes.items() if node.offers_slices)
+        self.nodes = {name: dict(snapshot.nodes[name].free) for name in names}
         self.totals: dict[str, int] = {}
-        for slices in nodes.values():
+        for slices in self.nodes.values():
             for resource, count in slices.items():
                 self.totals[resource] = self.totals.get(resource, 0) + count
-
-    def copy(self) -> _Free:
-        return _Free({name: dict(slices) for name, slices in self.nodes.items()})
-
-    def adopt(self, other: _Free) -> None:
-        self.nodes, self.totals = other.nodes, other.totals
+        self.version = 0  # bumped by every change: what was found at one version holds until the next
+        self._products = sorted({snapshot.nodes[name].gpu_product for name in names})
+        self._states: dict[str, int] = {}  # a node state, as NodeState.signature writes it -> its number
+        self._state: dict[str, int] = {}  # node -> its state's number
+        self._members: dict[int, list[str]] = {}  # state -> its nodes, in name order
+        self._free_types: list[frozenset[str]] = []  # state -> the types it has free
+        self._holding: dict[str, set[int]] = {}  # type -> the states that have it free
+        self._pods: dict[PodShape, int] = {}  # pod shape -> its number
+        self._verdicts: dict[tuple[int, int], Placement | None] = {}  # (pod, state) -> how it fits, if it does
+        self._usable: dict[PodShape, tuple[frozenset[str], ...]] = {}
+        self._admitted: dict[NodeConstraints, dict[str, bool]] = {}
+        self._homes: dict[tuple[PodShape, NodeConstraints], tuple[int, str | None]] = {}
+        for name in names:
+            state = self._state[name] = self._number(snapshot.nodes[name])
+            self._members.setdefault(state, []).append(name)  # in name order: the names come sorted
+        for node_name, counts in claims:
+            if node_name in self.nodes:
+                self.take(node_name, counts)
 
     def enough(self, counts: MigCounts) -> bool:
         """A quick necessary test before a search: the fleet has that many free slices of each type at all."""
@@ -294,26 +320,171 @@ class _Free:
         for resource, count in counts:
             slices[resource] = slices.get(resource, 0) + count
             self.totals[resource] = self.totals.get(resource, 0) + count
+        self.version += 1
+        state = self._number(self.snapshot.nodes[node], slices)
+        if state != self._state[node]:
+            before = self._members[self._state[node]]
+            del before[bisect.bisect_left(before, node)]
+            bisect.insort(self._members.setdefault(state, []), node)
+            self._state[node] = state
+
+    def _number(self, node: NodeState, slices: Mapping[str, int] | None = None) -> int:
+        """The number of the state of `node` with `slices` free (by default what the snapshot has free), as
+        `place` sees it (`_with_free`: its allocatable types only, none fewer than zero). The key is the
+        signature that node would have: the snapshot's nodes bring theirs computed."""
+        if slices is None:
+            free, key = node.free, node.signature
+        else:
+            free = {resource: max(0, slices.get(resource, 0)) for resource in node.allocatable}
+            key = repr(
+                (node.gpu_product, node.mig_config_state, sorted(node.allocatable.items()), sorted(free.items()))
+            )
+        number = self._states.get(key)
+        if number is None:
+            number = self._states[key] = len(self._states)
+            self._free_types.append(frozenset(resource for resource, count in free.items() if count > 0))
+            for resource in self._free_types[number]:
+                self._holding.setdefault(resource, set()).add(number)
+        return number
+
+    def with_free(self, types: frozenset[str], among: Collection[str]) -> Iterable[str]:
+        """The nodes `among` those given that have a slice of one of `types` free now."""
+        states = {state for resource in types for state in self._holding.get(resource, ())}
+        if sum(len(self._members.get(state, ())) for state in states) < len(among):
+            return [name for state in states for name in self._members.get(state, ()) if name in among]
+        return [
+            name for name in among if name in self._state and not self._free_types[self._state[name]].isdisjoint(types)
+        ]
+
+    def fits(self, pod: PodRequest, node: str, slices: Mapping[str, int]) -> Placement | None:
+        """How `pod` fits `node` with `slices` free, or None; the placement may name another node alike."""
+        return self._fits(pod, self._pod_number(pod), self._number(self.snapshot.nodes[node], slices), node, slices)
+
+    def _fits(
+        self, pod: PodRequest, pod_number: int, state: int, node: str, slices: Mapping[str, int]
+    ) -> Placement | None:
+        key = (pod_number, state)
+        if key in self._verdicts:
+            return self._verdicts[key]
+        verdict = place(pod, _with_free(self.snapshot.nodes[node], slices), node, self.rules)
+        placement = verdict if isinstance(verdict, Placement) else None
+        self._verdicts[key] = placement
+        return placement
+
+    def _pod_number(self, pod: PodRequest) -> int:
+        return self._pods.setdefault(_shape(pod), len(self._pods))
+
+    def may_run_on(self, pod: PodRequest, node: str) -> bool:
+        admitted = self._admitted.setdefault(pod.constraints, {})
+        verdict = admitted.get(node)
+        if verdict is None:
+            verdict = admitted[node] = pod.may_run_on(self.snapshot.nodes[node])
+        return verdict
+
+    def best_spot(self, pod: PodRequest) -> Placement | None:
+        """Where the scheduler would put a pending pod now, among the nodes it may run on: the cheapest, then
+        the tightest fit, then the first name."""
+        pod_number = self._pod_number(pod)
+        best: Placement | None = None
+        best_rank: tuple[int, int, str] | None = None
+        for state in self._candidates(pod):
+            members = self._members.get(state)
+            if not members:
+                continue
+            placement = self._fits(pod, pod_number, state, members[0], self.nodes[members[0]])
+            if placement is None or (best_rank is not None and (placement.cost, placement.leftover) > best_rank[:2]):
+                continue
+            for name in members:  # in name order: the first it may run on stands for the state
+                if self.may_run_on(pod, name):
+                    rank = (placement.cost, placement.leftover, name)
+                    if best_rank is None or rank < best_rank:
+                        best, best_rank = placement, rank
+                    break
+        if best is None or best_rank is None or best.node == best_rank[2]:
+            return best
+        return dataclasses.replace(best, node=best_rank[2])
+
+    def _candidates(self, pod: PodRequest) -> Iterable[int]:
+        """The states where `pod` could fit at all: for each type it asks for, one it could be granted is free.
+        Every state for a request that is not plain."""
+        if not _plain(pod.mig):
+            return list(self._members)
+        found: set[int] | None = None
+        for types in self.usable(pod):
+            states: set[int] = set()
+            for resource in types:
+                states.update(self._holding.get(resource, ()))
+            found = states if found is None else found & states
+            if not found:
+                return ()
+        return found or ()
+
+    def usable(self, pod: PodRequest) -> tuple[frozenset[str], ...]:
+        """Per type the pod asks for, the types it could be granted for it on some node of the fleet: its own,
+        and those its chains let it borrow (as decide._options offers them), whatever the GPU model."""
+        shape = _shape(pod)
+        usable = self._usable.get(shape)
+        if usable is None:
+            borrows = pod.may_borrow and len(pod.mig) <= MAX_BORROW_DEMANDS
+            usable = self._usable[shape] = tuple(
+                frozenset(
+                    {requested}
+                    | {
+                        option.granted
+                        for product in (self._products if borrows else ())
+                        for option in self.rules.borrow_options(requested, product, pod.namespace)
+                        if option.allowed
+                    }
+                )
+                for requested, _ in pod.mig
+            )
+        return usable
+
+    def exact_home(self, borrower: Borrower) -> str | None:
+        """The node the restored pod would land on: an exact fit of its original request where it may run,
+        the tightest, then the first name. It comes back with the borrower's placement rules."""
+        restored = restored_request(borrower)
+        alike = (_shape(restored), restored.constraints)
+        found = self._homes.get(alike)
+        if found is None or found[0] != self.version:
+            spot = self.best_spot(restored)  # an exact fit costs nothing: the tightest wins
+            found = self._homes[alike] = (self.version, None if spot is None else spot.node)
+        return found[1]
 
 
-def _exact_home(
-    borrower: Borrower,
-    snapshot: Snapshot,
-    allowed: _Allowed,
-    free: Mapping[str, Mapping[str, int]],
-    rules: ChainRules,
-) -> str | None:
-    """The node the restored pod would land on: an exact fit of its original request where it may run,
-    best score, then name. It comes back with the borrower's placement rules."""
-    restored = restored_request(borrower)
-    best: tuple[int, str] | None = None
-    for name in allowed.nodes(restored):
-        verdict = place(restored, _with_free(snapshot.nodes[name], free[name]), name, rules)
-        if isinstance(verdict, Placement):
-            rank = (verdict.leftover, name)  # the tightest fit, as the scheduler's score prefers
-            if best is None or rank < best:
-                best = rank
-    return None if best is None else best[1]
+class _OnDemand:
+    """The on-demand borrowers in the order they are tried, indexed by the types they hold and by node."""
+
+    def __init__(self, borrowers: Sequence[Borrower]) -> None:
+        self.borrowers = borrowers
+        self.holding: dict[str, list[int]] = {}  # borrowed type -> positions
+        self.on: dict[str, list[int]] = {}  # node -> positions
+        self.asked: dict[MigCounts, set[int]] = {}  # original request -> positions
+        for position, borrower in enumerate(borrowers):
+            for resource, _ in borrower.loan.borrowed:
+                self.holding.setdefault(resource, []).append(position)
+            self.on.setdefault(borrower.record.node, []).append(position)
+            self.asked.setdefault(borrower.loan.original, set()).add(position)
+
+    def worth_trying(self, waiting: PodRequest, free: _Free) -> Iterable[Borrower]:
+        """The borrowers whose return might make room for `waiting`, in order: the fleet has their original
+        request free (`_Free.enough`), and a slice `waiting` could be granted is free on the borrower's node
+        once the borrower gives its own back, so the borrower holds such a type, or the node has one free."""
+        if waiting.constraints.depends_on_pods:
+            return ()  # worth_a_return says no to every one
+        returnable: set[int] = set()
+        for original, asking in self.asked.items():
+            if free.enough(original):
+                returnable |= asking
+        if not _plain(waiting.mig):
+            return [self.borrowers[position] for position in sorted(returnable)]
+        types = frozenset().union(*free.usable(waiting))
+        positions: set[int] = set()
+        for resource in types:
+            positions.update(self.holding.get(resource, ()))
+        for node in free.with_free(types, among=self.on):
+            positions.update(self.on[node])
+        return [self.borrowers[position] for position in sorted(positions & returnable)]
 
 
 def restored_request(borrower: Borrower) -> PodRequest:
@@ -321,23 +492,11 @@ def restored_request(borrower: Borrower) -> PodRequest:
     return dataclasses.replace(borrower.record.request, mig=borrower.loan.original, no_borrow="restoring a borrower")
 
 
-def _best_spot(
-    pod: PodRequest,
-    snapshot: Snapshot,
-    allowed: Sequence[str],
-    free: Mapping[str, Mapping[str, int]],
-    rules: ChainRules,
-) -> Placement | None:
-    """Where the scheduler would put a pending pod now, among the nodes it may run on (in name order):
-    the cheapest, then tightest fit, then the name."""
-    best: Placement | None = None
-    for name in allowed:
-        verdict = place(pod, _with_free(snapshot.nodes[name], free[name]), name, rules)
-        if isinstance(verdict, Placement) and (
-            best is None or (verdict.cost, verdict.leftover) < (best.cost, best.leftover)
-        ):
-            best = verdict
-    return best
+def _plus(slices: Mapping[str, int], counts: MigCounts) -> dict[str, int]:
+    added = dict(slices)
+    for resource, count in counts:
+        added[resource] = added.get(resource, 0) + count
+    return added
 
 
 def _with_free(node: NodeState, free: Mapping[str, int]) -> NodeState:
@@ -350,10 +509,17 @@ def _names(counts: MigCounts) -> str:
     return ", ".join(f"{count}x {resource}" for resource, count in counts)
 
 
-def return_mode_of(loan: Loan, rules: ChainRules) -> ReturnMode:
-    # Loans outlive rule edits: the chain's current policy decides, and a loan
-    # whose chain is gone returns on demand, the default.
+def loan_policy(loan: Loan, rules: ChainRules) -> Policy:
+    """The policy a loan is returned by: its chain's, from the signed record.
+
+    Loans outlive rule edits: the chain's current policy decides, and a loan
+    whose chain is gone is under the default one (on demand, no pod opt-outs).
+    """
     for chain in rules.chains:
         if chain.name in loan.chains:
-            return chain.policy.return_mode
-    return ReturnMode.ON_DEMAND
+            return chain.policy
+    return Policy()
+
+
+def return_mode_of(loan: Loan, rules: ChainRules) -> ReturnMode:
+    return loan_policy(loan, rules).return_mode

@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 
 from extender.core.mig import parse_mig_resource, short_name
 
+# Answers of `ChainRules.borrow_options` remembered at most: its keys come from pods (their namespaces), so
+# the memo is bounded, and started afresh when full; a few hundred namespaces times a few types fit.
+MEMO_ENTRIES = 4096
+
 
 class ReturnMode(enum.Enum):
     EAGER = "eager"
@@ -27,6 +31,25 @@ class NamespaceSelector:
 
 
 @dataclass(frozen=True)
+class PodOptOuts:
+    """Which return opt-outs a pod's owner writes the admin honours, and in which namespaces.
+
+    Off by default: the annotations are the tenant's, the return policy the
+    admin's, so a pod keeps a slice it borrowed only where the admin lets it.
+    """
+
+    never_return: bool = False  # migchain.io/return: "false"
+    max_restarts: bool = False  # migchain.io/max-restarts: "N" (a cap of 0 is the same opt-out)
+    namespaces: NamespaceSelector = field(default_factory=NamespaceSelector)
+
+    def honours_return(self, namespace: str) -> bool:
+        return self.never_return and self.namespaces.admits(namespace)
+
+    def honours_max_restarts(self, namespace: str) -> bool:
+        return self.max_restarts and self.namespaces.admits(namespace)
+
+
+@dataclass(frozen=True)
 class Policy:
     """Limits on borrowing along the chains of one rules file."""
 
@@ -38,6 +61,7 @@ class Policy:
     # None: live. A selector: in the namespaces it admits, borrows and returns
     # along these chains are decided, logged, counted and announced, never done.
     dry_run: NamespaceSelector | None = None
+    pod_opt_outs: PodOptOuts = field(default_factory=PodOptOuts)
 
     def denial(self, granted: str, steps: int, namespace: str, chain: str) -> str | None:
         """Why this policy forbids borrowing `granted` `steps` up `chain`, or None if it allows it."""
@@ -91,7 +115,8 @@ class ChainRules:
                         upward.setdefault((requested, product), []).append((chain.types[high], high - low, chain))
         self._upward = {key: tuple(value) for key, value in upward.items()}
         # Memo of borrow_options; the rules never change, so entries never go stale.
-        # Concurrent fills compute the same value, so the race is harmless.
+        # Concurrent fills compute the same value, so the race is harmless. Only types
+        # some chain starts from are remembered, at most MEMO_ENTRIES answers.
         self._memo: dict[tuple[str, str, str], tuple[BorrowOption, ...]] = {}
         self._by_name = {chain.name: chain for chain in self.chains}
 
@@ -119,8 +144,11 @@ class ChainRules:
         cached = self._memo.get(key)
         if cached is not None:
             return cached
+        upward = self._upward.get((requested, gpu_product))
+        if upward is None:
+            return ()  # no chain for it: a pod may name any type, so nothing is remembered of it
         best: dict[str, BorrowOption] = {}
-        for granted, steps, chain in self._upward.get((requested, gpu_product), ()):
+        for granted, steps, chain in upward:
             option = BorrowOption(
                 granted, steps, chain.name, chain.policy.denial(granted, steps, namespace, chain.name)
             )
@@ -128,6 +156,8 @@ class ChainRules:
             if current is None or _preference(option) < _preference(current):
                 best[granted] = option
         options = tuple(sorted(best.values(), key=_preference))
+        if len(self._memo) >= MEMO_ENTRIES:
+            self._memo.clear()
         self._memo[key] = options
         return options
 

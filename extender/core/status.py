@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from extender.core.cluster import REPLACED_UID_ANNOTATION, MigCounts, PodRecord, Snapshot
-from extender.core.loan import Loan, UnreadableLoan, record_loan
+from extender.core.loan import Loan, record_loan
 from extender.core.mig import parse_mig_resource, short_name
 
 
@@ -64,7 +64,8 @@ class LoanRow:
 class ClusterStatus:
     nodes: tuple[NodeRow, ...] = ()
     loans: tuple[LoanRow, ...] = ()
-    unreadable: tuple[str, ...] = ()  # bound pods whose loan record cannot be read (namespace/name): no loan
+    # Pods whose loan record migchain did not believe (namespace/name; core/loan.py vouched): they hold no loan.
+    doubted: tuple[str, ...] = ()
 
     def types(self) -> list[str]:
         """Every MIG type on some node, smallest first."""
@@ -124,27 +125,19 @@ def loan_pairs(loan: Loan) -> tuple[tuple[str, str, int], ...]:
 
 
 def loan_rows(records: Iterable[PodRecord]) -> list[LoanRow]:
-    """The borrowers that hold slices now, sorted by namespace and name."""
-    return read_loans(records)[0]
-
-
-def read_loans(records: Iterable[PodRecord]) -> tuple[list[LoanRow], list[tuple[PodRecord, str]]]:
-    """The borrowers that hold slices now, sorted by namespace and name; and the bound pods whose loan
-    record cannot be read or does not match them (`record_loan`), with why: those hold no loan."""
+    """The borrowers that hold slices now, sorted by namespace and name. A pod whose loan record cannot be
+    read or does not match it (`record_loan`) holds no loan: the loan guard counted and reported it."""
     loans = []
-    unreadable = []
     for record in records:
         # Only a borrower carries the replaced UID: a cheap test before reading the record.
         if REPLACED_UID_ANNOTATION not in record.migchain or not record.node or record.terminal:
             continue
         loan = record_loan(record)
-        if isinstance(loan, UnreadableLoan):
-            unreadable.append((record, loan.why))
-        elif loan is not None:
+        if isinstance(loan, Loan):
             request = record.request
             loans.append(LoanRow(request.namespace, request.name, record.node, loan, record.created))
     loans.sort(key=lambda row: (row.namespace, row.pod))
-    return loans, unreadable
+    return loans
 
 
 def on_loan(loans: Iterable[LoanRow]) -> dict[tuple[str, str], int]:
@@ -173,9 +166,10 @@ def slice_totals(snapshot: Snapshot) -> dict[str, tuple[int, int]]:
     return {resource: (count, free.get(resource, 0)) for resource, count in allocatable.items()}
 
 
-def cluster_status(snapshot: Snapshot, records: Iterable[PodRecord]) -> ClusterStatus:
-    """Nodes that have MIG slices, and the borrowers that hold some, both sorted by name."""
-    loans, unreadable = read_loans(records)
+def cluster_status(snapshot: Snapshot, records: Iterable[PodRecord], doubted: Iterable[str] = ()) -> ClusterStatus:
+    """Nodes that have MIG slices, and the borrowers that hold some, both sorted by name; `doubted`, the pods
+    whose loan record was not believed."""
+    loans = loan_rows(records)
     borrowed: dict[str, Counter[str]] = {}
     for row in loans:
         for _, granted, count in row.pairs:
@@ -194,7 +188,7 @@ def cluster_status(snapshot: Snapshot, records: Iterable[PodRecord]) -> ClusterS
         }
         if slices:
             nodes.append(NodeRow(node.name, node.gpu_product, node.mig_config_state, node.offers_slices, slices))
-    return ClusterStatus(tuple(nodes), tuple(loans), tuple(sorted(record.request.key for record, _ in unreadable)))
+    return ClusterStatus(tuple(nodes), tuple(loans), tuple(sorted(doubted)))
 
 
 # -- showing it ---------------------------------------------------------------
@@ -252,7 +246,7 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
     ]
 
 
-UNREADABLE_SHOWN = 10  # pods named in the line about unreadable loan records
+DOUBTED_SHOWN = 10  # pods named in the line about loan records not believed
 
 
 def status_text(status: ClusterStatus, now: datetime.datetime) -> str:
@@ -297,12 +291,12 @@ def status_text(status: ClusterStatus, now: datetime.datetime) -> str:
         lines += text_table(header, rows)
     else:
         lines.append("no active loans")
-    if status.unreadable:
-        shown = ", ".join(status.unreadable[:UNREADABLE_SHOWN])
-        more = len(status.unreadable) - UNREADABLE_SHOWN
+    if status.doubted:
+        shown = ", ".join(status.doubted[:DOUBTED_SHOWN])
+        more = len(status.doubted) - DOUBTED_SHOWN
         lines.append(
-            f"{len(status.unreadable)} pod(s) whose loan record cannot be read, not counted as loans: {shown}"
-            + (f" and {more} more" if more > 0 else "")
+            f"{len(status.doubted)} pod(s) whose loan record is not believed (forged, unsigned or unreadable), "
+            f"not counted as loans: {shown}" + (f" and {more} more" if more > 0 else "")
         )
     return "\n".join(lines)
 
@@ -343,5 +337,5 @@ def status_document(status: ClusterStatus, now: datetime.datetime) -> dict[str, 
             }
             for row in status.loans
         ],
-        "unreadable_loans": list(status.unreadable),
+        "doubted_loans": list(status.doubted),
     }

@@ -33,6 +33,7 @@ from extender.kube.api import ApiError, KubeApi
 from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder, pod_reference
 from extender.kube.executor import BorrowError, Executor, pod_path
+from extender.kube.once import Once
 from extender.metrics import Metrics
 from extender.reload import RulesInForce
 
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 RECOVERY_RETRY_SECONDS = 1.0
 RECOVERY_RETRY_MAX_SECONDS = 8.0
 RECOVERY_SWEEP_SECONDS = 60.0
+# The dry run's announced pods are looked over once they are this many (and again each time they double):
+# those no longer pending are forgotten.
+ANNOUNCED_LOOK_OVER = 1024
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,9 @@ class Binder:
         dry_run: bool = False,
     ) -> None:
         self.dry_run = dry_run  # --dry-run: every borrow only announced; the chains' policy can add namespaces
-        self._announced: set[str] = set()  # pod UIDs already told "would borrow": one Event each, not one a retry
+        # (UID, namespace, name) of pods already told "would borrow": one Event each, not one a retry.
+        self._announced = Once[tuple[str, str, str]]()
+        self._look_over_at = ANNOUNCED_LOOK_OVER
         self.api = api
         self.cache = cache
         self.rules = rules
@@ -156,13 +162,26 @@ class Binder:
         """
         message = f"would borrow on {placement.node}: {placement.describe()}"
         self.metrics.count_borrow(placement, dry_run=True)
-        if record.request.uid not in self._announced:
-            self._announced.add(record.request.uid)
+        request = record.request
+        if self._announced.first((request.uid, request.namespace, request.name)):
+            if len(self._announced) >= self._look_over_at:
+                self._forget_placed()
             log.info("dry run: %s %s", record.request.key, message, extra={"pod": record.request.key})
             self.events.record(
                 pod_reference(record.request), "WouldBorrow", f"dry run: {message}; migchain replaces no pod in dry-run"
             )
         return BindOutcome(f"dry run: {message}; migchain replaces no pod in dry-run, so the pod stays pending")
+
+    def _forget_placed(self) -> None:
+        """Forget the announced pods that are no longer pending (placed, gone, replaced): a dry run lasts."""
+
+        def pending(announced: tuple[str, str, str]) -> bool:
+            uid, namespace, name = announced
+            record = self.cache.pod(namespace, name)
+            return record is not None and record.request.uid == uid and not record.node and not record.terminal
+
+        self._announced.keep_only(pending)
+        self._look_over_at = max(ANNOUNCED_LOOK_OVER, 2 * len(self._announced))
 
     def _needless_borrow(self, pod: PodRequest, placement: Placement, rules: ChainRules) -> Rejection | None:
         """Why a borrow on the chosen node would be needless now, or None. Call under the cache's lock.
@@ -199,7 +218,7 @@ class Binder:
         pod = self.api.get(pod_path(args.pod_namespace, args.pod_name))
         if pod["metadata"].get("uid") != args.pod_uid or pod["spec"].get("nodeName"):
             raise BorrowError(f"pod {args.pod_namespace}/{args.pod_name} changed before it could borrow")
-        plan = plan_borrow(pod, placement)
+        plan = plan_borrow(pod, placement, self.executor.loan_key)
         replacement = self.executor.borrow(plan)
         message = plan.describe()
         self.events.record(pod, "Borrowed", f"{message}; replaced by pod {plan.replacement_name}")

@@ -18,6 +18,7 @@ from typing import Any
 from extender.core.cluster import MigCounts, NodeState, ObjectError, PodRecord, Snapshot, node_state, pod_record
 from extender.kube.api import ApiError, KubeApi
 from extender.ledger import Ledger, Reservation
+from extender.loan_guard import LoanGuard
 from extender.metrics import Errors
 from extender.store import SnapshotStore
 
@@ -108,8 +109,11 @@ class ClusterCache:
         store: SnapshotStore,
         clock: Callable[[], float] = time.monotonic,
         errors: Errors | None = None,
+        *,
+        loans: LoanGuard,
     ) -> None:
         self.api = api
+        self.loans = loans  # every pod's loan is believed only if migchain signed it (see extender/loan_guard.py)
         self.store = store
         self.clock = clock
         self.errors = errors if errors is not None else Errors()
@@ -199,6 +203,8 @@ class ClusterCache:
         records = [record for record in map(_pod, items) if record is not None]
         self._count_unreadable(len(items) - len(records))
         with self.lock:
+            records = [self.loans.vouch(record) for record in records]
+            self.loans.keep_only({record.request.uid for record in records})
             self.ledger.replace_pods(records)
             self._listed.add("pods")
             self._publish()
@@ -206,13 +212,15 @@ class ClusterCache:
     def _pod_event(self, kind: str, obj: dict[str, Any]) -> None:
         with self.lock:
             if kind == "DELETED":
-                self.ledger.remove_pod((obj.get("metadata") or {}).get("uid", ""))
+                uid = (obj.get("metadata") or {}).get("uid", "")
+                self.ledger.remove_pod(uid)
+                self.loans.forget(uid)
             else:
                 record = _pod(obj)
                 if record is None:
                     self._count_unreadable(1)
                 else:
-                    self.ledger.put_pod(record)
+                    self.ledger.put_pod(self.loans.vouch(record))
             self._publish()
 
     def _expire_loop(self) -> None:

@@ -22,7 +22,13 @@ from typing import Any
 import orjson
 
 from extender.core.cluster import REPLACED_UID_ANNOTATION, controller_of
-from extender.core.loan import DELETION_COST_ANNOTATION, LOWEST_DELETION_COST, BorrowPlan, recreatable
+from extender.core.loan import (
+    DELETION_COST_ANNOTATION,
+    LOWEST_DELETION_COST,
+    BorrowPlan,
+    recreatable,
+    signed_by_migchain,
+)
 from extender.kube.api import JSON_PATCH, ApiError, KubeApi, path
 
 log = logging.getLogger(__name__)
@@ -59,9 +65,12 @@ def pod_path(namespace: str, name: str) -> str:
 
 
 class Executor:
-    def __init__(self, api: KubeApi, journal_namespace: str) -> None:
+    def __init__(self, api: KubeApi, journal_namespace: str, loan_key: bytes) -> None:
         self.api = api
         self.journal_namespace = journal_namespace
+        # migchain's key (--loan-key-file): the plans it runs sign their loans with it, and a pod is its own
+        # replacement only if that signature verifies (the pod's owner can write any replaced-uid).
+        self.loan_key = loan_key
         # UIDs of the bare pods this process is replacing right now: their
         # journal entries are work in progress, not leftovers to finish.
         self._in_flight: set[str] = set()
@@ -146,9 +155,14 @@ class Executor:
                 raise
         # It exists: ours from an earlier try, or somebody else's pod of that name.
         existing = self.api.get(pod_path(plan.namespace, plan.replacement_name))
-        if (existing["metadata"].get("annotations") or {}).get(REPLACED_UID_ANNOTATION) != plan.original_uid:
+        if not self._replaces(existing, plan.original_uid):
             raise BorrowError(f"a pod named {plan.namespace}/{plan.replacement_name} already exists and is not ours")
         return existing
+
+    def _replaces(self, pod: Mapping[str, Any], uid: str) -> bool:
+        """Whether `pod` is the replacement migchain made of pod `uid`: it says so in a loan migchain signed."""
+        annotations = pod["metadata"].get("annotations") or {}
+        return annotations.get(REPLACED_UID_ANNOTATION) == uid and signed_by_migchain(pod, self.loan_key)
 
     def _delete_original(self, plan: BorrowPlan) -> None:
         resource = pod_path(plan.namespace, plan.original_name)
@@ -461,8 +475,7 @@ class Executor:
                 self._wait_pod_gone(namespace, name, uid, timeout=FINISH_WAIT_SECONDS)
                 current = None
             if current is not None:
-                annotations = current["metadata"].get("annotations") or {}
-                if annotations.get(REPLACED_UID_ANNOTATION) == uid:
+                if self._replaces(current, uid):
                     outcome = "the replacement was already created"
                 else:
                     log.error("pod %s/%s was recreated by someone else; journal kept for an admin", namespace, name)

@@ -16,6 +16,7 @@ from typing import IO
 from extender.config import ConfigError, load_rules
 from extender.core.cluster import MIGCHAIN_SCHEDULER, ObjectError, pod_record
 from extender.core.explain import candidate_nodes, explain, explain_document, explain_text
+from extender.core.loan import loan_doubt, vouched
 from extender.core.rules import ChainRules
 from extender.kube.snapshot import ClusterObjects, open_cluster
 
@@ -64,16 +65,24 @@ def render(
     if pod is None:
         raise ValueError(f"pod {namespace}/{name} not found")
     try:
-        record = pod_record(pod)
+        written = pod_record(pod)
     except ObjectError as error:
         raise ValueError(f"pod {namespace}/{name} cannot be read: {error}") from error
+    record, rejected = vouched(written, cluster.loan_key)
     if nodes:
         candidates, source = list(nodes), "given with --nodes"
     else:
         candidates = candidate_nodes(record.request, cluster.snapshot)
         source = f"the nodes it may run on: {record.request.constraints.describe()}"
     explanation = explain(
-        record, cluster.snapshot, rules, candidates, cluster.records, candidates_from=source, schedulers=schedulers
+        record,
+        cluster.snapshot,
+        rules,
+        candidates,
+        cluster.records,
+        candidates_from=source,
+        schedulers=schedulers,
+        loan_doubt=loan_doubt(written, rejected),
     )
     if output == "json":
         return json.dumps(explain_document(explanation), indent=2)
@@ -89,6 +98,7 @@ def run(
     nodes: Sequence[str] | None,
     output: str,
     schedulers: Sequence[str] = (MIGCHAIN_SCHEDULER,),
+    loan_key_file: str | None = None,
     out: IO[str] | None = None,
     err: IO[str] | None = None,
 ) -> int:
@@ -98,7 +108,7 @@ def run(
     if rules is None:
         return 1
     try:
-        cluster = open_cluster(kubeconfig)
+        cluster = open_cluster(kubeconfig, loan_key_file, lambda warning: print(f"{PROGRAM}: {warning}", file=err))
         text = render(cluster, rules, namespace, name, nodes=nodes, output=output, schedulers=schedulers)
     except ValueError as error:
         print(f"{PROGRAM}: {error}", file=err)

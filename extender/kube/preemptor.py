@@ -36,6 +36,7 @@ from extender.core.rules import ChainRules
 from extender.kube.api import ApiError
 from extender.kube.events import EventRecorder, pod_reference
 from extender.kube.executor import BorrowError, EvictionBlocked, Executor, pod_path
+from extender.kube.once import Once
 from extender.metrics import ReturnerMetrics
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,8 @@ class Preemptor:
         self.schedulers = schedulers  # pods of these schedulers preempt; others have their own
         self.dry_run = dry_run
         self.recover_soon = recover_soon  # a bare borrower evicted but maybe not recreated: finish its journal
-        self._announced: set[str] = set()  # preemptor UIDs already told "would preempt"
-        self._told_blocked: set[tuple[str, str]] = set()  # (preemptor, victim) UIDs: one Event per pair
+        self._announced = Once[str]()  # preemptor UIDs already told "would preempt"
+        self._told_blocked = Once[tuple[str, str]]()  # (preemptor, victim) UIDs: one Event per pair
         self._waiting: dict[str, tuple[str, float]] = {}  # preemptor key -> (uid, until)
         self._spared: dict[str, float] = {}  # victim uid -> until
         self._homes: dict[str, Claim] = {}  # returned victims' slices, held until they are back (core/claims.py)
@@ -97,8 +98,8 @@ class Preemptor:
         self._records = records
         self._spared = {uid: until for uid, until in self._spared.items() if until > now}
         waiting_uids = set(pending.values())  # what was said once about a pod is forgotten when it is placed
-        self._announced &= waiting_uids
-        self._told_blocked = {pair for pair in self._told_blocked if pair[0] in waiting_uids}
+        self._announced.keep_only(waiting_uids)
+        self._told_blocked.keep_only(lambda pair: pair[0] in waiting_uids)
         plans = plan_preemptions(
             snapshot,
             records,
@@ -119,9 +120,8 @@ class Preemptor:
     def announce(self, plan: Preemption) -> None:
         """Dry run: the preemption decided as usual, logged, counted and announced once; nothing evicted."""
         request = plan.preemptor.request
-        if request.uid in self._announced:
+        if not self._announced.first(request.uid):
             return
-        self._announced.add(request.uid)
         message = f"dry run: would be {plan.describe()}; nothing is evicted"
         self.metrics.preemptions.labels("dry-run").inc()
         log.info("%s %s", request.key, message, extra={"pod": request.key, "node": plan.node})
@@ -169,7 +169,7 @@ class Preemptor:
                 outcome = "evicted"
             else:
                 # Its controller recreates an owned pod; a bare pod is recreated from its loan record.
-                restored = restored_pod(pod, victim.loan.restarts + 1) if _bare(pod) else {}
+                restored = restored_pod(pod, victim.loan.restarts + 1, self.executor.loan_key) if _bare(pod) else {}
                 outcome = self.executor.restore(pod, restored, not _bare(pod))
         except EvictionBlocked as blocked:
             # The budget changed since the dry run: the rest stays, the next round plans again.
@@ -214,9 +214,7 @@ class Preemptor:
         self._spared[uid] = time.monotonic() + PDB_RETRY_SECONDS
         self.metrics.preemptions.labels("blocked").inc()
         log.info("preemption of %s blocked by a PodDisruptionBudget: %s", victim.record.request.key, why)
-        pair = (preemptor["metadata"]["uid"], uid)
-        if pair not in self._told_blocked:
-            self._told_blocked.add(pair)
+        if self._told_blocked.first((preemptor["metadata"]["uid"], uid)):
             self.events.record(
                 preemptor,
                 "PreemptionBlocked",

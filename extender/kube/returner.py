@@ -26,14 +26,16 @@ from extender.core.cluster import (
     controller_of,
 )
 from extender.core.loan import restored_pod
-from extender.core.returns import Borrower, Restore, pending_requests, plan_returns, scan_borrowers
+from extender.core.returns import Borrower, Restore, borrowers_of, pending_requests, plan_returns
 from extender.core.rules import ChainRules
 from extender.kube.api import ApiError
 from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder, pod_reference
 from extender.kube.executor import BorrowError, EvictionBlocked, Executor, pod_path
 from extender.kube.lease import LeaderElection
+from extender.kube.once import Once
 from extender.kube.preemptor import Preemptor
+from extender.loan_guard import MAX_QUEUED_REPORTS
 from extender.metrics import ReturnerMetrics
 from extender.reload import RulesInForce
 
@@ -47,14 +49,19 @@ CLAIM_SECONDS = 30.0
 # A borrower whose loan record cannot be read back (its owner edited it) is
 # not restored; it is looked at again this much later, should it be fixed.
 UNREADABLE_RETRY_SECONDS = 300.0
+# Events on pods whose loan record migchain does not believe, at most this many a round.
+REJECTED_LOANS_PER_ROUND = 20
 # A journaled return that could not be finished (its pod not gone yet, an API
 # error) is tried again this soon.
 RECOVERY_RETRY_SECONDS = 5.0
 # A round plans again without the borrowers whose return was just refused, at
 # most this many times: each plan leaves out every refusal of the one before.
 PLANS_PER_ROUND = 4
-# Pods with an unreadable loan record reported (an Event each) per round; more wait for the next rounds.
-REPORTS_PER_ROUND = 20
+# The least time from the start of one round to the start of the next. A round
+# follows every change of the cluster, and a busy cluster changes many times a
+# second: the changes that come meanwhile are planned for in one round. A round
+# at 2,000 nodes takes tens of milliseconds; a return waits this much at most.
+MIN_ROUND_GAP = 0.2
 
 
 class Returner:
@@ -67,19 +74,21 @@ class Returner:
         election: LeaderElection,
         *,
         interval: float = 2.0,
+        min_round_gap: float = MIN_ROUND_GAP,
         metrics: ReturnerMetrics | None = None,
         dry_run: bool = False,
         schedulers: tuple[str, ...] = (MIGCHAIN_SCHEDULER,),
     ) -> None:
         self.schedulers = schedulers  # --scheduler-name: pending pods for these are demand; others never cost a return
         self.dry_run = dry_run  # --dry-run: returns only announced; the chains' policy can add namespaces
-        self._announced: set[str] = set()  # borrower UIDs already told "would return"
+        self._announced = Once[str]()  # borrower UIDs already told "would return"
         self.cache = cache
         self.rules = rules
         self.executor = executor
         self.events = events
         self.election = election
         self.interval = interval
+        self.min_round_gap = min_round_gap
         self.metrics = metrics if metrics is not None else ReturnerMetrics()
         self._blocked: dict[str, float] = {}  # borrower key -> when to try again
         # Returns under way whose pod is not back yet hold their target slices, by borrower key.
@@ -97,22 +106,27 @@ class Returner:
             self.cache.changed.clear()
             if not self.election.leading():
                 self._recover_at = 0.0  # a new term starts with the journal
+                self.cache.loans.take_reports(MAX_QUEUED_REPORTS)  # the leader reports them
                 continue
+            started = time.monotonic()
             try:
                 self.round()
             except Exception:  # one bad round must not stop the returner
                 self.metrics.errors.count("returner", "round")
                 log.exception("return round failed")
+            # Changes meanwhile set `changed`: the next round, right after the gap, plans for them all.
+            stop.wait(max(0.0, self.min_round_gap - (time.monotonic() - started)))
 
     def round(self) -> None:
+        self.report_rejected_loans()
         if self._recover_at is not None and time.monotonic() >= self._recover_at:
             self._recover_at = None if self.recover() else time.monotonic() + RECOVERY_RETRY_SECONDS
         snapshot, records = self.cache.view()
         rules = self.rules.current()  # once: a round plans on one version of the rules
-        borrowers, unreadable = scan_borrowers(records, rules)
-        self.report_unreadable(unreadable)
+        borrowers = borrowers_of(records, rules)
         pending = pending_requests(records, self.schedulers)
         now = time.monotonic()
+        self._forget_gone(borrowers, now)
         # A claim ends as soon as its pod is back: from then on it counts as pending or bound.
         self._claims = {claim.key: claim for claim in open_claims(self._claims.values(), records, now)}
         claims = [(claim.node, claim.slices) for claim in self._claims.values()]
@@ -181,19 +195,21 @@ class Returner:
                 break
         return returning
 
-    def report_unreadable(self, unreadable: Sequence[tuple[PodRecord, str]]) -> None:
-        """Count, log and report with an Event, once per pod, each running pod whose loan record cannot be read."""
-        found = {record.request.uid: (record, why) for record, why in unreadable}
-        for uid in self.metrics.unreadable.report(found, REPORTS_PER_ROUND):
-            record, why = found[uid]
-            key = record.request.key
-            log.warning("%s is no borrower, its loan record cannot be read: %s", key, why, extra={"pod": key})
-            self.events.record(
-                pod_reference(record.request),
-                "LoanUnreadable",
-                f"not treated as a borrower (never returned): its loan record cannot be read: {why}",
-                "Warning",
-            )
+    def report_rejected_loans(self) -> None:
+        """One Event on each pod whose loan record the cache did not believe (a few a round: they are cheap, not
+        free, and a tenant may forge many)."""
+        for rejected in self.cache.loans.take_reports(REJECTED_LOANS_PER_ROUND):
+            key = f"{rejected.namespace}/{rejected.name}"
+            log.warning("loan of %s not believed (%s): %s", key, rejected.reason, rejected.message, extra={"pod": key})
+            reference = {"metadata": {"name": rejected.name, "namespace": rejected.namespace, "uid": rejected.uid}}
+            self.events.record(reference, "LoanRejected", rejected.message, "Warning")
+
+    def _forget_gone(self, borrowers: Sequence[Borrower], now: float) -> None:
+        """What was said or held back about borrowers is kept only while they borrow (and a pause only until it
+        ends): pods come and go for as long as the returner runs."""
+        self._announced.keep_only({borrower.record.request.uid for borrower in borrowers})
+        keys = {borrower.key for borrower in borrowers}
+        self._blocked = {key: until for key, until in self._blocked.items() if until > now and key in keys}
 
     def _recover_soon(self) -> None:
         self._recover_at = time.monotonic() + RECOVERY_RETRY_SECONDS
@@ -201,9 +217,8 @@ class Returner:
     def announce(self, restore: Restore) -> None:
         """Dry run: the return decided as usual, logged, counted and announced once; nothing evicted."""
         request = restore.borrower.record.request
-        if request.uid in self._announced:
+        if not self._announced.first(request.uid):
             return
-        self._announced.add(request.uid)
         original = ", ".join(resource for resource, _ in restore.borrower.loan.original)
         message = f"dry run: would return to {original} on {restore.target}: {restore.reason}; nothing is evicted"
         self.metrics.count_return(restore.borrower.loan, "dry-run")
@@ -232,7 +247,7 @@ class Returner:
         owned = controller_of(borrower["metadata"]) is not None
         try:
             # Its controller recreates an owned pod; a bare pod is recreated from its loan record.
-            restored = {} if owned else restored_pod(borrower, restore.borrower.restarts + 1)
+            restored = {} if owned else restored_pod(borrower, restore.borrower.restarts + 1, self.executor.loan_key)
         except ObjectError as error:
             self._blocked[request.key] = time.monotonic() + UNREADABLE_RETRY_SECONDS
             self.metrics.count_return(loan, "failed")

@@ -18,6 +18,8 @@ from typing import IO, Any
 
 import urllib3
 
+from extender.core.cluster import ObjectError, pod_record
+from extender.core.loan import vouched
 from extender.core.status import ClusterStatus, cluster_status, status_document, status_text
 from extender.kube.api import ApiError, Connection, KubeApi
 from extender.ledger import Ledger
@@ -38,17 +40,34 @@ def kubeconfig_path(given: str | None, environ: Mapping[str, str] = os.environ) 
 
 
 def status_of_objects(
-    nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]]
+    nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]], loan_key: bytes | None = None
 ) -> tuple[ClusterStatus, int]:
-    """The status of these Node and Pod objects, and how many were unreadable (skipped)."""
-    ledger, skipped = Ledger.of_readable(nodes, pods)
-    return cluster_status(ledger.snapshot(), ledger.pods()), skipped
+    """The status of these Node and Pod objects, and how many were unreadable (skipped).
+
+    With `loan_key` a loan counts only if migchain signed it, as in the extender; without, as written.
+    """
+    pods = list(pods)
+    ledger, skipped = Ledger.of_readable(nodes, pods, loan_key)
+    return cluster_status(ledger.snapshot(), ledger.pods(), _doubted(pods, loan_key)), skipped
 
 
-def read_status(api: KubeApi) -> tuple[ClusterStatus, int]:
+def _doubted(pods: Iterable[Mapping[str, Any]], loan_key: bytes | None) -> list[str]:
+    """The pods whose loan record is not believed (core/loan.py vouched), by namespace/name."""
+    found = []
+    for pod in pods:
+        try:
+            record = pod_record(pod)
+        except ObjectError:
+            continue  # counted among the skipped objects
+        if vouched(record, loan_key)[1]:
+            found.append(record.request.key)
+    return found
+
+
+def read_status(api: KubeApi, loan_key: bytes | None = None) -> tuple[ClusterStatus, int]:
     nodes, _ = api.list_all("/api/v1/nodes")
     pods, _ = api.list_all("/api/v1/pods", fieldSelector=HOLDING_PODS)
-    return status_of_objects(nodes, pods)
+    return status_of_objects(nodes, pods, loan_key)
 
 
 def render(status: ClusterStatus, output: str, now: datetime.datetime, watching: bool) -> str:
@@ -69,6 +88,7 @@ def run(
     err: IO[str] = sys.stderr,
     clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
     sleep: Callable[[float], None] = time.sleep,
+    loan_key: bytes | None = None,
 ) -> int:
     """Print the status once (exit 1 if the cluster cannot be read), or on every change until Ctrl-C (exit 0).
 
@@ -79,7 +99,7 @@ def run(
     try:
         while True:
             try:
-                status, skipped = read_status(api)
+                status, skipped = read_status(api, loan_key)
             except (ApiError, urllib3.exceptions.HTTPError, OSError) as error:
                 print(f"migchain status: cannot read nodes and pods: {error}", file=err)
                 if not watch:

@@ -1,4 +1,7 @@
-"""The Flask application: routes kube-scheduler's filter and prioritize calls to the core; no decisions here."""
+"""The Flask application: routes kube-scheduler's filter, prioritize and bind calls to the core; no decisions here.
+
+The verbs only: the probes and /metrics have their own port (extender.probes).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,13 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 from flask import Blueprint, Flask, Response, current_app, g, request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge, UnsupportedMediaType
 
+from extender.connections import certificate_names, shown_names
 from extender.core.cluster import BindRequest, PodRequest, Snapshot
 from extender.core.decide import Placement, filter_nodes, nodes_to_pass, score_nodes
 from extender.core.preempt import yield_to_nominated
@@ -53,9 +57,12 @@ class WebSettings:
     # Pass every fitting node to kube-scheduler's scoring, not just its default budget of the best.
     pass_all_nodes: bool = False
     # Mutual TLS: the verbs (which can move pods) answer only a caller that
-    # showed a client certificate the TLS layer verified; probes and metrics
-    # stay open, since kubelet and Prometheus present none.
+    # showed a client certificate the TLS layer verified. The handshake already
+    # requires one (serve.py); this is the second lock on the same door.
     require_client_certificate: bool = False
+    # And, when given, only a certificate with one of these names (common name,
+    # DNS or URI alternative name): kube-scheduler's, not any the CA signed.
+    client_identities: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,9 @@ def create_app(
     filter_log: FilterLog | None = None,
 ) -> Flask:
     """The extender's WSGI app. Without a binder (standalone, no cluster) /bind answers 503."""
-    app = Flask("migchain")
+    # No static folder: Flask would otherwise serve /static/<path> from the
+    # working directory, to anyone, before any check of ours.
+    app = Flask("migchain", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["migchain"] = _Context(
         rules, store, binder, metrics if metrics is not None else Metrics(), settings.pass_all_nodes, filter_log
@@ -90,7 +99,7 @@ def create_app(
     app.register_blueprint(routes)
     app.before_request(_start_clock)
     if settings.require_client_certificate:
-        app.before_request(_require_client_certificate)
+        app.before_request(partial(_require_scheduler, settings.client_identities))
     app.before_request(_require_cache_in_sync)
     app.after_request(_count)
     app.register_error_handler(HTTPException, _http_error)
@@ -164,34 +173,25 @@ def bind() -> Response:
     return _json(wire.error_result(outcome.error))
 
 
-@routes.get("/metrics")
-def metrics() -> Response:
-    return Response(generate_latest(_context().metrics.registry), mimetype=CONTENT_TYPE_LATEST)
-
-
-@routes.get("/healthz")
-def healthz() -> Response:
-    return _json({"status": "ok"})
-
-
-@routes.get("/readyz")
-def readyz() -> Response:
-    context = _context()
-    readiness = context.store.readiness()
-    # A rejected edit of the chain rules shows here without making the extender
-    # not-ready: the last good rules stay in force and it keeps serving.
-    detail = "; ".join(part for part in (readiness.detail, context.rules.describe()) if part)
-    return _json({"ready": readiness.ready, "detail": detail}, 200 if readiness.ready else 503)
-
-
 def _start_clock() -> None:
     g.started = time.perf_counter()
 
 
-def _require_client_certificate() -> Response | None:
-    if request.path not in VERBS or _peer_certificate(request.environ):
-        return None
-    return _json(wire.error_result(f"{request.path} needs a client certificate signed by migchain's client CA"), 403)
+def _require_scheduler(identities: frozenset[str]) -> Response | None:
+    certificate = _peer_certificate(request.environ)
+    if not certificate:
+        return _json(
+            wire.error_result(f"{request.path} needs a client certificate signed by migchain's client CA"), 403
+        )
+    names = certificate_names(certificate)
+    if identities and not names & identities:
+        return _json(
+            wire.error_result(
+                f"the client certificate ({shown_names(names)}) is not kube-scheduler's: {sorted(identities)}"
+            ),
+            403,
+        )
+    return None
 
 
 def _require_cache_in_sync() -> Response | None:
@@ -208,11 +208,12 @@ def _require_cache_in_sync() -> Response | None:
     return _json(wire.error_result(f"migchain is not ready: {readiness.detail}; retry later"), 503)
 
 
-def _peer_certificate(environ: dict[str, object]) -> object:
+def _peer_certificate(environ: dict[str, object]) -> dict[str, object] | None:
     """The client certificate the TLS handshake verified, or None (plain HTTP, or none was shown)."""
     connection = environ.get("gunicorn.socket")
     getpeercert = getattr(connection, "getpeercert", None)
-    return getpeercert() if getpeercert is not None else None
+    certificate = getpeercert() if getpeercert is not None else None
+    return certificate if isinstance(certificate, dict) else None
 
 
 def _count(response: Response) -> Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import re
 import shutil
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from tests.e2e.fleet import TEST_LABEL, mig_pod
 
 CHAINS = [str(ROOT / "chains" / name) for name in ("a100-40gb.yaml", "a100-80gb.yaml", "h100-80gb.yaml")]
 CHAINS.append(str(ROOT / "tests" / "fixtures" / "chains" / "e2e-eager.yaml"))
+CHAINS.append(str(ROOT / "tests" / "fixtures" / "chains" / "e2e-opt-outs.yaml"))  # podOptOuts honoured
 LIVE_CHAIN = ROOT / "tests" / "fixtures" / "chains" / "e2e-live.yaml"  # a copy of it is edited while migchain runs
 
 
@@ -27,7 +29,8 @@ LIVE_CHAIN = ROOT / "tests" / "fixtures" / "chains" / "e2e-live.yaml"  # a copy 
 class Cluster:
     plane: ControlPlane
     extender: Process
-    extender_port: int
+    extender_url: str  # kube-scheduler's verbs, mutual TLS
+    health_url: str  # /healthz, /readyz, /metrics, plain HTTP
     tls: ExtenderTls
     chain_files: list[str]  # what the extender and the returners load: CHAINS and a copy of LIVE_CHAIN
     returners: list[Process] = field(default_factory=list)
@@ -54,21 +57,16 @@ class Cluster:
     def api(self) -> KubeApi:
         return self.plane.api
 
-    @property
-    def extender_url(self) -> str:
-        return f"https://127.0.0.1:{self.extender_port}"
-
-    def call(self, route: str, body: bytes | None = None, *, as_scheduler: bool = True) -> tuple[int, bytes]:
-        """GET (no body) or POST JSON to the extender over its mutual TLS; with the scheduler's client
-        certificate or, with as_scheduler=False, with none (as kubelet's probes and Prometheus come)."""
+    def call(self, route: str, body: bytes | None = None) -> tuple[int, bytes]:
+        """GET (no body) or POST JSON to the extender's verbs port, as kube-scheduler: mutual TLS, its certificate."""
         request = urllib.request.Request(
             f"{self.extender_url}{route}", data=body, headers={"Content-Type": "application/json"} if body else {}
         )
-        try:
-            with urllib.request.urlopen(request, timeout=5, context=self.tls.context(as_scheduler=as_scheduler)) as r:
-                return int(r.status), r.read()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read()
+        return _answer(request, self.tls.context(as_scheduler=True))
+
+    def probe(self, route: str) -> tuple[int, bytes]:
+        """GET from the extender's health port (/healthz, /readyz, /metrics), as kubelet and Prometheus do."""
+        return _answer(urllib.request.Request(f"{self.health_url}{route}"))
 
     def restart_extender(self, *, kill: bool = True) -> None:
         if kill:
@@ -79,11 +77,11 @@ class Cluster:
         self.wait_extender_ready()
 
     def wait_extender_ready(self) -> None:
-        wait_until(lambda: self.call("/readyz", as_scheduler=False)[0] == 200, 60, "migchain /readyz")
+        wait_until(lambda: self.probe("/readyz")[0] == 200, 60, "migchain /readyz")
 
     def metric(self, name: str, **labels: str) -> float:
         """A counter or gauge sample of the extender's /metrics (0 when absent)."""
-        text = self.call("/metrics", as_scheduler=False)[1].decode()
+        text = self.probe("/metrics")[1].decode()
         total = 0.0
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -93,6 +91,14 @@ class Cluster:
 
     def logs(self) -> str:
         return self.plane.logs()
+
+
+def _answer(request: urllib.request.Request, context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(request, timeout=5, context=context) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
 
 
 @dataclass
@@ -146,8 +152,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         live_chain = folder / LIVE_CHAIN.name
         shutil.copyfile(LIVE_CHAIN, live_chain)
         chain_files = [*CHAINS, str(live_chain)]
-        extender, url = plane.start_extender(tls, chain_files)
-        live = Cluster(plane, extender, int(url.rsplit(":", 1)[1]), tls, chain_files)
+        extender = plane.start_extender(tls, chain_files)
+        live = Cluster(plane, extender.process, extender.url, extender.health_url, tls, chain_files)
         plane.start_scheduler(live.extender_url, tls)
         wait_until(lambda: _scheduler_leads(plane), 60, "kube-scheduler to take its lease")
         live.start_returner("returner-a")

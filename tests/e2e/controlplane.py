@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from extender import certs
 from extender.kube.api import ApiError, Connection, KubeApi
+from extender.kube.loan_key import create_secret, read_secret
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".cache" / "kube" / "bin"
@@ -141,6 +142,11 @@ class CertificateAuthority:
         return credentials
 
 
+# The common name `migchain certs` gives kube-scheduler's client certificate,
+# and the identity manifests/ pins the extender's verbs to.
+SCHEDULER_CLIENT = "migchain-scheduler"
+
+
 @dataclass(frozen=True)
 class ExtenderTls:
     """Mutual TLS between kube-scheduler and migchain-extender, as `migchain certs` sets it up in a cluster."""
@@ -148,30 +154,43 @@ class ExtenderTls:
     ca: Path
     serving: Credentials
     client: Credentials
+    other_client: Credentials  # signed by the same CA for another name: not kube-scheduler
+    authority: certs.CertificateAuthority | None = field(default=None, compare=False)  # to renew a leaf
 
     @classmethod
     def issue(cls, folder: Path) -> ExtenderTls:
         authority = CertificateAuthority(folder, "migchain-ca")
         serving = authority.issue("migchain-extender", hosts=("127.0.0.1", "localhost"), server=True)
-        return cls(authority.path, serving, authority.issue("migchain-scheduler", client=True))
+        client = authority.issue(SCHEDULER_CLIENT, client=True)
+        other = authority.issue("someone-else", client=True)
+        return cls(authority.path, serving, client, other, authority.authority)
 
     def extender_flags(self) -> list[str]:
         return [
             f"--tls-cert-file={self.serving.certificate}",
             f"--tls-key-file={self.serving.key}",
             f"--client-ca-file={self.ca}",
+            f"--client-identity={SCHEDULER_CLIENT}",
         ]
 
     def scheduler_config(self) -> dict[str, str]:
         """The `tlsConfig` of an extender entry in a KubeSchedulerConfiguration."""
         return {"caFile": str(self.ca), "certFile": str(self.client.certificate), "keyFile": str(self.client.key)}
 
-    def context(self, *, as_scheduler: bool) -> ssl.SSLContext:
-        """A client context trusting the extender; with the scheduler's client certificate or none."""
+    def context(self, *, as_scheduler: bool, other: bool = False) -> ssl.SSLContext:
+        """A client context trusting the extender; with the scheduler's client certificate, another one, or none."""
         context = ssl.create_default_context(cafile=str(self.ca))
-        if as_scheduler:
-            context.load_cert_chain(str(self.client.certificate), str(self.client.key))
+        if as_scheduler or other:
+            credentials = self.other_client if other else self.client
+            context.load_cert_chain(str(credentials.certificate), str(credentials.key))
         return context
+
+
+@dataclass(frozen=True)
+class Extender:
+    process: Process
+    url: str  # kube-scheduler's verbs, mutual TLS
+    health_url: str  # /healthz, /readyz, /metrics, plain HTTP
 
 
 @dataclass
@@ -180,6 +199,7 @@ class ControlPlane:
     processes: dict[str, Process] = field(default_factory=dict)
     api_port: int = 0
     kubeconfig: Path = Path()
+    loan_key: Path = Path()  # migchain's loan key, as kubelet mounts it from the Secret
 
     # -- start ----------------------------------------------------------------
 
@@ -257,6 +277,17 @@ class ControlPlane:
         # kube-scheduler's leader election lease lives in the namespace manifests/ create.
         self.ensure_namespace("migchain-system")
         self.sa_key = sa_key
+        self._make_loan_key()
+
+    def _make_loan_key(self) -> None:
+        """migchain's loan key as an install makes it (`migchain loan-key`: the Secret), and the file kubelet
+        mounts from it, which both processes read with --loan-key-file."""
+        create_secret(self.api, "migchain-system")
+        key = read_secret(self.api, "migchain-system")
+        assert key is not None
+        self.loan_key = self.folder / "loan-key" / "key"
+        self.loan_key.parent.mkdir(exist_ok=True)
+        self.loan_key.write_bytes(key)
 
     def kubeconfig_document(self, token: str) -> dict[str, Any]:
         return {
@@ -312,27 +343,28 @@ class ControlPlane:
         """The stand-in kubelet (tests/e2e/kubelet.py): runs pods bound to fake nodes, finishes deletions."""
         return self._process("fake-kubelet", [sys.executable, "-m", "tests.e2e.kubelet", str(self.kubeconfig)])
 
-    def start_extender(self, tls: ExtenderTls, chains: Sequence[str], *flags: str) -> tuple[Process, str]:
-        """migchain-extender watching this control plane over mutual TLS; returns it and its URL, once ready."""
-        port = free_port()
-        extender = self._process(
+    def start_extender(self, tls: ExtenderTls, chains: Sequence[str], *flags: str) -> Extender:
+        """migchain-extender watching this control plane, its verbs over mutual TLS; returned once ready."""
+        port, health = free_port(), free_port()
+        process = self._process(
             "migchain-extender",
             [
                 sys.executable,
                 "-m",
                 "extender.serve",
                 f"--bind=127.0.0.1:{port}",
+                f"--health-bind=127.0.0.1:{health}",
                 f"--kubeconfig={self.kubeconfig}",
+                f"--loan-key-file={self.loan_key}",
                 *tls.extender_flags(),
                 *flags,
                 "--chains",
                 *chains,
             ],
         )
-        url = f"https://127.0.0.1:{port}"
-        probe = tls.context(as_scheduler=False)
-        wait_until(lambda: _http_ok(f"{url}/readyz", probe), 60, "migchain-extender /readyz")
-        return extender, url
+        extender = Extender(process, f"https://127.0.0.1:{port}", f"http://127.0.0.1:{health}")
+        wait_until(lambda: _http_ok(f"{extender.health_url}/readyz"), 60, "migchain-extender /readyz")
+        return extender
 
     def start_returner(
         self, chains: Sequence[str], identity: str = "returner-a", env: dict[str, str] | None = None
@@ -346,6 +378,7 @@ class ControlPlane:
                 "-m",
                 "extender.returner_cli",
                 f"--kubeconfig={self.kubeconfig}",
+                f"--loan-key-file={self.loan_key}",
                 f"--identity={identity}",
                 f"--health-bind=127.0.0.1:{free_port()}",
                 "--chains",

@@ -173,7 +173,7 @@ def start_extender(cluster: Cluster, failpoint: str = "") -> None:
     extender.env = {**os.environ, FAILPOINTS: failpoint} if failpoint else None
     extender.start()
     wait_until(
-        lambda: not extender.alive() or cluster.call("/readyz", as_scheduler=False)[0] == 200,
+        lambda: not extender.alive() or cluster.probe("/readyz")[0] == 200,
         60,
         "migchain /readyz",
     )
@@ -226,7 +226,7 @@ def healed(scenario: Scenario) -> Iterator[None]:
 
 
 def extender_free_slices(cluster: Cluster) -> dict[str, float]:
-    text = cluster.call("/metrics", as_scheduler=False)[1].decode()
+    text = cluster.probe("/metrics")[1].decode()
     return {
         f"nvidia.com/mig-{sample.labels['type']}": sample.value
         for family in text_string_to_metric_families(text)
@@ -267,7 +267,7 @@ def assert_extender_agrees(cluster: Cluster) -> None:
 
 
 def extender_loans(cluster: Cluster) -> dict[tuple[str, str], float]:
-    text = cluster.call("/metrics", as_scheduler=False)[1].decode()
+    text = cluster.probe("/metrics")[1].decode()
     return {
         (sample.labels["requested"], sample.labels["granted"]): sample.value
         for family in text_string_to_metric_families(text)
@@ -747,7 +747,7 @@ def test_a_restarted_extender_binds_nothing_before_its_cache_is_in_sync(scenario
                 continue
             error = json.loads(payload).get("Error")
             answers.append(f"{status}: {error or 'bound'}")
-            if not error or cluster.call("/readyz", as_scheduler=False)[0] == 200:
+            if not error or cluster.probe("/readyz")[0] == 200:
                 break
     report("half-listed cache", bind_answers=len(answers), last=answers[-1:])
     assert not scenario.pod("intruder")["spec"].get("nodeName"), f"bound before the cache was in sync: {answers}"

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
+import ssl
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from typing import Any
 
@@ -167,8 +171,11 @@ def test_a_bind_for_a_pod_whose_uid_changed_is_refused(scenario: Scenario):
     assert not scenario.pod("renamed")["spec"].get("nodeName")
 
 
-def test_the_verbs_need_the_schedulers_client_certificate_and_probes_do_not(scenario: Scenario):
-    """Mutual TLS: /bind moves pods, so a caller without the scheduler's certificate gets 403 and no bind."""
+def test_the_verbs_need_the_schedulers_client_certificate_and_probes_have_their_own_port(scenario: Scenario):
+    """Mutual TLS: /bind moves pods. Without a certificate the handshake fails; with one the CA signed for another
+    name the connection is closed after it: either way no request is even read, and nothing is bound. kubelet and
+    Prometheus use the health port."""
+    cluster = scenario.cluster
     create_node(scenario.api, f"gpu-{scenario.test}-a", A100, {"7g.40gb": 1}, scenario.test)
     pod = scenario.create_pod("guarded", {"1g.5gb": 1})  # cannot fit: it stays unbound
     bind = orjson.dumps(
@@ -177,12 +184,18 @@ def test_the_verbs_need_the_schedulers_client_certificate_and_probes_do_not(scen
     )  # fmt: skip
     filter_args = orjson.dumps({"Pod": pod, "NodeNames": [f"gpu-{scenario.test}-a"]})
     for route, body in (("/bind", bind), ("/filter", filter_args), ("/prioritize", filter_args)):
-        status, answer = scenario.cluster.call(route, body, as_scheduler=False)
-        assert status == 403, route
-        assert "client certificate" in orjson.loads(answer)["Error"]
-    assert scenario.cluster.call("/filter", filter_args)[0] == 200
-    assert scenario.cluster.call("/readyz", as_scheduler=False)[0] == 200
-    assert scenario.cluster.call("/metrics", as_scheduler=False)[0] == 200
+        request = urllib.request.Request(
+            f"{cluster.extender_url}{route}", data=body, headers={"Content-Type": "application/json"}
+        )
+        for other in (False, True):
+            context = cluster.tls.context(as_scheduler=False, other=other)
+            with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError, http.client.HTTPException)) as no:
+                urllib.request.urlopen(request, timeout=5, context=context).close()
+            assert not isinstance(no.value, urllib.error.HTTPError), (route, other)  # no HTTP answer at all
+    assert cluster.call("/filter", filter_args)[0] == 200
+    assert cluster.probe("/readyz")[0] == 200
+    assert cluster.probe("/metrics")[0] == 200
+    assert cluster.call("/metrics")[0] == 404  # not on the verbs port
     assert not scenario.pod("guarded")["spec"].get("nodeName")
 
 

@@ -48,7 +48,7 @@ def restored(cluster: Cluster) -> Iterator[Path]:
 
 
 def readiness(cluster: Cluster) -> str:
-    status, body = cluster.call("/readyz", as_scheduler=False)
+    status, body = cluster.probe("/readyz")
     assert status == 200  # ready whatever the files hold
     return str(orjson.loads(body)["detail"])
 
@@ -105,7 +105,11 @@ def test_an_edit_takes_effect_without_a_restart_and_a_broken_one_changes_nothing
         assert cluster.metric("migchain_config_last_reload_rejected") == 1
         scenario.create_pod("c0", {"1g.5gb": 1})
         assert borrowed_type(scenario, "c0") == "nvidia.com/mig-3g.20gb"  # the rules in force did not change
-        returner_log = cluster.returners[0].log.read_text(errors="replace")
-        assert "chain rules edit rejected" in returner_log  # the returner saw it too, and kept its rules
+        # The returner saw it too, and kept its rules: it polls the files on its own clock (every 2 s).
+        wait_until(
+            lambda: "chain rules edit rejected" in cluster.returners[0].log.read_text(errors="replace"),
+            30,
+            "the returner to reject the edit",
+        )
 
     assert cluster.extender.popen is not None and cluster.extender.popen.pid == extender_pid  # never restarted

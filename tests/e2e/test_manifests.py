@@ -20,7 +20,7 @@ import yaml
 from extender.kube.api import ApiError, path
 from tests.e2e.conftest import Cluster
 from tests.e2e.controlplane import BIN, wait_until
-from tests.unit.test_manifests import API_CALLS, CERTS, EXTENDER, NAMESPACE, SCHEDULER, TEAM, Access, render
+from tests.unit.test_manifests import API_CALLS, CERTS, EXTENDER, LOAN_KEY, NAMESPACE, SCHEDULER, TEAM, Access, render
 
 pytestmark = pytest.mark.e2e
 
@@ -74,13 +74,31 @@ DENIED = [
     Access(SCHEDULER, "get", "secrets", NAMESPACE, name="migchain-scheduler-client-tls"),
     Access(SCHEDULER, "create", "configmaps", NAMESPACE),
     Access(SCHEDULER, "create", "pods", TEAM),
-    # the certs Job: the two Secrets, nothing more
+    # the certs Job and CronJob: the three Secrets and a restart of the scheduler, nothing more
     Access(CERTS, "get", "secrets", NAMESPACE, name="some-other-secret"),
+    Access(CERTS, "update", "secrets", NAMESPACE, name="some-other-secret"),
     Access(CERTS, "list", "secrets", NAMESPACE),
-    Access(CERTS, "update", "secrets", NAMESPACE, name="migchain-extender-tls"),
     Access(CERTS, "delete", "secrets", NAMESPACE, name="migchain-scheduler-client-tls"),
+    Access(CERTS, "delete", "secrets", NAMESPACE, name="migchain-ca"),
     Access(CERTS, "create", "secrets", "kube-system"),
+    Access(CERTS, "get", "secrets", "kube-system", name="migchain-ca"),
     Access(CERTS, "list", "pods"),
+    # the loan key: made by its Job, read through the API by nobody else (the extender pod mounts it)
+    Access(EXTENDER, "get", "secrets", NAMESPACE, name=LOAN_KEY),
+    Access(SCHEDULER, "get", "secrets", NAMESPACE, name=LOAN_KEY),
+    Access(CERTS, "get", "secrets", NAMESPACE, name=LOAN_KEY),
+    Access(LOAN_KEY, "list", "secrets", NAMESPACE),
+    Access(LOAN_KEY, "update", "secrets", NAMESPACE, name=LOAN_KEY),
+    Access(LOAN_KEY, "delete", "secrets", NAMESPACE, name=LOAN_KEY),
+    Access(LOAN_KEY, "get", "secrets", NAMESPACE, name="migchain-extender-tls"),
+    Access(LOAN_KEY, "list", "pods"),
+    Access(CERTS, "patch", "deployments", NAMESPACE, group="apps", name=EXTENDER),
+    Access(CERTS, "update", "deployments", NAMESPACE, group="apps", name=SCHEDULER),
+    Access(CERTS, "delete", "deployments", NAMESPACE, group="apps", name=SCHEDULER),
+    Access(CERTS, "create", "deployments", NAMESPACE, group="apps"),
+    # the CA's key: the certs account's alone
+    Access(EXTENDER, "get", "secrets", NAMESPACE, name="migchain-ca"),
+    Access(SCHEDULER, "get", "secrets", NAMESPACE, name="migchain-ca"),
 ]
 
 # What a second kube-scheduler needs from the bindings manifests/ give it (Configure Multiple Schedulers).
@@ -103,6 +121,7 @@ IN_FORCE = [
     Access(EXTENDER, "list", "nodes"),  # ClusterRoleBinding to the ClusterRole migchain-extender
     Access(EXTENDER, "list", "configmaps", NAMESPACE),  # RoleBinding to the Role migchain-extender
     Access(CERTS, "create", "secrets", NAMESPACE),  # RoleBinding to the Role migchain-certs
+    Access(LOAN_KEY, "create", "secrets", NAMESPACE),  # RoleBinding to the Role migchain-loan-key
     Access(SCHEDULER, "update", "leases", NAMESPACE, group=LEASES, name="migchain-scheduler"),  # its Role
     Access(SCHEDULER, "list", "nodes"),  # ClusterRoleBinding to system:kube-scheduler
     Access(SCHEDULER, "get", "persistentvolumes"),  # ClusterRoleBinding to system:volume-scheduler

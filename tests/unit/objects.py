@@ -16,6 +16,7 @@ A100 = "NVIDIA-A100-SXM4-40GB"
 G1 = "nvidia.com/mig-1g.5gb"
 G2 = "nvidia.com/mig-2g.10gb"
 G3 = "nvidia.com/mig-3g.20gb"
+LOAN_KEY = b"migchain-unit-tests-loan-key-32b"  # what --loan-key-file holds in the tests' processes
 
 
 def node(name: str, slices: dict[str, int], state: str | None = "success") -> dict[str, Any]:
@@ -56,7 +57,7 @@ def borrower(
     original = pod(name, requests, phase="Pending")
     verdict = place(pod_request(original), NodeState(node_name, A100, "success", free, {}), node_name, RULES)
     assert isinstance(verdict, Placement) and verdict.borrows
-    replacement: dict[str, Any] = dict(plan_borrow(original, verdict).replacement)
+    replacement: dict[str, Any] = dict(plan_borrow(original, verdict, LOAN_KEY).replacement)
     replacement["metadata"] |= {"uid": f"uid-{name}-borrower", "creationTimestamp": created}
     replacement["status"] = {"phase": "Running"}
     return replacement

@@ -60,3 +60,12 @@ def test_the_command_exits_like_diff(tmp_path: Path, capsys):
     assert migchain(["chains", "diff", str(old), str(broken)]) == 2
     assert f"{broken}:" in capsys.readouterr().err
     assert migchain(["chains", "diff", str(ROOT / "chains"), str(ROOT / "chains")]) == 0
+
+
+def test_a_pod_opt_outs_policy_change_is_named(tmp_path: Path):
+    _, old = rules_of(tmp_path, "old.yaml", A100)
+    edited = A100.replace(
+        "returnMode: on-demand", "returnMode: on-demand\n  podOptOuts: {maxRestarts: true, namespaces: {include: [ml]}}"
+    )
+    _, new = rules_of(tmp_path, "new.yaml", edited)
+    assert diff_rules(old, new) == ["chain a100-40gb: policy podOptOuts: none => maxRestarts in namespaces ml"]

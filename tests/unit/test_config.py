@@ -129,3 +129,49 @@ def test_a_bad_dry_run_switch_names_its_field(tmp_path, policy, field):
     with pytest.raises(ConfigError) as caught:
         load_rules([rules_file])
     assert next((p.line, p.field) for p in caught.value.problems) == (8, field)
+
+
+def rules_with_policy(tmp_path: Path, policy: str) -> Path:
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(
+        "apiVersion: migchain.io/v1alpha1\nkind: ChainRules\nchains:\n  - name: c\n    gpuProducts: [G]\n"
+        "    types: [nvidia.com/mig-1g.5gb, nvidia.com/mig-2g.10gb]\n"
+        f"policy:\n  {policy}\n"
+    )
+    return rules_file
+
+
+@pytest.mark.parametrize(
+    ("policy", "return_in", "caps_in", "neither_in"),
+    [
+        ("returnMode: eager", [], [], ["ml"]),  # the default: the chain's returnMode decides, not the pod
+        ("podOptOuts: {return: true, maxRestarts: true}", ["ml"], ["ml"], []),
+        ("podOptOuts: {maxRestarts: true}", [], ["ml"], []),
+        ("podOptOuts: {return: true, namespaces: {include: [ml]}}", ["ml"], [], ["prod"]),
+        ("podOptOuts: {return: true, maxRestarts: true, namespaces: {exclude: [prod]}}", ["ml"], ["ml"], ["prod"]),
+        ("podOptOuts: {return: false, maxRestarts: false}", [], [], ["ml"]),
+    ],
+)
+def test_pod_opt_outs_are_honoured_only_where_the_policy_says(tmp_path, policy, return_in, caps_in, neither_in):
+    [chain] = load_rules([rules_with_policy(tmp_path, policy)]).chains
+    opt_outs = chain.policy.pod_opt_outs
+    assert all(opt_outs.honours_return(namespace) for namespace in return_in)
+    assert all(opt_outs.honours_max_restarts(namespace) for namespace in caps_in)
+    for namespace in neither_in:
+        assert not opt_outs.honours_return(namespace) and not opt_outs.honours_max_restarts(namespace)
+
+
+@pytest.mark.parametrize(
+    ("policy", "field", "message"),
+    [("podOptOuts: true", "policy.podOptOuts", "expected a mapping"),
+     ("podOptOuts: {return: maybe}", "policy.podOptOuts.return", "expected true or false"),
+     ("podOptOuts: {restarts: true}", "policy.podOptOuts.restarts", "unknown key"),
+     ("podOptOuts: {maxRestarts: 2}", "policy.podOptOuts.maxRestarts", "expected true or false"),
+     ("podOptOuts: {namespaces: [ml]}", "policy.podOptOuts.namespaces", "expected a mapping")],
+)  # fmt: skip
+def test_a_bad_pod_opt_outs_policy_names_its_file_line_and_field(tmp_path, policy, field, message):
+    with pytest.raises(ConfigError) as caught:
+        load_rules([rules_with_policy(tmp_path, policy)])
+    [problem] = caught.value.problems
+    assert (Path(problem.file).name, problem.line, problem.field) == ("rules.yaml", 8, field)
+    assert message in problem.message

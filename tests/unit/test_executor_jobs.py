@@ -9,6 +9,7 @@ import pytest
 
 from extender.kube.api import ApiError, KubeApi
 from extender.kube.executor import JOB_TRACKING_FINALIZER, EvictionBlocked, Executor
+from tests.unit.objects import LOAN_KEY
 
 POD = "/api/v1/namespaces/ml/pods/train-abc12"
 OWNER = {"apiVersion": "batch/v1", "kind": "Job", "name": "train", "uid": "job-1", "controller": True}
@@ -82,7 +83,7 @@ class OnePodApi:
 
 
 def restore(api: OnePodApi) -> str:
-    return Executor(cast(KubeApi, api), "migchain-system").restore(api.snapshot(), {}, owned=True)
+    return Executor(cast(KubeApi, api), "migchain-system", LOAN_KEY).restore(api.snapshot(), {}, owned=True)
 
 
 def finalizers(api: OnePodApi) -> list[str]:
@@ -131,7 +132,7 @@ def test_a_pod_that_ends_before_its_finalizer_goes_keeps_it_for_the_job_to_count
     assert api.pod is not None
     api.pod["status"]["phase"] = "Succeeded"
     with pytest.raises(ApiError):
-        Executor(cast(KubeApi, api), "migchain-system").restore(stale, {}, owned=True)
+        Executor(cast(KubeApi, api), "migchain-system", LOAN_KEY).restore(stale, {}, owned=True)
     assert finalizers(api) == ["example.com/audit", JOB_TRACKING_FINALIZER]
     assert "deletionTimestamp" not in api.pod["metadata"]
 

@@ -24,20 +24,23 @@ from extender.core.explain import (
     explain_document,
     explain_text,
 )
-from extender.core.loan import plan_borrow
+from extender.core.loan import LOAN_SIGNATURE_ANNOTATION, loan_signature, plan_borrow
 from extender.core.rules import ReturnMode
 from extender.kube.explain import default_chain_files, load_chains, render
 from extender.kube.snapshot import ClusterObjects
 from extender.ledger import Ledger
 from tests.strategies import chain_rules, pods, snapshots
+from tests.unit.objects import LOAN_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 A100_CHAIN = ROOT / "chains" / "a100-40gb.yaml"
 EAGER_CHAIN = ROOT / "tests" / "fixtures" / "chains" / "e2e-eager.yaml"
+OPT_OUTS_CHAIN = ROOT / "tests" / "fixtures" / "chains" / "e2e-opt-outs.yaml"  # podOptOuts honoured
 BROKEN = ROOT / "tests" / "fixtures" / "chains" / "negative-max-steps.yaml"
-RULES = load_rules([A100_CHAIN, EAGER_CHAIN])
+RULES = load_rules([A100_CHAIN, EAGER_CHAIN, OPT_OUTS_CHAIN])
 A100 = "NVIDIA-A100-SXM4-40GB"
 EAGER_GPU = "TEST-EAGER-GPU"
+OPT_OUT_GPU = "TEST-OPT-OUT-GPU"
 G1, G2, G7 = "nvidia.com/mig-1g.5gb", "nvidia.com/mig-2g.10gb", "nvidia.com/mig-7g.40gb"
 
 
@@ -94,7 +97,7 @@ def borrower(
     original = pod(name, requests, annotations=annotations)
     verdict = place(pod_record(original).request, NodeState(node_name, product, "success", free), node_name, RULES)
     assert isinstance(verdict, Placement) and verdict.borrows
-    replacement: dict[str, Any] = dict(plan_borrow(original, verdict).replacement)
+    replacement: dict[str, Any] = dict(plan_borrow(original, verdict, LOAN_KEY).replacement)
     replacement["metadata"]["uid"] = f"uid-{name}-borrower"
     replacement["metadata"]["creationTimestamp"] = "2026-11-25T10:05:00Z"
     replacement["status"] = {"phase": "Running"}
@@ -282,25 +285,54 @@ def test_an_eager_borrower_is_returned_as_soon_as_its_type_is_free():
 
 
 @pytest.mark.parametrize(
-    ("annotations", "held_back"),
+    ("annotations", "restarts", "held_back"),
     [
-        ({"migchain.io/return": "false"}, "pod annotation migchain.io/return=false"),
-        (
-            {"migchain.io/restarts": "2", "migchain.io/max-restarts": "2"},
-            "restarted 2 time(s), migchain.io/max-restarts=2",
-        ),
+        ({"migchain.io/return": "false"}, 0, "pod annotation migchain.io/return=false"),
+        ({"migchain.io/max-restarts": "2"}, 2, "restarted 2 time(s), migchain.io/max-restarts=2"),
     ],
 )
-def test_a_borrower_held_back_is_never_returned_and_says_why(annotations, held_back):
-    objects = cluster(
-        node("e", {G1: 1, G2: 1}, product=EAGER_GPU),
-        borrower("job", {G1: 1}, "e", {G2: 1}, product=EAGER_GPU, annotations=annotations),
-    )
+def test_a_borrower_held_back_where_the_policy_honours_opt_outs_is_never_returned_and_says_why(
+    annotations, restarts, held_back
+):
+    job = borrower("job", {G1: 1}, "e", {G2: 1}, product=OPT_OUT_GPU, annotations=annotations)
+    objects = cluster(node("e", {G1: 1, G2: 1}, product=OPT_OUT_GPU), returned_before(job, restarts))
     outlook = explained(objects, "job").outlook
     assert outlook is not None
     assert outlook.held_back == held_back
     assert outlook.restore is None
     assert outlook.why_not == f"never while {held_back}"
+    assert outlook.ignored_opt_outs == ()
+
+
+def test_an_opt_out_the_policy_does_not_honour_is_shown_ignored_and_the_borrower_returned():
+    annotations = {"migchain.io/return": "false", "migchain.io/max-restarts": "0"}
+    objects = cluster(
+        node("e", {G1: 1, G2: 1}, product=EAGER_GPU),
+        borrower("job", {G1: 1}, "e", {G2: 1}, product=EAGER_GPU, annotations=annotations),
+    )
+    e = explained(objects, "job")
+    assert e.outlook is not None
+    assert (e.outlook.held_back, e.outlook.ignored_opt_outs) == (
+        "",
+        ("migchain.io/return=false", "migchain.io/max-restarts=0"),
+    )
+    assert e.outlook.restore is not None
+    text = explain_text(e)
+    assert "pod opt-out not honoured by its chain's policy (podOptOuts): migchain.io/return=false" in text
+    assert "pod opt-outs honoured for ml: none" in text
+    assert explain_document(e)["loan"]["ignored_opt_outs"] == ["migchain.io/return=false", "migchain.io/max-restarts=0"]
+
+
+def returned_before(pod: dict[str, Any], restarts: int) -> dict[str, Any]:
+    """A borrower whose pod migchain returned `restarts` times before: the count it carries, signed as the
+    returner signs it."""
+    if restarts:
+        annotations = pod["metadata"]["annotations"]
+        annotations["migchain.io/restarts"] = str(restarts)
+        mig = pod_record(pod).request.mig
+        name = pod["metadata"]["name"]
+        annotations[LOAN_SIGNATURE_ANNOTATION] = loan_signature(LOAN_KEY, "ml", name, mig, annotations)
+    return pod
 
 
 def test_a_loan_whose_chain_is_gone_returns_on_demand():

@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
 from extender.config import load_rules
 from extender.core.cluster import NodeState, PodRequest, Snapshot
+from extender.probes import health_routes
 from extender.reload import RulesInForce
 from extender.store import SnapshotStore
 from extender.web.app import WebSettings, create_app
@@ -180,13 +182,14 @@ def test_unknown_verbs_and_methods_answer_json(client, method, path, status):
 
 
 def test_health_and_readiness(store):
-    client = create_app(WebSettings(), RulesInForce.fixed(RULES), store).test_client()
-    assert client.get("/healthz").status_code == 200
-    assert client.get("/readyz").get_json() == {"ready": True, "detail": "standalone"}
+    """On their own port (extender.probes), answered from the same store."""
+    routes = health_routes(store, RulesInForce.fixed(RULES), CollectorRegistry())
+    assert routes["/healthz"]().status == 200
+    assert json.loads(routes["/readyz"]().body) == {"ready": True, "detail": "standalone"}
     store.publish(store.snapshot(), ready=False)
-    response = client.get("/readyz")
-    assert response.status_code == 503
-    assert response.get_json()["detail"] == "waiting for the first list of nodes and pods"
+    answer = routes["/readyz"]()
+    assert answer.status == 503
+    assert json.loads(answer.body)["detail"] == "waiting for the first list of nodes and pods"
 
 
 @pytest.mark.parametrize("verb", ["filter", "prioritize", "bind"])

@@ -40,9 +40,10 @@ class LedgerModel(RuleBasedStateMachine):
     def pod_event(self, uid: str, node: str, mig: tuple[tuple[str, int], ...], terminal: bool, replaces: str) -> None:
         self.ledger.put_pod(record(uid, node, mig, terminal, replaces))
         self.pods[uid] = record(uid, node, mig, terminal, replaces)
-        if node:  # the watch confirmed the bind of this pod, or of the one it replaces
+        if node:  # the watch confirmed the bind of this pod, or of the one it replaces on the reserved node
             self.reserved.pop(uid, None)
-            self.reserved.pop(replaces, None)
+            if replaces in self.reserved and self.reserved[replaces][0] == node:
+                del self.reserved[replaces]
 
     @rule(uid=st.sampled_from(UIDS))
     def pod_deleted(self, uid: str) -> None:
@@ -70,9 +71,14 @@ class LedgerModel(RuleBasedStateMachine):
         listed = [pod for uid, pod in self.pods.items() if uid in keep]
         self.ledger.replace_pods(listed)
         self.pods = {pod.request.uid: pod for pod in listed}
-        # A reservation survives a relist unless the list shows its pod, or its replacement, bound.
-        confirmed = {key for pod in self.pods.values() if pod.node for key in (pod.request.uid, pod.replaces)}
-        self.reserved = {uid: r for uid, r in self.reserved.items() if uid not in confirmed}
+        # A reservation survives a relist unless the list shows its pod bound, or its replacement bound where
+        # it was reserved.
+        bound = [pod for pod in self.pods.values() if pod.node]
+        self.reserved = {
+            uid: r
+            for uid, r in self.reserved.items()
+            if not any(pod.request.uid == uid or (pod.replaces == uid and pod.node == r[0]) for pod in bound)
+        }
 
     @invariant()
     def usage_is_bound_pods_plus_unconfirmed_reservations(self) -> None:
@@ -140,3 +146,21 @@ def test_pending_pods_nominated_to_a_node_are_in_the_snapshot_until_bound_or_gon
     ledger.put_pod(nominee)
     ledger.remove_pod("p")
     assert ledger.snapshot().nominated == {}
+
+
+def test_a_replacement_confirms_a_reservation_only_where_it_is_bound():
+    """A reservation held for a bind of unknown outcome is confirmed by the pod itself, or by the pod that replaced
+    it on the reserved node; a pod bound elsewhere that names it (a tenant can write `replaced-uid` on any pod)
+    confirms nothing, or the slice would look free while the bind may have happened."""
+    g1 = ((TYPES[0], 1),)
+    ledger = Ledger()
+    ledger.replace_nodes(NodeState(name, allocatable=dict.fromkeys(TYPES, 1)) for name in NODES)
+    ledger.reserve("uid-0", "n0", g1, 60.0)
+    ledger.put_pod(record("uid-9", "n1", (), False, replaces="uid-0"))
+    assert ledger.reservation("uid-0") is not None
+    ledger.replace_pods([record("uid-9", "n1", (), False, replaces="uid-0")])
+    assert ledger.reservation("uid-0") is not None
+    assert ledger.snapshot().nodes["n0"].free[TYPES[0]] == 0
+    ledger.put_pod(record("uid-1", "n0", g1, False, replaces="uid-0"))  # the replacement, where it was reserved
+    assert ledger.reservation("uid-0") is None
+    assert ledger.snapshot().nodes["n0"].free[TYPES[0]] == 0  # counted once: through the replacement now

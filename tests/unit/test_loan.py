@@ -14,6 +14,7 @@ from extender.core.decide import Grant, Placement, place
 from extender.core.loan import loan_of, plan_borrow, replacement_name, restored_pod
 from extender.core.rules import Chain, ChainRules
 from tests.strategies import A100
+from tests.unit.objects import LOAN_KEY
 
 G1 = "nvidia.com/mig-1g.5gb"
 G1_10 = "nvidia.com/mig-1g.10gb"
@@ -63,7 +64,7 @@ mig_limits = st.dictionaries(st.sampled_from((G1, G1_10, G2)), st.integers(1, 2)
 def test_the_replacement_asks_exactly_for_the_grants_and_keeps_the_pods_identity(containers, owned):
     pod = pod_json(containers, owned)
     placement = borrow_on(pod, {G3: 20})  # only the largest type free: every request borrows 3g.20gb
-    plan = plan_borrow(pod, placement)
+    plan = plan_borrow(pod, placement, LOAN_KEY)
     replacement = plan.replacement
     assert pod_request(replacement).mig == placement.slices
     record = pod_record({**replacement, "metadata": {**replacement["metadata"], "uid": "new"}})
@@ -88,7 +89,7 @@ def test_the_replacement_asks_exactly_for_the_grants_and_keeps_the_pods_identity
 def test_the_loan_record_reads_back_and_can_restore_every_containers_original_resources(containers):
     pod = pod_json(containers, owned=True)
     placement = borrow_on(pod, {G3: 20})
-    annotations = plan_borrow(pod, placement).replacement["metadata"]["annotations"]
+    annotations = plan_borrow(pod, placement, LOAN_KEY).replacement["metadata"]["annotations"]
     loan = loan_of(annotations)
     assert loan is not None
     assert loan.original == pod_request(pod).mig
@@ -104,7 +105,7 @@ def test_the_loan_record_reads_back_and_can_restore_every_containers_original_re
 
 def test_init_container_requests_are_rewritten_too():
     pod = pod_json([{G1: "1"}], owned=False, init={G1: "1"})
-    plan = plan_borrow(pod, borrow_on(pod, {G2: 1}))
+    plan = plan_borrow(pod, borrow_on(pod, {G2: 1}), LOAN_KEY)
     assert plan.replacement["spec"]["initContainers"][0]["resources"]["limits"] == {G2: "1"}
     assert plan.replacement["spec"]["containers"][0]["resources"]["limits"] == {G2: "1"}
 
@@ -190,7 +191,7 @@ def resources_of(pod: dict[str, Any]) -> dict[str, Any]:
 def test_any_pod_any_grant_the_replacement_asks_for_the_loan_and_restores_to_the_original(data):
     pod = data.draw(any_pods())
     placement = data.draw(any_placements(pod))
-    replacement = plan_borrow(pod, placement).replacement
+    replacement = plan_borrow(pod, placement, LOAN_KEY).replacement
     loan = loan_of(replacement["metadata"]["annotations"])
     assert loan is not None
     held = pod_mig_requests(replacement["spec"])
@@ -203,7 +204,7 @@ def test_any_pod_any_grant_the_replacement_asks_for_the_loan_and_restores_to_the
     assert all(count <= granted.get(resource, 0) for resource, count in held)
     if not ordinary_init_asks_mig(pod) or len({g.granted for g in placement.grants}) == len(placement.grants):
         assert held == placement.slices
-    restored = restored_pod(replacement, restarts=1)
+    restored = restored_pod(replacement, 1, LOAN_KEY)
     assert resources_of(restored) == resources_of(pod)
     assert pod_mig_requests(restored["spec"]) == loan.original
 
@@ -212,7 +213,7 @@ def test_a_container_asking_for_two_types_keeps_both_slices_when_one_is_granted_
     # Issue 16, item 1: the API server returns keys sorted, so 1g.5gb comes first.
     pod = pod_json([{G1: "1", G2: "1"}], owned=True)
     placement = Placement("gpu-1", (Grant(G1, G2, 1, 2, "a100"), Grant(G2, G2, 1)), 0)
-    replacement = plan_borrow(pod, placement).replacement
+    replacement = plan_borrow(pod, placement, LOAN_KEY).replacement
     assert replacement["spec"]["containers"][0]["resources"] == {"limits": {G2: "2"}, "requests": {G2: "2"}}
     assert replacement["metadata"]["annotations"]["migchain.io/borrowed-requests"] == f"{G2}=2"
 
@@ -221,9 +222,9 @@ def test_two_types_each_moving_up_one_place_keep_both_slices():
     # 1g.5gb -> 2g.10gb and 2g.10gb -> 3g.20gb: each new map comes from the original map.
     pod = pod_json([{G1: "1", G2: "1"}], owned=True)
     placement = Placement("gpu-1", (Grant(G1, G2, 1, 2, "a100"), Grant(G2, G3, 1, 1, "a100")), 0)
-    replacement = plan_borrow(pod, placement).replacement
+    replacement = plan_borrow(pod, placement, LOAN_KEY).replacement
     assert replacement["spec"]["containers"][0]["resources"]["limits"] == {G2: "1", G3: "1"}
-    restored = restored_pod(replacement, restarts=1)
+    restored = restored_pod(replacement, 1, LOAN_KEY)
     assert restored["spec"]["containers"][0]["resources"] == pod["spec"]["containers"][0]["resources"]
 
 
@@ -231,21 +232,29 @@ def test_an_init_containers_slice_granted_as_the_apps_type_is_reused_and_the_loa
     # The init container runs first, alone; its 2g.10gb is the app container's afterwards.
     pod = pod_json([{G2: "1"}], owned=True, init={G1: "1"})
     placement = Placement("gpu-1", (Grant(G1, G2, 1, 2, "a100"), Grant(G2, G2, 1)), 0)
-    replacement = plan_borrow(pod, placement).replacement
+    replacement = plan_borrow(pod, placement, LOAN_KEY).replacement
     assert pod_mig_requests(replacement["spec"]) == ((G2, 1),)
     assert replacement["metadata"]["annotations"]["migchain.io/borrowed-requests"] == f"{G2}=1"
 
 
 @pytest.mark.parametrize(
     "record",
-    ["not json", "[1]", '{"containers/c0": 3}', '{"containers/c0": {"limits": [1]}}', '{"containers/c0": {"x": {}}}'],
+    [
+        "not json",
+        "[1]",
+        '{"containers/c0": 3}',
+        '{"containers/c0": {"limits": [1]}}',
+        '{"containers/c0": {"x": {}}}',
+        "[" * 100_000,  # deeper than the JSON parser recurses
+        '{"containers/c0": {"limits": {"nvidia.com/mig-1g.5gb": "\u00b2"}}}',  # "²" passes str.isdigit()
+    ],
 )
 def test_a_forged_record_of_the_original_resources_is_refused_not_a_crash(record):
     pod = pod_json([{G1: "1"}], owned=False)
-    replacement = plan_borrow(pod, borrow_on(pod, {G2: 1})).replacement
+    replacement = plan_borrow(pod, borrow_on(pod, {G2: 1}), LOAN_KEY).replacement
     replacement["metadata"]["annotations"]["migchain.io/original-resources"] = record
     with pytest.raises(ObjectError, match=r"migchain\.io/original-resources"):
-        restored_pod(replacement, restarts=1)
+        restored_pod(replacement, 1, LOAN_KEY)
 
 
 @pytest.mark.parametrize(
@@ -261,7 +270,7 @@ def test_a_replicasets_borrower_costs_less_to_delete_than_its_exact_fit_siblings
     pod = pod_json([{G1: "1"}], owned=True)
     if own_cost is not None:
         pod["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"] = own_cost
-    replacement = plan_borrow(pod, borrow_on(pod, {G2: 1})).replacement
+    replacement = plan_borrow(pod, borrow_on(pod, {G2: 1}), LOAN_KEY).replacement
     assert replacement["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"] == borrower_cost
 
 
@@ -270,5 +279,5 @@ def test_only_a_replicasets_borrower_gets_a_deletion_cost():
     job = pod_json([{G1: "1"}], owned=True)
     job["metadata"]["ownerReferences"][0]["kind"] = "Job"
     for pod in (bare, job):
-        annotations = plan_borrow(pod, borrow_on(pod, {G2: 1})).replacement["metadata"]["annotations"]
+        annotations = plan_borrow(pod, borrow_on(pod, {G2: 1}), LOAN_KEY).replacement["metadata"]["annotations"]
         assert "controller.kubernetes.io/pod-deletion-cost" not in annotations

@@ -183,6 +183,7 @@ def test_the_real_extender_logs_only_json_lines_gunicorns_included():
             "-m",
             "extender.serve",
             f"--bind=127.0.0.1:{port}",
+            f"--health-bind=127.0.0.1:{free_port()}",
             "--log-format=json",
             "--log-level=debug",
             "--chains",
@@ -196,7 +197,9 @@ def test_the_real_extender_logs_only_json_lines_gunicorns_included():
         deadline = time.monotonic() + 60
         while True:
             request = urllib.request.Request(
-                f"http://127.0.0.1:{port}/healthz", headers={"Authorization": f"Bearer {SECRET}"}
+                f"http://127.0.0.1:{port}/filter",
+                data=b'{"Pod": {"metadata": {"name": "p", "uid": "u"}}, "NodeNames": []}',
+                headers={"Authorization": f"Bearer {SECRET}", "Content-Type": "application/json"},
             )
             try:
                 with urllib.request.urlopen(request, timeout=5) as response:
@@ -211,12 +214,13 @@ def test_the_real_extender_logs_only_json_lines_gunicorns_included():
     records = [json.loads(line) for line in output.decode().splitlines()]  # every line is one JSON object
     loggers = {record["logger"] for record in records}
     assert {"gunicorn.error", "gunicorn.access", "migchain.extender"} <= loggers
-    [access] = [r for r in records if r["logger"] == "gunicorn.access" and r["path"] == "/healthz"][-1:]
+    [access] = [r for r in records if r["logger"] == "gunicorn.access" and r["path"] == "/filter"][-1:]
     assert access["status"] == 200
     assert SECRET not in output.decode()
 
 
 def test_the_returner_reports_a_fatal_start_as_one_json_record(tmp_path):
+    (tmp_path / "loan.key").write_bytes(b"k" * 32)
     result = subprocess.run(
         [
             sys.executable,
@@ -224,6 +228,7 @@ def test_the_returner_reports_a_fatal_start_as_one_json_record(tmp_path):
             "extender.returner_cli",
             "--log-format=json",
             f"--kubeconfig={tmp_path / 'missing'}",
+            f"--loan-key-file={tmp_path / 'loan.key'}",
             "--chains",
             str(ROOT / "chains" / "a100-40gb.yaml"),
         ],

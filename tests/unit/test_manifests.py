@@ -18,8 +18,11 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from extender import __version__, cli, returner_cli, serve
+from extender.certs import POLICY, service_hosts
 from extender.config import load_rules
 from extender.core.mig import MIG_RESOURCE_PREFIX
 
@@ -31,7 +34,11 @@ NAMESPACE = "migchain-system"
 
 EXTENDER = "migchain-extender"  # the ServiceAccount of the extender pod: extender and returner
 CERTS = "migchain-certs"
+LOAN_KEY = "migchain-loan-key"  # the Job that makes the loan key's Secret, and that Secret
 SCHEDULER = "migchain-scheduler"
+# What `migchain certs` keeps: the CA with its key, the serving and the client certificate.
+CERT_SECRETS = ("migchain-ca", "migchain-extender-tls", "migchain-scheduler-client-tls")
+SCHEDULER_CLIENT_NAME = "migchain-scheduler"  # the common name `migchain certs` gives kube-scheduler's certificate
 
 
 class Access(NamedTuple):
@@ -107,15 +114,27 @@ API_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
         2,
         [Access(EXTENDER, "list", "nodes"), Access(EXTENDER, "list", "pods")],
     ),
-    # `migchain certs`, run by the migchain-certs Job.
-    ("extender/cli.py", "get"): (
-        1,
+    # `migchain certs`, run by the migchain-certs Job and the migchain-certs-renewal CronJob.
+    ("extender/kube/certs.py", "get"): (
+        2,
         [
-            Access(CERTS, "get", "secrets", NAMESPACE, name="migchain-extender-tls"),
-            Access(CERTS, "get", "secrets", NAMESPACE, name="migchain-scheduler-client-tls"),
+            *(Access(CERTS, "get", "secrets", NAMESPACE, name=secret) for secret in CERT_SECRETS),
+            Access(CERTS, "get", "deployments", NAMESPACE, group="apps", name=SCHEDULER),
         ],
     ),
-    ("extender/cli.py", "create"): (1, [Access(CERTS, "create", "secrets", NAMESPACE)]),
+    ("extender/kube/certs.py", "create"): (1, [Access(CERTS, "create", "secrets", NAMESPACE)]),
+    ("extender/kube/certs.py", "request"): (  # PUT
+        1,
+        [Access(CERTS, "update", "secrets", NAMESPACE, name=secret) for secret in CERT_SECRETS],
+    ),
+    ("extender/kube/certs.py", "patch"): (
+        1,
+        [Access(CERTS, "patch", "deployments", NAMESPACE, group="apps", name=SCHEDULER)],
+    ),
+    # `migchain loan-key`, run by the migchain-loan-key Job (the admin's commands read the Secret with the
+    # user's kubeconfig, if they may).
+    ("extender/kube/loan_key.py", "get"): (1, [Access(LOAN_KEY, "get", "secrets", NAMESPACE, name=LOAN_KEY)]),
+    ("extender/kube/loan_key.py", "create"): (1, [Access(LOAN_KEY, "create", "secrets", NAMESPACE)]),
 }
 
 API_CALL = re.compile(r"\bapi\.(get|create|patch|delete|list_all|watch|request)\(")
@@ -143,8 +162,18 @@ def the(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 
 
 def pod_spec(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    spec: dict[str, Any] = the(objects, kind, name)["spec"]["template"]["spec"]
-    return spec
+    return template_spec(the(objects, kind, name))
+
+
+def template_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    """The pod spec of a Deployment, a Job or a CronJob."""
+    spec = workload["spec"]
+    spec = spec["jobTemplate"]["spec"] if workload["kind"] == "CronJob" else spec
+    found: dict[str, Any] = spec["template"]["spec"]
+    return found
+
+
+WORKLOADS = ("Deployment", "Job", "CronJob")
 
 
 def container(spec: dict[str, Any], name: str) -> dict[str, Any]:
@@ -215,16 +244,18 @@ def test_kustomize_renders_every_object_into_its_namespace(rendered):
     kinds = Counter(o["kind"] for o in rendered)
     assert kinds == {
         "Namespace": 1,
-        "ServiceAccount": 3,
+        "ServiceAccount": 4,
         "ClusterRole": 1,
         "ClusterRoleBinding": 3,
-        "Role": 3,
-        "RoleBinding": 4,
+        "Role": 4,
+        "RoleBinding": 5,
         "ConfigMap": 2,
         "Service": 1,
         "Deployment": 2,
-        "Job": 1,
+        "Job": 2,
+        "CronJob": 1,
         "PodDisruptionBudget": 1,
+        "NetworkPolicy": 1,
     }
     for o in rendered:
         namespace = o["metadata"].get("namespace")
@@ -261,12 +292,12 @@ def test_the_scheduler_configmap_is_scheduler_config_yaml_byte_for_byte(rendered
 
 
 def test_every_pod_runs_locked_down_as_the_dockerfile_user_with_resources_and_a_tmp(rendered):
-    workloads = [o for o in rendered if o["kind"] in ("Deployment", "Job")]
-    assert len(workloads) == 3
+    workloads = [o for o in rendered if o["kind"] in WORKLOADS]
+    assert len(workloads) == 5
     uid = dockerfile_uid()
     for workload in workloads:
         where = f"{workload['kind']} {workload['metadata']['name']}"
-        spec = workload["spec"]["template"]["spec"]
+        spec = template_spec(workload)
         assert spec["securityContext"]["runAsNonRoot"] is True, where
         assert spec["securityContext"]["runAsUser"] == uid, where
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
@@ -284,13 +315,16 @@ def test_every_pod_runs_locked_down_as_the_dockerfile_user_with_resources_and_a_
             assert any(m["mountPath"] == "/tmp" and m["name"] in tmp for m in c["volumeMounts"]), (where, c["name"])
 
 
-def test_the_extender_is_probed_over_https_without_a_client_certificate_on_its_serving_port(rendered):
+def test_the_extender_is_probed_over_plain_http_on_its_health_port_not_on_the_verbs_port(rendered):
     spec = pod_spec(rendered, "Deployment", "migchain-extender")
     extender = container(spec, "extender")
-    port = int(serve.parser().parse_args(argv(extender)[1:]).bind.rsplit(":", 1)[1])
+    args = serve.parser().parse_args(argv(extender)[1:])
+    health = int(args.health_bind.rsplit(":", 1)[1])
+    assert args.health_bind.startswith("0.0.0.0:")  # kubelet probes the pod IP
+    assert health != int(args.bind.rsplit(":", 1)[1])
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = extender[probe]["httpGet"]
-        assert (get["path"], get["scheme"], port_number(extender, get["port"])) == (path, "HTTPS", port)
+        assert (get["path"], get.get("scheme", "HTTP"), port_number(extender, get["port"])) == (path, "HTTP", health)
         assert "httpHeaders" not in get
 
 
@@ -323,6 +357,8 @@ def test_migchain_extender_accepts_its_flags_serves_mutual_tls_and_loads_mounted
         f"{tls}/tls.key",
         f"{tls}/ca.crt",
     )
+    # The verbs answer only the certificate the certs Job issues kube-scheduler.
+    assert args.client_identity == [SCHEDULER_CLIENT_NAME]
     chains = mount_path(spec, extender, "configMap", "migchain-chains")
     assert all(Path(path).parent == Path(chains) for path in args.chains)
     names = [Path(path).name for path in args.chains]
@@ -330,6 +366,14 @@ def test_migchain_extender_accepts_its_flags_serves_mutual_tls_and_loads_mounted
     load_rules([ROOT / "chains" / name for name in names])  # raises if they conflict
     env = {e["name"]: e for e in extender["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+def test_the_pinned_client_identity_is_the_name_migchain_certs_gives_the_schedulers_certificate(rendered, tmp_path):
+    assert cli.main(["certs", "--out", str(tmp_path)]) == 0
+    certificate = x509.load_pem_x509_certificate((tmp_path / "migchain-scheduler-client-tls" / "tls.crt").read_bytes())
+    names = [attribute.value for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    extender = container(pod_spec(rendered, "Deployment", "migchain-extender"), "extender")
+    assert names == serve.parser().parse_args(argv(extender)[1:]).client_identity == [SCHEDULER_CLIENT_NAME]
 
 
 def test_migchain_returner_accepts_its_flags_uses_the_extenders_rules_and_the_pod_name_as_lease_identity(rendered):
@@ -354,16 +398,48 @@ def test_one_extender_at_a_time_behind_its_service_and_a_budget_that_never_block
     service = the(rendered, "Service", "migchain-extender")
     assert service["spec"]["selector"].items() <= labels.items()
     ports = {port["name"]: port for port in service["spec"]["ports"]}
-    assert set(ports) == {"https", "returner"}
+    assert set(ports) == {"https", "health", "returner"}
     extender = container(deployment["spec"]["template"]["spec"], "extender")
     assert ports["https"]["port"] == 443
     assert port_number(extender, ports["https"]["targetPort"]) == 8443
+    health = serve.parser().parse_args(argv(extender)[1:]).health_bind
+    assert port_number(extender, ports["health"]["targetPort"]) == int(health.rsplit(":", 1)[1])
     returner = container(deployment["spec"]["template"]["spec"], "returner")
     health = returner_cli.parser().parse_args(argv(returner)[1:]).health_bind
     assert port_number(returner, ports["returner"]["targetPort"]) == int(health.rsplit(":", 1)[1])
     budget = the(rendered, "PodDisruptionBudget", "migchain-extender")
     assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert budget["spec"]["maxUnavailable"] == 1
+
+
+def test_the_network_policy_admits_only_the_scheduler_to_the_verbs_and_only_monitoring_to_the_health_ports(rendered):
+    policy = the(rendered, "NetworkPolicy", "migchain-extender")["spec"]
+    template = the(rendered, "Deployment", "migchain-extender")["spec"]["template"]
+    assert policy["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]  # everything not admitted below is dropped
+    containers = template["spec"]["containers"]
+
+    def number(port: int | str) -> int:
+        [found] = [p["containerPort"] for c in containers for p in c.get("ports", []) if port in (p["name"], p)]
+        return int(found)
+
+    admitted: dict[int, list[dict[str, Any]]] = {}
+    for rule in policy["ingress"]:
+        assert rule.get("from"), "a rule without `from` admits every client"
+        assert all("ipBlock" not in peer for peer in rule["from"])
+        for port in rule["ports"]:
+            assert port["protocol"] == "TCP"
+            admitted.setdefault(number(port["port"]), []).extend(rule["from"])
+    scheduler_labels = the(rendered, "Deployment", "migchain-scheduler")["spec"]["template"]["metadata"]["labels"]
+    verbs = int(serve.parser().parse_args(argv(container(template["spec"], "extender"))[1:]).bind.rsplit(":", 1)[1])
+    [scheduler] = admitted.pop(verbs)
+    assert set(scheduler) == {"podSelector"}  # this namespace, these pods, no other
+    assert scheduler["podSelector"]["matchLabels"].items() <= scheduler_labels.items()
+    extender_health = serve.parser().parse_args(argv(container(template["spec"], "extender"))[1:]).health_bind
+    returner_health = returner_cli.parser().parse_args(argv(container(template["spec"], "returner"))[1:]).health_bind
+    assert set(admitted) == {int(extender_health.rsplit(":", 1)[1]), int(returner_health.rsplit(":", 1)[1])}
+    for peers in admitted.values():
+        assert peers == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
 
 
 def test_the_scheduler_deployment_matches_scheduler_config_yaml(rendered):
@@ -434,17 +510,129 @@ def test_the_certs_job_makes_exactly_the_secrets_the_deployments_mount(rendered)
         for v in pod_spec(rendered, kind, name)["volumes"]
         if "secret" in v
     }
-    assert {args.server_secret, args.client_secret} == mounted
-    [named] = [rule for rule in the(rendered, "Role", CERTS)["rules"] if rule.get("resourceNames")]
-    assert set(named["resourceNames"]) == mounted
+    assert {args.server_secret, args.client_secret} == mounted - {LOAN_KEY}
+    assert args.ca_secret not in mounted  # the CA's key is in no pod but the certs Job's (and read over the API)
+    assert args.scheduler_deployment == SCHEDULER
+    rules = the(rendered, "Role", CERTS)["rules"]
+    [secrets] = [rule for rule in rules if rule.get("resourceNames") and rule["resources"] == ["secrets"]]
+    assert set(secrets["resourceNames"]) == {*mounted - {LOAN_KEY}, args.ca_secret} == set(CERT_SECRETS)
+    [deployments] = [rule for rule in rules if rule["resources"] == ["deployments"]]
+    assert deployments["resourceNames"] == [SCHEDULER]
+
+
+def test_the_certs_cronjob_runs_the_install_jobs_command_often_enough_to_renew_in_time(rendered):
+    job, cron = the(rendered, "Job", CERTS), the(rendered, "CronJob", "migchain-certs-renewal")
+    spec, cron_spec = template_spec(job), template_spec(cron)
+    assert argv(container(cron_spec, "certs")) == argv(container(spec, "certs"))
+    assert cron_spec["serviceAccountName"] == spec["serviceAccountName"] == CERTS
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"  # never two CAs made at once
+    minute, hour, *rest = cron["spec"]["schedule"].split()
+    assert minute.isdigit() and hour.startswith("*/") and rest == ["*", "*", "*"]
+    # Runs every few hours: many chances within the 30-day renewal window, and
+    # each step of a CA rotation (after its hour to settle) waits one run at most.
+    every = int(hour.removeprefix("*/"))
+    assert every <= 6
+    assert every * 3600 <= 24 * 3600 < POLICY.leaf_renew_before.total_seconds()
+    assert POLICY.problems() == []
+
+
+def test_only_the_certs_account_may_read_the_ca_key(rendered):
+    readers = {
+        account
+        for account, namespace, group, resource, verb, names in _granted(rendered)
+        if resource == "secrets" and verb in ("get", "list", "watch") and (not names or "migchain-ca" in names)
+    }
+    assert readers == {CERTS}
+
+
+def render_with_cert_manager(tmp_path: Path) -> list[dict[str, Any]]:
+    """manifests/ with the cert-manager component, as an overlay of a user renders it."""
+    if not KUBECTL.exists():
+        pytest.skip(f"{KUBECTL} is not built")
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    up = os.path.relpath(MANIFESTS, overlay)  # kustomize takes relative paths only
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump({"resources": [up], "components": [f"{up}/cert-manager"]})
+    )
+    result = subprocess.run(
+        [str(KUBECTL), "kustomize", str(overlay)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return [document for document in yaml.safe_load_all(result.stdout) if document]
+
+
+def test_with_cert_manager_the_same_secrets_are_issued_and_renewed_and_the_certs_jobs_are_gone(tmp_path, rendered):
+    objects = render_with_cert_manager(tmp_path)
+    kinds = Counter(o["kind"] for o in objects)
+    assert kinds["Certificate"] == 3 and kinds["Issuer"] == 2
+    certs_objects = [o for o in objects if o["metadata"]["name"] in (CERTS, "migchain-certs-renewal")]
+    assert not certs_objects  # the loan key's Job stays: cert-manager does not make it
+    assert {o["kind"] for o in objects} - {"Certificate", "Issuer"} == {o["kind"] for o in rendered} - {"CronJob"}
+    certificates = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "Certificate"}
+    ca = certificates.pop("migchain-ca")
+    assert ca["isCA"] is True
+    assert ca["privateKey"]["rotationPolicy"] == "Never"  # a renewed CA verifies what the old one signed
+    assert hours(ca["renewBefore"]) > max(hours(c["duration"]) for c in certificates.values())
+    mounted = {
+        v["secret"]["secretName"]
+        for name in ("migchain-extender", SCHEDULER)
+        for v in pod_spec(objects, "Deployment", name)["volumes"]
+        if "secret" in v
+    }
+    assert {c["secretName"] for c in certificates.values()} == mounted - {LOAN_KEY}
+    issuer = the(objects, "Issuer", ca["secretName"])
+    assert issuer["spec"]["ca"]["secretName"] == ca["secretName"]
+    service = the(objects, "Service", "migchain-extender")["metadata"]
+    serving, client = certificates["migchain-extender-tls"], certificates["migchain-scheduler-client-tls"]
+    assert tuple(serving["dnsNames"]) == service_hosts(service["name"], service["namespace"])
+    assert "server auth" in serving["usages"] and "client auth" not in serving["usages"]
+    assert "client auth" in client["usages"] and "server auth" not in client["usages"]
+    for spec in (serving, client):
+        assert spec["issuerRef"] == {"name": issuer["metadata"]["name"], "kind": "Issuer"}
+        assert hours(spec["duration"]) == POLICY.leaf_life.total_seconds() / 3600
+        assert hours(spec["renewBefore"]) == POLICY.leaf_renew_before.total_seconds() / 3600
+        assert spec["privateKey"]["rotationPolicy"] == "Always"
+
+
+def hours(duration: str) -> float:
+    assert duration.endswith("h"), duration
+    return float(duration.removesuffix("h"))
+
+
+def test_the_loan_key_job_makes_the_secret_both_containers_load_their_key_from(rendered):
+    job = the(rendered, "Job", LOAN_KEY)
+    assert job["spec"]["backoffLimit"] > 0
+    spec = job["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == LOAN_KEY
+    [maker] = spec["containers"]
+    args = cli.parser().parse_args(argv(maker)[1:])
+    assert args.run is cli._loan_key
+    assert args.out is None  # a Secret, not a file
+    assert (args.namespace, args.secret) == (job["metadata"]["namespace"], LOAN_KEY)
+    [named] = [rule for rule in the(rendered, "Role", LOAN_KEY)["rules"] if rule.get("resourceNames")]
+    assert named["resourceNames"] == [LOAN_KEY] and named["verbs"] == ["get"]
+    deployment = pod_spec(rendered, "Deployment", "migchain-extender")
+    extender, returner = container(deployment, "extender"), container(deployment, "returner")
+    folder = mount_path(deployment, extender, "secret", LOAN_KEY)
+    assert mount_path(deployment, returner, "secret", LOAN_KEY) == folder
+    assert serve.parser().parse_args(argv(extender)[1:]).loan_key_file == f"{folder}/key"
+    assert returner_cli.parser().parse_args(argv(returner)[1:]).loan_key_file == f"{folder}/key"
+    # No other account may read it through the API: tenants must never learn the key (tests/e2e/test_manifests.py).
+    readers = {
+        account
+        for account, _, _, resource, verb, names in _granted(rendered)
+        if resource == "secrets" and verb in ("get", "list", "watch") and (not names or LOAN_KEY in names)
+    }
+    assert readers == {LOAN_KEY}
 
 
 def test_migchain_containers_run_this_version_of_the_image(rendered):
     images = {
         c["image"]
         for o in rendered
-        if o["kind"] in ("Deployment", "Job")
-        for c in o["spec"]["template"]["spec"]["containers"]
+        if o["kind"] in WORKLOADS
+        for c in template_spec(o)["containers"]
         if not c["image"].startswith("registry.k8s.io/")
     }
     assert images == {f"migchain:{__version__}"}
@@ -535,12 +723,47 @@ def test_every_rule_names_the_code_that_needs_it():
 
 def test_the_dockerfile_installs_pinned_runtime_dependencies_as_a_fixed_non_root_user():
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11\.\d+-slim", text, re.MULTILINE), "base pinned to a patch release"
-    assert "pip install --no-cache-dir --constraint constraints.txt ." in text
+    [base] = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
+    # a patch release, and the digest of what it pointed at: a moved tag cannot change the image
+    assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?@sha256:[0-9a-f]{64}", base), base
+    assert not re.search(r"@sha256:(0{64}|[0-9a-f]?x+)", base), "a placeholder digest: run `make image-pin`"
+    commands = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    installs = [" ".join(line.split()) for line in re.findall(r"pip install[^\\&\n]*", commands)]
+    assert installs == [
+        "pip install --no-cache-dir --require-hashes --no-deps --requirement requirements.lock",
+        "pip install --no-cache-dir --no-deps --no-build-isolation .",
+    ], "every file pip fetches is checked against a hash; migchain itself fetches nothing"
     assert "[test" not in text and "[sim" not in text
     assert dockerfile_uid() != 0
     [exposed] = re.findall(r"^EXPOSE (\d+)", text, re.MULTILINE)
     assert int(exposed) == 8443
+
+
+def _pins(text: str) -> dict[str, str]:
+    """name -> version of `name==version` lines, names normalised as pip does."""
+    found = re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", text, re.MULTILINE)
+    return {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in found}
+
+
+def test_requirements_lock_hashes_every_runtime_dependency_at_the_versions_of_constraints_txt():
+    lock = (ROOT / "requirements.lock").read_text()
+    entries = re.split(r"\n(?=[A-Za-z0-9])", lock.split("\n\n", 1)[-1].split("\n", 6)[-1])
+    pinned = _pins(lock)
+    for entry in entries:
+        if re.match(r"[A-Za-z0-9]", entry):
+            assert "--hash=sha256:" in entry, f"no hash: {entry.splitlines()[0]}"
+    assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in re.findall(r"--hash=sha256:(\S+)", lock))
+    constraints = _pins((ROOT / "constraints.txt").read_text())
+    different = {name: (version, constraints[name]) for name, version in pinned.items() if name in constraints}
+    assert {name: pair for name, pair in different.items() if pair[0] != pair[1]} == {}, "run `make lock`"
+    # every runtime requirement of setup.cfg, and the build backend of pyproject.toml (no build isolation)
+    runtime = re.search(r"install_requires =\n((?:    .*\n)+)", (ROOT / "setup.cfg").read_text())
+    assert runtime is not None
+    names = {
+        re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[ ]", line.strip())[0]).lower() for line in runtime[1].splitlines()
+    }
+    assert names | {"setuptools", "wheel"} <= set(pinned), "run `make lock`"
+    assert not {"pytest", "hypothesis", "mypy", "scipy", "matplotlib"} & set(pinned)  # no test or sim extras
 
 
 def test_the_dockerignore_keeps_what_the_build_copies_and_drops_the_rest():

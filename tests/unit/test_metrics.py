@@ -22,12 +22,13 @@ from extender.kube.executor import EvictionBlocked, Executor
 from extender.kube.lease import LeaderElection
 from extender.kube.returner import Returner
 from extender.ledger import Ledger
+from extender.loan_guard import LoanGuard
 from extender.metrics import Errors, Metrics, ReturnerMetrics
+from extender.probes import health_routes, listen, serve_health
 from extender.reload import RulesInForce
-from extender.returner_cli import _serve_health
 from extender.store import SnapshotStore
 from extender.web.app import WebSettings, create_app
-from tests.unit.objects import G1, G2, G3, RULES, borrower, node, pod
+from tests.unit.objects import G1, G2, G3, LOAN_KEY, RULES, borrower, node, pod
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -77,6 +78,8 @@ class FakeApi:
 
 
 class FakeExecutor:
+    loan_key = LOAN_KEY
+
     def __init__(self, api: FakeApi, restore_error: Exception | None = None) -> None:
         self.api = api
         self.restore_error = restore_error
@@ -91,7 +94,7 @@ class FakeExecutor:
 
 
 def binder_on(api: FakeApi, pods: list[dict[str, Any]], metrics: Metrics) -> Binder:
-    cache = ClusterCache(cast(KubeApi, api), SnapshotStore(), errors=metrics.errors)
+    cache = ClusterCache(cast(KubeApi, api), SnapshotStore(), errors=metrics.errors, loans=LoanGuard(LOAN_KEY))
     cache.ledger.replace_nodes([node_state(node("gpu-a", {G1: 1, G2: 1})), node_state(node("gpu-b", {G2: 1}))])
     cache.ledger.replace_pods(pod_record(p) for p in pods)
     events = EventRecorder(cast(KubeApi, api), "test", metrics.errors)
@@ -208,17 +211,13 @@ def test_the_returner_serves_its_metrics_on_the_health_port():
     metrics = ReturnerMetrics()
     metrics.watch_leadership(lambda: True)
     metrics.count_return(restore_of(borrower("b1", {G1: 1}, "gpu-a", free={G2: 1})).borrower.loan, "returned")
-    server = _serve_health("127.0.0.1:0", SnapshotStore(), metrics.registry)
-    try:
-        port = server.server_address[1]
+    with listen("127.0.0.1:0") as listener:
+        port = serve_health(listener, SnapshotStore(), RulesInForce.fixed(RULES), metrics.registry).port
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             assert response.headers["Content-Type"].startswith("text/plain; version=")
             samples = scrape(response.read().decode())
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
             assert response.status == 200
-    finally:
-        server.shutdown()
-        server.server_close()
     returned = frozenset({("requested", "1g.5gb"), ("granted", "2g.10gb"), ("outcome", "returned")})
     assert samples[("migchain_returns_total", returned)] == 1
     assert samples[("migchain_returner_leader", frozenset())] == 1
@@ -276,9 +275,9 @@ def test_the_extenders_metrics_endpoint_shows_verbs_cluster_gauges_and_unexpecte
     ).test_client()
     body = {"PodName": "p", "PodNamespace": "ml", "PodUID": "u", "Node": "gpu-a"}
     assert client.post("/bind", json=body).status_code == 500
-    response = client.get("/metrics")
-    assert response.status_code == 200
-    samples = scrape(response.get_data(as_text=True))
+    answer = health_routes(SnapshotStore(), RulesInForce.fixed(RULES), metrics.registry)["/metrics"]()
+    assert answer.status == 200
+    samples = scrape(answer.body.decode())
     assert samples[("migchain_loans", frozenset({("requested", "1g.5gb"), ("granted", "2g.10gb")}))] == 1
     assert samples[("migchain_free_slices", frozenset({("type", "1g.5gb")}))] == 1
     assert samples[("migchain_extender_requests_total", frozenset({("verb", "bind"), ("code", "500")}))] == 1
@@ -325,7 +324,7 @@ def test_watch_restarts_and_unreadable_objects_are_counted():
             ConnectionResetError("reset by peer"),
         ]
     )
-    cache = ClusterCache(cast(KubeApi, api), SnapshotStore(ready=False), errors=errors)
+    cache = ClusterCache(cast(KubeApi, api), SnapshotStore(ready=False), errors=errors, loans=LoanGuard(LOAN_KEY))
     cache.start()
     try:
         assert api.done.wait(20)
@@ -379,8 +378,8 @@ def test_the_cluster_gauges_and_counters_are_all_named_by_convention():
         "migchain_dry_run_borrows": "counter",
         "migchain_requeues": "counter",
         "migchain_errors": "counter",
+        "migchain_unreadable_loans": "counter",
         "migchain_loans": "gauge",
         "migchain_free_slices": "gauge",
         "migchain_allocatable_slices": "gauge",
-        "migchain_unreadable_loans": "counter",
     }

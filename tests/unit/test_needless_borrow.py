@@ -23,12 +23,13 @@ from extender.kube.binder import Binder
 from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder
 from extender.kube.executor import Executor
+from extender.loan_guard import LoanGuard
 from extender.metrics import Metrics
 from extender.reload import RulesInForce
 from extender.store import SnapshotStore
 from extender.web.app import WebSettings, create_app
 from tests.strategies import chain_rules, pods, snapshots
-from tests.unit.objects import G1, G2, RULES, node, pod
+from tests.unit.objects import G1, G2, LOAN_KEY, RULES, node, pod
 
 # -- the pure rule --------------------------------------------------------------
 
@@ -107,6 +108,8 @@ class FakeApi:
 
 
 class FakeExecutor:
+    loan_key = LOAN_KEY
+
     def borrow(self, plan: Any) -> dict[str, Any]:
         return dict(plan.replacement)
 
@@ -115,7 +118,7 @@ def cluster() -> tuple[ClusterCache, FakeApi, list[dict[str, Any]]]:
     """gpu-a: one 1g.5gb and one 2g.10gb; gpu-b: one 1g.5gb. Pods p and q, both pending for a 1g.5gb."""
     pending = [pod("p", {G1: 1}, phase="Pending"), pod("q", {G1: 1}, phase="Pending")]
     api = FakeApi({f"/api/v1/namespaces/ml/pods/{p['metadata']['name']}": p for p in pending})
-    cache = ClusterCache(cast(KubeApi, api), SnapshotStore())
+    cache = ClusterCache(cast(KubeApi, api), SnapshotStore(), loans=LoanGuard(LOAN_KEY))
     # What the watch's first lists do (the cache is not started: no thread, no API).
     cache._list_nodes([node("gpu-a", {G1: 1, G2: 1}), node("gpu-b", {G1: 1})])
     cache._list_pods(pending)

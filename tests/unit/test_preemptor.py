@@ -14,6 +14,7 @@ from extender.kube.events import EventRecorder
 from extender.kube.executor import EvictionBlocked, Executor
 from extender.kube.preemptor import Preemptor
 from extender.metrics import ReturnerMetrics
+from tests.unit.objects import LOAN_KEY
 from tests.unit.test_manifests import ROOT
 
 RULES = load_rules([ROOT / "chains" / "a100-40gb.yaml"])
@@ -46,6 +47,8 @@ def node(name: str) -> dict[str, Any]:
 
 class ScriptedExecutor:
     """Executor calls recorded in order; evictions of the pods named in `budgets` refused with 429."""
+
+    loan_key = LOAN_KEY
 
     def __init__(self, pods: list[dict[str, Any]], budgets: Collection[str] = (), fail: str = "") -> None:
         self.api = self

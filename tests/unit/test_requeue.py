@@ -15,10 +15,11 @@ from extender.filter_memory import FilterMemory
 from extender.kube.api import ApiError, KubeApi
 from extender.kube.cache import ClusterCache
 from extender.kube.requeue import GRACE_SECONDS, MAX_ATTEMPTS, REQUEUED_ANNOTATION, Requeuer
+from extender.loan_guard import LoanGuard
 from extender.metrics import Metrics
 from extender.reload import RulesInForce
 from extender.store import SnapshotStore
-from tests.unit.objects import G1, G2, RULES, node, pod
+from tests.unit.objects import G1, G2, LOAN_KEY, RULES, node, pod
 
 
 class Clock:
@@ -136,7 +137,7 @@ class World:
     def __init__(self, failures: list[ApiError] | None = None, candidates: tuple[str, ...] = ("gpu-a",)) -> None:
         self.clock = Clock()
         self.api = FakeApi(failures)
-        self.cache = ClusterCache(cast(KubeApi, self.api), SnapshotStore())
+        self.cache = ClusterCache(cast(KubeApi, self.api), SnapshotStore(), loans=LoanGuard(LOAN_KEY))
         self.holder = pod("holder", {G1: 1}, "gpu-a")
         self.other = pod("other", {G1: 1}, "gpu-b")
         self.waiter = pod("waiter", {G1: 1}, phase="Pending")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -11,7 +13,7 @@ from extender.core.cluster import NodeState, PodRecord, PodRequest, Snapshot
 from extender.core.decide import Placement, place
 from extender.core.loan import counts_text
 from extender.core.returns import Borrower, borrowers_of, plan_returns
-from extender.core.rules import Chain, ChainRules, Policy, ReturnMode
+from extender.core.rules import Chain, ChainRules, NamespaceSelector, PodOptOuts, Policy, ReturnMode
 from tests.strategies import A100
 
 TYPES = ("nvidia.com/mig-1g.5gb", "nvidia.com/mig-2g.10gb", "nvidia.com/mig-3g.20gb")
@@ -186,26 +188,58 @@ def test_a_free_slice_a_pending_pod_will_take_is_not_free_for_a_return():
     assert len(plan_returns(Snapshot.of([node]), borrowers, [], RULES)) == 1
 
 
-def test_opt_out_and_restart_cap_hold_a_borrower_back():
-    g1, g2, _ = TYPES
-    held = borrowers_of(
-        [
-            record("pinned", "n0", g1, g2, steps=1, created="t", **{"migchain.io/return": "false"}),
-            record(
-                "capped",
-                "n0",
-                g1,
-                g2,
-                steps=1,
-                created="t",
-                **{"migchain.io/restarts": "2", "migchain.io/max-restarts": "2"},
+HONOURING = ChainRules(
+    [
+        Chain(
+            "eager",
+            frozenset({A100}),
+            TYPES,
+            Policy(
+                return_mode=ReturnMode.EAGER,
+                pod_opt_outs=PodOptOuts(
+                    never_return=True, max_restarts=True, namespaces=NamespaceSelector(frozenset({"ns"}))
+                ),
             ),
-        ],
-        RULES,
-    )
+        )
+    ]
+)
+
+
+def test_opt_out_and_restart_cap_hold_a_borrower_back_where_the_policy_honours_them():
+    g1, g2, _ = TYPES
+    capped = {"migchain.io/restarts": "2", "migchain.io/max-restarts": "2"}
+    records = [
+        record("pinned", "n0", g1, g2, steps=1, created="t", **{"migchain.io/return": "false"}),
+        record("capped", "n0", g1, g2, steps=1, created="t", **capped),
+    ]
+    held = borrowers_of(records, HONOURING)
     assert [b.held_back for b in held] == [
         "pod annotation migchain.io/return=false",
         "restarted 2 time(s), migchain.io/max-restarts=2",
     ]
     node = NodeState("n0", A100, "success", {g1: 2, g2: 2}, {g2: 2})
-    assert plan_returns(Snapshot.of([node]), held, [], RULES) == ()
+    assert plan_returns(Snapshot.of([node]), held, [], HONOURING) == ()
+    # In a namespace the policy's podOptOuts do not cover, and under a chain that honours none, they are moved.
+    elsewhere = [dataclasses.replace(r, request=dataclasses.replace(r.request, namespace="other")) for r in records]
+    assert [b.held_back for b in borrowers_of(elsewhere, HONOURING)] == ["", ""]
+    assert [b.held_back for b in borrowers_of(records, RULES)] == ["", ""]
+
+
+def test_tenant_opt_outs_do_not_hold_a_borrower_back_by_default():
+    """`migchain.io/return: "false"` and `max-restarts` are written by the pod's owner: by default the chain's
+    returnMode decides, not the pod (issue 17, finding 5)."""
+    g1, g2, _ = TYPES
+    opted_out = {"migchain.io/return": "false", "migchain.io/max-restarts": "0"}
+    [borrower] = borrowers_of([record("b", "n0", g1, g2, steps=1, created="t", **opted_out)], RULES)
+    assert borrower.held_back == ""
+    node = NodeState("n0", A100, "success", {g1: 1, g2: 1}, {g2: 1})
+    [restore] = plan_returns(Snapshot.of([node]), [borrower], [], RULES)
+    assert restore.borrower.key == "ns/b"
+
+
+@pytest.mark.parametrize("cap", ["\u00b2", "\u0663", "9" * 40, "-1", ""])
+def test_a_restart_cap_that_is_no_ascii_number_caps_nothing_and_never_raises(cap):
+    """A tenant writes max-restarts: "²" passes str.isdigit() and then int() refuses it."""
+    g1, g2, _ = TYPES
+    records = [record("odd", "n0", g1, g2, steps=1, created="t", **{"migchain.io/max-restarts": cap})]
+    assert [b.held_back for b in borrowers_of(records, HONOURING)] == [""]

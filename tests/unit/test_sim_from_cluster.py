@@ -18,6 +18,7 @@ from extender.core.loan import plan_borrow
 from extender.ledger import Ledger
 from extender.sim.engine import Job, Running, SimPolicy, simulate
 from extender.sim.from_cluster import StartingState, run_from_cluster, starting_bounds, starting_state
+from tests.unit.objects import LOAN_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = load_rules([ROOT / "chains" / "a100-40gb.yaml"])
@@ -48,7 +49,7 @@ def borrower(name: str, node_name: str, free: dict[str, int]) -> dict[str, Any]:
     original = pod(name, {G1: 1})
     verdict = place(pod_record(original).request, NodeState(node_name, A100, "success", free), node_name, RULES)
     assert isinstance(verdict, Placement) and verdict.borrows
-    replacement: dict[str, Any] = dict(plan_borrow(original, verdict).replacement)
+    replacement: dict[str, Any] = dict(plan_borrow(original, verdict, LOAN_KEY).replacement)
     replacement["metadata"]["uid"] = f"uid-{name}-borrower"
     replacement["status"] = {"phase": "Running"}
     return replacement

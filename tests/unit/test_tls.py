@@ -108,7 +108,8 @@ def test_plain_http_is_only_for_loopback_and_off_it_mutual_tls_is_a_must(tmp_pat
     assert (complaint in problem) if complaint else problem == ""
 
 
-def test_with_mutual_tls_the_verbs_refuse_a_caller_without_a_certificate_and_probes_do_not():
+def test_with_mutual_tls_the_verbs_refuse_a_caller_without_a_certificate():
+    """The handshake already refuses such a caller (test_stalled_connections.py); the app does too."""
     client = create_app(
         WebSettings(require_client_certificate=True), RulesInForce.fixed(RULES), SnapshotStore()
     ).test_client()
@@ -116,15 +117,21 @@ def test_with_mutual_tls_the_verbs_refuse_a_caller_without_a_certificate_and_pro
         answer = client.post(verb, data=b"{}", content_type="application/json")
         assert answer.status_code == 403, verb
         assert "client certificate" in orjson.loads(answer.data)["Error"]
-    assert client.get("/healthz").status_code == 200
-    assert client.get("/metrics").status_code == 200
 
 
 class _VerifiedConnection:
     """What gunicorn puts in the WSGI environ for a TLS connection whose client showed a valid certificate."""
 
+    def __init__(self, name: str = "migchain-scheduler", alternatives: tuple[tuple[str, str], ...] = ()) -> None:
+        self._certificate: dict[str, object] = {"subject": ((("organizationName", "x"),), (("commonName", name),))}
+        if alternatives:
+            self._certificate["subjectAltName"] = alternatives
+
     def getpeercert(self) -> dict[str, object]:
-        return {"subject": ((("commonName", "migchain-scheduler"),),)}
+        return self._certificate
+
+
+FILTER = b'{"Pod": {"metadata": {"name": "p", "uid": "u"}}, "NodeNames": []}'
 
 
 def test_with_mutual_tls_a_verified_caller_reaches_the_verbs():
@@ -132,9 +139,34 @@ def test_with_mutual_tls_a_verified_caller_reaches_the_verbs():
         WebSettings(require_client_certificate=True), RulesInForce.fixed(RULES), SnapshotStore()
     ).test_client()
     answer = client.post(
-        "/filter",
-        data=b'{"Pod": {"metadata": {"name": "p", "uid": "u"}}, "NodeNames": []}',
-        content_type="application/json",
-        environ_base={"gunicorn.socket": _VerifiedConnection()},
+        "/filter", data=FILTER, content_type="application/json", environ_base={"gunicorn.socket": _VerifiedConnection()}
     )
     assert answer.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("connection", "status"),
+    [
+        (_VerifiedConnection(), 200),
+        (_VerifiedConnection("someone-else"), 403),
+        (_VerifiedConnection("someone-else", (("DNS", "migchain-scheduler"),)), 200),
+        (_VerifiedConnection("someone-else", (("URI", "spiffe://cluster/ns/migchain-system/sa/x"),)), 403),
+        (_VerifiedConnection("migchain-scheduler\x1b[2J" * 40), 403),
+    ],
+    ids=["scheduler", "other-name", "dns-alternative-name", "other-uri", "hostile-name"],
+)
+def test_a_pinned_identity_lets_only_that_certificate_reach_the_verbs(connection, status):
+    """--client-identity: a certificate the CA signed for another name (another component) is not the scheduler."""
+    client = create_app(
+        WebSettings(require_client_certificate=True, client_identities=frozenset({"migchain-scheduler"})),
+        RulesInForce.fixed(RULES),
+        SnapshotStore(),
+    ).test_client()
+    environ = {"gunicorn.socket": connection}
+    for verb in ("/filter", "/prioritize"):
+        answer = client.post(verb, data=FILTER, content_type="application/json", environ_base=environ)
+        assert answer.status_code == status, verb
+        if status == 403:
+            message = orjson.loads(answer.data)["Error"]
+            assert "not kube-scheduler's" in message
+            assert "\x1b" not in message and len(message) < 400  # the name is escaped and cut short
