@@ -23,6 +23,8 @@ def _validate(args: argparse.Namespace) -> int:
         return 1
     for chain in rules.chains:
         print(f"ok  {chain.source}: chain {chain.name}: {' -> '.join(short_name(t) for t in chain.types)}")
+    for warning in rules.cross_file_overlaps():  # valid, but one file's policy now limits the other's chains
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from extender.core.mig import parse_mig_resource, short_name
+from extender.core.untrusted import excerpt
 
 # Answers of `ChainRules.borrow_options` remembered at most: its keys come from pods (their namespaces), so
 # the memo is bounded, and started afresh when full; a few hundred namespaces times a few types fit.
@@ -49,6 +50,30 @@ class PodOptOuts:
         return self.max_restarts and self.namespaces.admits(namespace)
 
 
+@dataclass(frozen=True, order=True)
+class OwnerKind:
+    """The kind of a pod's controller as its ownerReference names it: apiVersion and kind, e.g. apps/v1 ReplicaSet."""
+
+    api_version: str
+    kind: str
+
+    def __str__(self) -> str:
+        return f"{self.api_version} {self.kind}"
+
+
+# Controllers that count their pods by labels and accept any pod they own, so a
+# borrow's replacement under a new name is just one of theirs: these borrow
+# everywhere. Others may track pods by name (Argo Workflows, Kubeflow's
+# training operator, Volcano, Spark): a replacement would make their work fail
+# or run twice, so their pods borrow only where a policy lists their kind.
+SAFE_OWNER_KINDS = frozenset({OwnerKind("apps/v1", "ReplicaSet"), OwnerKind("batch/v1", "Job")})
+# Controllers that recreate a pod by name or per node from their own template:
+# a replacement would be fought, so no policy may list them.
+NEVER_SAFE_OWNER_KINDS = frozenset({OwnerKind("apps/v1", "StatefulSet"), OwnerKind("apps/v1", "DaemonSet")})
+# Stands for every owner kind no policy lists, so remembered answers stay few whatever kinds pods name.
+UNLISTED_OWNER = OwnerKind("", "(unlisted)")
+
+
 @dataclass(frozen=True)
 class Policy:
     """Limits on borrowing along the chains of one rules file."""
@@ -62,13 +87,30 @@ class Policy:
     # along these chains are decided, logged, counted and announced, never done.
     dry_run: NamespaceSelector | None = None
     pod_opt_outs: PodOptOuts = field(default_factory=PodOptOuts)
+    # Owner kinds beyond SAFE_OWNER_KINDS whose pods borrow along these chains (policy.ownerKinds).
+    owner_kinds: frozenset[OwnerKind] = frozenset()
 
-    def denial(self, granted: str, steps: int, namespace: str, chain: str) -> str | None:
-        """Why this policy forbids borrowing `granted` `steps` up `chain`, or None if it allows it."""
+    def admits_owner(self, owner: OwnerKind | None) -> bool:
+        """Whether a pod with this controller (None: none, a bare pod) may be replaced along these chains."""
+        return owner is None or owner in SAFE_OWNER_KINDS or owner in self.owner_kinds
+
+    def refusal(self, namespace: str, chain: str, owner: OwnerKind | None = None) -> str | None:
+        """Why this policy forbids a pod in `namespace` owned by `owner` any borrow along `chain`, or None."""
         if not self.borrowing:
             return f"borrowing is off in the policy of chain {chain}"
         if not self.namespaces.admits(namespace):
             return f"namespace {namespace} is not covered by the policy of chain {chain}"
+        if not self.admits_owner(owner):
+            return f"the policy of chain {chain} does not replace pods of their owner's kind (ownerKinds)"
+        return None
+
+    def denial(
+        self, granted: str, steps: int, namespace: str, chain: str, owner: OwnerKind | None = None
+    ) -> str | None:
+        """Why this policy forbids borrowing `granted` `steps` up `chain`, or None if it allows it."""
+        refused = self.refusal(namespace, chain, owner)
+        if refused is not None:
+            return refused
         if self.max_steps is not None and steps > self.max_steps:
             return f"{steps} steps exceed maxSteps {self.max_steps} of chain {chain}"
         if self.allowed_types is not None and granted not in self.allowed_types:
@@ -117,8 +159,26 @@ class ChainRules:
         # Memo of borrow_options; the rules never change, so entries never go stale.
         # Concurrent fills compute the same value, so the race is harmless. Only types
         # some chain starts from are remembered, at most MEMO_ENTRIES answers.
-        self._memo: dict[tuple[str, str, str], tuple[BorrowOption, ...]] = {}
+        self._memo: dict[tuple[str, str, str, OwnerKind | None], tuple[BorrowOption, ...]] = {}
         self._by_name = {chain.name: chain for chain in self.chains}
+        # Every owner kind some policy lets borrow: any other kind is UNLISTED_OWNER to the memo.
+        self.owner_kinds: frozenset[OwnerKind] = SAFE_OWNER_KINDS.union(
+            *(chain.policy.owner_kinds for chain in self.chains)
+        )
+
+    def owner_refusal(self, owner: OwnerKind | None) -> str:
+        """Why a pod with this controller borrows along no chain at all, or "" when some policy lets it.
+
+        The kind comes from the pod (its ownerReference), so it is shown as an excerpt.
+        """
+        if owner is None or owner in self.owner_kinds:
+            return ""
+        listed = ", ".join(f"{o.kind} ({o.api_version})" for o in sorted(self.owner_kinds, key=str))
+        return (
+            f"pods owned by a {excerpt(owner.kind)} ({excerpt(owner.api_version)}) keep their own type: "
+            f"a borrow replaces a pod under a new name, and only controllers that accept that may borrow "
+            f"({listed}; an admin adds others in policy.ownerKinds)"
+        )
 
     def dry_run(self, chains: Iterable[str], namespace: str) -> bool:
         """Whether a loan along any of `chains` for a pod in `namespace` is only announced (policy dryRun)."""
@@ -133,36 +193,96 @@ class ChainRules:
         """Every MIG type named by some chain: the extender's managed resources."""
         return frozenset(t for chain in self.chains for t in chain.types)
 
-    def borrow_options(self, requested: str, gpu_product: str, namespace: str) -> tuple[BorrowOption, ...]:
+    def borrow_options(
+        self, requested: str, gpu_product: str, namespace: str, owner: OwnerKind | None = None
+    ) -> tuple[BorrowOption, ...]:
         """Larger types that may stand in for `requested` on a node of `gpu_product`, best first.
 
-        A type reachable along several chains counts once: allowed beats denied,
-        then fewer steps, then the chain name, so the answer is deterministic.
-        The list is ordered the same way, smaller types first among equal steps.
+        Within one rules file, a type reachable along several chains counts
+        once: allowed beats denied, then fewer steps, then the chain name (one
+        admin wrote them under one policy, so a shorter chain is a shortcut).
+        Across files a denial wins: a file whose policy refuses the pod (borrowing
+        off, its namespace, its owner's kind) for a request its chains cover
+        denies every larger type for it, and a file that forbids a type (maxSteps,
+        allowedTypes) denies that type, whatever other files allow; else the
+        files' offers are pooled the same way. So adding a file never opens a
+        borrow another file's policy shuts. The list is ordered the same way,
+        smaller types first among equal steps.
         """
-        key = (requested, gpu_product, namespace)
+        if owner is not None and owner not in self.owner_kinds:
+            owner = UNLISTED_OWNER  # no policy lists it: every such kind is answered alike
+        key = (requested, gpu_product, namespace, owner)
         cached = self._memo.get(key)
         if cached is not None:
             return cached
         upward = self._upward.get((requested, gpu_product))
         if upward is None:
             return ()  # no chain for it: a pod may name any type, so nothing is remembered of it
-        best: dict[str, BorrowOption] = {}
+        by_file: dict[str, dict[str, BorrowOption]] = {}
+        refusals: list[tuple[str, str, str]] = []  # (chain, why, file)
         for granted, steps, chain in upward:
+            refused = chain.policy.refusal(namespace, chain.name, owner)
+            if refused is not None:
+                refusals.append((chain.name, refused, chain.source))
             option = BorrowOption(
-                granted, steps, chain.name, chain.policy.denial(granted, steps, namespace, chain.name)
+                granted, steps, chain.name, chain.policy.denial(granted, steps, namespace, chain.name, owner)
             )
+            best = by_file.setdefault(chain.source, {})
             current = best.get(granted)
             if current is None or _preference(option) < _preference(current):
                 best[granted] = option
-        options = tuple(sorted(best.values(), key=_preference))
+        pooled: dict[str, BorrowOption] = {}
+        for source, offers in by_file.items():
+            # A file's own chains share its policy, so only another file's refusal can veto them.
+            vetoes = [(name, why) for name, why, other in refusals if other != source]
+            veto = min(vetoes)[1] if vetoes else None
+            for granted, offer in offers.items():
+                option = (
+                    offer if veto is None or offer.denied else BorrowOption(granted, offer.steps, offer.chain, veto)
+                )
+                current = pooled.get(granted)
+                if current is None or _across_files(option) < _across_files(current):
+                    pooled[granted] = option
+        options = tuple(sorted(pooled.values(), key=_preference))
         if len(self._memo) >= MEMO_ENTRIES:
             self._memo.clear()
         self._memo[key] = options
         return options
 
+    def cross_file_overlaps(self) -> list[str]:
+        """One warning per pair of chains from different files that lend for the same request on the same GPU model.
+
+        Each file's policy then governs those borrows too, and a denial in either
+        wins (ChainRules.borrow_options): the admin should know that one file's
+        namespace exclusion, maxSteps or allowedTypes shuts the other's borrows.
+        """
+        shared: dict[tuple[Chain, Chain], tuple[set[str], set[str]]] = {}  # pair -> (GPU models, requested types)
+        for (requested, product), upward in sorted(self._upward.items()):
+            chains = sorted({chain for _, _, chain in upward}, key=lambda chain: chain.name)
+            for index, first in enumerate(chains):
+                for second in chains[index + 1 :]:
+                    if first.source != second.source:
+                        products, types = shared.setdefault((first, second), (set(), set()))
+                        products.add(product)
+                        types.add(requested)
+        warnings = []
+        for (first, second), (products, types) in shared.items():
+            same = "the same policy" if first.policy == second.policy else "different policies"
+            lent = ", ".join(short_name(t) for t in sorted(types, key=first.types.index))
+            warnings.append(
+                f"chain {first.name} ({first.source or 'no file'}) and chain {second.name} "
+                f"({second.source or 'no file'}) both lend for {lent} on "
+                f"{', '.join(sorted(products))}, under {same}: for those borrows a denial in either file's policy wins"
+            )
+        return warnings
+
     def has_chain_for(self, requested: str, gpu_product: str) -> bool:
         return (requested, gpu_product) in self._upward
+
+
+def _across_files(option: BorrowOption) -> tuple[bool, int, str]:
+    # Denied beats allowed across files; among denials, or among offers, fewer steps then the chain name.
+    return (option.denied is None, option.steps, option.chain)
 
 
 def _preference(option: BorrowOption) -> tuple[bool, int, int, int, str, str]:
