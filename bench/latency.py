@@ -83,7 +83,9 @@ def pod_object(name: str, node: str, resource: str) -> dict[str, Any]:
             "namespace": "ml",
             "uid": f"uid-{name}",
             "labels": {"app": "train", "team": "vision"},
-            "ownerReferences": [{"kind": "ReplicaSet", "name": "train-7d9f8", "uid": "rs", "controller": True}],
+            "ownerReferences": [
+                {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "train-7d9f8", "uid": "rs", "controller": True}
+            ],
         },
         "spec": {
             "schedulerName": "migchain-scheduler",

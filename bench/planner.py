@@ -91,7 +91,9 @@ def pod_object(
         "annotations": annotations or {},
     }
     if owner:
-        metadata["ownerReferences"] = [{"kind": "ReplicaSet", "name": owner, "uid": f"uid-{owner}", "controller": True}]
+        metadata["ownerReferences"] = [
+            {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": owner, "uid": f"uid-{owner}", "controller": True}
+        ]
     spec: dict[str, Any] = {
         "schedulerName": MIGCHAIN_SCHEDULER,
         "priority": priority,

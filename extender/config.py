@@ -12,7 +12,16 @@ from typing import Any, TypeVar
 import yaml
 
 from extender.core.mig import parse_mig_resource
-from extender.core.rules import Chain, ChainRules, NamespaceSelector, PodOptOuts, Policy, ReturnMode
+from extender.core.rules import (
+    NEVER_SAFE_OWNER_KINDS,
+    Chain,
+    ChainRules,
+    NamespaceSelector,
+    OwnerKind,
+    PodOptOuts,
+    Policy,
+    ReturnMode,
+)
 
 API_VERSION = "migchain.io/v1alpha1"
 KIND = "ChainRules"
@@ -21,6 +30,11 @@ _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _BOOL = "tag:yaml.org,2002:bool"
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # a DNS label, so it can travel in annotations
+# An ownerReference's apiVersion: "VERSION" (the core group) or "GROUP/VERSION", a group being a DNS subdomain.
+_API_VERSION = re.compile(
+    r"^(?:[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*/)?[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+)
+_KIND = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,62}$")  # a Kind is a CamelCase Go type name
 
 T = TypeVar("T")
 
@@ -292,7 +306,16 @@ class _Reader:
             node,
             "policy",
             required=(),
-            optional=("borrowing", "maxSteps", "allowedTypes", "returnMode", "namespaces", "dryRun", "podOptOuts"),
+            optional=(
+                "borrowing",
+                "maxSteps",
+                "allowedTypes",
+                "returnMode",
+                "namespaces",
+                "dryRun",
+                "podOptOuts",
+                "ownerKinds",
+            ),
         )
         if fields is None:
             return Policy()
@@ -337,7 +360,9 @@ class _Reader:
         opt_outs = PodOptOuts()
         if "podOptOuts" in fields:
             opt_outs = self.pod_opt_outs(fields["podOptOuts"], "policy.podOptOuts")
+        owner_kinds = self.owner_kinds(fields["ownerKinds"], "policy.ownerKinds") if "ownerKinds" in fields else []
         return Policy(
+            owner_kinds=frozenset(owner_kinds),
             borrowing=bool(borrowing),
             max_steps=max_steps,
             allowed_types=allowed,
@@ -346,6 +371,41 @@ class _Reader:
             dry_run=dry_run,
             pod_opt_outs=opt_outs,
         )
+
+    def owner_kinds(self, node: yaml.Node, field: str) -> list[OwnerKind]:
+        """`ownerKinds: [{apiVersion: GROUP/VERSION, kind: Kind}]`: controllers whose pods a borrow may replace.
+
+        Written as the controller writes its pods' ownerReferences; the version counts (an ownerReference
+        names one). StatefulSet and DaemonSet recreate their pods by name or per node: never listed.
+        """
+        kinds: list[OwnerKind] = []
+        for index, item in enumerate(self.sequence(node, field) or []):
+            item_field = f"{field}[{index}]"
+            entry = self.mapping(item, item_field, ("apiVersion", "kind"), ())
+            if entry is None or "apiVersion" not in entry or "kind" not in entry:
+                continue
+            api_version = self.string(entry["apiVersion"], f"{item_field}.apiVersion")
+            kind = self.string(entry["kind"], f"{item_field}.kind")
+            if api_version is not None and not _API_VERSION.match(api_version):
+                self.problem(
+                    entry["apiVersion"], f"{item_field}.apiVersion", "must be VERSION or GROUP/VERSION, e.g. apps/v1"
+                )
+                api_version = None
+            if kind is not None and not _KIND.match(kind):
+                self.problem(entry["kind"], f"{item_field}.kind", "not a kind (a CamelCase name, e.g. ReplicaSet)")
+                kind = None
+            if api_version is None or kind is None:
+                continue
+            owner = OwnerKind(api_version, kind)
+            if owner in NEVER_SAFE_OWNER_KINDS:
+                self.problem(
+                    item, item_field, f"{kind} pods never borrow: their controller recreates them by name or per node"
+                )
+            elif owner in kinds:
+                self.problem(item, item_field, f"{api_version} {kind} is listed twice")
+            else:
+                kinds.append(owner)
+        return kinds
 
     def pod_opt_outs(self, node: yaml.Node, field: str) -> PodOptOuts:
         """`podOptOuts: {return: BOOL, maxRestarts: BOOL, namespaces: {include, exclude}}`; each off by default."""

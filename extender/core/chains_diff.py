@@ -59,6 +59,10 @@ def _opt_outs(opt_outs: PodOptOuts) -> str:
     return f"{', '.join(honoured)} in {_selector(opt_outs.namespaces)}"
 
 
+def _owner_kinds(policy: Policy) -> str:
+    return ", ".join(map(str, sorted(policy.owner_kinds))) or "ReplicaSet and Job only"
+
+
 def _policy_changes(old: Policy, new: Policy) -> list[str]:
     def allowed(policy: Policy) -> str:
         return "all" if policy.allowed_types is None else " ".join(sorted(map(short_name, policy.allowed_types)))
@@ -71,6 +75,7 @@ def _policy_changes(old: Policy, new: Policy) -> list[str]:
         ("namespaces", _selector(old.namespaces), _selector(new.namespaces)),
         ("dryRun", _selector(old.dry_run), _selector(new.dry_run)),
         ("podOptOuts", _opt_outs(old.pod_opt_outs), _opt_outs(new.pod_opt_outs)),
+        ("ownerKinds", _owner_kinds(old), _owner_kinds(new)),
     ]
     return [f"{field}: {was} => {now}" for field, was, now in pairs if was != now]
 

@@ -17,6 +17,7 @@ from extender.core.constraints import (
     node_constraints,
 )
 from extender.core.mig import is_mig_resource
+from extender.core.rules import OwnerKind
 from extender.core.untrusted import excerpt, kept
 
 # Annotation keys: one domain prefix, documented in README.
@@ -77,6 +78,9 @@ class PodRequest:
     no_borrow: str = ""  # why this pod may not borrow; empty when it may
     constraints: NodeConstraints = ANYWHERE  # which nodes it may run on
     priority: int = 0  # spec.priority, which admission fills from the PriorityClass; 0 without one
+    owner: OwnerKind | None = (
+        None  # its controller's apiVersion and kind (which borrow: rules.SAFE_OWNER_KINDS); None: bare
+    )
 
     @property
     def may_borrow(self) -> bool:
@@ -338,6 +342,28 @@ def controller_of(metadata: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
+# The longest apiVersion or kind of an owner kept: a group is a DNS subdomain (253) and a version or kind a short
+# name; anything longer is no kind a policy can list, so it is kept as UNREADABLE_OWNER (which never borrows).
+MAX_OWNER_TEXT = 317
+UNREADABLE_OWNER = OwnerKind("(unreadable)", "(unreadable)")
+
+
+def owner_kind(metadata: Mapping[str, Any]) -> OwnerKind | None:
+    """The apiVersion and kind of the pod's controller; None for a pod without one (a bare pod).
+
+    The pod's owner writes its ownerReferences: a value that is not short text is an owner no policy lists.
+    """
+    controller = controller_of(metadata)
+    if controller is None:
+        return None
+    api_version, kind = controller.get("apiVersion"), controller.get("kind")
+    if not isinstance(api_version, str) or not isinstance(kind, str):
+        return UNREADABLE_OWNER
+    if not api_version or not kind or len(api_version) > MAX_OWNER_TEXT or len(kind) > MAX_OWNER_TEXT:
+        return UNREADABLE_OWNER
+    return OwnerKind(sys.intern(api_version), sys.intern(kind))  # many pods share a few kinds
+
+
 def _no_borrow(metadata: Mapping[str, Any], annotations: Mapping[str, Any]) -> str:
     opt = annotations.get(BORROW_ANNOTATION)
     # Anything but an absent annotation or "true" opts out: a typo must not enable borrowing.
@@ -367,6 +393,7 @@ def pod_request(pod: Any) -> PodRequest:
         no_borrow=_no_borrow(metadata, annotations),
         constraints=node_constraints(spec),
         priority=_whole_number(spec.get("priority"), "Pod.spec.priority"),
+        owner=owner_kind(metadata),
     )
 
 

@@ -289,7 +289,7 @@ def _options(pod: PodRequest, node: NodeState, rules: ChainRules) -> list[list[G
         if may_borrow:
             tries += [
                 Grant(requested, option.granted, count, option.steps, option.chain)
-                for option in rules.borrow_options(requested, node.gpu_product, pod.namespace)
+                for option in rules.borrow_options(requested, node.gpu_product, pod.namespace, pod.owner)
                 if option.allowed
             ]
         options.append(tries)
@@ -340,7 +340,7 @@ def _why_not(pod: PodRequest, node: NodeState, rules: ChainRules) -> str:
     line of the FailedScheduling event ("0/20 nodes are available: 20 <reason>"),
     so nodes in the same state must give the same words.
     """
-    shared = _no_borrow_note(pod)  # why no type may borrow, said once
+    shared = _no_borrow_note(pod, rules)  # why no type may borrow, said once
     parts = []
     for requested, count in pod.mig:
         if node.allocatable.get(requested, 0) < count:
@@ -366,9 +366,12 @@ def _reason(text: str) -> str:
     return excerpt(text, MAX_REASON_CHARS)
 
 
-def _no_borrow_note(pod: PodRequest) -> str:
+def _no_borrow_note(pod: PodRequest, rules: ChainRules) -> str:
     if pod.no_borrow:
         return f" (borrowing off: {pod.no_borrow})"
+    refusal = rules.owner_refusal(pod.owner)
+    if refusal:
+        return f" (borrowing off: {refusal})"
     if len(pod.mig) > MAX_BORROW_DEMANDS:
         return f" (borrowing is tried only for pods with at most {MAX_BORROW_DEMANDS} MIG types)"
     return ""
@@ -377,7 +380,7 @@ def _no_borrow_note(pod: PodRequest) -> str:
 def _borrow_note(pod: PodRequest, node: NodeState, rules: ChainRules, requested: str, count: int) -> str:
     if not rules.has_chain_for(requested, node.gpu_product):
         return f" (no chain for it on GPU model {node.gpu_product or '(unlabelled)'})"
-    options = rules.borrow_options(requested, node.gpu_product, pod.namespace)
+    options = rules.borrow_options(requested, node.gpu_product, pod.namespace, pod.owner)
     return " (larger: " + ", ".join(_option_note(option, node, count) for option in options) + ")"
 
 

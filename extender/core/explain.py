@@ -119,6 +119,7 @@ class Explanation:
     outlook: ReturnOutlook | None  # for a borrower
     unblocking: tuple[Restore, ...]  # returns planned now to make room for this (pending) pod
     notes: tuple[str, ...]
+    no_borrow: str = ""  # why the pod may not borrow at all (its opt-out, its owner's kind); "" when it may
 
     @property
     def passed(self) -> tuple[str, ...]:
@@ -190,7 +191,8 @@ def explain(
         chains=tuple(chain for chain in rules.chains if chain.name in named),
         outlook=outlook,
         unblocking=tuple(plan for plan in plans if plan.unblocks == request.key),
-        notes=_notes(pod, schedulers, loan_doubt),
+        notes=_notes(pod, schedulers, loan_doubt, rules.owner_refusal(request.owner)),
+        no_borrow=request.no_borrow or rules.owner_refusal(request.owner),
     )
 
 
@@ -236,7 +238,7 @@ def _state(pod: PodRecord) -> str:
     return f"bound to {pod.node}" if pod.node else "pending"
 
 
-def _notes(pod: PodRecord, schedulers: Sequence[str], loan_doubt: str) -> tuple[str, ...]:
+def _notes(pod: PodRecord, schedulers: Sequence[str], loan_doubt: str, owner_refusal: str) -> tuple[str, ...]:
     request = pod.request
     notes = []
     if not request.mig:
@@ -246,12 +248,14 @@ def _notes(pod: PodRecord, schedulers: Sequence[str], loan_doubt: str) -> tuple[
         notes.append(f"its loan record is not believed: it is not treated as a borrower ({loan_doubt})")
     if request.no_borrow:
         notes.append(f"it may not borrow: {request.no_borrow}")
+    elif owner_refusal:
+        notes.append(f"it may not borrow: {owner_refusal}")
     elif len(request.mig) > MAX_BORROW_DEMANDS:
         notes.append(f"it asks for more than {MAX_BORROW_DEMANDS} MIG types: only exact fits are tried")
     else:
         notes.append(
-            "it may borrow: no migchain.io/borrow opt-out, and not a StatefulSet or DaemonSet pod "
-            "(the chains' policies below still apply)"
+            "it may borrow: no migchain.io/borrow opt-out, and a bare pod or one whose owner's kind a borrow "
+            "may replace (the chains' policies below still apply)"
         )
     if pod.node and not pod.terminal:
         notes.append(
@@ -286,7 +290,7 @@ def _request_policies(
     for requested, count in request.mig:
         for product in products:
             chains = tuple(c.name for c in rules.chains if requested in c.types and product in c.gpu_products)
-            options = rules.borrow_options(requested, product, request.namespace) if chains else ()
+            options = rules.borrow_options(requested, product, request.namespace, request.owner) if chains else ()
             lines.append(RequestPolicy(requested, count, product, chains, options))
     return tuple(lines)
 
@@ -547,8 +551,8 @@ def explain_document(explanation: Explanation) -> dict[str, Any]:
             "state": e.state,
             "node": e.pod.node,
             "requests": dict(request.mig),
-            "may_borrow": request.may_borrow,
-            "no_borrow": request.no_borrow,
+            "may_borrow": not e.no_borrow,
+            "no_borrow": e.no_borrow,
         },
         "cluster_size": e.cluster_size,
         "budget": e.budget,

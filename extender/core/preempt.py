@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from extender.core.cluster import MigCounts, NodeState, PodRecord, PodRequest, Snapshot
 from extender.core.decide import Placement, place
 from extender.core.loan import Loan, record_loan
-from extender.core.rules import ChainRules
+from extender.core.rules import ChainRules, OwnerKind
 
 PREEMPT_NEVER = "Never"  # spec.preemptionPolicy of a pod that waits rather than preempts
 
@@ -243,7 +243,7 @@ class _Round:
         # pods of a workload share it), node shape and free slices, and nodes are grouped by shape and free
         # slices, so a search over thousands of nodes for hundreds of pending pods costs a few decisions.
         self._shapes = {name: node.layout for name, node in snapshot.nodes.items()}
-        self._verdicts: dict[tuple[tuple[MigCounts, bool, str], str, FreeKey], Placement | None] = {}
+        self._verdicts: dict[tuple[tuple[MigCounts, bool, str, OwnerKind | None], str, FreeKey], Placement | None] = {}
         self._group_of: dict[str, tuple[str, FreeKey]] = {}
         self._groups: dict[tuple[str, FreeKey], set[str]] = {}
         for name in self.free:
@@ -284,7 +284,7 @@ class _Round:
         """A key for what a search reads of `pod`: its shape and placement rules (the pods of a workload share
         them), or, with an eligibility test of the caller's own, the pod itself."""
         if self.may_run_on is placement_rules:
-            return ((pod.mig, pod.may_borrow, pod.namespace), pod.constraints, *more)
+            return ((pod.mig, pod.may_borrow, pod.namespace, pod.owner), pod.constraints, *more)
         return (pod, *more)
 
     def fits(
@@ -292,7 +292,7 @@ class _Round:
     ) -> Placement | None:
         """How the pod fits `free` on `node`, or None; the placement may name another node of the same shape."""
         key = (
-            (pod.mig, pod.may_borrow, pod.namespace),
+            (pod.mig, pod.may_borrow, pod.namespace, pod.owner),
             self._shapes[node],
             _key(free) if free_key is None else free_key,
         )
@@ -339,7 +339,7 @@ class _Round:
         types = {resource for resource, _ in pod.mig}
         if pod.may_borrow:
             for resource, _ in pod.mig:
-                options = self.rules.borrow_options(resource, node.gpu_product, pod.namespace)
+                options = self.rules.borrow_options(resource, node.gpu_product, pod.namespace, pod.owner)
                 types.update(option.granted for option in options if option.allowed)
         return frozenset(types)
 
@@ -447,7 +447,7 @@ class _Round:
         ordered = sorted(lower, key=_importance)
         pod = record.request
         key = (
-            (pod.mig, pod.may_borrow, pod.namespace),
+            (pod.mig, pod.may_borrow, pod.namespace, pod.owner),
             self._shapes[node],
             _key(self.free[node]),
             tuple(victim.record.request.mig for victim in ordered),

@@ -47,7 +47,7 @@ from extender.core.cluster import (
 from extender.core.constraints import NodeConstraints
 from extender.core.decide import MAX_BORROW_DEMANDS, Placement, place
 from extender.core.loan import Loan, record_loan
-from extender.core.rules import ChainRules, Policy, ReturnMode
+from extender.core.rules import ChainRules, OwnerKind, Policy, ReturnMode
 from extender.core.status import loan_pairs
 
 RETURN_ANNOTATION = ANNOTATION_PREFIX + "return"  # "false": never return this pod
@@ -252,11 +252,12 @@ def _unblock(borrower: Borrower, waiting: PodRequest, free: _Free) -> Restore | 
     )
 
 
-PodShape = tuple[MigCounts, bool, str]  # what `place` reads of a pod: its slices, whether it may borrow, its namespace
+# What `place` reads of a pod: its slices, whether it may borrow, its namespace, its owner's kind.
+PodShape = tuple[MigCounts, bool, str, OwnerKind | None]
 
 
 def _shape(pod: PodRequest) -> PodShape:
-    return (pod.mig, pod.may_borrow, pod.namespace)
+    return (pod.mig, pod.may_borrow, pod.namespace, pod.owner)
 
 
 def _plain(mig: MigCounts) -> bool:
@@ -432,7 +433,7 @@ class _Free:
                     | {
                         option.granted
                         for product in (self._products if borrows else ())
-                        for option in self.rules.borrow_options(requested, product, pod.namespace)
+                        for option in self.rules.borrow_options(requested, product, pod.namespace, pod.owner)
                         if option.allowed
                     }
                 )

@@ -64,7 +64,15 @@ def test_namespace_name_uid_and_borrow_opt_out():
 @pytest.mark.parametrize(("kind", "may_borrow"), [("ReplicaSet", True), ("Job", True), ("StatefulSet", False)])
 def test_pods_of_controllers_that_recreate_by_name_never_borrow(kind, may_borrow):
     spec = pod()
-    spec["metadata"]["ownerReferences"] = [{"kind": kind, "name": "x", "uid": "o", "controller": True}]
+    spec["metadata"]["ownerReferences"] = [
+        {
+            "apiVersion": "batch/v1" if kind == "Job" else "apps/v1",
+            "kind": kind,
+            "name": "x",
+            "uid": "o",
+            "controller": True,
+        }
+    ]
     assert pod_request(spec).may_borrow is may_borrow
 
 

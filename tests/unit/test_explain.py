@@ -79,7 +79,15 @@ def pod(
         "annotations": dict(annotations or {}),
     }
     if owner:
-        metadata["ownerReferences"] = [{"kind": owner, "name": "owner", "uid": "uid-owner", "controller": True}]
+        metadata["ownerReferences"] = [
+            {
+                "apiVersion": "batch/v1" if owner == "Job" else "apps/v1",
+                "kind": owner,
+                "name": "owner",
+                "uid": "uid-owner",
+                "controller": True,
+            }
+        ]
     phase = "Running" if node_name else "Pending"
     return {"kind": "Pod", "metadata": metadata, "spec": spec, "status": {"phase": phase}}
 
@@ -198,6 +206,7 @@ def test_an_excluded_namespace_is_shown_as_not_covered():
         ({"migchain.io/borrow": "false"}, "", "pod annotation migchain.io/borrow=false"),
         ({}, "StatefulSet", "StatefulSet pods never borrow"),
         ({}, "DaemonSet", "DaemonSet pods never borrow"),
+        ({}, "Workflow", "pods owned by a Workflow (apps/v1) keep their own type"),  # on no list (issue 18, item 6)
     ],
 )
 def test_a_pod_that_may_not_borrow_says_why(annotations, owner, why):

@@ -38,7 +38,9 @@ def pod_json(
     }
     if owned:
         metadata["generateName"] = "worker-"
-        metadata["ownerReferences"] = [{"kind": "ReplicaSet", "name": "worker", "uid": "rs-1", "controller": True}]
+        metadata["ownerReferences"] = [
+            {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "worker", "uid": "rs-1", "controller": True}
+        ]
     spec: dict[str, Any] = {
         "schedulerName": "migchain-scheduler",
         "containers": [
@@ -277,7 +279,7 @@ def test_a_replicasets_borrower_costs_less_to_delete_than_its_exact_fit_siblings
 def test_only_a_replicasets_borrower_gets_a_deletion_cost():
     bare = pod_json([{G1: "1"}], owned=False)
     job = pod_json([{G1: "1"}], owned=True)
-    job["metadata"]["ownerReferences"][0]["kind"] = "Job"
+    job["metadata"]["ownerReferences"][0].update(apiVersion="batch/v1", kind="Job")
     for pod in (bare, job):
         annotations = plan_borrow(pod, borrow_on(pod, {G2: 1}), LOAN_KEY).replacement["metadata"]["annotations"]
         assert "controller.kubernetes.io/pod-deletion-cost" not in annotations

@@ -147,7 +147,9 @@ def test_the_leading_returner_reports_each_rejected_loan_once_with_an_event_and_
 
 def test_a_pod_named_like_the_replacement_is_migchains_only_if_its_loan_verifies():
     original = pod("notebook", {G1: 1}, phase="Pending")
-    original["metadata"]["ownerReferences"] = [{"kind": "Job", "name": "j", "uid": "uid-j", "controller": True}]
+    original["metadata"]["ownerReferences"] = [
+        {"apiVersion": "batch/v1", "kind": "Job", "name": "j", "uid": "uid-j", "controller": True}
+    ]
     verdict = place(pod_request(original), NodeState("gpu-a", A100, "success", {G2: 1}, {}), "gpu-a", RULES)
     assert isinstance(verdict, Placement)
     plan = plan_borrow(original, verdict, LOAN_KEY)
