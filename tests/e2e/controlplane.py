@@ -265,6 +265,9 @@ class ControlPlane:
                 # Nothing would ever lift the not-ready taint this plugin puts on new nodes (no kubelets).
                 # Pods need no service-account token: nothing runs in them.
                 "--disable-admission-plugins=TaintNodesByCondition,ServiceAccount",
+                # As OpenShift does: a create that sets blockOwnerDeletion needs update on the owner's
+                # finalizers (tests/e2e/test_owner_references_permission.py); every other client here is admin.
+                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                 "--endpoint-reconciler-type=none",
                 "--profiling=false",
                 "--v=1",

@@ -50,6 +50,13 @@ DENIED = [
     Access(EXTENDER, "update", "deployments", TEAM, group="apps"),
     Access(EXTENDER, "delete", "replicasets", TEAM, group="apps"),
     Access(EXTENDER, "patch", "jobs", TEAM, group="batch"),
+    # the owners' finalizers only, and only of the kinds whose pods borrow by default
+    Access(EXTENDER, "update", "replicasets", TEAM, group="apps"),
+    Access(EXTENDER, "update", "jobs", TEAM, group="batch", subresource="status"),
+    Access(EXTENDER, "patch", "replicasets", TEAM, group="apps", subresource="finalizers"),
+    Access(EXTENDER, "update", "statefulsets", TEAM, group="apps", subresource="finalizers"),
+    Access(EXTENDER, "update", "deployments", TEAM, group="apps", subresource="finalizers"),
+    Access(EXTENDER, "update", "workflows", TEAM, group="argoproj.io", subresource="finalizers"),
     Access(EXTENDER, "create", "pods", TEAM, subresource="ephemeralcontainers"),
     # the journal lives in migchain-system only, and is never read one by one or rewritten
     Access(EXTENDER, "create", "configmaps", TEAM),

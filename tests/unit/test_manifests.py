@@ -75,6 +75,10 @@ API_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
         4,
         [
             Access(EXTENDER, "create", "pods", TEAM),
+            # What OwnerReferencesPermissionEnforcement asks of a create of a pod whose ownerReference to its
+            # ReplicaSet or Job sets blockOwnerDeletion (tests/e2e/test_owner_references_permission.py).
+            Access(EXTENDER, "update", "replicasets", TEAM, group="apps", subresource="finalizers"),
+            Access(EXTENDER, "update", "jobs", TEAM, group="batch", subresource="finalizers"),
             Access(EXTENDER, "create", "pods", TEAM, subresource="eviction"),
             Access(EXTENDER, "create", "configmaps", NAMESPACE),
         ],
