@@ -64,6 +64,8 @@ class RulesInForce:
         """
         seen = fingerprint([Path(path) for path in paths])
         rules = load_rules_at_start(program, paths)
+        if rules is not None:
+            _warn_overlaps(rules)
         return None if rules is None else cls(rules, paths, seen)
 
     @classmethod
@@ -108,6 +110,7 @@ class RulesInForce:
             self._rules = rules
             self._status = ReloadStatus(time.time(), "", self._status.failures)
             log.info("chain rules reloaded: %s", ", ".join(f"{chain.name} ({chain.source})" for chain in rules.chains))
+            _warn_overlaps(rules)
             return True
 
     def watch(self, stop: threading.Event, interval: float = 2.0) -> threading.Thread:
@@ -127,3 +130,9 @@ class RulesInForce:
 
 def _clock(when: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def _warn_overlaps(rules: ChainRules) -> None:
+    """Chains of two files over the same borrows are valid, but each file's policy then limits the other's."""
+    for warning in rules.cross_file_overlaps():
+        log.warning("chain rules: %s", warning)

@@ -144,3 +144,12 @@ def test_whatever_owner_a_pod_names_only_the_safe_kinds_borrow(api_version, kind
     verdict = place(pod_request(document), ONLY_LARGER, "n", RULES)
     if isinstance(verdict, Rejection):
         assert len(verdict.reason) <= 1024
+
+
+def test_the_example_of_chains_readme_loads_with_its_owner_kinds(tmp_path):
+    text = (ROOT / "chains" / "README.md").read_text()
+    example = text.split("## Example\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "example.yaml"
+    path.write_text(example)
+    [chain] = load_rules([path]).chains
+    assert str(next(iter(chain.policy.owner_kinds))) == "example.com/v1 GpuWorker"
