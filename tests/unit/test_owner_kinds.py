@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from hypothesis import strategies as st
 from extender.config import ConfigError, load_rules
 from extender.core.cluster import NodeState, pod_request
 from extender.core.decide import Placement, Rejection, place
+from extender.core.rules import OwnerKind
+from tests.strategies import chain_rules, nodes, pods
 
 ROOT = Path(__file__).resolve().parents[2]
 A100 = "NVIDIA-A100-SXM4-40GB"
@@ -153,3 +156,21 @@ def test_the_example_of_chains_readme_loads_with_its_owner_kinds(tmp_path):
     path.write_text(example)
     [chain] = load_rules([path]).chains
     assert str(next(iter(chain.policy.owner_kinds))) == "example.com/v1 GpuWorker"
+
+
+@given(
+    rules=chain_rules(),
+    node=nodes("n"),
+    request=pods(),
+    owner=st.sampled_from(
+        [
+            OwnerKind("argoproj.io/v1alpha1", "Workflow"),
+            OwnerKind("batch.volcano.sh/v1alpha1", "Job"),
+            OwnerKind("v1", "X"),
+        ]
+    ),
+)
+def test_under_any_rules_a_pod_of_an_unlisted_owner_never_borrows(rules, node, request, owner):
+    """Chains and policies that list no owner kinds: whatever the node offers, such a pod fits exactly or not at all."""
+    verdict = place(dataclasses.replace(request, owner=owner), node, "n", rules)
+    assert not (isinstance(verdict, Placement) and verdict.borrows)
