@@ -109,6 +109,9 @@ class Returner:
         self._claims: dict[str, Claim] = {}
         self._recover_at: float | None = 0.0  # when to (re)read the journal; None once it is clean
         self._recover_retry = RECOVERY_RETRY_SECONDS  # the pause after a pass that left entries waiting
+        # Bare borrowers evicted but not gone yet (uid -> namespace, name): the journal recreates each as soon as
+        # the cache shows it gone.
+        self._leaving: dict[str, tuple[str, str]] = {}
         self.preemptor = Preemptor(
             executor, events, self.metrics, schedulers=schedulers, dry_run=dry_run, recover_soon=self._recover_soon
         )
@@ -134,6 +137,8 @@ class Returner:
 
     def round(self) -> None:
         self.report_rejected_loans()
+        if self._gone_since_evicted():
+            self._recover_soon(at_once=True)
         if self._recover_at is not None and time.monotonic() >= self._recover_at:
             if self.recover():
                 self._recover_at, self._recover_retry = None, RECOVERY_RETRY_SECONDS
@@ -230,9 +235,20 @@ class Returner:
         keys = {borrower.key for borrower in borrowers}
         self._blocked = {key: until for key, until in self._blocked.items() if until > now and key in keys}
 
-    def _recover_soon(self) -> None:
-        self._recover_at = time.monotonic() + RECOVERY_RETRY_SECONDS
+    def _recover_soon(self, *, at_once: bool = False) -> None:
+        self._recover_at = time.monotonic() + (0.0 if at_once else RECOVERY_RETRY_SECONDS)
         self._recover_retry = RECOVERY_RETRY_SECONDS
+
+    def _gone_since_evicted(self) -> bool:
+        """Whether a bare borrower evicted and left to the journal is gone from the cache now (forgotten then)."""
+        gone = []
+        for uid, (namespace, name) in self._leaving.items():
+            record = self.cache.pod(namespace, name)
+            if record is None or record.request.uid != uid:
+                gone.append(uid)
+        for uid in gone:
+            del self._leaving[uid]
+        return bool(gone)
 
     def announce(self, restore: Restore) -> None:
         """Dry run: the return decided as usual, logged, counted and announced once; nothing evicted."""
@@ -292,7 +308,9 @@ class Returner:
                 self._recover_soon()
             return
         if outcome == RESTORE_JOURNALED:
-            self._recover_soon()  # evicted but not gone yet: recreated by the journal once it is
+            # Evicted, not gone yet: the journal recreates it once the cache shows it gone (or, failing that, soon).
+            self._leaving[request.uid] = (request.namespace, request.name)
+            self._recover_soon()
         self._blocked.pop(request.key, None)
         self._claims[request.key] = claim_for(
             restore.borrower.record, restore.target, loan.original, records, time.monotonic() + CLAIM_SECONDS

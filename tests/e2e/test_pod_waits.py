@@ -164,6 +164,7 @@ def test_a_slow_terminating_borrower_does_not_hold_other_returns_back(scenario: 
     report("slow-terminating borrower", other_return_seconds=quick_seconds, slow_back_after_let_go=slow_seconds)
     assert quick_seconds < 15, f"the other return waited {quick_seconds} s behind a terminating borrower"
     assert slow_waiting
+    assert slow_seconds < 10, f"the slow borrower came back {slow_seconds} s after it went"
     assert not borrowing(back) and back["spec"]["nodeName"] == nodes[0]
     assert not borrowing(scenario.pod("quick"))
     check_invariants(scenario.api, scenario.namespace, ["slow", "quick", "filler-a", "filler-b"])

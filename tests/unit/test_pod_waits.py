@@ -14,15 +14,20 @@ from extender.core.cluster import BindRequest, NodeState, node_state, pod_record
 from extender.core.decide import Placement, place
 from extender.core.loan import plan_borrow
 from extender.kube.api import ApiError, KubeApi
+from extender.kube.binder import Binder
 from extender.kube.cache import RESERVATION_TTL, ClusterCache
 from extender.kube.events import EventRecorder
 from extender.kube.executor import RESTORE_JOURNALED, Executor, StillTerminating
+from extender.kube.lease import LeaderElection
+from extender.kube.returner import Returner
 from extender.ledger import Ledger
 from extender.loan_guard import LoanGuard
 from extender.metrics import Metrics
 from extender.reload import RulesInForce
 from extender.store import SnapshotStore
-from tests.unit.objects import A100, LOAN_KEY, RULES, node, pod
+from tests.unit.objects import A100, LOAN_KEY, RULES, borrower, node, pod
+from tests.unit.test_bounded_memory import EAGER, Leading
+from tests.unit.test_metrics import FakeApi
 
 G1 = "nvidia.com/mig-1g.5gb"
 G2 = "nvidia.com/mig-2g.10gb"
@@ -123,8 +128,6 @@ class ReadOnlyApi:
 
 
 def test_no_slice_is_given_twice_while_a_borrow_outlasts_the_reservation_ttl():
-    from extender.kube.binder import Binder
-
     clock = [0.0]
     waiting, other = pod("p", {G1: 1}, phase="Pending"), pod("q", {G2: 1}, phase="Pending")
     api = ReadOnlyApi({"/api/v1/namespaces/ml/pods/p": waiting, "/api/v1/namespaces/ml/pods/q": other})
@@ -250,3 +253,56 @@ def test_a_bare_return_whose_borrower_is_slow_to_go_returns_at_once_and_is_finis
     assert "recreated" in executor.finish_return(borrower, restored)
     assert api.journal() == []
     assert api.objects[resource]["spec"]["containers"][0]["resources"]["limits"] == {G1: "1"}
+
+
+# -- a return left to the journal is finished as soon as its pod is gone ---------------------------------------------
+
+
+class SlowToGo:
+    """An executor whose bare borrowers do not go with their eviction; it counts the journal's finishing passes."""
+
+    loan_key = LOAN_KEY
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+        self.entries: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self.finished: list[str] = []
+
+    def restore(self, borrower: Any, restored: Any, owned: bool) -> str:
+        self.entries.append((borrower, restored))
+        return RESTORE_JOURNALED
+
+    def journal(self, kind: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        return list(self.entries) if kind == "return" else []
+
+    def finish_return(self, borrower: Any, restored: Any) -> str:
+        if self.api.objects:  # still there, terminating
+            raise StillTerminating("still terminating")
+        self.entries.clear()
+        self.finished.append(borrower["metadata"]["name"])
+        return "recreated it with its original request"
+
+
+def test_a_journaled_return_is_finished_in_the_first_round_after_its_borrower_is_gone():
+    loaned = borrower("b", {G1: 1}, "gpu-a", free={G2: 1})
+    api = FakeApi({"/api/v1/namespaces/ml/pods/b": loaned})
+    cache = ClusterCache(cast(KubeApi, api), SnapshotStore(), loans=LoanGuard(LOAN_KEY))
+    cache._list_nodes([node("gpu-a", {G1: 1, G2: 1})])
+    cache._list_pods([loaned])
+    executor = SlowToGo(api)
+    returner = Returner(
+        cache,
+        RulesInForce.fixed(EAGER),
+        cast(Executor, executor),
+        EventRecorder(cast(KubeApi, api)),
+        cast(LeaderElection, Leading()),
+    )
+    returner.round()  # eager: b goes back to the free 1g.5gb; its eviction leaves it terminating
+    assert len(executor.entries) == 1
+    returner.round()
+    assert executor.finished == []
+    api.objects = {}
+    cache._list_pods([])  # the watch: b is gone
+    started = time.monotonic()
+    returner.round()
+    assert executor.finished == ["b"] and time.monotonic() - started < 0.5
