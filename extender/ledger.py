@@ -75,6 +75,7 @@ class Ledger:
         self._pods: dict[str, PodRecord] = {}  # by uid
         self._keys: dict[str, str] = {}  # namespace/name -> uid
         self._reserved: dict[str, Reservation] = {}  # by the UID of the pod being bound
+        self._writing: dict[str, int] = {}  # UID -> how many binds (or recoveries) of it are writing right now
         self._holders: dict[str, set[str]] = {}  # node -> uids of pods holding slices there
         self._states: dict[str, NodeState] = {}  # nodes with `used` filled: what readers see
         self._nominated: dict[str, tuple[str, PodRequest]] = {}  # pending pods nominated to a node, by uid
@@ -164,9 +165,38 @@ class Ledger:
         if reservation is not None:
             self._refresh(reservation.node)
 
+    def hold(self, key: str) -> None:
+        """A bind (or a recovery) of pod `key` starts its writes: its reservation may not expire until `settle`.
+
+        However long the API takes to answer a borrow's writes, the slices stay
+        reserved: expiring them meanwhile would give them to a second pod.
+        """
+        self._writing[key] = self._writing.get(key, 0) + 1
+
+    def settle(self, key: str, expires_at: float) -> None:
+        """One writer of pod `key` is done (whatever the outcome): once none is left, its reservation, if any,
+        expires no sooner than `expires_at` (the time the watch gets to confirm the last write)."""
+        left = self._writing.get(key, 0) - 1
+        if left > 0:
+            self._writing[key] = left
+            return
+        self._writing.pop(key, None)
+        reservation = self._reserved.get(key)
+        if reservation is not None and reservation.expires_at < expires_at:
+            self._reserved[key] = replace(reservation, expires_at=expires_at)
+
+    def held(self, key: str) -> bool:
+        """Whether a bind (or a recovery) of pod `key` is writing right now."""
+        return key in self._writing
+
     def expire(self, now: float) -> list[str]:
-        """Drop reservations the watch never confirmed; returns their pod uids."""
-        gone = [uid for uid, reservation in self._reserved.items() if reservation.expires_at <= now]
+        """Drop reservations the watch never confirmed, but those whose writes are still under way; returns their
+        pod uids."""
+        gone = [
+            uid
+            for uid, reservation in self._reserved.items()
+            if reservation.expires_at <= now and uid not in self._writing
+        ]
         for uid in gone:
             self.release(uid)
         return gone

@@ -373,6 +373,12 @@ def _no_borrow(metadata: Mapping[str, Any], annotations: Mapping[str, Any]) -> s
     controller = controller_of(metadata)
     if controller is not None and controller.get("kind") in PINNED_OWNERS:
         return f"{controller.get('kind')} pods never borrow (their controller recreates them from its template)"
+    if controller is None and metadata.get("finalizers"):
+        # A bare pod borrows by delete and recreate under its name. A finalizer
+        # keeps the deleted pod until its holder lets go, as long as it likes,
+        # with the pod only in migchain's journal meanwhile; and its holder would
+        # act on a deletion nobody asked for.
+        return "a bare pod with finalizers never borrows (its deletion waits on the finalizers' holder)"
     return ""
 
 

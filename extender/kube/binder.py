@@ -12,6 +12,7 @@ import functools
 import logging
 import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from extender.core.cluster import (
     ObjectError,
     PodRecord,
     PodRequest,
+    controller_of,
     pod_record,
     pod_request,
 )
@@ -32,7 +34,7 @@ from extender.filter_memory import FilterMemory
 from extender.kube.api import ApiError, KubeApi
 from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder, pod_reference
-from extender.kube.executor import BorrowError, Executor, pod_path
+from extender.kube.executor import BorrowError, Executor, StillTerminating, pod_path
 from extender.kube.once import Once
 from extender.metrics import Metrics
 from extender.reload import RulesInForce
@@ -46,6 +48,9 @@ log = logging.getLogger(__name__)
 RECOVERY_RETRY_SECONDS = 1.0
 RECOVERY_RETRY_MAX_SECONDS = 8.0
 RECOVERY_SWEEP_SECONDS = 60.0
+# Journal entries are finished this many at a time: one whose API calls are
+# slow (a webhook timing out, say) holds up no other.
+RECOVERY_WORKERS = 4
 # The dry run's announced pods are looked over once they are this many (and again each time they double):
 # those no longer pending are forgotten.
 ANNOUNCED_LOOK_OVER = 1024
@@ -116,6 +121,7 @@ class Binder:
             # still have placed the pod, so a failure of this one puts it back.
             earlier = self.cache.ledger.reservation(record.request.uid)
             self.cache.reserve(record.request.uid, args.node, verdict.slices)
+            self.cache.hold(record.request.uid)  # however slow the writes, the slices stay reserved meanwhile
         try:
             if verdict.borrows:
                 self._borrow(args, verdict)
@@ -136,6 +142,8 @@ class Binder:
             if verdict.borrows:
                 self._journal_dirty.set()
             return BindOutcome(f"placing {record.request.key} on {args.node} failed: {error}")
+        finally:
+            self.cache.settle(record.request.uid)
         if verdict.borrows:
             self.metrics.count_borrow(verdict)
         if self.memory is not None:
@@ -218,6 +226,10 @@ class Binder:
         pod = self.api.get(pod_path(args.pod_namespace, args.pod_name))
         if pod["metadata"].get("uid") != args.pod_uid or pod["spec"].get("nodeName"):
             raise BorrowError(f"pod {args.pod_namespace}/{args.pod_name} changed before it could borrow")
+        if controller_of(pod["metadata"]) is None and pod["metadata"].get("finalizers"):
+            raise BorrowError(
+                f"pod {args.pod_namespace}/{args.pod_name} gained finalizers: a bare pod with finalizers never borrows"
+            )
         plan = plan_borrow(pod, placement, self.executor.loan_key)
         replacement = self.executor.borrow(plan)
         message = plan.describe()
@@ -265,35 +277,44 @@ class Binder:
                 retry = min(retry * 2, RECOVERY_RETRY_MAX_SECONDS)
 
     def recover(self) -> bool:
-        """Finish every journaled bare-pod borrow not under way in this process; False if one must wait."""
-        clean = True
-        for original, replacement in self.executor.journal():
-            metadata = original["metadata"]
-            if self.executor.in_flight(metadata["uid"]):
-                continue  # this process is replacing it right now; a failure sets the journal dirty
-            try:
-                outcome = self.executor.finish(original, replacement, functools.partial(self._reserve_for, replacement))
-            except Exception as error:  # an API error or a broken connection: the entry waits for the next pass
-                clean = False
-                if isinstance(error, ApiError) and error.definitive:
-                    self.cache.release(metadata["uid"])  # reserved for a recreation that certainly failed
-                self.metrics.errors.count("journal", "recovery")
-                log.error(
-                    "journaled borrow of %s/%s cannot be finished yet: %s; it stays journaled",
-                    metadata.get("namespace"),
-                    metadata["name"],
-                    error,
-                )
-                continue
-            log.warning(
-                "journaled borrow of %s/%s finished: %s",
-                metadata.get("namespace"),
-                metadata["name"],
-                outcome,
-            )
-            if outcome.startswith("recreated"):
-                self.events.record(replacement, "BorrowRecovered", f"a borrow was cut short and migchain {outcome}")
-        return clean
+        """Finish every journaled bare-pod borrow not under way in this process; False if one must wait.
+
+        Entries are finished a few at a time, and none waits for its original
+        to go: a slow one holds up no other.
+        """
+        entries = [
+            (original, replacement)
+            for original, replacement in self.executor.journal()
+            # Under way in this process right now: a failure sets the journal dirty.
+            if not self.executor.in_flight(original["metadata"]["uid"])
+        ]
+        if not entries:
+            return True
+        with ThreadPoolExecutor(min(RECOVERY_WORKERS, len(entries)), thread_name_prefix="journal") as pool:
+            return all(list(pool.map(self._recover_one, *zip(*entries, strict=True))))
+
+    def _recover_one(self, original: Mapping[str, Any], replacement: Mapping[str, Any]) -> bool:
+        """Finish one journaled borrow; False if it must wait (it stays journaled)."""
+        metadata = original["metadata"]
+        key = f"{metadata.get('namespace')}/{metadata['name']}"
+        self.cache.hold(metadata["uid"])  # a recreation's reservation lasts as long as its writes
+        try:
+            outcome = self.executor.finish(original, replacement, functools.partial(self._reserve_for, replacement))
+        except StillTerminating as waiting:
+            log.info("journaled borrow of %s waits: %s", key, waiting)
+            return False
+        except Exception as error:  # an API error or a broken connection: the entry waits for the next pass
+            if isinstance(error, ApiError) and error.definitive:
+                self.cache.release(metadata["uid"])  # reserved for a recreation that certainly failed
+            self.metrics.errors.count("journal", "recovery")
+            log.error("journaled borrow of %s cannot be finished yet: %s; it stays journaled", key, error)
+            return False
+        finally:
+            self.cache.settle(metadata["uid"])
+        log.warning("journaled borrow of %s finished: %s", key, outcome)
+        if outcome.startswith("recreated"):
+            self.events.record(replacement, "BorrowRecovered", f"a borrow was cut short and migchain {outcome}")
+        return True
 
     def _reserve_for(self, replacement: Mapping[str, Any]) -> bool:
         """Whether the replacement still fits its node exactly; if so, its slices are reserved."""

@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 # ever be lost between watches (each watch stream is renewed every 5 minutes).
 RESYNC_SECONDS = 1800.0
 
-# How long a reservation may wait for the watch to show its pod bound. The
-# watch normally confirms within milliseconds; this only bounds the damage of
-# a bind whose outcome was never learned.
+# How long a reservation may wait for the watch to show its pod bound, counted
+# from the end of the bind's writes (it never expires while they run, however
+# slow the API). The watch normally confirms within milliseconds; this only
+# bounds the damage of a bind whose outcome was never learned, and outlasts a
+# write the API server still applies after its client gave up on it.
 RESERVATION_TTL = 60.0
 
 
@@ -163,6 +165,18 @@ class ClusterCache:
         with self.lock:
             self.ledger.reserve(uid, node, slices, self.clock() + RESERVATION_TTL)
             self._publish()
+
+    def hold(self, uid: str) -> None:
+        """Keep the reservation of pod `uid` from expiring while a bind (or a recovery) of it writes; pair with
+        `settle` in a `finally`."""
+        with self.lock:
+            self.ledger.hold(uid)
+
+    def settle(self, uid: str) -> None:
+        """The writes `hold` was for are over: the reservation expires RESERVATION_TTL from now, unless the watch
+        confirms it first."""
+        with self.lock:
+            self.ledger.settle(uid, self.clock() + RESERVATION_TTL)
 
     def release(self, uid: str, earlier: Reservation | None = None) -> None:
         """Drop the reservation for `uid`; with `earlier`, put that one back instead (see Binder.bind)."""

@@ -36,13 +36,17 @@ log = logging.getLogger(__name__)
 JOURNAL_LABEL = "migchain.io/journal"
 JOB_TRACKING_FINALIZER = "batch.kubernetes.io/job-tracking"
 FAILPOINTS_ENV = "MIGCHAIN_FAILPOINTS"
-# How long finishing a journaled borrow waits for a deleted original to go
-# before leaving it for the next recovery pass.
-FINISH_WAIT_SECONDS = 5.0
+# What `restore` did with a bare borrower that did not go with its eviction.
+RESTORE_JOURNALED = "evicted; it is recreated under its name with its original request once it has gone (journaled)"
 
 
 class BorrowError(Exception):
     """A borrow that could not be carried out; the pod is left (or put back) as the scheduler can retry it."""
+
+
+class StillTerminating(BorrowError):
+    """A deleted pod is not gone yet (a finalizer, a grace period): when it goes is up to the pod, so nothing
+    waits for it; its journal entry stays, and a recovery pass finishes the work once it is gone."""
 
 
 class EvictionBlocked(Exception):
@@ -50,12 +54,20 @@ class EvictionBlocked(Exception):
 
 
 def failpoint(name: str) -> None:
-    """Die here, as a crash would, when the test harness asks for it (MIGCHAIN_FAILPOINTS=name,...).
+    """Die here, as a crash would, when the test harness asks for it (MIGCHAIN_FAILPOINTS=name,...); or stall
+    here for SECONDS, as a slow API server would, when it asks for name@SECONDS.
 
     The whole process group goes, gunicorn's master with its worker, as when
     the container is killed: a lone worker would just be respawned.
     """
-    if name in os.environ.get(FAILPOINTS_ENV, "").split(","):
+    for armed in os.environ.get(FAILPOINTS_ENV, "").split(","):
+        point, _, pause = armed.partition("@")
+        if point != name:
+            continue
+        if pause:
+            log.warning("failpoint %s: stalling %s s", name, pause)
+            time.sleep(float(pause))
+            return
         log.warning("failpoint %s: killing the process group", name)
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
@@ -116,7 +128,10 @@ class Executor:
             self._write_journal(plan)
             failpoint("bare-after-journal")
             self._delete_original(plan)
-            self._wait_gone(plan)
+            # An unscheduled pod without finalizers goes with its delete; one that
+            # gained a finalizer since it was read does not, and the bind thread
+            # must not wait on it: recovery recreates it once it is gone.
+            self._check_gone(plan.namespace, plan.original_name, plan.original_uid)
             failpoint("bare-after-delete")
             replacement = self._create_replacement(plan)
             failpoint("bare-after-create")
@@ -196,22 +211,16 @@ class Executor:
             if error.status not in (404, 409):  # gone already, or replaced by another pod of that name
                 raise
 
-    def _wait_gone(self, plan: BorrowPlan, timeout: float = 30.0) -> None:
-        self._wait_pod_gone(plan.namespace, plan.original_name, plan.original_uid, timeout)
-
-    def _wait_pod_gone(self, namespace: str, name: str, uid: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                current = self.api.get(pod_path(namespace, name))
-            except ApiError as error:
-                if error.status == 404:
-                    return
-                raise
-            if current["metadata"].get("uid") != uid:
-                return
-            time.sleep(0.05)
-        raise BorrowError(f"pod {namespace}/{name} is still terminating; it stays journaled")
+    def _check_gone(self, namespace: str, name: str, uid: str) -> None:
+        """Return if pod `uid` is gone (or replaced under its name); raise StillTerminating if not. Never waits:
+        how long a deleted pod takes to go is up to its finalizers and its grace period."""
+        current = self._current(namespace, name)
+        if current is not None and current["metadata"].get("uid") == uid:
+            held = "held by finalizers" if current["metadata"].get("finalizers") else "in its grace period"
+            raise StillTerminating(
+                f"pod {namespace}/{name} is still terminating ({held}); it stays journaled and is recreated once "
+                "it is gone"
+            )
 
     # -- return ---------------------------------------------------------------
 
@@ -271,7 +280,10 @@ class Executor:
 
         Owned pods are evicted and their controller recreates them from its
         template, which asks for the original request. Bare pods are journaled,
-        evicted, and recreated under their name with their original request.
+        evicted, and recreated under their name with their original request:
+        at once if the eviction took them at once, else by `finish_return` once
+        they are gone (a grace period, a finalizer: the pod's to decide, so no
+        round waits for it).
         """
         if owned:
             if JOB_TRACKING_FINALIZER in (borrower["metadata"].get("finalizers") or []):
@@ -289,7 +301,10 @@ class Executor:
             self._clear_journal(metadata["uid"])
             raise
         failpoint("return-after-evict")
-        self._wait_pod_gone(namespace, metadata["name"], metadata["uid"], timeout=120)
+        try:
+            self._check_gone(namespace, metadata["name"], metadata["uid"])
+        except StillTerminating:
+            return RESTORE_JOURNALED
         outcome = self._recreate(namespace, restored, "evicted and recreated under its name with its original request")
         self._clear_journal(metadata["uid"])
         return outcome
@@ -380,7 +395,8 @@ class Executor:
         return done
 
     def finish_return(self, borrower: Mapping[str, Any], restored: Mapping[str, Any]) -> str:
-        """Finish one journaled return after a crash; returns what was done, for the log."""
+        """Finish one journaled return (after a crash, or an evicted borrower slow to go); returns what was done,
+        for the log. Raises StillTerminating, the entry kept, while the borrower is on its way out."""
         metadata = borrower["metadata"]
         namespace, name, uid = metadata.get("namespace") or "default", metadata["name"], metadata["uid"]
         current = self._current(namespace, name)
@@ -388,7 +404,7 @@ class Executor:
             if not current["metadata"].get("deletionTimestamp"):
                 self._clear_journal(uid)
                 return "the eviction never happened; the borrower keeps running"
-            self._wait_pod_gone(namespace, name, uid, timeout=120)
+            self._check_gone(namespace, name, uid)
             current = None
         outcome = (
             self._recreate(namespace, restored, "recreated it with its original request")
@@ -459,8 +475,8 @@ class Executor:
     ) -> str:
         """Finish one journaled borrow (after a crash, or a step that failed); returns what was done, for the log.
 
-        Raises BorrowError, the entry kept, while the original is still on its
-        way out: recovery tries again later.
+        Raises StillTerminating, the entry kept, while the original is still on
+        its way out: recovery tries again later, and never waits for it here.
         """
         metadata = original["metadata"]
         namespace, name, uid = metadata.get("namespace") or "default", metadata["name"], metadata["uid"]
@@ -472,7 +488,7 @@ class Executor:
                     return "the original was never deleted; it stays pending"
                 # Deleted but not gone (a finalizer, a slow API server): it will
                 # be gone, so it is recreated once it is, never left for lost.
-                self._wait_pod_gone(namespace, name, uid, timeout=FINISH_WAIT_SECONDS)
+                self._check_gone(namespace, name, uid)
                 current = None
             if current is not None:
                 if self._replaces(current, uid):

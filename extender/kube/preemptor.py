@@ -35,7 +35,7 @@ from extender.core.preempt import Preemption, Victim, plan_preemptions
 from extender.core.rules import ChainRules
 from extender.kube.api import ApiError
 from extender.kube.events import EventRecorder, pod_reference
-from extender.kube.executor import BorrowError, EvictionBlocked, Executor, pod_path
+from extender.kube.executor import RESTORE_JOURNALED, BorrowError, EvictionBlocked, Executor, pod_path
 from extender.kube.once import Once
 from extender.metrics import ReturnerMetrics
 
@@ -154,7 +154,7 @@ class Preemptor:
         message = plan.describe()
         log.info("%s", message, extra={"pod": request.key, "node": plan.node})
         self.events.record(preemptor, "Preempting", message)
-        # Bare borrowers last: their restore waits for the pod to be gone before recreating it.
+        # Bare borrowers last: each is recreated only once it is gone (by the journal, if it is slow to go).
         for victim, current in sorted(found, key=lambda pair: pair[0].loan is not None and _bare(pair[1])):
             if not self._preempt(plan, preemptor, victim, current):
                 return
@@ -171,6 +171,8 @@ class Preemptor:
                 # Its controller recreates an owned pod; a bare pod is recreated from its loan record.
                 restored = restored_pod(pod, victim.loan.restarts + 1, self.executor.loan_key) if _bare(pod) else {}
                 outcome = self.executor.restore(pod, restored, not _bare(pod))
+                if outcome == RESTORE_JOURNALED:
+                    self.recover_soon()  # evicted, not gone yet: the journal recreates it once it is
         except EvictionBlocked as blocked:
             # The budget changed since the dry run: the rest stays, the next round plans again.
             self._blocked(preemptor, victim, str(blocked))

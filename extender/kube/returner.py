@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from extender.core.claims import Claim, claim_for, open_claims
 from extender.core.cluster import (
@@ -31,7 +33,14 @@ from extender.core.rules import ChainRules
 from extender.kube.api import ApiError
 from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder, pod_reference
-from extender.kube.executor import BorrowError, EvictionBlocked, Executor, pod_path
+from extender.kube.executor import (
+    RESTORE_JOURNALED,
+    BorrowError,
+    EvictionBlocked,
+    Executor,
+    StillTerminating,
+    pod_path,
+)
 from extender.kube.lease import LeaderElection
 from extender.kube.once import Once
 from extender.kube.preemptor import Preemptor
@@ -52,8 +61,13 @@ UNREADABLE_RETRY_SECONDS = 300.0
 # Events on pods whose loan record migchain does not believe, at most this many a round.
 REJECTED_LOANS_PER_ROUND = 20
 # A journaled return that could not be finished (its pod not gone yet, an API
-# error) is tried again this soon.
-RECOVERY_RETRY_SECONDS = 5.0
+# error) is tried again this soon, then less often while it cannot (a finalizer
+# may hold a pod for hours), up to RECOVERY_RETRY_MAX_SECONDS apart.
+RECOVERY_RETRY_SECONDS = 1.0
+RECOVERY_RETRY_MAX_SECONDS = 8.0
+# Journaled returns are finished this many at a time: one whose API calls are
+# slow holds up no other, nor the round for long.
+RECOVERY_WORKERS = 4
 # A round plans again without the borrowers whose return was just refused, at
 # most this many times: each plan leaves out every refusal of the one before.
 PLANS_PER_ROUND = 4
@@ -94,6 +108,10 @@ class Returner:
         # Returns under way whose pod is not back yet hold their target slices, by borrower key.
         self._claims: dict[str, Claim] = {}
         self._recover_at: float | None = 0.0  # when to (re)read the journal; None once it is clean
+        self._recover_retry = RECOVERY_RETRY_SECONDS  # the pause after a pass that left entries waiting
+        # Bare borrowers evicted but not gone yet (uid -> namespace, name): the journal recreates each as soon as
+        # the cache shows it gone.
+        self._leaving: dict[str, tuple[str, str]] = {}
         self.preemptor = Preemptor(
             executor, events, self.metrics, schedulers=schedulers, dry_run=dry_run, recover_soon=self._recover_soon
         )
@@ -119,8 +137,14 @@ class Returner:
 
     def round(self) -> None:
         self.report_rejected_loans()
+        if self._gone_since_evicted():
+            self._recover_soon(at_once=True)
         if self._recover_at is not None and time.monotonic() >= self._recover_at:
-            self._recover_at = None if self.recover() else time.monotonic() + RECOVERY_RETRY_SECONDS
+            if self.recover():
+                self._recover_at, self._recover_retry = None, RECOVERY_RETRY_SECONDS
+            else:
+                self._recover_at = time.monotonic() + self._recover_retry
+                self._recover_retry = min(2 * self._recover_retry, RECOVERY_RETRY_MAX_SECONDS)
         snapshot, records = self.cache.view()
         rules = self.rules.current()  # once: a round plans on one version of the rules
         borrowers = borrowers_of(records, rules)
@@ -211,8 +235,20 @@ class Returner:
         keys = {borrower.key for borrower in borrowers}
         self._blocked = {key: until for key, until in self._blocked.items() if until > now and key in keys}
 
-    def _recover_soon(self) -> None:
-        self._recover_at = time.monotonic() + RECOVERY_RETRY_SECONDS
+    def _recover_soon(self, *, at_once: bool = False) -> None:
+        self._recover_at = time.monotonic() + (0.0 if at_once else RECOVERY_RETRY_SECONDS)
+        self._recover_retry = RECOVERY_RETRY_SECONDS
+
+    def _gone_since_evicted(self) -> bool:
+        """Whether a bare borrower evicted and left to the journal is gone from the cache now (forgotten then)."""
+        gone = []
+        for uid, (namespace, name) in self._leaving.items():
+            record = self.cache.pod(namespace, name)
+            if record is None or record.request.uid != uid:
+                gone.append(uid)
+        for uid in gone:
+            del self._leaving[uid]
+        return bool(gone)
 
     def announce(self, restore: Restore) -> None:
         """Dry run: the return decided as usual, logged, counted and announced once; nothing evicted."""
@@ -269,8 +305,12 @@ class Returner:
             log.warning("return of %s failed: %s", request.key, error)
             if not owned:
                 # Evicted but not recreated, maybe: the journal holds the pod; finish it soon, not at the next start.
-                self._recover_at = time.monotonic() + RECOVERY_RETRY_SECONDS
+                self._recover_soon()
             return
+        if outcome == RESTORE_JOURNALED:
+            # Evicted, not gone yet: the journal recreates it once the cache shows it gone (or, failing that, soon).
+            self._leaving[request.uid] = (request.namespace, request.name)
+            self._recover_soon()
         self._blocked.pop(request.key, None)
         self._claims[request.key] = claim_for(
             restore.borrower.record, restore.target, loan.original, records, time.monotonic() + CLAIM_SECONDS
@@ -285,16 +325,26 @@ class Returner:
         )
 
     def recover(self) -> bool:
-        """Finish bare-pod returns a crash interrupted (the journal says which); False if some must wait."""
-        clean = True
-        for borrower, restored in self.executor.journal("return"):
-            name = f"{borrower['metadata'].get('namespace')}/{borrower['metadata']['name']}"
-            try:
-                outcome = self.executor.finish_return(borrower, restored)
-            except Exception as error:  # an API error or a broken connection: the entry waits for the next pass
-                self.metrics.errors.count("journal", "recovery")
-                log.warning("journaled return of %s cannot be finished yet: %s", name, error)
-                clean = False
-                continue
-            log.warning("journaled return of %s finished: %s", name, outcome)
-        return clean
+        """Finish bare-pod returns left journaled (a crash, a borrower slow to go); False if some must wait.
+
+        A few at a time, and none waits for its pod to go: a slow one holds up no other.
+        """
+        entries = self.executor.journal("return")
+        if not entries:
+            return True
+        with ThreadPoolExecutor(min(RECOVERY_WORKERS, len(entries)), thread_name_prefix="journal") as pool:
+            return all(list(pool.map(self._recover_one, *zip(*entries, strict=True))))
+
+    def _recover_one(self, borrower: Mapping[str, Any], restored: Mapping[str, Any]) -> bool:
+        name = f"{borrower['metadata'].get('namespace')}/{borrower['metadata']['name']}"
+        try:
+            outcome = self.executor.finish_return(borrower, restored)
+        except StillTerminating as waiting:
+            log.info("journaled return of %s waits: %s", name, waiting)
+            return False
+        except Exception as error:  # an API error or a broken connection: the entry waits for the next pass
+            self.metrics.errors.count("journal", "recovery")
+            log.warning("journaled return of %s cannot be finished yet: %s", name, error)
+            return False
+        log.warning("journaled return of %s finished: %s", name, outcome)
+        return True

@@ -26,6 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from extender.kube.api import ApiError, path
+from extender.kube.executor import Executor
 from tests.e2e.conftest import Cluster, Scenario
 from tests.e2e.controlplane import Process, wait_until
 from tests.e2e.fleet import PAUSE, SCHEDULER, TEST_LABEL, create_node, mig_pod, replica_set
@@ -42,6 +43,7 @@ from tests.e2e.invariants import (
     over_commits,
     settle,
 )
+from tests.e2e.test_pod_waits import journal_a_borrow
 
 pytestmark = pytest.mark.e2e
 
@@ -767,14 +769,20 @@ def test_recovery_of_a_bare_borrow_whose_original_is_still_terminating_loses_not
     create_node(scenario.api, node, A100, {"2g.10gb": 1}, scenario.test)
     # A finalizer someone else holds keeps the deleted original Terminating for as long as we like; under load a
     # deletion whose client died can linger the same way (kube-controller-manager's podgc completes it later).
-    pod = mig_pod("notebook", scenario.test, {"1g.5gb": 1})
+    # A bare pod with finalizers never borrows, so the finalizer came after the extender read the pod: the
+    # extender journaled the borrow, deleted the original, and was killed.
+    pod = mig_pod("notebook", scenario.test, {"1g.5gb": 1}, spec={"schedulerName": "nobody"})
     pod["metadata"]["finalizers"] = [HOLD]
     resource = path("api", "v1", "namespaces", scenario.namespace, "pods", "notebook")
-    original = scenario.api.create(path("api", "v1", "namespaces", scenario.namespace, "pods"), pod)
+    cluster.extender.kill()
     try:
-        # The extender journals the borrow, deletes the original and waits for it to go: kill -9 it then.
-        wait_until(lambda: scenario.pod("notebook")["metadata"].get("deletionTimestamp"), 30, "the borrow's delete")
-        cluster.extender.kill()
+        original = scenario.api.create(path("api", "v1", "namespaces", scenario.namespace, "pods"), pod)
+        journal_a_borrow(
+            scenario,
+            Executor(scenario.api, "migchain-system", cluster.plane.loan_key.read_bytes()),
+            original,
+            scenario.api.get(path("api", "v1", "nodes", node)),
+        )
         start_extender(cluster)
         with contextlib.suppress(TimeoutError):  # a recovery that waits for the pod to go says nothing yet
             wait_until(lambda: "/notebook finished:" in extender_log_since_start(cluster), 10, "")

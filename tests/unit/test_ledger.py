@@ -28,6 +28,7 @@ class LedgerModel(RuleBasedStateMachine):
         self.ledger.replace_nodes(NodeState(name, allocatable=dict.fromkeys(TYPES, 8)) for name in NODES)
         self.pods: dict[str, PodRecord] = {}
         self.reserved: dict[str, tuple[str, tuple[tuple[str, int], ...], float]] = {}
+        self.writing: dict[str, int] = {}  # binds of each uid whose writes are under way
         self.now = 0.0
 
     @rule(
@@ -60,11 +61,29 @@ class LedgerModel(RuleBasedStateMachine):
         self.ledger.release(uid)
         self.reserved.pop(uid, None)
 
+    @rule(uid=st.sampled_from(UIDS))
+    def writes_start(self, uid: str) -> None:
+        self.ledger.hold(uid)
+        self.writing[uid] = self.writing.get(uid, 0) + 1
+
+    @rule(uid=st.sampled_from(UIDS), ttl=st.floats(1, 10))
+    def writes_end(self, uid: str, ttl: float) -> None:
+        if not self.writing.get(uid):
+            return
+        self.ledger.settle(uid, self.now + ttl)
+        self.writing[uid] -= 1
+        if not self.writing[uid]:
+            del self.writing[uid]
+            if uid in self.reserved:  # the watch gets `ttl` from now to confirm the last write, never less
+                node, mig, expires_at = self.reserved[uid]
+                self.reserved[uid] = (node, mig, max(expires_at, self.now + ttl))
+
     @rule(step=st.floats(0, 5))
     def time_passes(self, step: float) -> None:
         self.now += step
         self.ledger.expire(self.now)
-        self.reserved = {uid: r for uid, r in self.reserved.items() if r[2] > self.now}
+        # A reservation whose writes are under way never expires, however long they take.
+        self.reserved = {uid: r for uid, r in self.reserved.items() if r[2] > self.now or uid in self.writing}
 
     @rule(keep=st.sets(st.sampled_from(UIDS)))
     def relist(self, keep: set[str]) -> None:

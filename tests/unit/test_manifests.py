@@ -87,7 +87,7 @@ API_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
         2,
         [Access(EXTENDER, "delete", "pods", TEAM), Access(EXTENDER, "delete", "configmaps", NAMESPACE)],
     ),
-    ("extender/kube/executor.py", "get"): (3, [Access(EXTENDER, "get", "pods", TEAM)]),
+    ("extender/kube/executor.py", "get"): (2, [Access(EXTENDER, "get", "pods", TEAM)]),
     ("extender/kube/executor.py", "list_all"): (1, [Access(EXTENDER, "list", "configmaps", NAMESPACE)]),
     ("extender/kube/executor.py", "patch"): (
         4,
