@@ -266,6 +266,9 @@ class ControlPlane:
                 # Pods need no service-account token: nothing runs in them.
                 "--disable-admission-plugins=TaintNodesByCondition,ServiceAccount",
                 "--endpoint-reconciler-type=none",
+                # As in clusters that run CNI and CSI DaemonSets: a privileged pod is valid, so that only
+                # admission (Pod Security, migchain's policy) decides who may create one.
+                "--allow-privileged=true",
                 "--profiling=false",
                 "--v=1",
             ],
