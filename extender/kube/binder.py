@@ -31,7 +31,7 @@ from extender.core.rules import ChainRules
 from extender.filter_memory import FilterMemory
 from extender.kube.api import ApiError, KubeApi
 from extender.kube.cache import ClusterCache
-from extender.kube.events import EventRecorder, pod_reference
+from extender.kube.events import EventRecorder, JournalRejections, pod_reference
 from extender.kube.executor import BorrowError, Executor, pod_path
 from extender.kube.once import Once
 from extender.metrics import Metrics
@@ -80,6 +80,7 @@ class Binder:
         self.executor = executor
         self.events = events
         self.metrics = metrics if metrics is not None else Metrics()
+        self._rejected_entries = JournalRejections(events, self.metrics.errors)  # forged journal entries
         self.memory = memory  # the nodes each pod's last filter call named: where it may run instead
         self._journal_dirty = threading.Event()  # a borrow failed: its journal entry may need finishing
 
@@ -267,7 +268,7 @@ class Binder:
     def recover(self) -> bool:
         """Finish every journaled bare-pod borrow not under way in this process; False if one must wait."""
         clean = True
-        for original, replacement in self.executor.journal():
+        for original, replacement in self.executor.journal(rejected=self._rejected_entries):
             metadata = original["metadata"]
             if self.executor.in_flight(metadata["uid"]):
                 continue  # this process is replacing it right now; a failure sets the journal dirty

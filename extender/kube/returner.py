@@ -30,7 +30,7 @@ from extender.core.returns import Borrower, Restore, borrowers_of, pending_reque
 from extender.core.rules import ChainRules
 from extender.kube.api import ApiError
 from extender.kube.cache import ClusterCache
-from extender.kube.events import EventRecorder, pod_reference
+from extender.kube.events import EventRecorder, JournalRejections, pod_reference
 from extender.kube.executor import BorrowError, EvictionBlocked, Executor, pod_path
 from extender.kube.lease import LeaderElection
 from extender.kube.once import Once
@@ -90,6 +90,7 @@ class Returner:
         self.interval = interval
         self.min_round_gap = min_round_gap
         self.metrics = metrics if metrics is not None else ReturnerMetrics()
+        self._rejected_entries = JournalRejections(events, self.metrics.errors)  # forged journal entries
         self._blocked: dict[str, float] = {}  # borrower key -> when to try again
         # Returns under way whose pod is not back yet hold their target slices, by borrower key.
         self._claims: dict[str, Claim] = {}
@@ -287,7 +288,7 @@ class Returner:
     def recover(self) -> bool:
         """Finish bare-pod returns a crash interrupted (the journal says which); False if some must wait."""
         clean = True
-        for borrower, restored in self.executor.journal("return"):
+        for borrower, restored in self.executor.journal("return", rejected=self._rejected_entries):
             name = f"{borrower['metadata'].get('namespace')}/{borrower['metadata']['name']}"
             try:
                 outcome = self.executor.finish_return(borrower, restored)
