@@ -77,7 +77,7 @@ def test_a_forged_journal_configmap_is_reported_and_never_executed(scenario: Sce
         # at the start of each lease term).
         started = time.monotonic()
         cluster.restart_extender(kill=False)
-        [returner] = cluster.returners
+        returner = cluster.plane.processes["returner-returner-a"]  # the session's (others may have come and gone)
         returner.stop()
         returner.start()
 
