@@ -13,6 +13,7 @@ the session uses, only loses the labels this test gave it.
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -556,3 +557,50 @@ def _returned(scenario: Scenario, name: str, old: dict[str, Any]) -> dict[str, A
     if pod["metadata"]["uid"] == old["metadata"]["uid"] or _borrowing(pod) or not pod["spec"].get("nodeName"):
         return None
     return pod
+
+
+def test_a_borrow_cut_short_is_finished_under_the_policy_by_putting_the_original_back(
+    cluster, manifests, scenario: Scenario, tmp_path
+):
+    """The extender, as its ServiceAccount, dies between deleting a bare pod and creating its replacement;
+    meanwhile the node fills up. Recovery puts the original back: a create the policy must admit."""
+    admin = Path(str(cluster.plane.kubeconfig))
+    api, team = scenario.api, scenario.namespace
+    node = f"gpu-{team}-a"
+    create_node(api, node, "NVIDIA-A100-SXM4-40GB", {"2g.10gb": 1}, team)
+    log_start = cluster.extender.log.stat().st_size
+    extender_kubeconfig = account_kubeconfig(cluster, EXTENDER, tmp_path)
+    try:
+        cluster.extender.env = {**os.environ, "MIGCHAIN_FAILPOINTS": "bare-after-delete"}
+        restart_as(cluster.extender, extender_kubeconfig)
+        cluster.wait_extender_ready()
+        original = scenario.create_pod("notebook", {"1g.5gb": 1})
+        wait_until(lambda: not cluster.extender.alive(), 30, "the extender to die after deleting the original")
+        # The 2g.10gb goes to another pod meanwhile: the replacement no longer fits.
+        squatter = mig_pod("squatter", team, {"2g.10gb": 1})
+        squatter["spec"]["nodeName"] = node
+        api.create(pods_of(team), squatter)
+        cluster.extender.env = None
+        restart_as(cluster.extender, extender_kubeconfig)
+        cluster.wait_extender_ready()
+        back = wait_until(lambda: _exists(scenario, "notebook"), 60, "the original to be put back")
+    finally:
+        cluster.extender.env = None
+        restart_as(cluster.extender, admin)
+        cluster.wait_extender_ready()
+    assert back["metadata"]["uid"] != original["metadata"]["uid"]
+    annotations = back["metadata"]["annotations"]
+    assert annotations[RESTARTS_ANNOTATION] == "0" and LOAN_SIGNATURE_ANNOTATION in annotations
+    assert "migchain.io/replaced-uid" not in annotations
+    assert back["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/mig-1g.5gb": "1"}
+    with cluster.extender.log.open("rb") as handle:
+        handle.seek(log_start)
+        text = handle.read().decode(errors="replace")
+    assert POLICY not in text, text[-3000:]
+
+
+def _exists(scenario: Scenario, name: str) -> dict[str, Any] | None:
+    try:
+        return scenario.pod(name)
+    except ApiError:
+        return None
