@@ -604,3 +604,38 @@ def _exists(scenario: Scenario, name: str) -> dict[str, Any] | None:
         return scenario.pod(name)
     except ApiError:
         return None
+
+
+def test_of_every_subject_bound_in_the_cluster_only_migchains_two_accounts_may_read_the_journal(cluster, manifests):
+    """Who can get or list ConfigMaps in migchain-system (journal entries hold whole pod specs, env values
+    included), asked of the API server for every subject of every binding: migchain's two accounts, besides
+    the cluster's own components and controllers (system:*, kube-system's accounts)."""
+    subjects: set[tuple[str, str]] = set()
+    for bindings in (
+        path("apis", "rbac.authorization.k8s.io", "v1", "clusterrolebindings"),
+        path("apis", "rbac.authorization.k8s.io", "v1", "namespaces", NAMESPACE, "rolebindings"),
+    ):
+        for binding in cluster.api.list_all(bindings)[0]:
+            for subject in binding.get("subjects") or []:
+                if subject["kind"] == "ServiceAccount":
+                    subjects.add(("user", f"system:serviceaccount:{subject['namespace']}:{subject['name']}"))
+                else:
+                    subjects.add(("group" if subject["kind"] == "Group" else "user", subject["name"]))
+    readers = set()
+    for kind, name in subjects:
+        if name.startswith("system:") and not name.startswith("system:serviceaccount:"):
+            continue  # the cluster's own components and system:masters
+        if name.startswith("system:serviceaccount:kube-system:"):
+            continue  # kube-controller-manager's controllers (namespace deletion, garbage collection, quota)
+        for verb in ("get", "list", "watch"):
+            spec: dict[str, Any] = {
+                "resourceAttributes": {"verb": verb, "resource": "configmaps", "namespace": NAMESPACE},
+                **({"user": name} if kind == "user" else {"user": "someone", "groups": [name]}),
+            }
+            review = cluster.api.create(
+                "/apis/authorization.k8s.io/v1/subjectaccessreviews",
+                {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": spec},
+            )
+            if review.get("status", {}).get("allowed"):
+                readers.add(name)
+    assert readers == {f"system:serviceaccount:{NAMESPACE}:{account}" for account in (EXTENDER, RETURNER)}
