@@ -7,7 +7,7 @@ from pathlib import Path
 
 from extender.core.loan import MIN_LOAN_KEY_BYTES
 
-# The Secret that holds it (made by `migchain loan-key`, mounted into both containers), and its one entry.
+# The Secret that holds it (made by `migchain loan-key`, mounted into the extender and the returner), and its one entry.
 SECRET_NAME = "migchain-loan-key"
 SECRET_ENTRY = "key"
 

@@ -1,4 +1,4 @@
-"""`migchain-returner`: the sidecar that moves borrowers back to the type they asked for; wiring only."""
+"""`migchain-returner`: moves borrowers back to the type they asked for (its own Deployment); wiring only."""
 
 from __future__ import annotations
 

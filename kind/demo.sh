@@ -146,6 +146,7 @@ kubectl apply -k "$work"
 kubectl --namespace migchain-system wait --for=condition=complete job/migchain-certs --timeout=180s
 kubectl --namespace migchain-system wait --for=condition=complete job/migchain-loan-key --timeout=180s
 kubectl --namespace migchain-system rollout status deployment/migchain-extender --timeout=180s
+kubectl --namespace migchain-system rollout status deployment/migchain-returner --timeout=180s
 kubectl --namespace migchain-system rollout status deployment/migchain-scheduler --timeout=180s
 
 kubectl create namespace "$NS" --dry-run=client --output yaml | kubectl apply --filename -

@@ -342,6 +342,36 @@ def restored_pod(borrower: Mapping[str, Any], restarts: int, loan_key: bytes) ->
     return restored
 
 
+def put_back(original: Mapping[str, Any], loan_key: bytes) -> dict[str, Any]:
+    """The original of a borrow that could not be finished, to create again as it was: pending, its own request.
+
+    It carries a restore record (`migchain.io/restarts`, signed with
+    `loan_key`, as `restored_pod` writes it), which is how the API server's
+    admission policy tells a pod migchain puts back from any other pod
+    (manifests/admission-policy.yaml). The returns it had are kept only if
+    migchain signed them; loan annotations its owner wrote are dropped.
+    """
+    fresh = recreatable(original)
+    metadata = fresh["metadata"]
+    written = dict(metadata.get("annotations") or {})
+    restarts = untrusted.count(written.get(RESTARTS_ANNOTATION, ""), untrusted.MAX_RESTARTS)
+    if restarts is None or not signed_by_migchain(original, loan_key):
+        restarts = 0
+    dropped = (*LOAN_ANNOTATIONS, LOAN_SIGNATURE_ANNOTATION)
+    annotations = {key: value for key, value in written.items() if key not in dropped}
+    annotations[RESTARTS_ANNOTATION] = str(restarts)
+    fresh["spec"].pop("nodeName", None)
+    annotations[LOAN_SIGNATURE_ANNOTATION] = loan_signature(
+        loan_key,
+        str(metadata.get("namespace") or "default"),
+        metadata["name"],
+        pod_mig_requests(fresh["spec"]),
+        annotations,
+    )
+    metadata["annotations"] = annotations
+    return fresh
+
+
 def loan_signature(key: bytes, namespace: str, name: str, mig: MigCounts, annotations: Mapping[str, Any]) -> str:
     """migchain's signature of a pod's loan record: an HMAC-SHA256, under `key`, of the signed annotations
     (absent ones too), the pod's namespace and name, and the MIG slices it asks for.

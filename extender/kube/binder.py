@@ -33,7 +33,7 @@ from extender.core.rules import ChainRules
 from extender.filter_memory import FilterMemory
 from extender.kube.api import ApiError, KubeApi
 from extender.kube.cache import ClusterCache
-from extender.kube.events import EventRecorder, pod_reference
+from extender.kube.events import EventRecorder, JournalRejections, pod_reference
 from extender.kube.executor import BorrowError, Executor, StillTerminating, pod_path
 from extender.kube.once import Once
 from extender.metrics import Metrics
@@ -85,6 +85,7 @@ class Binder:
         self.executor = executor
         self.events = events
         self.metrics = metrics if metrics is not None else Metrics()
+        self._rejected_entries = JournalRejections(events, self.metrics.errors)  # forged journal entries
         self.memory = memory  # the nodes each pod's last filter call named: where it may run instead
         self._journal_dirty = threading.Event()  # a borrow failed: its journal entry may need finishing
 
@@ -284,7 +285,7 @@ class Binder:
         """
         entries = [
             (original, replacement)
-            for original, replacement in self.executor.journal()
+            for original, replacement in self.executor.journal(rejected=self._rejected_entries)
             # Under way in this process right now: a failure sets the journal dirty.
             if not self.executor.in_flight(original["metadata"]["uid"])
         ]

@@ -22,11 +22,20 @@ from typing import Any
 import orjson
 
 from extender.core.cluster import REPLACED_UID_ANNOTATION, controller_of
+from extender.core.journal import (
+    ORIGINAL,
+    REPLACEMENT,
+    SIGNATURE,
+    WRITTEN,
+    entry_name,
+    entry_signature,
+    read_entry,
+)
 from extender.core.loan import (
     DELETION_COST_ANNOTATION,
     LOWEST_DELETION_COST,
     BorrowPlan,
-    recreatable,
+    put_back,
     signed_by_migchain,
 )
 from extender.kube.api import JSON_PATCH, ApiError, KubeApi, path
@@ -426,26 +435,30 @@ class Executor:
             return None
 
     def _journal_name(self, uid: str) -> str:
-        return f"migchain-journal-{uid}"
+        return entry_name(uid)
 
     def _write_journal(self, plan: BorrowPlan) -> None:
         self._journal_entry("borrow", plan.original_uid, plan.original, plan.replacement)
 
     def _journal_entry(self, kind: str, uid: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> None:
+        name = self._journal_name(uid)
+        data = {
+            ORIGINAL: orjson.dumps(before).decode(),
+            REPLACEMENT: orjson.dumps(after).decode(),
+            WRITTEN: datetime.datetime.now(datetime.UTC).isoformat(),
+        }
+        # Anyone who may create a ConfigMap here could write an entry: only a signed one is believed.
+        data[SIGNATURE] = entry_signature(self.loan_key, name, kind, data)
         self.api.create(
             path("api", "v1", "namespaces", self.journal_namespace, "configmaps"),
             {
                 "apiVersion": "v1",
                 "kind": "ConfigMap",
                 "metadata": {
-                    "name": self._journal_name(uid),
+                    "name": name,
                     "labels": {JOURNAL_LABEL: kind, "app.kubernetes.io/managed-by": "migchain"},
                 },
-                "data": {
-                    "original": orjson.dumps(before).decode(),
-                    "replacement": orjson.dumps(after).decode(),
-                    "written": datetime.datetime.now(datetime.UTC).isoformat(),
-                },
+                "data": data,
             },
         )
 
@@ -455,19 +468,30 @@ class Executor:
                 path("api", "v1", "namespaces", self.journal_namespace, "configmaps", self._journal_name(uid))
             )
 
-    def journal(self, kind: str = "borrow") -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        """Unfinished bare-pod replacements of one kind (borrow, return): (before, after) pairs."""
+    def journal(
+        self, kind: str = "borrow", rejected: Callable[[Mapping[str, Any], str], None] | None = None
+    ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Unfinished bare-pod replacements of one kind (borrow, return): (before, after) pairs.
+
+        Only entries migchain signed, each about one pod (core/journal.py
+        read_entry), are returned; any other is never acted on, but left for an
+        admin and passed to `rejected` (the ConfigMap, why) to be reported.
+        """
         items, _ = self.api.list_all(
             path("api", "v1", "namespaces", self.journal_namespace, "configmaps"),
             labelSelector=f"{JOURNAL_LABEL}={kind}",
         )
         entries = []
         for item in items:
-            data = item.get("data") or {}
-            try:
-                entries.append((orjson.loads(data["original"]), orjson.loads(data["replacement"])))
-            except (KeyError, orjson.JSONDecodeError):
-                log.error("journal entry %s is unreadable; leaving it for an admin", item["metadata"]["name"])
+            read = read_entry(self.loan_key, str(item["metadata"]["name"]), kind, item.get("data") or {})
+            if isinstance(read, str):
+                log.error(
+                    "journal entry %s is not believed: %s; it is left for an admin", item["metadata"]["name"], read
+                )
+                if rejected is not None:
+                    rejected(item, read)
+                continue
+            entries.append(read)
         return entries
 
     def finish(
@@ -500,7 +524,9 @@ class Executor:
                 outcome = self._recreate(namespace, replacement, "recreated the replacement on its node")
             else:
                 outcome = self._recreate(
-                    namespace, recreatable(original), "its node is full now: recreated the original, pending"
+                    namespace,
+                    put_back(original, self.loan_key),
+                    "its node is full now: recreated the original, pending",
                 )
             self._clear_journal(uid)
             return outcome

@@ -32,7 +32,7 @@ from extender.core.returns import Borrower, Restore, borrowers_of, pending_reque
 from extender.core.rules import ChainRules
 from extender.kube.api import ApiError
 from extender.kube.cache import ClusterCache
-from extender.kube.events import EventRecorder, pod_reference
+from extender.kube.events import EventRecorder, JournalRejections, pod_reference
 from extender.kube.executor import (
     RESTORE_JOURNALED,
     BorrowError,
@@ -104,6 +104,7 @@ class Returner:
         self.interval = interval
         self.min_round_gap = min_round_gap
         self.metrics = metrics if metrics is not None else ReturnerMetrics()
+        self._rejected_entries = JournalRejections(events, self.metrics.errors)  # forged journal entries
         self._blocked: dict[str, float] = {}  # borrower key -> when to try again
         # Returns under way whose pod is not back yet hold their target slices, by borrower key.
         self._claims: dict[str, Claim] = {}
@@ -329,7 +330,7 @@ class Returner:
 
         A few at a time, and none waits for its pod to go: a slow one holds up no other.
         """
-        entries = self.executor.journal("return")
+        entries = self.executor.journal("return", rejected=self._rejected_entries)
         if not entries:
             return True
         with ThreadPoolExecutor(min(RECOVERY_WORKERS, len(entries)), thread_name_prefix="journal") as pool:

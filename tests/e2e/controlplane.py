@@ -269,6 +269,9 @@ class ControlPlane:
                 # finalizers (tests/e2e/test_owner_references_permission.py); every other client here is admin.
                 "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                 "--endpoint-reconciler-type=none",
+                # As in clusters that run CNI and CSI DaemonSets: a privileged pod is valid, so that only
+                # admission (Pod Security, migchain's policy) decides who may create one.
+                "--allow-privileged=true",
                 "--profiling=false",
                 "--v=1",
             ],

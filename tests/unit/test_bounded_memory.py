@@ -103,7 +103,7 @@ class Refusing:
         self.api = api
         self.loan_key = LOAN_KEY
 
-    def journal(self, kind: str) -> list[Any]:
+    def journal(self, kind: str, rejected: Any = None) -> list[Any]:
         return []
 
     def restore(self, borrower: Any, restored: Any, owned: bool) -> str:

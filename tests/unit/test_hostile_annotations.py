@@ -219,7 +219,7 @@ class FakeExecutor:
 
     loan_key = LOAN_KEY
 
-    def journal(self, kind: str) -> list[Any]:
+    def journal(self, kind: str, rejected: Any = None) -> list[Any]:
         return []
 
     def restore(self, borrower: dict[str, Any], restored: dict[str, Any], owned: bool) -> str:

@@ -125,7 +125,7 @@ def test_the_leading_returner_reports_each_rejected_loan_once_with_an_event_and_
         def __init__(self) -> None:
             self.api = api
 
-        def journal(self, kind: str) -> list[Any]:
+        def journal(self, kind: str, rejected: Any = None) -> list[Any]:
             return []
 
     returner = Returner(

@@ -32,7 +32,8 @@ KIND = ROOT / "kind"
 KUBECTL = ROOT / ".cache" / "kube" / "bin" / "kubectl"
 NAMESPACE = "migchain-system"
 
-EXTENDER = "migchain-extender"  # the ServiceAccount of the extender pod: extender and returner
+EXTENDER = "migchain-extender"  # the ServiceAccount of the extender (the binder)
+RETURNER = "migchain-returner"  # the ServiceAccount of the returner, a Deployment of its own
 CERTS = "migchain-certs"
 LOAN_KEY = "migchain-loan-key"  # the Job that makes the loan key's Secret, and that Secret
 SCHEDULER = "migchain-scheduler"
@@ -62,52 +63,72 @@ TEAM = "team-a"
 API_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
     ("extender/kube/cache.py", "list_all"): (
         1,
-        [Access(EXTENDER, "list", "nodes"), Access(EXTENDER, "list", "pods")],
+        [Access(account, "list", resource) for account in (EXTENDER, RETURNER) for resource in ("nodes", "pods")],
     ),
     ("extender/kube/cache.py", "watch"): (
         1,
-        [Access(EXTENDER, "watch", "nodes"), Access(EXTENDER, "watch", "pods")],
+        [Access(account, "watch", resource) for account in (EXTENDER, RETURNER) for resource in ("nodes", "pods")],
     ),
     ("extender/kube/binder.py", "get"): (2, [Access(EXTENDER, "get", "pods", TEAM)]),
     ("extender/kube/binder.py", "create"): (1, [Access(EXTENDER, "create", "pods", TEAM, subresource="binding")]),
-    ("extender/kube/events.py", "create"): (1, [Access(EXTENDER, "create", "events", TEAM)]),
+    ("extender/kube/events.py", "create"): (
+        1,
+        [Access(EXTENDER, "create", "events", TEAM), Access(RETURNER, "create", "events", TEAM)],
+    ),
+    # The executor runs in both processes: the binder's borrows, the returner's returns and preemptions.
     ("extender/kube/executor.py", "create"): (
         4,
         [
-            Access(EXTENDER, "create", "pods", TEAM),
+            Access(EXTENDER, "create", "pods", TEAM),  # the borrower, a journaled pod back
             # What OwnerReferencesPermissionEnforcement asks of a create of a pod whose ownerReference to its
             # ReplicaSet or Job sets blockOwnerDeletion (tests/e2e/test_owner_references_permission.py).
             Access(EXTENDER, "update", "replicasets", TEAM, group="apps", subresource="finalizers"),
             Access(EXTENDER, "update", "jobs", TEAM, group="batch", subresource="finalizers"),
-            Access(EXTENDER, "create", "pods", TEAM, subresource="eviction"),
+            Access(RETURNER, "create", "pods", TEAM),  # a bare pod restored
+            Access(RETURNER, "create", "pods", TEAM, subresource="eviction"),
             Access(EXTENDER, "create", "configmaps", NAMESPACE),
+            Access(RETURNER, "create", "configmaps", NAMESPACE),
         ],
     ),
     ("extender/kube/executor.py", "delete"): (
         2,
-        [Access(EXTENDER, "delete", "pods", TEAM), Access(EXTENDER, "delete", "configmaps", NAMESPACE)],
+        [
+            Access(EXTENDER, "delete", "pods", TEAM),  # the pending original a borrow replaces
+            Access(EXTENDER, "delete", "configmaps", NAMESPACE),
+            Access(RETURNER, "delete", "configmaps", NAMESPACE),
+        ],
     ),
-    ("extender/kube/executor.py", "get"): (2, [Access(EXTENDER, "get", "pods", TEAM)]),
-    ("extender/kube/executor.py", "list_all"): (1, [Access(EXTENDER, "list", "configmaps", NAMESPACE)]),
+    ("extender/kube/executor.py", "get"): (
+        2,
+        [Access(EXTENDER, "get", "pods", TEAM), Access(RETURNER, "get", "pods", TEAM)],
+    ),
+    ("extender/kube/executor.py", "list_all"): (
+        1,
+        [Access(EXTENDER, "list", "configmaps", NAMESPACE), Access(RETURNER, "list", "configmaps", NAMESPACE)],
+    ),
     ("extender/kube/executor.py", "patch"): (
         4,
-        [Access(EXTENDER, "patch", "pods", TEAM), Access(EXTENDER, "patch", "pods", TEAM, subresource="status")],
+        [
+            Access(EXTENDER, "patch", "pods", TEAM),  # deletion cost, the original's Job tracking finalizer
+            Access(RETURNER, "patch", "pods", TEAM),  # a returned Job pod's tracking finalizer
+            Access(RETURNER, "patch", "pods", TEAM, subresource="status"),  # nominate
+        ],
     ),
     ("extender/kube/requeue.py", "patch"): (1, [Access(EXTENDER, "patch", "pods", TEAM)]),
     ("extender/kube/lease.py", "create"): (
         1,
-        [Access(EXTENDER, "create", "leases", NAMESPACE, group="coordination.k8s.io")],
+        [Access(RETURNER, "create", "leases", NAMESPACE, group="coordination.k8s.io")],
     ),
     ("extender/kube/lease.py", "get"): (
         1,
-        [Access(EXTENDER, "get", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-returner")],
+        [Access(RETURNER, "get", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-returner")],
     ),
     ("extender/kube/lease.py", "request"): (  # PUT
         1,
-        [Access(EXTENDER, "update", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-returner")],
+        [Access(RETURNER, "update", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-returner")],
     ),
-    ("extender/kube/returner.py", "get"): (1, [Access(EXTENDER, "get", "pods", TEAM)]),
-    ("extender/kube/preemptor.py", "get"): (1, [Access(EXTENDER, "get", "pods", TEAM)]),
+    ("extender/kube/returner.py", "get"): (1, [Access(RETURNER, "get", "pods", TEAM)]),
+    ("extender/kube/preemptor.py", "get"): (1, [Access(RETURNER, "get", "pods", TEAM)]),
     # The admin's commands (`migchain status`, ...) with the user's kubeconfig, or
     # in the extender's pod (kubectl exec) with its ServiceAccount.
     ("extender/kube/status.py", "list_all"): (
@@ -244,26 +265,37 @@ def test_the_copies_under_manifests_are_the_files_of_chains_and_scheduler_config
 # -- the rendering ------------------------------------------------------------
 
 
+CLUSTER_KINDS = (
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+)
+
+
 def test_kustomize_renders_every_object_into_its_namespace(rendered):
     kinds = Counter(o["kind"] for o in rendered)
     assert kinds == {
         "Namespace": 1,
-        "ServiceAccount": 4,
-        "ClusterRole": 1,
-        "ClusterRoleBinding": 3,
-        "Role": 4,
-        "RoleBinding": 5,
+        "ServiceAccount": 5,
+        "ClusterRole": 2,
+        "ClusterRoleBinding": 4,
+        "Role": 5,
+        "RoleBinding": 6,
         "ConfigMap": 2,
-        "Service": 1,
-        "Deployment": 2,
+        "Service": 2,
+        "Deployment": 3,
         "Job": 2,
         "CronJob": 1,
         "PodDisruptionBudget": 1,
-        "NetworkPolicy": 1,
+        "NetworkPolicy": 2,
+        "ValidatingAdmissionPolicy": 1,
+        "ValidatingAdmissionPolicyBinding": 1,
     }
     for o in rendered:
         namespace = o["metadata"].get("namespace")
-        if o["kind"] in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+        if o["kind"] in CLUSTER_KINDS:
             assert namespace is None
         elif o["metadata"]["name"] == "migchain-scheduler-extension-apiserver-authentication-reader":
             assert namespace == "kube-system"
@@ -274,11 +306,11 @@ def test_kustomize_renders_every_object_into_its_namespace(rendered):
     )
 
 
-def test_the_chain_configmap_holds_every_chain_file_verbatim_and_both_containers_mount_it(rendered):
+def test_the_chain_configmap_holds_every_chain_file_verbatim_and_both_processes_mount_it(rendered):
     chains = the(rendered, "ConfigMap", "migchain-chains")  # a fixed name: it changes in place
     assert chains["data"] == {p.name: p.read_text() for p in (ROOT / "chains").glob("*.yaml")}
-    spec = pod_spec(rendered, "Deployment", "migchain-extender")
     for name in ("extender", "returner"):
+        spec = pod_spec(rendered, "Deployment", f"migchain-{name}")
         assert mount_path(spec, container(spec, name), "configMap", "migchain-chains") == "/etc/migchain/chains"
 
 
@@ -297,7 +329,7 @@ def test_the_scheduler_configmap_is_scheduler_config_yaml_byte_for_byte(rendered
 
 def test_every_pod_runs_locked_down_as_the_dockerfile_user_with_resources_and_a_tmp(rendered):
     workloads = [o for o in rendered if o["kind"] in WORKLOADS]
-    assert len(workloads) == 5
+    assert len(workloads) == 6
     uid = dockerfile_uid()
     for workload in workloads:
         where = f"{workload['kind']} {workload['metadata']['name']}"
@@ -332,14 +364,29 @@ def test_the_extender_is_probed_over_plain_http_on_its_health_port_not_on_the_ve
         assert "httpHeaders" not in get
 
 
-def test_the_returner_is_probed_on_its_health_port_and_does_not_gate_the_pod(rendered):
-    spec = pod_spec(rendered, "Deployment", "migchain-extender")
+def test_the_returner_is_probed_on_its_health_port(rendered):
+    spec = pod_spec(rendered, "Deployment", RETURNER)
     returner = container(spec, "returner")
     port = int(returner_cli.parser().parse_args(argv(returner)[1:]).health_bind.rsplit(":", 1)[1])
-    get = returner["livenessProbe"]["httpGet"]
-    assert (get["path"], port_number(returner, get["port"])) == ("/healthz", port)
-    # Pod readiness gates the Service kube-scheduler calls: only the extender decides it.
-    assert "readinessProbe" not in returner
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = returner[probe]["httpGet"]
+        assert (get["path"], port_number(returner, get["port"])) == (path, port)
+
+
+def test_the_binder_and_the_returner_are_pods_of_their_own_each_with_its_own_service_account(rendered):
+    """A pod has one ServiceAccount: the returner is a Deployment of its own, so each process gets only its verbs."""
+    extender, returner = pod_spec(rendered, "Deployment", EXTENDER), pod_spec(rendered, "Deployment", RETURNER)
+    assert [c["name"] for c in extender["containers"]] == ["extender"]
+    assert [c["name"] for c in returner["containers"]] == ["returner"]
+    assert (extender["serviceAccountName"], returner["serviceAccountName"]) == (EXTENDER, RETURNER)
+    granted = _granted(rendered)
+
+    def verbs(account: str) -> set[tuple[str, str]]:
+        return {(resource, verb) for who, _, _, resource, verb, _ in granted if who == account}
+
+    # the returner never deletes a pod, never binds one; the binder never evicts, nominates or elects
+    assert not verbs(RETURNER) & {("pods", "delete"), ("pods/binding", "create")}
+    assert not verbs(EXTENDER) & {("pods/eviction", "create"), ("pods/status", "patch"), ("leases", "update")}
 
 
 def test_the_scheduler_is_probed_on_its_secure_port(rendered):
@@ -381,17 +428,20 @@ def test_the_pinned_client_identity_is_the_name_migchain_certs_gives_the_schedul
 
 
 def test_migchain_returner_accepts_its_flags_uses_the_extenders_rules_and_the_pod_name_as_lease_identity(rendered):
-    spec = pod_spec(rendered, "Deployment", "migchain-extender")
+    spec = pod_spec(rendered, "Deployment", RETURNER)
     returner = container(spec, "returner")
     assert argv(returner)[0] == "migchain-returner"
     args = returner_cli.parser().parse_args(argv(returner)[1:])
-    extender_args = serve.parser().parse_args(argv(container(spec, "extender"))[1:])
+    extender_spec = pod_spec(rendered, "Deployment", EXTENDER)
+    extender_args = serve.parser().parse_args(argv(container(extender_spec, "extender"))[1:])
     assert args.chains == extender_args.chains  # a loan is returned by the rules it was made under
     assert args.health_bind.startswith("0.0.0.0:")  # kubelet probes the pod IP
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in returner["env"]}
     assert args.identity == "$(POD_NAME)"  # kubelet expands it
     assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
-    assert spec["serviceAccountName"] == EXTENDER
+    assert spec["serviceAccountName"] == RETURNER
+    chains = mount_path(spec, returner, "configMap", "migchain-chains")
+    assert all(Path(path).parent == Path(chains) for path in args.chains)
 
 
 def test_one_extender_at_a_time_behind_its_service_and_a_budget_that_never_blocks_a_drain(rendered):
@@ -402,23 +452,33 @@ def test_one_extender_at_a_time_behind_its_service_and_a_budget_that_never_block
     service = the(rendered, "Service", "migchain-extender")
     assert service["spec"]["selector"].items() <= labels.items()
     ports = {port["name"]: port for port in service["spec"]["ports"]}
-    assert set(ports) == {"https", "health", "returner"}
+    assert set(ports) == {"https", "health"}
     extender = container(deployment["spec"]["template"]["spec"], "extender")
     assert ports["https"]["port"] == 443
     assert port_number(extender, ports["https"]["targetPort"]) == 8443
     health = serve.parser().parse_args(argv(extender)[1:]).health_bind
     assert port_number(extender, ports["health"]["targetPort"]) == int(health.rsplit(":", 1)[1])
-    returner = container(deployment["spec"]["template"]["spec"], "returner")
+    # The returner's /metrics: a Service of its own, on its pods.
+    returner_deployment = the(rendered, "Deployment", RETURNER)
+    returner = container(returner_deployment["spec"]["template"]["spec"], "returner")
+    returner_service = the(rendered, "Service", RETURNER)
+    assert (
+        returner_service["spec"]["selector"].items()
+        <= returner_deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert not returner_service["spec"]["selector"].items() <= labels.items()
+    [metrics] = returner_service["spec"]["ports"]
     health = returner_cli.parser().parse_args(argv(returner)[1:]).health_bind
-    assert port_number(returner, ports["returner"]["targetPort"]) == int(health.rsplit(":", 1)[1])
+    assert port_number(returner, metrics["targetPort"]) == int(health.rsplit(":", 1)[1])
     budget = the(rendered, "PodDisruptionBudget", "migchain-extender")
     assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert budget["spec"]["maxUnavailable"] == 1
 
 
-def test_the_network_policy_admits_only_the_scheduler_to_the_verbs_and_only_monitoring_to_the_health_ports(rendered):
-    policy = the(rendered, "NetworkPolicy", "migchain-extender")["spec"]
-    template = the(rendered, "Deployment", "migchain-extender")["spec"]["template"]
+def admitted_ports(rendered: list[dict[str, Any]], name: str) -> dict[int, list[dict[str, Any]]]:
+    """Port -> the peers NetworkPolicy `name` admits to the pods of Deployment `name`."""
+    policy = the(rendered, "NetworkPolicy", name)["spec"]
+    template = the(rendered, "Deployment", name)["spec"]["template"]
     assert policy["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
     assert policy["policyTypes"] == ["Ingress"]  # everything not admitted below is dropped
     containers = template["spec"]["containers"]
@@ -434,15 +494,24 @@ def test_the_network_policy_admits_only_the_scheduler_to_the_verbs_and_only_moni
         for port in rule["ports"]:
             assert port["protocol"] == "TCP"
             admitted.setdefault(number(port["port"]), []).extend(rule["from"])
+    return admitted
+
+
+def test_the_network_policy_admits_only_the_scheduler_to_the_verbs_and_only_monitoring_to_the_health_ports(rendered):
+    template = the(rendered, "Deployment", EXTENDER)["spec"]["template"]
+    admitted = admitted_ports(rendered, EXTENDER)
     scheduler_labels = the(rendered, "Deployment", "migchain-scheduler")["spec"]["template"]["metadata"]["labels"]
     verbs = int(serve.parser().parse_args(argv(container(template["spec"], "extender"))[1:]).bind.rsplit(":", 1)[1])
     [scheduler] = admitted.pop(verbs)
     assert set(scheduler) == {"podSelector"}  # this namespace, these pods, no other
     assert scheduler["podSelector"]["matchLabels"].items() <= scheduler_labels.items()
     extender_health = serve.parser().parse_args(argv(container(template["spec"], "extender"))[1:]).health_bind
-    returner_health = returner_cli.parser().parse_args(argv(container(template["spec"], "returner"))[1:]).health_bind
-    assert set(admitted) == {int(extender_health.rsplit(":", 1)[1]), int(returner_health.rsplit(":", 1)[1])}
-    for peers in admitted.values():
+    returner = container(pod_spec(rendered, "Deployment", RETURNER), "returner")
+    returner_health = returner_cli.parser().parse_args(argv(returner)[1:]).health_bind
+    returner_admitted = admitted_ports(rendered, RETURNER)  # the returner serves nothing but its health port
+    assert set(admitted) == {int(extender_health.rsplit(":", 1)[1])}
+    assert set(returner_admitted) == {int(returner_health.rsplit(":", 1)[1])}
+    for peers in [*admitted.values(), *returner_admitted.values()]:
         assert peers == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
 
 
@@ -549,6 +618,36 @@ def test_only_the_certs_account_may_read_the_ca_key(rendered):
     assert readers == {CERTS}
 
 
+def test_only_the_binder_and_the_returner_may_read_the_journal_through_one_role_of_its_own(rendered):
+    """Journal entries hold whole pod specs, env values included: only migchain's two processes read them."""
+    readers = {
+        (account, role)
+        for account, role, resource, verb in _granted_roles(rendered)
+        if resource in ("configmaps", "*") and verb in ("get", "list", "watch", "*")
+    }
+    assert readers == {(EXTENDER, "Role/migchain-journal"), (RETURNER, "Role/migchain-journal")}
+    role = the(rendered, "Role", "migchain-journal")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "delete", "list"]}]
+
+
+def _granted_roles(rendered: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """(account, Kind/name of the role, resource, verb) of migchain's own roles."""
+    found = []
+    for binding in rendered:
+        if binding["kind"] not in ("ClusterRoleBinding", "RoleBinding"):
+            continue
+        ref = binding["roleRef"]
+        roles = [o for o in rendered if o["kind"] == ref["kind"] and o["metadata"]["name"] == ref["name"]]
+        for role in roles:
+            for subject in binding["subjects"]:
+                for rule in role["rules"]:
+                    for resource in rule["resources"]:
+                        for verb in rule["verbs"]:
+                            found.append((subject["name"], f"{ref['kind']}/{ref['name']}", resource, verb))
+    return found
+
+
 def render_with_cert_manager(tmp_path: Path) -> list[dict[str, Any]]:
     """manifests/ with the cert-manager component, as an overlay of a user renders it."""
     if not KUBECTL.exists():
@@ -580,7 +679,7 @@ def test_with_cert_manager_the_same_secrets_are_issued_and_renewed_and_the_certs
     assert hours(ca["renewBefore"]) > max(hours(c["duration"]) for c in certificates.values())
     mounted = {
         v["secret"]["secretName"]
-        for name in ("migchain-extender", SCHEDULER)
+        for name in ("migchain-extender", RETURNER, SCHEDULER)
         for v in pod_spec(objects, "Deployment", name)["volumes"]
         if "secret" in v
     }
@@ -616,10 +715,10 @@ def test_the_loan_key_job_makes_the_secret_both_containers_load_their_key_from(r
     assert (args.namespace, args.secret) == (job["metadata"]["namespace"], LOAN_KEY)
     [named] = [rule for rule in the(rendered, "Role", LOAN_KEY)["rules"] if rule.get("resourceNames")]
     assert named["resourceNames"] == [LOAN_KEY] and named["verbs"] == ["get"]
-    deployment = pod_spec(rendered, "Deployment", "migchain-extender")
-    extender, returner = container(deployment, "extender"), container(deployment, "returner")
+    deployment, returner_spec = pod_spec(rendered, "Deployment", EXTENDER), pod_spec(rendered, "Deployment", RETURNER)
+    extender, returner = container(deployment, "extender"), container(returner_spec, "returner")
     folder = mount_path(deployment, extender, "secret", LOAN_KEY)
-    assert mount_path(deployment, returner, "secret", LOAN_KEY) == folder
+    assert mount_path(returner_spec, returner, "secret", LOAN_KEY) == folder
     assert serve.parser().parse_args(argv(extender)[1:]).loan_key_file == f"{folder}/key"
     assert returner_cli.parser().parse_args(argv(returner)[1:]).loan_key_file == f"{folder}/key"
     # No other account may read it through the API: tenants must never learn the key (tests/e2e/test_manifests.py).
