@@ -84,7 +84,8 @@ API_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
         [Access(EXTENDER, "delete", "pods", TEAM), Access(EXTENDER, "delete", "configmaps", NAMESPACE)],
     ),
     ("extender/kube/executor.py", "get"): (3, [Access(EXTENDER, "get", "pods", TEAM)]),
-    ("extender/kube/executor.py", "list_all"): (1, [Access(EXTENDER, "list", "configmaps", NAMESPACE)]),
+    ("extender/kube/executor.py", "list_all"): (2, [Access(EXTENDER, "list", "configmaps", NAMESPACE)]),
+    ("extender/kube/executor.py", "request"): (1, [Access(EXTENDER, "create", "pods", TEAM)]),  # dry-run create
     ("extender/kube/executor.py", "patch"): (
         4,
         [Access(EXTENDER, "patch", "pods", TEAM), Access(EXTENDER, "patch", "pods", TEAM, subresource="status")],
