@@ -226,6 +226,22 @@ def test_a_restored_pod_refused_only_for_real_brings_the_borrower_back_unbound()
     assert api.configmaps == {}
 
 
+def test_a_copy_drops_what_the_api_server_refuses_or_sets_again_on_create():
+    original = pod("p", {G1: 1}, "n1")
+    original["metadata"] |= {"resourceVersion": "7", "deletionTimestamp": "2026-11-30T10:00:00Z"}
+    original["spec"] |= {
+        "ephemeralContainers": [{"name": "debugger", "image": "busybox"}],
+        "overhead": {"cpu": "250m"},
+        "runtimeClassName": "kata",
+    }
+    copy_ = recreatable(original)
+    assert "status" not in copy_
+    assert not {"uid", "resourceVersion", "creationTimestamp", "deletionTimestamp"} & set(copy_["metadata"])
+    assert not {"ephemeralContainers", "overhead"} & set(copy_["spec"])
+    assert copy_["spec"]["runtimeClassName"] == "kata" and copy_["spec"]["nodeName"] == "n1"
+    assert "ephemeralContainers" in original["spec"]  # a copy: the pod read is left as it is
+
+
 def test_ephemeral_containers_are_not_copied():
     api = MemoryApi()
     borrower, _ = a_borrower(api)
