@@ -64,6 +64,32 @@ class UnreadableLoans:
         self.counter.labels(reason).inc()
 
 
+class JournalGauges:
+    """`migchain_journal_overdue_entries{kind}` and `migchain_journal_oldest_entry_seconds{kind}`: journal entries
+    older than the alert age (a pod there may exist nowhere else), and the age of the oldest unfinished one."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = registry if registry is not None else CollectorRegistry()
+        self.overdue = Gauge(
+            "migchain_journal_overdue_entries",
+            "Journal entries (kind: borrow, return) left unfinished longer than --journal-overdue-after: each is a "
+            "bare pod that may exist only in the journal. Alert on > 0.",
+            ["kind"],
+            registry=registry,
+        )
+        self.oldest = Gauge(
+            "migchain_journal_oldest_entry_seconds",
+            "Age of the oldest unfinished journal entry of each kind (0 when there is none), as of the last "
+            "recovery pass.",
+            ["kind"],
+            registry=registry,
+        )
+
+    def set(self, kind: str, overdue: int, oldest: float) -> None:
+        self.overdue.labels(kind).set(overdue)
+        self.oldest.labels(kind).set(oldest)
+
+
 class Metrics:
     """The extender's: its HTTP verbs, binds and borrows, errors, and the cluster as the watch sees it."""
 
@@ -112,6 +138,7 @@ class Metrics:
         )
         self.errors = Errors(self.registry)
         self.unreadable_loans = UnreadableLoans(self.registry)
+        self.journal = JournalGauges(self.registry)
 
     def count_borrow(self, placement: Placement, *, dry_run: bool = False) -> None:
         counter = self.dry_run_borrows if dry_run else self.borrows
@@ -159,6 +186,7 @@ class ReturnerMetrics:
         )
         self.errors = Errors(self.registry)
         self.unreadable_loans = UnreadableLoans(self.registry)
+        self.journal = JournalGauges(self.registry)
 
     def count_return(self, loan: Loan, outcome: str) -> None:
         for requested, granted, count in loan_pairs(loan):

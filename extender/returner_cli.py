@@ -18,6 +18,7 @@ from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder
 from extender.kube.executor import Executor
 from extender.kube.lease import LeaderElection
+from extender.kube.overdue import OVERDUE_AFTER_SECONDS
 from extender.kube.returner import Returner
 from extender.loan_guard import LoanGuard
 from extender.loan_key import LoanKeyError, read_key_file
@@ -55,6 +56,14 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="decide every return and preemption as usual, log, count and announce it (WouldReturn, WouldPreempt "
         "events), but evict nothing",
+    )
+    cli.add_argument(
+        "--journal-overdue-after",
+        type=float,
+        default=OVERDUE_AFTER_SECONDS,
+        metavar="SECONDS",
+        help="a journal entry unfinished this long raises a JournalOverdue Event on its pod and counts in "
+        "migchain_journal_overdue_entries (default %(default)s)",
     )
     cli.add_argument(
         "--scheduler-name",
@@ -109,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         election,
         metrics=metrics,
         dry_run=args.dry_run,
+        journal_overdue_after=args.journal_overdue_after,
         schedulers=tuple(args.scheduler_name or (MIGCHAIN_SCHEDULER,)),
     )
     log.info("returner %s started; acting only while it holds the lease", args.identity)

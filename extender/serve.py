@@ -120,6 +120,7 @@ def build_app(
         metrics=metrics,
         memory=memory,
         dry_run=args.dry_run,
+        journal_overdue_after=args.journal_overdue_after,
     )
 
     threading.Thread(
@@ -196,6 +197,14 @@ def parser() -> argparse.ArgumentParser:
         "--namespace",
         default=os.environ.get("POD_NAMESPACE", "migchain-system"),
         help="namespace of migchain's own objects: the borrow journal (default $POD_NAMESPACE or %(default)s)",
+    )
+    cli.add_argument(
+        "--journal-overdue-after",
+        type=float,
+        default=180.0,  # extender/kube/overdue.py
+        metavar="SECONDS",
+        help="a journal entry unfinished this long raises a JournalOverdue Event on its pod and counts in "
+        "migchain_journal_overdue_entries (default %(default)s)",
     )
     cli.add_argument(
         "--snapshot",

@@ -71,6 +71,10 @@ LOWEST_DELETION_COST = -(2**31)
 HIGHEST_DELETION_COST = 2**31 - 1
 
 # Fields the API server owns: a new object must not carry them.
+# Pod spec fields the API server refuses in a create, or may: `spec.ephemeralContainers` is written only through
+# the pod's ephemeralcontainers subresource (`kubectl debug`); `spec.overhead` is set by the RuntimeClass admission
+# plugin from the pod's RuntimeClass, and a copy whose overhead no longer matches the class is refused.
+_REFUSED_ON_CREATE = ("ephemeralContainers", "overhead")
 _SERVER_METADATA = (
     "uid",
     "resourceVersion",
@@ -239,11 +243,16 @@ def replacement_name(name: str, uid: str) -> str:
 
 
 def recreatable(pod: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of `pod` that can be created again: server-owned fields and status dropped."""
+    """A deep copy of `pod` that can be created again: server-owned fields and status dropped, and what the API
+    server refuses on create (ephemeral containers: `kubectl debug` adds them, only to a pod that exists; the
+    overhead its RuntimeClass sets again)."""
     fresh = copy.deepcopy(dict(pod))
     fresh.pop("status", None)
     for key in _SERVER_METADATA:
         fresh["metadata"].pop(key, None)
+    if isinstance(fresh.get("spec"), dict):
+        for key in _REFUSED_ON_CREATE:
+            fresh["spec"].pop(key, None)
     return fresh
 
 

@@ -34,8 +34,9 @@ from extender.filter_memory import FilterMemory
 from extender.kube.api import ApiError, KubeApi
 from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder, JournalRejections, pod_reference
-from extender.kube.executor import BorrowError, Executor, StillTerminating, pod_path
+from extender.kube.executor import Abandoned, BorrowError, Executor, FellBack, StillTerminating, pod_path
 from extender.kube.once import Once
+from extender.kube.overdue import OVERDUE_AFTER_SECONDS, OverdueJournal
 from extender.metrics import Metrics
 from extender.reload import RulesInForce
 
@@ -74,6 +75,7 @@ class Binder:
         metrics: Metrics | None = None,
         memory: FilterMemory | None = None,
         dry_run: bool = False,
+        journal_overdue_after: float = OVERDUE_AFTER_SECONDS,
     ) -> None:
         self.dry_run = dry_run  # --dry-run: every borrow only announced; the chains' policy can add namespaces
         # (UID, namespace, name) of pods already told "would borrow": one Event each, not one a retry.
@@ -88,6 +90,7 @@ class Binder:
         self._rejected_entries = JournalRejections(events, self.metrics.errors)  # forged journal entries
         self.memory = memory  # the nodes each pod's last filter call named: where it may run instead
         self._journal_dirty = threading.Event()  # a borrow failed: its journal entry may need finishing
+        self.overdue = OverdueJournal(executor, events, self.metrics.journal, "borrow", journal_overdue_after)
 
     def bind(self, args: BindRequest) -> BindOutcome:
         record = self._pod(args)
@@ -232,7 +235,14 @@ class Binder:
                 f"pod {args.pod_namespace}/{args.pod_name} gained finalizers: a bare pod with finalizers never borrows"
             )
         plan = plan_borrow(pod, placement, self.executor.loan_key)
-        replacement = self.executor.borrow(plan)
+        try:
+            replacement = self.executor.borrow(plan)
+        except FellBack as fell_back:
+            self.events.record(pod, "BorrowFellBack", str(fell_back), "Warning")
+            raise
+        except Abandoned as abandoned:
+            self.events.record(pod, "BorrowAbandoned", str(abandoned))
+            raise
         message = plan.describe()
         self.events.record(pod, "Borrowed", f"{message}; replaced by pod {plan.replacement_name}")
         self.events.record(
@@ -269,6 +279,10 @@ class Binder:
                 self.metrics.errors.count("journal", "recovery")
                 log.warning("cannot read the borrow journal: %s", error)
                 clean = False
+            try:
+                self.overdue.check(clean)
+            except Exception as error:
+                log.warning("cannot read the age of the borrow journal's entries: %s", error)
             if clean:
                 retry = RECOVERY_RETRY_SECONDS
                 self._journal_dirty.wait(RECOVERY_SWEEP_SECONDS)
@@ -315,6 +329,9 @@ class Binder:
         log.warning("journaled borrow of %s finished: %s", key, outcome)
         if outcome.startswith("recreated"):
             self.events.record(replacement, "BorrowRecovered", f"a borrow was cut short and migchain {outcome}")
+        elif outcome.startswith("fell back"):
+            self.cache.release(metadata["uid"])  # reserved for a replacement the API server refused
+            self.events.record(original, "BorrowFellBack", outcome, "Warning")
         return True
 
     def _reserve_for(self, replacement: Mapping[str, Any]) -> bool:

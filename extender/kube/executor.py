@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from extender.core.cluster import REPLACED_UID_ANNOTATION, controller_of
+from extender.core.cluster import BORROW_ANNOTATION, REPLACED_UID_ANNOTATION, controller_of
 from extender.core.journal import (
     ORIGINAL,
     REPLACEMENT,
@@ -36,6 +36,7 @@ from extender.core.loan import (
     LOWEST_DELETION_COST,
     BorrowPlan,
     put_back,
+    recreatable,
     signed_by_migchain,
 )
 from extender.kube.api import JSON_PATCH, ApiError, KubeApi, path
@@ -47,6 +48,8 @@ JOB_TRACKING_FINALIZER = "batch.kubernetes.io/job-tracking"
 FAILPOINTS_ENV = "MIGCHAIN_FAILPOINTS"
 # What `restore` did with a bare borrower that did not go with its eviction.
 RESTORE_JOURNALED = "evicted; it is recreated under its name with its original request once it has gone (journaled)"
+# On an original recreated because its replacement was refused: the UID it had, so that recovery knows it.
+FALLBACK_ANNOTATION = "migchain.io/fallback-of"
 
 
 class BorrowError(Exception):
@@ -56,6 +59,20 @@ class BorrowError(Exception):
 class StillTerminating(BorrowError):
     """A deleted pod is not gone yet (a finalizer, a grace period): when it goes is up to the pod, so nothing
     waits for it; its journal entry stays, and a recovery pass finishes the work once it is gone."""
+
+
+class CopyRefused(BorrowError):
+    """The API server refuses for good to create the pod's copy (a quota, PodSecurity, an admission policy, a
+    webhook): found by a dry run before anything was deleted, so the pod stays as it is."""
+
+
+class FellBack(BorrowError):
+    """The copy was refused for good after the pod went (the dry run had passed): the pod was recreated as it
+    was before (a borrow's original, a return's borrower)."""
+
+
+class Abandoned(BorrowError):
+    """The pod went before migchain deleted or evicted it (its user deleted it): nothing is recreated."""
 
 
 class EvictionBlocked(Exception):
@@ -79,6 +96,17 @@ def failpoint(name: str) -> None:
             return
         log.warning("failpoint %s: killing the process group", name)
         os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def evicted(pod: Mapping[str, Any]) -> bool:
+    """Whether the pod is on its way out by the Eviction API (which marks it so before deleting it), not a delete."""
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(
+        isinstance(condition, Mapping)
+        and condition.get("type") == "DisruptionTarget"
+        and condition.get("reason") == "EvictionByEvictionAPI"
+        for condition in conditions
+    )
 
 
 def pod_path(namespace: str, name: str) -> str:
@@ -134,18 +162,69 @@ class Executor:
         # Should a step after the journal fail (an API error, the original slow
         # to go), the entry stays and the binder's recovery finishes it.
         with self._replacing(plan.original_uid):
+            self._admitted(plan.namespace, plan.replacement, "its replacement")
             self._write_journal(plan)
             failpoint("bare-after-journal")
-            self._delete_original(plan)
+            if not self._delete_original(plan):
+                self._clear_journal(plan.original_uid)
+                raise Abandoned(
+                    f"pod {plan.namespace}/{plan.original_name} was deleted by someone else before migchain deleted "
+                    "it: it is not replaced"
+                )
             # An unscheduled pod without finalizers goes with its delete; one that
             # gained a finalizer since it was read does not, and the bind thread
             # must not wait on it: recovery recreates it once it is gone.
             self._check_gone(plan.namespace, plan.original_name, plan.original_uid)
             failpoint("bare-after-delete")
-            replacement = self._create_replacement(plan)
+            try:
+                replacement = self._create_replacement(plan)
+            except ApiError as error:
+                if not error.definitive:
+                    raise
+                raise FellBack(self._fall_back_to_original(plan.original, error)) from error
             failpoint("bare-after-create")
             self._clear_journal(plan.original_uid)
             return replacement
+
+    def _admitted(self, namespace: str, pod: Mapping[str, Any], what: str) -> None:
+        """Make sure the API server would create `pod` (a server-side dry run) before anything is deleted.
+
+        Raises CopyRefused on a definitive refusal, ApiError when the answer
+        is unknown (nothing is deleted either way). A copy that keeps its
+        pod's name is refused only as AlreadyExists by the store, which comes
+        after every admission check: that is a yes.
+        """
+        try:
+            self.api.request("POST", path("api", "v1", "namespaces", namespace, "pods"), pod, query={"dryRun": "All"})
+        except ApiError as error:
+            if error.status == 409 and error.reason == "AlreadyExists":
+                return
+            if error.definitive:
+                name = pod["metadata"].get("name", "")
+                raise CopyRefused(
+                    f"the API server refuses {what} ({namespace}/{name}), so nothing is deleted: {error}"
+                ) from error
+            raise
+
+    def _fall_back_to_original(self, original: Mapping[str, Any], refusal: ApiError) -> str:
+        """The replacement refused for good, the original gone: recreate the original, pending, as it was.
+
+        It asks not to borrow again (migchain.io/borrow: "false"), or the next
+        bind would delete it once more for a copy the API server refuses.
+        Raises ApiError, the entry kept, if the original is refused too.
+        """
+        metadata = original["metadata"]
+        namespace = metadata.get("namespace") or "default"
+        pod = put_back(original, self.loan_key)  # a restore record: the admission policy admits it
+        # Not signed: the restore record's signature covers migchain's own annotations, not these two.
+        pod["metadata"]["annotations"] |= {BORROW_ANNOTATION: "false", FALLBACK_ANNOTATION: metadata["uid"]}
+        outcome = self._recreate(
+            namespace,
+            pod,
+            f"fell back: its replacement was refused ({refusal}); recreated the original, pending, not to borrow again",
+        )
+        self._clear_journal(metadata["uid"])
+        return outcome
 
     def _cheapest_to_delete(self, plan: BorrowPlan) -> None:
         """Mark the original as the pod its ReplicaSet should drop first.
@@ -188,7 +267,8 @@ class Executor:
         annotations = pod["metadata"].get("annotations") or {}
         return annotations.get(REPLACED_UID_ANNOTATION) == uid and signed_by_migchain(pod, self.loan_key)
 
-    def _delete_original(self, plan: BorrowPlan) -> None:
+    def _delete_original(self, plan: BorrowPlan) -> bool:
+        """Delete the original; False when it was gone (or replaced by another pod of its name) already."""
         resource = pod_path(plan.namespace, plan.original_name)
         finalizers = plan.original["metadata"].get("finalizers") or []
         if JOB_TRACKING_FINALIZER in finalizers:
@@ -219,6 +299,8 @@ class Executor:
         except ApiError as error:
             if error.status not in (404, 409):  # gone already, or replaced by another pod of that name
                 raise
+            return False
+        return True
 
     def _check_gone(self, namespace: str, name: str, uid: str) -> None:
         """Return if pod `uid` is gone (or replaced under its name); raise StillTerminating if not. Never waits:
@@ -233,13 +315,16 @@ class Executor:
 
     # -- return ---------------------------------------------------------------
 
-    def evict(self, pod: Mapping[str, Any], *, dry_run: bool = False, unchanged: bool = False) -> None:
+    def evict(
+        self, pod: Mapping[str, Any], *, dry_run: bool = False, unchanged: bool = False, gone_ok: bool = True
+    ) -> None:
         """Evict through the Eviction API, so PodDisruptionBudgets hold; raise EvictionBlocked on 429.
 
         With `dry_run` the API server only says whether it would (a PDB is
         asked, nothing is deleted). With `unchanged` it evicts the pod only as
         it is in `pod` (its resourceVersion), and a pod changed since is an
-        ApiError 409, not taken for one gone.
+        ApiError 409, not taken for one gone. Without `gone_ok` a pod gone
+        already (404, or another pod of its name: 409) is an ApiError too.
         """
         metadata = pod["metadata"]
         namespace = metadata.get("namespace") or "default"
@@ -262,7 +347,7 @@ class Executor:
         except ApiError as error:
             if error.status == 429:
                 raise EvictionBlocked(error.message) from None
-            if error.status == 409 and unchanged:
+            if (error.status == 409 and unchanged) or not gone_ok:
                 raise
             if error.status not in (404, 409):  # gone already
                 raise
@@ -301,22 +386,57 @@ class Executor:
             self.evict(borrower)
             return "evicted; its controller recreates it with its original request"
         metadata = borrower["metadata"]
-        namespace = metadata.get("namespace") or "default"
-        self._journal_entry("return", metadata["uid"], borrower, restored)
+        namespace, uid = metadata.get("namespace") or "default", metadata["uid"]
+        self._admitted(namespace, restored, "its restored pod")
+        self._journal_entry("return", uid, borrower, restored)
         try:
-            self.evict(borrower)
-        except Exception:
-            # Not evicted (a PDB, its namespace going, an API error): nothing to finish later.
-            self._clear_journal(metadata["uid"])
+            self.evict(borrower, gone_ok=False)
+        except EvictionBlocked:
+            self._clear_journal(uid)
+            raise
+        except ApiError as error:
+            if error.status in (404, 409):
+                self._clear_journal(uid)
+                raise Abandoned(
+                    f"pod {namespace}/{metadata['name']} was gone before its eviction: not recreated"
+                ) from None
+            if error.definitive:  # not evicted (its namespace going, say): nothing to finish later
+                self._clear_journal(uid)
+            # Otherwise no answer, or a server error: it may have been evicted. The entry stays and the
+            # journal's recovery finishes the return, or clears it if the borrower is still there.
             raise
         failpoint("return-after-evict")
         try:
-            self._check_gone(namespace, metadata["name"], metadata["uid"])
+            self._check_gone(namespace, metadata["name"], uid)
         except StillTerminating:
             return RESTORE_JOURNALED
-        outcome = self._recreate(namespace, restored, "evicted and recreated under its name with its original request")
-        self._clear_journal(metadata["uid"])
+        outcome = self._recreate_restored(borrower, restored)
+        self._clear_journal(uid)
         return outcome
+
+    def _recreate_restored(self, borrower: Mapping[str, Any], restored: Mapping[str, Any]) -> str:
+        """Create the restored pod of an evicted borrower; refused for good, the borrower as it was instead.
+
+        The borrower comes back unbound (its slice may be someone else's by
+        now), asking for what it borrowed, its loan record kept: the scheduler
+        places it again. Raises ApiError, the entry kept, if that is refused too.
+        """
+        namespace = borrower["metadata"].get("namespace") or "default"
+        try:
+            return self._recreate(namespace, restored, "evicted and recreated under its name with its original request")
+        except ApiError as error:
+            if not error.definitive:
+                raise
+            refusal = error
+        pod = recreatable(borrower)
+        pod["spec"].pop("nodeName", None)
+        outcome = self._recreate(
+            namespace,
+            pod,
+            f"fell back: its restored pod was refused ({refusal}); recreated the borrower as it was, pending",
+        )
+        self._clear_journal(borrower["metadata"]["uid"])
+        raise FellBack(outcome)
 
     def _evict_job_pod(self, pod: Mapping[str, Any]) -> None:
         """Evict a Job's pod without the Job counting it as a failure.
@@ -413,13 +533,19 @@ class Executor:
             if not current["metadata"].get("deletionTimestamp"):
                 self._clear_journal(uid)
                 return "the eviction never happened; the borrower keeps running"
+            if not evicted(current):
+                # Deleted, not evicted: migchain returns only by eviction, so its user deleted it.
+                self._clear_journal(uid)
+                return "it was deleted by someone else, not evicted: not recreated"
             self._check_gone(namespace, name, uid)
             current = None
-        outcome = (
-            self._recreate(namespace, restored, "recreated it with its original request")
-            if current is None
-            else "it was already recreated"
-        )
+        if current is None:
+            try:
+                outcome = self._recreate_restored(borrower, restored)
+            except FellBack as fell_back:
+                outcome = str(fell_back)
+        else:
+            outcome = "it was already recreated"
         self._clear_journal(uid)
         return outcome
 
@@ -494,6 +620,38 @@ class Executor:
             entries.append(read)
         return entries
 
+    def journal_ages(self, kind: str) -> list[tuple[dict[str, Any], float]]:
+        """Each believed entry of one kind (see `journal`): a reference to its pod (namespace, name, UID), and
+        its age in seconds.
+
+        The age is the ConfigMap's, as the API server stamped it; the pod is
+        read from the entry and only named, never acted on.
+        """
+        items, _ = self.api.list_all(
+            path("api", "v1", "namespaces", self.journal_namespace, "configmaps"),
+            labelSelector=f"{JOURNAL_LABEL}={kind}",
+        )
+        now = datetime.datetime.now(datetime.UTC)
+        ages = []
+        for item in items:
+            read = read_entry(self.loan_key, str(item["metadata"]["name"]), kind, item.get("data") or {})
+            if isinstance(read, str):
+                continue  # not believed: journal() reports it, and no Event names a pod it made up
+            metadata = read[0]["metadata"]
+            reference = {
+                "metadata": {
+                    "namespace": str(metadata.get("namespace") or "default"),
+                    "name": str(metadata["name"]),
+                    "uid": str(metadata["uid"]),
+                }
+            }
+            try:
+                created = datetime.datetime.fromisoformat(item["metadata"]["creationTimestamp"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            ages.append((reference, max(0.0, (now - created).total_seconds())))
+        return ages
+
     def finish(
         self, original: Mapping[str, Any], replacement: Mapping[str, Any], replacement_fits: Callable[[], bool]
     ) -> str:
@@ -517,11 +675,18 @@ class Executor:
             if current is not None:
                 if self._replaces(current, uid):
                     outcome = "the replacement was already created"
+                elif (current["metadata"].get("annotations") or {}).get(FALLBACK_ANNOTATION) == uid:
+                    outcome = "fell back: the original was already recreated"
                 else:
                     log.error("pod %s/%s was recreated by someone else; journal kept for an admin", namespace, name)
                     return "kept: the name is taken by another pod"
             elif replacement_fits():
-                outcome = self._recreate(namespace, replacement, "recreated the replacement on its node")
+                try:
+                    outcome = self._recreate(namespace, replacement, "recreated the replacement on its node")
+                except ApiError as error:
+                    if not error.definitive:
+                        raise
+                    return self._fall_back_to_original(original, error)
             else:
                 outcome = self._recreate(
                     namespace,

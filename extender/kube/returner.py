@@ -27,7 +27,7 @@ from extender.core.cluster import (
     Snapshot,
     controller_of,
 )
-from extender.core.loan import restored_pod
+from extender.core.loan import Loan, restored_pod
 from extender.core.returns import Borrower, Restore, borrowers_of, pending_requests, plan_returns
 from extender.core.rules import ChainRules
 from extender.kube.api import ApiError
@@ -35,14 +35,18 @@ from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder, JournalRejections, pod_reference
 from extender.kube.executor import (
     RESTORE_JOURNALED,
+    Abandoned,
     BorrowError,
+    CopyRefused,
     EvictionBlocked,
     Executor,
+    FellBack,
     StillTerminating,
     pod_path,
 )
 from extender.kube.lease import LeaderElection
 from extender.kube.once import Once
+from extender.kube.overdue import OVERDUE_AFTER_SECONDS, OverdueJournal
 from extender.kube.preemptor import Preemptor
 from extender.loan_guard import MAX_QUEUED_REPORTS
 from extender.metrics import ReturnerMetrics
@@ -60,6 +64,9 @@ CLAIM_SECONDS = 30.0
 UNREADABLE_RETRY_SECONDS = 300.0
 # Events on pods whose loan record migchain does not believe, at most this many a round.
 REJECTED_LOANS_PER_ROUND = 20
+# A borrower whose restored pod the API server refuses (a quota, PodSecurity, an
+# admission policy) is not evicted; it is looked at again this much later.
+REFUSED_RETRY_SECONDS = 60.0
 # A journaled return that could not be finished (its pod not gone yet, an API
 # error) is tried again this soon, then less often while it cannot (a finalizer
 # may hold a pod for hours), up to RECOVERY_RETRY_MAX_SECONDS apart.
@@ -92,6 +99,7 @@ class Returner:
         metrics: ReturnerMetrics | None = None,
         dry_run: bool = False,
         schedulers: tuple[str, ...] = (MIGCHAIN_SCHEDULER,),
+        journal_overdue_after: float = OVERDUE_AFTER_SECONDS,
     ) -> None:
         self.schedulers = schedulers  # --scheduler-name: pending pods for these are demand; others never cost a return
         self.dry_run = dry_run  # --dry-run: returns only announced; the chains' policy can add namespaces
@@ -113,6 +121,7 @@ class Returner:
         # Bare borrowers evicted but not gone yet (uid -> namespace, name): the journal recreates each as soon as
         # the cache shows it gone.
         self._leaving: dict[str, tuple[str, str]] = {}
+        self.overdue = OverdueJournal(executor, events, self.metrics.journal, "return", journal_overdue_after)
         self.preemptor = Preemptor(
             executor, events, self.metrics, schedulers=schedulers, dry_run=dry_run, recover_soon=self._recover_soon
         )
@@ -141,11 +150,16 @@ class Returner:
         if self._gone_since_evicted():
             self._recover_soon(at_once=True)
         if self._recover_at is not None and time.monotonic() >= self._recover_at:
-            if self.recover():
+            clean = self.recover()
+            if clean:
                 self._recover_at, self._recover_retry = None, RECOVERY_RETRY_SECONDS
             else:
                 self._recover_at = time.monotonic() + self._recover_retry
                 self._recover_retry = min(2 * self._recover_retry, RECOVERY_RETRY_MAX_SECONDS)
+            try:
+                self.overdue.check(clean)
+            except Exception as error:
+                log.warning("cannot read the age of the return journal's entries: %s", error)
         snapshot, records = self.cache.view()
         rules = self.rules.current()  # once: a round plans on one version of the rules
         borrowers = borrowers_of(records, rules)
@@ -294,6 +308,9 @@ class Returner:
         try:
             self.events.record(borrower, "Returning", message)
             outcome = self.executor.restore(borrower, restored, owned)
+        except (CopyRefused, Abandoned, FellBack) as refusal:
+            self._not_returned(borrower, request, loan, refusal)
+            return
         except EvictionBlocked as blocked:
             self._blocked[request.key] = time.monotonic() + PDB_RETRY_SECONDS
             self.metrics.count_return(loan, "blocked")
@@ -324,6 +341,20 @@ class Returner:
             outcome,
             extra={"pod": request.key, "node": restore.borrower.record.node, "target": restore.target},
         )
+
+    def _not_returned(self, borrower: dict[str, Any], request: PodRequest, loan: Loan, refusal: BorrowError) -> None:
+        """A bare borrower not returned: its restored pod refused (nothing evicted, or the borrower recreated as it
+        was), or the borrower gone before its eviction (its user deleted it)."""
+        if isinstance(refusal, Abandoned):
+            outcome = "gone"
+            log.info("return of %s: %s", request.key, refusal)
+        else:
+            outcome = "failed"
+            if isinstance(refusal, CopyRefused):  # the borrower keeps running; tried again a while later
+                self._blocked[request.key] = time.monotonic() + REFUSED_RETRY_SECONDS
+            log.warning("return of %s: %s", request.key, refusal)
+            self.events.record(borrower, "ReturnFailed", f"not returned: {refusal}", "Warning")
+        self.metrics.count_return(loan, outcome)
 
     def recover(self) -> bool:
         """Finish bare-pod returns left journaled (a crash, a borrower slow to go); False if some must wait.

@@ -152,7 +152,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         live_chain = folder / LIVE_CHAIN.name
         shutil.copyfile(LIVE_CHAIN, live_chain)
         chain_files = [*CHAINS, str(live_chain)]
-        extender = plane.start_extender(tls, chain_files)
+        # An unfinished journal entry is reported after 5 s here (180 s by default), so a test can see it.
+        extender = plane.start_extender(tls, chain_files, "--journal-overdue-after=5")
         live = Cluster(plane, extender.process, extender.url, extender.health_url, tls, chain_files)
         plane.start_scheduler(live.extender_url, tls)
         wait_until(lambda: _scheduler_leads(plane), 60, "kube-scheduler to take its lease")

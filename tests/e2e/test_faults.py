@@ -848,7 +848,8 @@ def failing_webhook(scenario: Scenario, resource: str) -> Iterator[None]:
 def test_a_bare_borrow_cut_short_by_an_api_error_brings_the_pod_back(scenario: Scenario):
     scenario.create_pod("notebook", {"1g.5gb": 1})  # pending: no node yet
     with failing_webhook(scenario, "pods"):
-        # Now it can borrow; the journal and the delete go through, creating the replacement fails.
+        # Now it can borrow; the dry-run create of the replacement fails (a 500: its outcome unknown), so nothing
+        # is deleted. (Before dry runs, the journal and the delete went through and the create failed.)
         create_node(scenario.api, f"gpu-{scenario.test}-a", A100, {"2g.10gb": 1}, scenario.test)
         failed = wait_until(
             lambda: [m for m in scenario.events("notebook", "FailedScheduling") if "webhook" in m], 30, "the borrow"

@@ -103,8 +103,13 @@ API_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
         [Access(EXTENDER, "get", "pods", TEAM), Access(RETURNER, "get", "pods", TEAM)],
     ),
     ("extender/kube/executor.py", "list_all"): (
-        1,
+        2,  # the journal, and its entries' ages
         [Access(EXTENDER, "list", "configmaps", NAMESPACE), Access(RETURNER, "list", "configmaps", NAMESPACE)],
+    ),
+    # A dry-run create of the copy before anything is deleted or evicted.
+    ("extender/kube/executor.py", "request"): (
+        1,
+        [Access(EXTENDER, "create", "pods", TEAM), Access(RETURNER, "create", "pods", TEAM)],
     ),
     ("extender/kube/executor.py", "patch"): (
         4,

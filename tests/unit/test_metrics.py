@@ -379,6 +379,8 @@ def test_the_cluster_gauges_and_counters_are_all_named_by_convention():
         "migchain_requeues": "counter",
         "migchain_errors": "counter",
         "migchain_unreadable_loans": "counter",
+        "migchain_journal_overdue_entries": "gauge",
+        "migchain_journal_oldest_entry_seconds": "gauge",
         "migchain_loans": "gauge",
         "migchain_free_slices": "gauge",
         "migchain_allocatable_slices": "gauge",

@@ -176,6 +176,10 @@ class PodsApi:
 
     def create(self, resource: str, body: dict[str, Any]) -> dict[str, Any]:
         if resource.endswith("/eviction"):
+            evicted = self.objects.get(resource.removesuffix("/eviction"))
+            if evicted is not None:  # the mark the Eviction API puts on a pod before deleting it
+                condition = {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}
+                evicted.setdefault("status", {})["conditions"] = [condition]
             return self.delete(resource.removesuffix("/eviction"))
         where = f"{resource}/{body['metadata']['name']}"
         if where in self.objects:
@@ -193,6 +197,10 @@ class PodsApi:
         else:
             del self.objects[resource]
         return {}
+
+    def request(self, method: str, resource: str, body: Any = None, **_: Any) -> dict[str, Any]:
+        """A dry-run create (dryRun=All): admitted, nothing stored."""
+        return cast(dict[str, Any], copy.deepcopy(body))
 
     def let_go(self, resource: str) -> None:
         del self.objects[resource]
@@ -272,7 +280,7 @@ class SlowToGo:
         self.entries.append((borrower, restored))
         return RESTORE_JOURNALED
 
-    def journal(self, kind: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    def journal(self, kind: str, rejected: Any = None) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         return list(self.entries) if kind == "return" else []
 
     def finish_return(self, borrower: Any, restored: Any) -> str:
