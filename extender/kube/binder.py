@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 RECOVERY_RETRY_SECONDS = 1.0
 RECOVERY_RETRY_MAX_SECONDS = 8.0
 RECOVERY_SWEEP_SECONDS = 60.0
+NOT_LEADING = "this migchain-extender replica is not the leader (or is handing over): kube-scheduler retries the pod"
 # The dry run's announced pods are looked over once they are this many (and again each time they double):
 # those no longer pending are forgotten.
 ANNOUNCED_LOOK_OVER = 1024
@@ -69,7 +70,11 @@ class Binder:
         metrics: Metrics | None = None,
         memory: FilterMemory | None = None,
         dry_run: bool = False,
+        acting: Callable[[], bool] = lambda: True,
     ) -> None:
+        # Whether this replica leads (extender.kube.lease.Leadership.acting): checked
+        # before a bind starts, and again right before its write.
+        self.acting = acting
         self.dry_run = dry_run  # --dry-run: every borrow only announced; the chains' policy can add namespaces
         # (UID, namespace, name) of pods already told "would borrow": one Event each, not one a retry.
         self._announced = Once[tuple[str, str, str]]()
@@ -84,6 +89,8 @@ class Binder:
         self._journal_dirty = threading.Event()  # a borrow failed: its journal entry may need finishing
 
     def bind(self, args: BindRequest) -> BindOutcome:
+        if not self.acting():
+            return self._refuse(NOT_LEADING)
         record = self._pod(args)
         if isinstance(record, str):
             return self._refuse(record)
@@ -116,6 +123,11 @@ class Binder:
             # still have placed the pod, so a failure of this one puts it back.
             earlier = self.cache.ledger.reservation(record.request.uid)
             self.cache.reserve(record.request.uid, args.node, verdict.slices)
+        if not self.acting():
+            # The lease may pass on while this bind decided: another replica may
+            # give the slice away, so this one writes nothing.
+            self.cache.release(record.request.uid, earlier)
+            return self._refuse(NOT_LEADING)
         try:
             if verdict.borrows:
                 self._borrow(args, verdict)
@@ -249,6 +261,10 @@ class Binder:
             log.warning("cluster cache not in sync yet; journal recovery waits")
         retry = RECOVERY_RETRY_SECONDS
         while not stop.is_set():
+            if not self.acting():
+                # The leader finishes the journal: a follower would race its borrows under way.
+                stop.wait(RECOVERY_RETRY_SECONDS)
+                continue
             self._journal_dirty.clear()  # before reading: a failure meanwhile brings another pass
             try:
                 clean = self.recover()
