@@ -96,11 +96,17 @@ API_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
     ),
     ("extender/kube/lease.py", "get"): (
         1,
-        [Access(EXTENDER, "get", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-returner")],
+        [
+            Access(EXTENDER, "get", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-returner"),
+            Access(EXTENDER, "get", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-extender"),
+        ],
     ),
     ("extender/kube/lease.py", "request"): (  # PUT
         1,
-        [Access(EXTENDER, "update", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-returner")],
+        [
+            Access(EXTENDER, "update", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-returner"),
+            Access(EXTENDER, "update", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-extender"),
+        ],
     ),
     ("extender/kube/returner.py", "get"): (1, [Access(EXTENDER, "get", "pods", TEAM)]),
     ("extender/kube/preemptor.py", "get"): (1, [Access(EXTENDER, "get", "pods", TEAM)]),
@@ -254,7 +260,6 @@ def test_kustomize_renders_every_object_into_its_namespace(rendered):
         "Deployment": 2,
         "Job": 2,
         "CronJob": 1,
-        "PodDisruptionBudget": 1,
         "NetworkPolicy": 1,
     }
     for o in rendered:
@@ -390,10 +395,23 @@ def test_migchain_returner_accepts_its_flags_uses_the_extenders_rules_and_the_po
     assert spec["serviceAccountName"] == EXTENDER
 
 
-def test_one_extender_at_a_time_behind_its_service_and_a_budget_that_never_blocks_a_drain(rendered):
+def test_two_extender_replicas_behind_their_service_a_rollout_that_cannot_stall_and_no_budget_to_block_a_drain(
+    rendered,
+):
     deployment = the(rendered, "Deployment", "migchain-extender")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # no overlap during a rollout either
+    assert deployment["spec"]["replicas"] == 2
+    # Only the leader is ever ready: a rollout that waited for a new pod to be ready before retiring the old
+    # leader would wait for good; so it may take both old pods down (one failover).
+    rolling = deployment["spec"]["strategy"]
+    assert rolling["type"] == "RollingUpdate"
+    assert rolling["rollingUpdate"]["maxUnavailable"] == deployment["spec"]["replicas"]
+    assert rolling["rollingUpdate"]["maxSurge"] >= 1  # the new pods start while the old ones go
+    spread = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    [term] = spread["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= (
+        deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     service = the(rendered, "Service", "migchain-extender")
     assert service["spec"]["selector"].items() <= labels.items()
@@ -407,9 +425,21 @@ def test_one_extender_at_a_time_behind_its_service_and_a_budget_that_never_block
     returner = container(deployment["spec"]["template"]["spec"], "returner")
     health = returner_cli.parser().parse_args(argv(returner)[1:]).health_bind
     assert port_number(returner, ports["returner"]["targetPort"]) == int(health.rsplit(":", 1)[1])
-    budget = the(rendered, "PodDisruptionBudget", "migchain-extender")
-    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    assert budget["spec"]["maxUnavailable"] == 1
+    # A budget would count one healthy pod of two for good, and block every drain of the leader's node.
+    assert not [o for o in rendered if o["kind"] == "PodDisruptionBudget"]
+
+
+def test_each_extender_replica_names_itself_on_the_lease_and_its_readiness_follows_the_lease_within_seconds(rendered):
+    extender = container(pod_spec(rendered, "Deployment", "migchain-extender"), "extender")
+    args = serve.parser().parse_args(argv(extender)[1:])
+    assert args.identity == "$(POD_NAME)"  # kubelet expands it
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in extender["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    assert serve.lease_problem(args.lease_duration, args.lease_renew) == ""
+    probe = extender["readinessProbe"]
+    # The Service follows a failover within two probe periods.
+    assert probe["periodSeconds"] * probe["failureThreshold"] <= 2
+    assert probe["periodSeconds"] <= args.lease_renew
 
 
 def test_the_network_policy_admits_only_the_scheduler_to_the_verbs_and_only_monitoring_to_the_health_ports(rendered):
