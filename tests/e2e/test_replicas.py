@@ -175,8 +175,14 @@ class Stream:
 
 
 def kill_leader(pair: Pair) -> tuple[str, float]:
-    """kill -9 the replica that leads; returns its name and when."""
+    """kill -9 the replica that leads, once the other is a warm follower; returns its name and when.
+
+    Warm: it has read the lease (its /readyz names the holder). A follower started a moment ago must see the
+    lease unchanged for a whole duration from its own first look, however long ago the last renewal was.
+    """
     leader = pair.leader()
+    standby = other(leader)
+    wait_until(lambda: f"held by {leader}" in pair.readyz(standby)[1], 30, f"{standby} to follow {leader}")
     process = pair.replicas[leader].process
     killed = time.monotonic()
     process.kill()
