@@ -7,12 +7,16 @@ of fake A100-40GB nodes in mixed layouts. Then, every second: MIG pods arrive
 (bare pods, and two ReplicaSets whose size changes), running pods complete
 (their phase set to Succeeded, as a kubelet would) and completed ones are
 deleted; every FAULT_EVERY seconds the extender or the returner is killed with
-SIGKILL and restarted. Each minute it checks that no node holds more slices
+SIGKILL and restarted. With --replicas 2 two extender replicas run behind a
+forwarder that, as the Service, routes kube-scheduler to the ready one (the
+leader), and a fault kills one of them (the leader or the follower) or the
+returner. Each minute it checks that no node holds more slices
 than it has; at the end it lets the cluster settle and checks that no pod was
 lost (every bare pod there under its name, every ReplicaSet at its count) and
 that each loan is recorded once. Prints a line a minute and the totals.
 
-Run: .venv/bin/python bench/soak_cluster.py [--minutes 15] [--seed 1]   (needs make control-plane)
+Run: .venv/bin/python bench/soak_cluster.py [--minutes 15] [--seed 1] [--replicas 2] [--fault-every 60]
+(needs make control-plane)
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from extender.kube.api import ApiError, KubeApi, path  # noqa: E402
-from tests.e2e.controlplane import ControlPlane, ExtenderTls, Process, running  # noqa: E402
+from tests.e2e.controlplane import ControlPlane, Extender, ExtenderTls, Process, running  # noqa: E402
 from tests.e2e.fleet import create_node, mig_pod, replica_set  # noqa: E402
+from tests.e2e.forwarder import Backend, Forwarder  # noqa: E402
 from tests.e2e.invariants import REPLACED_UID, borrowing, check_invariants, over_commits, settle  # noqa: E402
 
 CHAINS = [str(ROOT / "chains" / "a100-40gb.yaml")]
@@ -121,29 +126,49 @@ class Soak:
         return over_commits(nodes, pods)
 
 
-def main() -> int:
+def start_extenders(plane: ControlPlane, tls: ExtenderTls, replicas: int) -> list[Extender]:
+    """The extender replicas and kube-scheduler, which calls them through a forwarder standing in for the Service."""
+    extenders = [plane.start_extender(tls, CHAINS, "--log-level=warning")]
+    if replicas == 2:
+        extenders.append(
+            plane.start_extender(tls, CHAINS, "--log-level=warning", identity="extender-b", wait_ready=False)
+        )
+    forwarder = Forwarder(
+        [Backend(e.process.name, ("127.0.0.1", int(e.url.rsplit(":", 1)[1])), e.health_url) for e in extenders],
+        fallback=replicas == 1,
+    )
+    plane.start_scheduler(forwarder.url, tls)
+    return extenders
+
+
+def parse_args() -> argparse.Namespace:
     cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_argument("--minutes", type=float, default=15.0)
     cli.add_argument("--seed", type=int, default=1)
     cli.add_argument("--nodes", type=int, default=4)
-    args = cli.parse_args()
+    cli.add_argument("--replicas", type=int, default=1, choices=(1, 2), help="extender replicas (default 1)")
+    cli.add_argument("--fault-every", type=float, default=FAULT_EVERY, help="mean seconds between faults")
+    return cli.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="migchain-soak-") as folder, running(ControlPlane(Path(folder))) as plane:
         plane.start_fake_kubelet()
         tls = ExtenderTls.issue(Path(folder))
-        extender = plane.start_extender(tls, CHAINS, "--log-level=warning")
-        plane.start_scheduler(extender.url, tls)
+        extenders = start_extenders(plane, tls, args.replicas)
         returner = plane.start_returner(CHAINS)
         plane.ensure_namespace(NAMESPACE)
         for index in range(args.nodes):
             create_node(
                 plane.api, f"gpu-{index:03d}", A100, {k: v * 8 for k, v in LAYOUTS[index % 4].items()}, NAMESPACE
             )
-        soak = Soak(plane, rng, [extender.process, returner])
+        soak = Soak(plane, rng, [e.process for e in extenders] + [returner])
         soak.replica_set("train", "1g.5gb", 4)
         soak.replica_set("serve", "2g.10gb", 3)
         started = time.monotonic()
-        next_fault, next_report = started + FAULT_EVERY, started
+        next_fault, next_report = started + args.fault_every, started
         violations: list[str] = []
         header = (
             f"{'minute':>6} {'created':>8} {'completed':>9} {'borrows':>8} {'returns':>8} {'faults':>7} {'over':>5}"
@@ -155,7 +180,7 @@ def main() -> int:
             now = time.monotonic()
             if now >= next_fault:
                 soak.fault()
-                next_fault = now + FAULT_EVERY * rng.uniform(0.5, 1.5)
+                next_fault = now + args.fault_every * rng.uniform(0.5, 1.5)
             if now >= next_report:
                 found = soak.over_commits()
                 violations += found

@@ -136,6 +136,12 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.leader = Gauge(
+            "migchain_extender_leader",
+            "1 while this extender replica leads (holds the lease, has relisted since) and so answers the verbs, "
+            "else 0.",
+            registry=self.registry,
+        )
         self.errors = Errors(self.registry)
         self.unreadable_loans = UnreadableLoans(self.registry)
         self.journal = JournalGauges(self.registry)

@@ -39,6 +39,9 @@ log = logging.getLogger("migchain.extender")
 # the one cache, and the decisions are short, pure and read an immutable
 # snapshot, so threads are enough to keep kube-scheduler's calls from queueing.
 WORKERS = 1
+# Several replicas (pods) may run: one leads (Lease migchain-extender) and
+# answers the verbs, the others keep their cache warm and are not ready.
+LEASE_NAME = "migchain-extender"
 
 
 class _Server(BaseApplication):  # type: ignore[misc]  # gunicorn ships no type hints
@@ -99,6 +102,7 @@ def build_app(
     from extender.kube.cache import ClusterCache
     from extender.kube.events import EventRecorder
     from extender.kube.executor import Executor
+    from extender.kube.lease import LeaderElection, Leadership
     from extender.kube.requeue import Requeuer
     from extender.loan_guard import LoanGuard
 
@@ -107,20 +111,38 @@ def build_app(
     api = KubeApi(Connection.load(args.kubeconfig), pool_size=args.threads + 4)
     store = SnapshotStore(ready=False, detail="waiting for the first list of nodes and pods")
     cache = ClusterCache(api, store, errors=metrics.errors, loans=LoanGuard(loan_key, metrics.unreadable_loans))
+    # Only the leader reports the cluster's gauges: a sum over replicas counts each slice once.
     metrics.watch_cluster(lambda: cache.view() if store.readiness().ready else None)
     cache.start()
+    election = LeaderElection(
+        api,
+        args.namespace,
+        LEASE_NAME,
+        args.identity,
+        duration=args.lease_duration,
+        renew=args.lease_renew,
+        retry=args.lease_renew / 4,
+        errors=metrics.errors,
+    )
+    leadership = Leadership(election, cache.relist)
+    # Not ready, and the verbs answer 503, unless this replica leads: the Service sends kube-scheduler to the leader.
+    store.gate(leadership.why_not)
+    metrics.leader.set_function(lambda: 1.0 if leadership.acting() else 0.0)
+    threading.Thread(target=election.run, args=(threading.Event(),), name="lease", daemon=True).start()
+    threading.Thread(target=leadership.run, args=(threading.Event(),), name="leadership", daemon=True).start()
     events = EventRecorder(api, socket.gethostname(), metrics.errors)
     memory = FilterMemory(store, wake=cache.changed)
     binder = Binder(
         api,
         cache,
         rules,
-        Executor(api, args.namespace, loan_key),
+        Executor(api, args.namespace, loan_key, may_act=leadership.acting),
         events,
         metrics=metrics,
         memory=memory,
         dry_run=args.dry_run,
         journal_overdue_after=args.journal_overdue_after,
+        acting=leadership.acting,
     )
 
     threading.Thread(
@@ -158,6 +180,16 @@ def transport_problem(bind: str, cert: str | None, key: str | None, client_ca: s
             f"--bind {bind} is not a loopback address: serving there without mutual TLS would let any pod that "
             "reaches the port bind pods; give --tls-cert-file, --tls-key-file and --client-ca-file, or bind "
             "127.0.0.1 (kube-scheduler on the same host or in the same pod)"
+        )
+    return ""
+
+
+def lease_problem(duration: float, renew: float) -> str:
+    """Why these lease timings cannot fence a leader; "" when they can."""
+    if not 0 < renew < duration:
+        return (
+            f"--lease-renew ({renew}) must be above 0 and below --lease-duration ({duration}): the leader stops "
+            "binding one renewal before its lease could expire"
         )
     return ""
 
@@ -243,6 +275,25 @@ def parser() -> argparse.ArgumentParser:
         help="migchain's loan key (Secret migchain-loan-key, made by `migchain loan-key`): borrows sign their loan "
         "record with it, and only a record it verifies makes a pod a borrower; required with a cluster",
     )
+    cli.add_argument(
+        "--identity",
+        default=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+        help="this replica's name on the Lease migchain-extender (default $POD_NAME, else host-pid)",
+    )
+    cli.add_argument(
+        "--lease-duration",
+        type=float,
+        default=3.0,
+        help="seconds another replica waits, after it last saw the lease change, before taking it over "
+        "(default %(default)s)",
+    )
+    cli.add_argument(
+        "--lease-renew",
+        type=float,
+        default=1.0,
+        help="seconds between renewals; the leader stops binding this long before its lease could expire "
+        "(default %(default)s)",
+    )
     cli.add_argument("--threads", type=int, default=8, help="request threads (default %(default)s)")
     cli.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body")
     cli.add_argument(
@@ -259,7 +310,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
-    problem = transport_problem(args.bind, args.tls_cert_file, args.tls_key_file, args.client_ca_file)
+    problem = transport_problem(args.bind, args.tls_cert_file, args.tls_key_file, args.client_ca_file) or (
+        lease_problem(args.lease_duration, args.lease_renew)
+    )
     if problem:
         print(f"migchain-extender: {problem}", file=sys.stderr)
         return 2

@@ -145,7 +145,16 @@ EOF
 kubectl apply -k "$work"
 kubectl --namespace migchain-system wait --for=condition=complete job/migchain-certs --timeout=180s
 kubectl --namespace migchain-system wait --for=condition=complete job/migchain-loan-key --timeout=180s
-kubectl --namespace migchain-system rollout status deployment/migchain-extender --timeout=180s
+# Two extender replicas, only the leader ever ready: `rollout status` would wait
+# for both; wait for the Service's ready endpoint (the leader) instead.
+for _ in $(seq 90); do
+  ready=$(kubectl --namespace migchain-system get endpointslices \
+    --selector kubernetes.io/service-name=migchain-extender \
+    --output jsonpath='{.items[*].endpoints[*].conditions.ready}' || true)
+  [[ $ready == *true* ]] && break
+  sleep 2
+done
+[[ $ready == *true* ]] || { echo "no migchain-extender replica became ready (the leader)" >&2; exit 1; }
 kubectl --namespace migchain-system rollout status deployment/migchain-returner --timeout=180s
 kubectl --namespace migchain-system rollout status deployment/migchain-scheduler --timeout=180s
 

@@ -8,7 +8,7 @@ orjson; only configuration (kubeconfig, in-cluster, TLS, tokens) is borrowed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import quote, urlencode
@@ -164,9 +164,17 @@ class KubeApi:
                 return items, metadata.get("resourceVersion", "")
 
     def watch(
-        self, resource: str, resource_version: str, timeout_seconds: int = 300, **selectors: str
+        self,
+        resource: str,
+        resource_version: str,
+        timeout_seconds: int = 300,
+        on_open: Callable[[Any], None] | None = None,
+        **selectors: str,
     ) -> Iterator[dict[str, Any]]:
-        """Watch events from `resource_version` on, with bookmarks; ends when the server closes the stream."""
+        """Watch events from `resource_version` on, with bookmarks; ends when the server closes the stream.
+
+        `on_open` gets the response once it is open: its `shutdown()` ends the stream from another thread.
+        """
         query = {
             **selectors,
             "watch": "true",
@@ -182,6 +190,8 @@ class KubeApi:
             preload_content=False,
             retries=False,
         )
+        if on_open is not None:
+            on_open(response)
         try:
             if response.status >= 300:
                 document = orjson.loads(response.read() or b"{}")

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +52,7 @@ RECOVERY_SWEEP_SECONDS = 60.0
 # Journal entries are finished this many at a time: one whose API calls are
 # slow (a webhook timing out, say) holds up no other.
 RECOVERY_WORKERS = 4
+NOT_LEADING = "this migchain-extender replica is not the leader (or is handing over): kube-scheduler retries the pod"
 # The dry run's announced pods are looked over once they are this many (and again each time they double):
 # those no longer pending are forgotten.
 ANNOUNCED_LOOK_OVER = 1024
@@ -76,7 +77,11 @@ class Binder:
         memory: FilterMemory | None = None,
         dry_run: bool = False,
         journal_overdue_after: float = OVERDUE_AFTER_SECONDS,
+        acting: Callable[[], bool] = lambda: True,
     ) -> None:
+        # Whether this replica leads (extender.kube.lease.Leadership.acting): checked
+        # before a bind starts, and again right before its write.
+        self.acting = acting
         self.dry_run = dry_run  # --dry-run: every borrow only announced; the chains' policy can add namespaces
         # (UID, namespace, name) of pods already told "would borrow": one Event each, not one a retry.
         self._announced = Once[tuple[str, str, str]]()
@@ -93,6 +98,8 @@ class Binder:
         self.overdue = OverdueJournal(executor, events, self.metrics.journal, "borrow", journal_overdue_after)
 
     def bind(self, args: BindRequest) -> BindOutcome:
+        if not self.acting():
+            return self._refuse(NOT_LEADING)
         record = self._pod(args)
         if isinstance(record, str):
             return self._refuse(record)
@@ -126,6 +133,12 @@ class Binder:
             earlier = self.cache.ledger.reservation(record.request.uid)
             self.cache.reserve(record.request.uid, args.node, verdict.slices)
             self.cache.hold(record.request.uid)  # however slow the writes, the slices stay reserved meanwhile
+        if not self.acting():
+            # The lease may pass on while this bind decided: another replica may
+            # give the slice away, so this one writes nothing.
+            self.cache.settle(record.request.uid)
+            self.cache.release(record.request.uid, earlier)
+            return self._refuse(NOT_LEADING)
         try:
             if verdict.borrows:
                 self._borrow(args, verdict)
@@ -272,6 +285,10 @@ class Binder:
             log.warning("cluster cache not in sync yet; journal recovery waits")
         retry = RECOVERY_RETRY_SECONDS
         while not stop.is_set():
+            if not self.acting():
+                # The leader finishes the journal: a follower would race its borrows under way.
+                stop.wait(RECOVERY_RETRY_SECONDS)
+                continue
             self._journal_dirty.clear()  # before reading: a failure meanwhile brings another pass
             try:
                 clean = self.recover()

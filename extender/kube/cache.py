@@ -59,6 +59,45 @@ class _Informer:
         self.errors = errors
         self.listed = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"watch-{kind}", daemon=True)
+        # A relist asked from another thread (a new leader): the list runs here, in
+        # order with the watch's events, so no event newer than it is overwritten.
+        self._turn = threading.Condition()
+        self._wanted = False
+        self._started = 0  # lists begun
+        self._done = 0  # the number of the last list applied
+        self._stream: Any = None  # the open watch response, shut down to cut a silent watch short
+
+    def relist(self, timeout: float) -> bool:
+        """List again, from a list begun after this call; False if none was applied within `timeout`."""
+        with self._turn:
+            after = self._started
+            self._wanted = True
+            stream = self._stream
+        if stream is not None:
+            _shut(stream)
+        with self._turn:
+            return self._turn.wait_for(lambda: self._done > after, timeout)
+
+    def _opened(self, stream: Any) -> None:
+        with self._turn:
+            self._stream = stream
+            wanted = self._wanted
+        if wanted:
+            _shut(stream)
+
+    def _list(self) -> str:
+        """List, apply, and tell whoever waits for a relist; returns the list's resourceVersion."""
+        with self._turn:
+            self._started += 1
+            number = self._started
+        items, version = self.api.list_all(self.resource)
+        self.on_list(items)
+        self.listed.set()
+        with self._turn:
+            self._done = number
+            self._turn.notify_all()
+        log.info("listed %d %s at resourceVersion %s", len(items), self.kind, version)
+        return version
 
     def _run(self) -> None:
         backoff = 0.5
@@ -66,15 +105,17 @@ class _Informer:
         listed_at = 0.0
         while not self.stop.is_set():
             try:
-                if not version or time.monotonic() - listed_at > RESYNC_SECONDS:
+                with self._turn:
+                    self._stream = None
+                    relist, self._wanted = self._wanted, False
+                if relist or not version or time.monotonic() - listed_at > RESYNC_SECONDS:
                     listed_at = time.monotonic()
-                    items, version = self.api.list_all(self.resource)
-                    self.on_list(items)
-                    self.listed.set()
-                    log.info("listed %d %s at resourceVersion %s", len(items), self.kind, version)
-                for event in self.api.watch(self.resource, version):
+                    version = self._list()
+                for event in self.api.watch(self.resource, version, on_open=self._opened):
                     if self.stop.is_set():
                         return
+                    if self._wanted:
+                        break
                     kind, obj = str(event.get("type", "")), event.get("object") or {}
                     if kind == "ERROR":
                         code = obj.get("code")
@@ -87,6 +128,8 @@ class _Informer:
                         self.on_event(kind, obj)
                 backoff = 0.5
             except ApiError as error:
+                if self._wanted:
+                    continue  # cut short for a relist: no failure
                 if error.status == 410:
                     self.errors.count("watch", "expired")
                     version = ""
@@ -96,6 +139,8 @@ class _Informer:
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
             except Exception as error:  # the watch must outlive any broken connection
+                if self._wanted:
+                    continue  # cut short for a relist: no failure
                 self.errors.count("watch", "connection")
                 log.warning("watch of %s broke: %s; retrying in %.1fs", self.kind, error, backoff)
                 self.stop.wait(backoff)
@@ -154,6 +199,11 @@ class ClusterCache:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def relist(self, timeout: float = 120.0) -> bool:
+        """List nodes and pods afresh (a new leader, before it acts); False if that took longer than `timeout`."""
+        deadline = time.monotonic() + timeout
+        return all(informer.relist(max(0.0, deadline - time.monotonic())) for informer in self._informers)
 
     def wait_ready(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -252,7 +302,7 @@ class ClusterCache:
 
     def _publish(self) -> None:
         ready = self._listed >= {"nodes", "pods"}
-        if ready and not self.store.readiness().ready:
+        if ready and not self.store.in_sync():
             # The first lists are most of what this process will ever hold: keep the
             # cyclic collector from re-scanning them (its full passes were the p99 tail).
             gc.freeze()
@@ -263,6 +313,14 @@ class ClusterCache:
         """The current snapshot and every pod record, taken together."""
         with self.lock:
             return self.ledger.snapshot(), list(self.ledger.pods())
+
+
+def _shut(stream: Any) -> None:
+    """End a watch stream from another thread: its reader gets an error and goes on."""
+    try:
+        stream.shutdown()
+    except Exception as error:  # already closed, or closing: either way it ends
+        log.debug("shutting a watch stream: %s", error)
 
 
 def _node(obj: dict[str, Any]) -> NodeState | None:

@@ -114,8 +114,13 @@ def pod_path(namespace: str, name: str) -> str:
 
 
 class Executor:
-    def __init__(self, api: KubeApi, journal_namespace: str, loan_key: bytes) -> None:
+    def __init__(
+        self, api: KubeApi, journal_namespace: str, loan_key: bytes, may_act: Callable[[], bool] = lambda: True
+    ) -> None:
         self.api = api
+        # The extender's fence (extender.kube.lease.Leadership.acting): a replacement
+        # bound to a node takes a slice, so none is created once the lease may have passed.
+        self.may_act = may_act
         self.journal_namespace = journal_namespace
         # migchain's key (--loan-key-file): the plans it runs sign their loans with it, and a pod is its own
         # replacement only if that signature verifies (the pod's owner can write any replaced-uid).
@@ -251,6 +256,8 @@ class Executor:
             )
 
     def _create_replacement(self, plan: BorrowPlan) -> dict[str, Any]:
+        if not self.may_act():
+            raise BorrowError("this replica no longer leads: the replacement is left to the leader (journal)")
         try:
             return self.api.create(path("api", "v1", "namespaces", plan.namespace, "pods"), plan.replacement)
         except ApiError as error:
@@ -680,6 +687,8 @@ class Executor:
                 else:
                     log.error("pod %s/%s was recreated by someone else; journal kept for an admin", namespace, name)
                     return "kept: the name is taken by another pod"
+            elif not self.may_act():
+                raise BorrowError("this replica no longer leads: the journal entry is left to the leader")
             elif replacement_fits():
                 try:
                     outcome = self._recreate(namespace, replacement, "recreated the replacement on its node")

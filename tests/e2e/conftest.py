@@ -16,8 +16,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from extender.kube.api import ApiError, KubeApi, path
-from tests.e2e.controlplane import ROOT, ControlPlane, ExtenderTls, Process, running, wait_until
+from tests.e2e.controlplane import ROOT, ControlPlane, Extender, ExtenderTls, Process, running, wait_until
 from tests.e2e.fleet import TEST_LABEL, mig_pod
+from tests.e2e.forwarder import Backend, Forwarder
 
 CHAINS = [str(ROOT / "chains" / name) for name in ("a100-40gb.yaml", "a100-80gb.yaml", "h100-80gb.yaml")]
 CHAINS.append(str(ROOT / "tests" / "fixtures" / "chains" / "e2e-eager.yaml"))
@@ -33,6 +34,7 @@ class Cluster:
     health_url: str  # /healthz, /readyz, /metrics, plain HTTP
     tls: ExtenderTls
     chain_files: list[str]  # what the extender and the returners load: CHAINS and a copy of LIVE_CHAIN
+    forwarder: Forwarder  # what kube-scheduler calls: the Service, in front of the ready replica
     returners: list[Process] = field(default_factory=list)
 
     def start_returner(self, identity: str, env: dict[str, str] | None = None) -> Process:
@@ -154,12 +156,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         chain_files = [*CHAINS, str(live_chain)]
         # An unfinished journal entry is reported after 5 s here (180 s by default), so a test can see it.
         extender = plane.start_extender(tls, chain_files, "--journal-overdue-after=5")
-        live = Cluster(plane, extender.process, extender.url, extender.health_url, tls, chain_files)
-        plane.start_scheduler(live.extender_url, tls)
+        # One replica, and the forwarder falls back to it whatever its /readyz says: as a direct URL.
+        forwarder = Forwarder([backend(extender)])
+        live = Cluster(plane, extender.process, extender.url, extender.health_url, tls, chain_files, forwarder)
+        plane.start_scheduler(forwarder.url, tls)
         wait_until(lambda: _scheduler_leads(plane), 60, "kube-scheduler to take its lease")
         live.start_returner("returner-a")
         wait_until(lambda: live.lease_holder() == "returner-a", 60, "the returner to take its lease")
         yield live
+
+
+def backend(extender: Extender) -> Backend:
+    host, port = extender.url.removeprefix("https://").rsplit(":", 1)
+    return Backend(extender.process.name, (host, int(port)), extender.health_url)
 
 
 def _scheduler_leads(plane: ControlPlane) -> bool:

@@ -349,11 +349,19 @@ class ControlPlane:
         """The stand-in kubelet (tests/e2e/kubelet.py): runs pods bound to fake nodes, finishes deletions."""
         return self._process("fake-kubelet", [sys.executable, "-m", "tests.e2e.kubelet", str(self.kubeconfig)])
 
-    def start_extender(self, tls: ExtenderTls, chains: Sequence[str], *flags: str) -> Extender:
-        """migchain-extender watching this control plane, its verbs over mutual TLS; returned once ready."""
+    def start_extender(
+        self,
+        tls: ExtenderTls,
+        chains: Sequence[str],
+        *flags: str,
+        identity: str = "extender-a",
+        wait_ready: bool = True,
+    ) -> Extender:
+        """A migchain-extender replica watching this control plane, its verbs over mutual TLS, named `identity`
+        on the lease; returned once ready (it leads), unless not `wait_ready` (a follower)."""
         port, health = free_port(), free_port()
         process = self._process(
-            "migchain-extender",
+            "migchain-extender" if identity == "extender-a" else f"migchain-{identity}",
             [
                 sys.executable,
                 "-m",
@@ -362,6 +370,7 @@ class ControlPlane:
                 f"--health-bind=127.0.0.1:{health}",
                 f"--kubeconfig={self.kubeconfig}",
                 f"--loan-key-file={self.loan_key}",
+                f"--identity={identity}",
                 *tls.extender_flags(),
                 *flags,
                 "--chains",
@@ -369,7 +378,8 @@ class ControlPlane:
             ],
         )
         extender = Extender(process, f"https://127.0.0.1:{port}", f"http://127.0.0.1:{health}")
-        wait_until(lambda: _http_ok(f"{extender.health_url}/readyz"), 60, "migchain-extender /readyz")
+        if wait_ready:
+            wait_until(lambda: _http_ok(f"{extender.health_url}/readyz"), 60, "migchain-extender /readyz")
         return extender
 
     def start_returner(

@@ -630,7 +630,7 @@ def test_with_the_extender_down_or_frozen_mig_pods_wait_and_are_bound_once(scena
     # 10 created as the extender is frozen (some of them in flight then), 2 more while it is: 24 in all.
     frozen = [f"frozen-{index}" for index in range(12)]
     plain = [f"plain-{index}" for index in range(3)]
-    url = cluster.extender_url
+    url = cluster.forwarder.url  # what kube-scheduler calls: the forwarder standing in for the Service
     with Observer(scenario) as observer:
         # Down: MIG pods wait, told why; pods without MIG requests never reach the extender and are scheduled.
         cluster.extender.stop()

@@ -122,15 +122,24 @@ API_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
     ("extender/kube/requeue.py", "patch"): (1, [Access(EXTENDER, "patch", "pods", TEAM)]),
     ("extender/kube/lease.py", "create"): (
         1,
-        [Access(RETURNER, "create", "leases", NAMESPACE, group="coordination.k8s.io")],
+        [
+            Access(RETURNER, "create", "leases", NAMESPACE, group="coordination.k8s.io"),
+            Access(EXTENDER, "create", "leases", NAMESPACE, group="coordination.k8s.io"),
+        ],
     ),
     ("extender/kube/lease.py", "get"): (
         1,
-        [Access(RETURNER, "get", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-returner")],
+        [
+            Access(RETURNER, "get", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-returner"),
+            Access(EXTENDER, "get", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-extender"),
+        ],
     ),
     ("extender/kube/lease.py", "request"): (  # PUT
         1,
-        [Access(RETURNER, "update", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-returner")],
+        [
+            Access(RETURNER, "update", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-returner"),
+            Access(EXTENDER, "update", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-extender"),
+        ],
     ),
     ("extender/kube/returner.py", "get"): (1, [Access(RETURNER, "get", "pods", TEAM)]),
     ("extender/kube/preemptor.py", "get"): (1, [Access(RETURNER, "get", "pods", TEAM)]),
@@ -286,14 +295,13 @@ def test_kustomize_renders_every_object_into_its_namespace(rendered):
         "ServiceAccount": 5,
         "ClusterRole": 2,
         "ClusterRoleBinding": 4,
-        "Role": 5,
-        "RoleBinding": 6,
+        "Role": 6,
+        "RoleBinding": 7,
         "ConfigMap": 2,
         "Service": 2,
         "Deployment": 3,
         "Job": 2,
         "CronJob": 1,
-        "PodDisruptionBudget": 1,
         "NetworkPolicy": 2,
         "ValidatingAdmissionPolicy": 1,
         "ValidatingAdmissionPolicyBinding": 1,
@@ -389,9 +397,13 @@ def test_the_binder_and_the_returner_are_pods_of_their_own_each_with_its_own_ser
     def verbs(account: str) -> set[tuple[str, str]]:
         return {(resource, verb) for who, _, _, resource, verb, _ in granted if who == account}
 
-    # the returner never deletes a pod, never binds one; the binder never evicts, nominates or elects
+    # the returner never deletes a pod, never binds one; the binder never evicts or nominates, and each elects its
+    # own leader only
     assert not verbs(RETURNER) & {("pods", "delete"), ("pods/binding", "create")}
-    assert not verbs(EXTENDER) & {("pods/eviction", "create"), ("pods/status", "patch"), ("leases", "update")}
+    assert not verbs(EXTENDER) & {("pods/eviction", "create"), ("pods/status", "patch")}
+    leases = {(who, names) for who, _, _, resource, verb, names in granted if (resource, verb) == ("leases", "update")}
+    leases.discard((SCHEDULER, ("migchain-scheduler",)))  # kube-scheduler's own
+    assert leases == {(EXTENDER, ("migchain-extender",)), (RETURNER, ("migchain-returner",))}
 
 
 def test_the_scheduler_is_probed_on_its_secure_port(rendered):
@@ -449,10 +461,23 @@ def test_migchain_returner_accepts_its_flags_uses_the_extenders_rules_and_the_po
     assert all(Path(path).parent == Path(chains) for path in args.chains)
 
 
-def test_one_extender_at_a_time_behind_its_service_and_a_budget_that_never_blocks_a_drain(rendered):
+def test_two_extender_replicas_behind_their_service_a_rollout_that_cannot_stall_and_no_budget_to_block_a_drain(
+    rendered,
+):
     deployment = the(rendered, "Deployment", "migchain-extender")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # no overlap during a rollout either
+    assert deployment["spec"]["replicas"] == 2
+    # Only the leader is ever ready: a rollout that waited for a new pod to be ready before retiring the old
+    # leader would wait for good; so it may take both old pods down (one failover).
+    rolling = deployment["spec"]["strategy"]
+    assert rolling["type"] == "RollingUpdate"
+    assert rolling["rollingUpdate"]["maxUnavailable"] == deployment["spec"]["replicas"]
+    assert rolling["rollingUpdate"]["maxSurge"] >= 1  # the new pods start while the old ones go
+    spread = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    [term] = spread["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= (
+        deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     service = the(rendered, "Service", "migchain-extender")
     assert service["spec"]["selector"].items() <= labels.items()
@@ -475,9 +500,21 @@ def test_one_extender_at_a_time_behind_its_service_and_a_budget_that_never_block
     [metrics] = returner_service["spec"]["ports"]
     health = returner_cli.parser().parse_args(argv(returner)[1:]).health_bind
     assert port_number(returner, metrics["targetPort"]) == int(health.rsplit(":", 1)[1])
-    budget = the(rendered, "PodDisruptionBudget", "migchain-extender")
-    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    assert budget["spec"]["maxUnavailable"] == 1
+    # A budget would count one healthy pod of two for good, and block every drain of the leader's node.
+    assert not [o for o in rendered if o["kind"] == "PodDisruptionBudget"]
+
+
+def test_each_extender_replica_names_itself_on_the_lease_and_its_readiness_follows_the_lease_within_seconds(rendered):
+    extender = container(pod_spec(rendered, "Deployment", "migchain-extender"), "extender")
+    args = serve.parser().parse_args(argv(extender)[1:])
+    assert args.identity == "$(POD_NAME)"  # kubelet expands it
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in extender["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    assert serve.lease_problem(args.lease_duration, args.lease_renew) == ""
+    probe = extender["readinessProbe"]
+    # The Service follows a failover within two probe periods.
+    assert probe["periodSeconds"] * probe["failureThreshold"] <= 2
+    assert probe["periodSeconds"] <= args.lease_renew
 
 
 def admitted_ports(rendered: list[dict[str, Any]], name: str) -> dict[int, list[dict[str, Any]]]:

@@ -377,6 +377,7 @@ def test_the_cluster_gauges_and_counters_are_all_named_by_convention():
         "migchain_borrows": "counter",
         "migchain_dry_run_borrows": "counter",
         "migchain_requeues": "counter",
+        "migchain_extender_leader": "gauge",
         "migchain_errors": "counter",
         "migchain_unreadable_loans": "counter",
         "migchain_journal_overdue_entries": "gauge",
