@@ -89,6 +89,8 @@ class ApiProxy:
             return
         try:
             self._relay(client, upstream)
+        except OSError:  # either end cut the connection (ssl.SSLError included): this connection ends
+            pass
         finally:
             for end in (client, upstream):
                 with contextlib.suppress(OSError):

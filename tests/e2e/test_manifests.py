@@ -95,7 +95,6 @@ DENIED = [
     Access(RETURNER, "update", "leases", NAMESPACE, group=LEASES, name="migchain-scheduler"),
     Access(EXTENDER, "create", "pods", TEAM, subresource="eviction"),
     Access(EXTENDER, "patch", "pods", TEAM, subresource="status"),
-    Access(EXTENDER, "create", "leases", NAMESPACE, group=LEASES),
     Access(EXTENDER, "update", "leases", NAMESPACE, group=LEASES, name="migchain-returner"),
     # the journal (whole pod specs, env values included): migchain's two accounts, nobody else
     Access(SCHEDULER, "list", "configmaps", NAMESPACE),

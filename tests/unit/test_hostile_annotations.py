@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from extender.config import load_rules
 from extender.core.cluster import NodeState, PodRecord, PodRequest, Snapshot, pod_record, pod_request
-from extender.core.decide import Placement, place
+from extender.core.decide import MAX_REASON_CHARS, Placement, place
 from extender.core.explain import candidate_nodes, explain, explain_document, explain_text
 from extender.core.loan import FORGED, Loan, plan_borrow
 from extender.core.loan import UNREADABLE as UNREADABLE_LOAN
@@ -384,7 +384,8 @@ def test_any_borrow_annotation_shows_in_reasons_as_a_short_printable_excerpt(tex
     hostile["metadata"]["annotations"] = {"migchain.io/borrow": text}
     answer = json.loads(filter_answer(3, hostile))
     for reason in [*answer["FailedNodes"].values(), *answer["FailedAndUnresolvableNodes"].values()]:
-        assert reason.isprintable() and len(reason) < 300, reason
+        # Cut at MAX_REASON_CHARS characters, a backslash shown doubled, and a note of what was cut.
+        assert reason.isprintable() and len(reason) < 2 * MAX_REASON_CHARS + 32, reason
 
 
 # -- what the caches keep -----------------------------------------------------
