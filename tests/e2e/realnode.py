@@ -41,6 +41,7 @@ BUSYBOX_IMAGE = "migchain.local/busybox:e2e"
 DEBIAN_PACKAGES = {"containerd": "containerd", "runc": "runc", "/usr/lib/cni/bridge": "containernetworking-plugins"}
 DEBIAN_PACKAGES["/bin/busybox"] = "busybox-static"
 KERNEL_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")  # the kubelet sets them
+NODE_IP, NODE_GATEWAY = "10.255.0.1", "10.255.0.2"  # inside the node's network namespace only
 PRIVATE_DIRS = ("/run", "/var/log", "/var/lib")
 CGROUP_ROOT = "kubepods"  # what the kubelet creates under every cgroup v1 hierarchy with cgroupsPerQOS
 
@@ -156,21 +157,31 @@ def _pipe(source: socket.socket, sink: socket.socket) -> None:
         sink.shutdown(socket.SHUT_WR)
 
 
-def _relay(listener: socket.socket, port: int) -> None:
-    """Forwards each connection accepted in the node's namespace to the host's 127.0.0.1:port."""
+def _connect(inner: socket.socket, port: int, open_sockets: set[socket.socket]) -> None:
+    """Pipes one connection accepted in the node's namespace to the host's 127.0.0.1:port, both ways."""
+    try:
+        outer = socket.create_connection(("127.0.0.1", port), timeout=5)
+    except OSError:
+        inner.close()
+        return
+    outer.settimeout(None)
+    open_sockets |= {inner, outer}
+    upstream = threading.Thread(target=_pipe, args=(inner, outer), daemon=True)
+    upstream.start()
+    _pipe(outer, inner)
+    upstream.join()
+    for end in (inner, outer):
+        open_sockets.discard(end)
+        end.close()
+
+
+def _relay(listener: socket.socket, port: int, open_sockets: set[socket.socket]) -> None:
     while True:
         try:
             inner, _ = listener.accept()
         except OSError:
             return
-        try:
-            outer = socket.create_connection(("127.0.0.1", port), timeout=5)
-        except OSError:
-            inner.close()
-            continue
-        outer.settimeout(None)
-        threading.Thread(target=_pipe, args=(inner, outer), daemon=True).start()
-        threading.Thread(target=_pipe, args=(outer, inner), daemon=True).start()
+        threading.Thread(target=_connect, args=(inner, port, open_sockets), daemon=True).start()
 
 
 # -- the node -----------------------------------------------------------------
@@ -187,6 +198,7 @@ class RealNode:
     processes: dict[str, Process] = field(default_factory=dict)
     sysctls: dict[str, str] = field(default_factory=dict)
     listener: socket.socket | None = None
+    relayed: set[socket.socket] = field(default_factory=set)  # the relay's open connections, both ends
 
     def start(self) -> None:
         install_packages()
@@ -206,6 +218,16 @@ class RealNode:
         self.holder.start()
         pid = self._holder_pid()
         self._in_namespaces(["ip", "link", "set", "lo", "up"])
+        # The kubelet takes the node's address from the default route, and refuses a loopback one: a veth pair
+        # inside the namespace gives it one that leads nowhere.
+        for command in (
+            "ip link add node0 type veth peer name node1",
+            f"ip addr add {NODE_IP}/24 dev node0",
+            "ip link set node0 up",
+            "ip link set node1 up",
+            f"ip route add default via {NODE_GATEWAY} dev node0",
+        ):
+            self._in_namespaces(command.split())
         # What the node writes at fixed host paths (pod logs, CNI leases, netns mounts, runc state) goes to
         # tmpfs private to the node; the kubelet's root dir (the device-plugin socket lives there) to its folder.
         for private in PRIVATE_DIRS:
@@ -214,7 +236,7 @@ class RealNode:
         self._in_namespaces(["mkdir", "-p", "/var/lib/kubelet"])
         self._in_namespaces(["mount", "--bind", str(self.folder / "kubelet"), "/var/lib/kubelet"])
         self.listener = _listen_in(pid, self.plane.api_port)
-        threading.Thread(target=_relay, args=(self.listener, self.plane.api_port), daemon=True).start()
+        threading.Thread(target=_relay, args=(self.listener, self.plane.api_port, self.relayed), daemon=True).start()
         self._start_containerd()
         self._import_images()
         self._start_kubelet()
@@ -341,7 +363,7 @@ state = "{state}/state"
                 f"--config={config}",
                 f"--kubeconfig={kubeconfig}",
                 f"--hostname-override={self.name}",
-                "--node-ip=127.0.0.1",  # the node has no default route to take an address from
+                f"--node-ip={NODE_IP}",
                 f"--node-labels={labels}",
                 "--v=2",
             ],
@@ -400,6 +422,9 @@ state = "{state}/state"
             _kill_in_namespace(os.readlink(f"/proc/{self._holder_pid()}/ns/net"), spare=self._holder_pid())
         if self.listener is not None:
             self.listener.close()
+        for end in list(self.relayed):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
         if self.holder is not None:
             self.holder.stop()
         for key, value in self.sysctls.items():

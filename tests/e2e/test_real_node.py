@@ -1,0 +1,160 @@
+"""On a real node (tests/e2e/realnode.py): real kubelet admission and real containers for an exact fit, a borrow and
+a return.
+
+Needs root, and the kubelet, migdeviceplugin and pause of tests/e2e/kube/build.sh (MIGCHAIN_E2E_NODE_BIN names
+their folder when it is not .cache/kube/bin). Not part of `make test` yet: run with
+    MIGCHAIN_E2E_REALNODE=1 .venv/bin/pytest -m realnode tests/e2e/test_real_node.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from extender.kube.api import ApiError, path
+from tests.e2e.conftest import Cluster, Scenario
+from tests.e2e.controlplane import wait_until
+from tests.e2e.fleet import TEST_LABEL, gpu_node, mig_pod
+from tests.e2e.kubelet import FAKE_NODE_LABEL
+from tests.e2e.realnode import BUSYBOX_IMAGE, RealNode, real_node
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.realnode,
+    pytest.mark.skipif(
+        os.environ.get("MIGCHAIN_E2E_REALNODE") != "1" or os.geteuid() != 0,
+        reason="a real kubelet and containerd: opt in with MIGCHAIN_E2E_REALNODE=1, as root",
+    ),
+]
+
+NODE = "realnode-0"
+EAGER_GPU = "TEST-EAGER-GPU"  # tests/fixtures/chains/e2e-eager.yaml: 1g.5gb -> 2g.10gb -> 3g.20gb, eager returns
+LAYOUT = {"1g.5gb": 1, "2g.10gb": 1}
+
+
+def device_ids(profile: str) -> set[str]:
+    """The IDs the device-plugin stand-in gives this node's `profile` devices (migdeviceplugin's deviceID)."""
+    ids = set()
+    for index in range(LAYOUT.get(profile, 0)):
+        digest = hashlib.sha256(f"{NODE}/{profile}/{index}".encode()).hexdigest()[:32]
+        ids.add(f"MIG-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}")
+    return ids
+
+
+@pytest.fixture(scope="module")
+def node(cluster: Cluster) -> Iterator[RealNode]:
+    labels = dict(gpu_node(NODE, EAGER_GPU, LAYOUT, "none")[0]["metadata"]["labels"])
+    del labels[FAKE_NODE_LABEL]  # the stand-in kubelet leaves this node to the real one
+    del labels[TEST_LABEL]  # given to one test at a time
+    with real_node(cluster.plane, NODE, LAYOUT, labels) as started:
+        wait_until(lambda: allocatable(cluster, "2g.10gb") == "1", 60, "the real node to advertise its MIG slices")
+        yield started
+
+
+def allocatable(cluster: Cluster, profile: str) -> str | None:
+    status = cluster.api.get(path("api", "v1", "nodes", NODE))["status"]
+    conditions = {item["type"]: item["status"] for item in status.get("conditions", [])}
+    if conditions.get("Ready") != "True":
+        return None
+    value = status.get("allocatable", {}).get(f"nvidia.com/mig-{profile}")
+    return str(value) if value is not None else None
+
+
+@pytest.fixture
+def on_node(node: RealNode, scenario: Scenario) -> Iterator[RealNode]:
+    """The real node, in this test's scenario for the test's length; empty of pods afterwards."""
+    scenario.api.patch(path("api", "v1", "nodes", NODE), {"metadata": {"labels": {TEST_LABEL: scenario.test}}})
+    try:
+        yield node
+    finally:
+        for pod in scenario.pods():
+            with contextlib.suppress(ApiError):
+                scenario.api.delete(
+                    path("api", "v1", "namespaces", scenario.namespace, "pods", pod["metadata"]["name"]),
+                    {"gracePeriodSeconds": 1},  # not 0 (forced): the kubelet confirms, its devices are free
+                )
+        wait_until(lambda: not pods_on_node(scenario), 60, "the real node to be empty")
+        wait_until(lambda: not node.running_tasks(), 60, "the real node's containers to stop")
+        scenario.api.patch(path("api", "v1", "nodes", NODE), {"metadata": {"labels": {TEST_LABEL: None}}})
+
+
+def pods_on_node(scenario: Scenario) -> list[dict[str, Any]]:
+    items, _ = scenario.api.list_all("/api/v1/pods", fieldSelector=f"spec.nodeName={NODE}")
+    return items
+
+
+def real_pod(scenario: Scenario, name: str, requests: dict[str, int]) -> dict[str, Any]:
+    """A MIG pod whose container really runs on the node (the local busybox image: no registry is reachable)."""
+    pod = mig_pod(name, scenario.test, requests)
+    container = pod["spec"]["containers"][0]
+    container |= {"image": BUSYBOX_IMAGE, "imagePullPolicy": "Never", "command": ["/bin/busybox", "sleep", "3600"]}
+    return scenario.api.create(path("api", "v1", "namespaces", scenario.namespace, "pods"), pod)
+
+
+def running(scenario: Scenario, name: str, uid: str | None = None) -> dict[str, Any] | None:
+    """The pod once its container runs (and, given `uid`, once it is another pod than that one)."""
+    try:
+        pod = scenario.pod(name)
+    except ApiError:
+        return None
+    if uid is not None and pod["metadata"]["uid"] == uid:
+        return None
+    statuses = pod.get("status", {}).get("containerStatuses") or []
+    if pod.get("status", {}).get("phase") == "Failed":
+        raise AssertionError(f"{name} failed: {pod['status']}")
+    if pod.get("status", {}).get("phase") == "Running" and statuses and statuses[0].get("containerID"):
+        return pod
+    return None
+
+
+def granted(node: RealNode, pod: dict[str, Any]) -> tuple[str, str]:
+    """The device the container sees (NVIDIA_VISIBLE_DEVICES) and its profile, from its process's environment."""
+    env = node.container_env(pod["status"]["containerStatuses"][0]["containerID"])
+    return env["NVIDIA_VISIBLE_DEVICES"], env["MIGCHAIN_TEST_MIG_PROFILE"]
+
+
+def limits(pod: dict[str, Any]) -> dict[str, str]:
+    return dict(pod["spec"]["containers"][0]["resources"]["limits"])
+
+
+def exact_fit_and_borrow(scenario: Scenario, node: RealNode) -> tuple[dict[str, Any], dict[str, Any]]:
+    real_pod(scenario, "fits", {"1g.5gb": 1})
+    fits = wait_until(lambda: running(scenario, "fits"), 60, "fits to run")
+    assert fits["spec"]["nodeName"] == NODE
+    device, profile = granted(node, fits)
+    assert (profile, device in device_ids("1g.5gb")) == ("1g.5gb", True)
+    real_pod(scenario, "borrows", {"1g.5gb": 1})
+    borrows = wait_until(lambda: running(scenario, "borrows"), 60, "borrows to run")
+    assert limits(borrows) == {"nvidia.com/mig-2g.10gb": "1"}
+    assert "migchain.io/replaced-uid" in borrows["metadata"]["annotations"]
+    device, profile = granted(node, borrows)
+    assert (profile, device in device_ids("2g.10gb")) == ("2g.10gb", True)
+    return fits, borrows
+
+
+def test_an_exact_fit_and_a_borrow_run_in_real_containers_on_devices_of_the_granted_type(
+    scenario: Scenario, on_node: RealNode
+):
+    exact_fit_and_borrow(scenario, on_node)
+    assert not scenario.events("borrows", "UnexpectedAdmissionError")
+
+
+def test_a_return_stops_the_borrowers_container_and_runs_it_again_on_its_own_type(
+    scenario: Scenario, on_node: RealNode
+):
+    _, borrows = exact_fit_and_borrow(scenario, on_node)
+    old_container = borrows["status"]["containerStatuses"][0]["containerID"].removeprefix("containerd://")
+    assert old_container in on_node.running_tasks()
+    scenario.api.delete(path("api", "v1", "namespaces", scenario.namespace, "pods", "fits"), {"gracePeriodSeconds": 1})
+    back = wait_until(lambda: running(scenario, "borrows", borrows["metadata"]["uid"]), 90, "borrows to be returned")
+    assert limits(back) == {"nvidia.com/mig-1g.5gb": "1"}
+    assert "migchain.io/replaced-uid" not in (back["metadata"].get("annotations") or {})
+    assert back["spec"]["nodeName"] == NODE
+    device, profile = granted(on_node, back)
+    assert (profile, device in device_ids("1g.5gb")) == ("1g.5gb", True)
+    wait_until(lambda: old_container not in on_node.running_tasks(), 30, "the evicted container to stop")
