@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +24,7 @@ from tests.e2e.controlplane import wait_until
 from tests.e2e.fleet import TEST_LABEL, gpu_node, mig_pod
 from tests.e2e.kubelet import FAKE_NODE_LABEL
 from tests.e2e.realnode import BUSYBOX_IMAGE, RealNode, real_node
+from tests.e2e.test_status import status
 
 pytestmark = [
     pytest.mark.e2e,
@@ -35,6 +38,7 @@ pytestmark = [
 NODE = "realnode-0"
 EAGER_GPU = "TEST-EAGER-GPU"  # tests/fixtures/chains/e2e-eager.yaml: 1g.5gb -> 2g.10gb -> 3g.20gb, eager returns
 LAYOUT = {"1g.5gb": 1, "2g.10gb": 1}
+G2 = "nvidia.com/mig-2g.10gb"
 
 
 def device_ids(profile: str) -> set[str]:
@@ -158,3 +162,34 @@ def test_a_return_stops_the_borrowers_container_and_runs_it_again_on_its_own_typ
     device, profile = granted(on_node, back)
     assert (profile, device in device_ids("1g.5gb")) == ("1g.5gb", True)
     wait_until(lambda: old_container not in on_node.running_tasks(), 30, "the evicted container to stop")
+
+
+def slices_in_status(scenario: Scenario) -> dict[str, dict[str, int]]:
+    """The real node's slices as migchain sees them (`migchain status -o json`)."""
+    [row] = [row for row in json.loads(status(scenario, "-o", "json"))["nodes"] if row["name"] == NODE]
+    return dict(row["slices"])
+
+
+def test_a_device_plugin_restart_keeps_running_pods_and_migchain_follows_the_allocatable(
+    scenario: Scenario, on_node: RealNode
+):
+    real_pod(scenario, "holder", {"1g.5gb": 1})
+    holder = wait_until(lambda: running(scenario, "holder"), 60, "holder to run")
+    container = holder["status"]["containerStatuses"][0]["containerID"].removeprefix("containerd://")
+
+    on_node.relayout({"1g.5gb": 1})  # mig-manager re-partitions: the 2g.10gb goes away
+    wait_until(lambda: allocatable(scenario.cluster, "2g.10gb") == "0", 60, "the 2g.10gb to leave the allocatable")
+    wait_until(lambda: slices_in_status(scenario)[G2]["allocatable"] == 0, 30, "migchain to see no 2g.10gb")
+    real_pod(scenario, "waits", {"1g.5gb": 1})
+    time.sleep(6)  # three scheduling retries at least: the slice that went away is lent to no one
+    assert not scenario.pod("waits")["spec"].get("nodeName")
+
+    on_node.relayout(LAYOUT)  # and comes back
+    wait_until(lambda: allocatable(scenario.cluster, "2g.10gb") == "1", 60, "the 2g.10gb to come back")
+    waits = wait_until(lambda: running(scenario, "waits"), 90, "waits to borrow the 2g.10gb back and run")
+    assert limits(waits) == {G2: "1"}
+    assert granted(on_node, waits)[1] == "2g.10gb"
+    assert container in on_node.running_tasks()  # the holder ran on throughout
+    assert scenario.pod("holder")["metadata"]["uid"] == holder["metadata"]["uid"]
+    assert slices_in_status(scenario)[G2] == {"allocatable": 1, "used": 1, "borrowed": 1, "free": 0}
+    assert not scenario.events("waits", "UnexpectedAdmissionError")
