@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Builds the real control plane for the e2e tests from Go modules: kube-apiserver,
 # kube-controller-manager, kube-scheduler, kubectl (k8s.io/kubernetes, pinned in
-# go.mod) and etcd (go.etcd.io/etcd/server/v3). Skips the build when the
-# binaries exist and were built from the same go.mod and go.sum.
+# go.mod), etcd (go.etcd.io/etcd/server/v3) and kwok (sigs.k8s.io/kwok, which
+# simulates the fake GPU nodes' kubelets). Skips the build when the binaries
+# exist and were built from the same go.mod and go.sum.
 # Usage: bash tests/e2e/kube/build.sh   -> .cache/kube/bin/
+#        MIGCHAIN_KUBE_OUT=DIR bash tests/e2e/kube/build.sh   -> DIR/bin/
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../.." && pwd)
-out="$root/.cache/kube/bin"
+out="${MIGCHAIN_KUBE_OUT:-$root/.cache/kube}/bin"
 stamp="$out/.built-from"
-binaries=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd)
+binaries=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok)
 
 want=$(cat "$here/go.mod" "$here/go.sum" "$here/build.sh" | sha256sum | cut -d' ' -f1)
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
@@ -32,13 +34,14 @@ version=$(awk '$1 == "k8s.io/kubernetes" { print $2 }' go.mod)
 minor=${version#v1.}; minor=${minor%%.*}
 pkg=k8s.io/component-base/version
 ldflags="-s -w -X $pkg.gitVersion=$version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
-# One `go build` for all five main packages, so the packages they share compile once.
+# One `go build` for all the main packages, so the packages they share compile once.
 CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags="$ldflags" -o "$out/" \
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler \
   k8s.io/kubernetes/cmd/kubectl \
-  go.etcd.io/etcd/server/v3
+  go.etcd.io/etcd/server/v3 \
+  sigs.k8s.io/kwok/cmd/kwok
 # go names a binary after its package path less the major version: .../server/v3 -> server.
 mv -f "$out/server" "$out/etcd"
 echo "$want" > "$stamp"
