@@ -26,7 +26,7 @@ serve: $(STAMP)
 test: lint control-plane
 	$(BIN)/pytest
 
-## control-plane: build kube-apiserver, kube-scheduler, kube-controller-manager, kubectl, etcd (cached)
+## control-plane: build kube-apiserver, kube-scheduler, kube-controller-manager, kubectl, etcd, kwok (cached)
 control-plane:
 	bash tests/e2e/kube/build.sh
 

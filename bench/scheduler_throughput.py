@@ -116,7 +116,7 @@ def main() -> int:
         plane = ControlPlane(Path(folder))
         try:
             plane.start()
-            plane.start_fake_kubelet()
+            plane.start_kwok()
             started = time.monotonic()
             layout = {"1g.5gb": 16, "2g.10gb": 8, "3g.20gb": 8}  # 8 GPUs, all-balanced
             in_threads(

@@ -1,7 +1,7 @@
 """Soak on the real control plane: MINUTES of churn (arrivals, completions, borrows, returns) with faults injected.
 
 Starts the local control plane as `make run` does (etcd, kube-apiserver,
-kube-controller-manager, a stand-in kubelet, migchain-extender over mutual
+kube-controller-manager, kwok (the fake nodes' kubelet), migchain-extender over mutual
 TLS, migchain-returner, kube-scheduler with scheduler-config.yaml) on a fleet
 of fake A100-40GB nodes in mixed layouts. Then, every second: MIG pods arrive
 (bare pods, and two ReplicaSets whose size changes), running pods complete
@@ -155,7 +155,7 @@ def main() -> int:
     args = parse_args()
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="migchain-soak-") as folder, running(ControlPlane(Path(folder))) as plane:
-        plane.start_fake_kubelet()
+        plane.start_kwok()
         tls = ExtenderTls.issue(Path(folder))
         extenders = start_extenders(plane, tls, args.replicas)
         returner = plane.start_returner(CHAINS)

@@ -1,6 +1,6 @@
 """`make run`: a borrow and a return, step by step, on a real control plane on loopback.
 
-Starts etcd, kube-apiserver, kube-controller-manager, a stand-in kubelet,
+Starts etcd, kube-apiserver, kube-controller-manager, kwok (the fake nodes' kubelet),
 migchain-extender (mutual TLS), migchain-returner and kube-scheduler with the
 repo's scheduler-config.yaml (the binaries `make control-plane` builds), then
 plays a short story on one fake A100 and prints `migchain status` after each
@@ -143,7 +143,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="migchain-demo-") as folder, running(ControlPlane(Path(folder))) as plane:
         print(f"control plane up on {plane.kubeconfig} (logs in {folder})")
-        plane.start_fake_kubelet()
+        plane.start_kwok()
         tls = ExtenderTls.issue(Path(folder))
         extender = plane.start_extender(tls, CHAINS)
         plane.start_scheduler(extender.url, tls)

@@ -1,4 +1,4 @@
-"""Fixtures that start the real control plane, the fake kubelet, migchain and kube-scheduler on loopback."""
+"""Fixtures that start the real control plane, kwok, migchain and kube-scheduler on loopback."""
 
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ class Scenario:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     folder = tmp_path_factory.mktemp("cluster")
     with running(ControlPlane(folder)) as plane:
-        plane.start_fake_kubelet()
+        plane.start_kwok()
         tls = ExtenderTls.issue(folder)
         live_chain = folder / LIVE_CHAIN.name
         shutil.copyfile(LIVE_CHAIN, live_chain)

@@ -1,6 +1,7 @@
-"""A real Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager, kube-scheduler.
+"""A real Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok.
 
-Binaries come from tests/e2e/kube/build.sh (built from Go modules). Every
+Binaries come from tests/e2e/kube/build.sh (built from Go modules) into
+.cache/kube/bin, or $MIGCHAIN_KUBE_OUT/bin when that is set. Every
 process listens on a free 127.0.0.1 port, logs to a file in the run's folder,
 and is stopped at the end; logs are printed when a test fails.
 """
@@ -28,9 +29,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from extender import certs
 from extender.kube.api import ApiError, Connection, KubeApi
 from extender.kube.loan_key import create_secret, read_secret
+from tests.e2e.fleet import FAKE_NODE_LABEL
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = ROOT / ".cache" / "kube" / "bin"
+BIN = Path(os.environ.get("MIGCHAIN_KUBE_OUT") or ROOT / ".cache" / "kube") / "bin"
+STAGES = ROOT / "tests" / "e2e" / "kube" / "stages.yaml"  # what kwok does to the fake nodes and their pods
 ADMIN_TOKEN = "migchain-e2e-admin"  # a throwaway token of a throwaway cluster on loopback
 
 
@@ -204,7 +207,7 @@ class ControlPlane:
     # -- start ----------------------------------------------------------------
 
     def start(self) -> None:
-        for binary in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"):
+        for binary in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"):
             if not (BIN / binary).exists():
                 raise RuntimeError(f"{BIN / binary} is missing: run `bash tests/e2e/kube/build.sh` (make test does)")
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -345,9 +348,22 @@ class ControlPlane:
         config.write_text(yaml.safe_dump(document))
         return self.start_scheduler_with(config)
 
-    def start_fake_kubelet(self) -> Process:
-        """The stand-in kubelet (tests/e2e/kubelet.py): runs pods bound to fake nodes, finishes deletions."""
-        return self._process("fake-kubelet", [sys.executable, "-m", "tests.e2e.kubelet", str(self.kubeconfig)])
+    def start_kwok(self) -> Process:
+        """kwok, the kubelet of every node labelled FAKE_NODE_LABEL: holds their leases, and plays STAGES on them
+        and their pods (runs bound pods, ends annotated ones, finishes deletions)."""
+        return self._process(
+            "kwok",
+            [
+                str(BIN / "kwok"),
+                f"--kubeconfig={self.kubeconfig}",
+                # Options as flags: a KwokConfiguration document's are not defaulted, and kwok exits on it.
+                f"--config={STAGES}",
+                f"--manage-nodes-with-label-selector={FAKE_NODE_LABEL}",
+                "--cidr=10.244.0.0/16",  # pod IPs; apart from the service range
+                "--node-lease-duration-seconds=40",  # as a kubelet's: renewed every 10 s
+                "-v=WARN",
+            ],
+        )
 
     def start_extender(
         self,

@@ -9,11 +9,14 @@ from typing import Any
 from extender.config import load_rules
 from extender.core.mig import MIG_RESOURCE_PREFIX
 from extender.kube.api import KubeApi, path
-from tests.e2e.kubelet import FAKE_NODE_LABEL
 
+FAKE_NODE_LABEL = "e2e.migchain.io/fake-node"  # kwok plays these nodes' kubelet (tests/e2e/kube/stages.yaml)
 TEST_LABEL = "e2e.migchain.io/test"
 SCHEDULER = "migchain-scheduler"
-PAUSE = "registry.k8s.io/pause:3.10"  # never pulled: no kubelet runs
+PAUSE = "registry.k8s.io/pause:3.10"  # never pulled: kwok runs no containers
+# A pod annotated so ends that long (a Go duration, "90s"; or an RFC 3339 time) after kwok started it.
+SUCCEED_AFTER = "e2e.migchain.io/succeed-after"  # Succeeded, exit code 0
+FAIL_AFTER = "e2e.migchain.io/fail-after"  # Failed, exit code 1
 
 
 def gpu_node(
@@ -37,7 +40,7 @@ def gpu_node(
     status = {
         "capacity": resources,
         "allocatable": resources,
-        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "fake kubelet"}],
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kwok"}],
     }
     return node, status
 

@@ -98,7 +98,7 @@ def all_bound(scenario: Scenario, names: list[str]) -> list[dict[str, Any]] | No
 def free_all(scenario: Scenario) -> bool:
     """Complete every pod that holds slices; True once none is left.
 
-    Asked again until none is: the fake kubelet may mark a pod Running just
+    Asked again until none is: kwok may mark a pod Running just
     after it was set Succeeded.
     """
     holding = [

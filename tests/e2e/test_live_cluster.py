@@ -57,7 +57,7 @@ def test_an_exact_fit_is_bound_and_the_extender_filter_was_asked(scenario: Scena
     assert scenario.wait_bound("train") == f"gpu-{scenario.test}-a"
     assert cluster.metric("migchain_extender_requests_total", verb="filter", code="200") > filters_before
     assert cluster.metric("migchain_binds_total", outcome="bound", kind="exact") == binds_before + 1
-    wait_until(lambda: scenario.pod("train")["status"].get("phase") == "Running", 15, "fake kubelet runs it")
+    wait_until(lambda: scenario.pod("train")["status"].get("phase") == "Running", 15, "kwok runs it")
 
 
 def test_with_no_free_slice_anywhere_the_pod_pends_with_the_extenders_reason(scenario: Scenario):

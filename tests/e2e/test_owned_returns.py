@@ -103,7 +103,7 @@ def successor_or_failure(scenario: Scenario, job: str, owner: str, seen: set[str
 def kubelet_fails_it_once_terminating(scenario: Scenario, pod: dict[str, Any]) -> None:
     """What a real kubelet does to a pod being deleted: it stops it and reports it Failed before it goes.
 
-    The stand-in kubelet only finishes deletions; a pod a finalizer holds would stay Running.
+    kwok (tests/e2e/kube/stages.yaml) only finishes deletions; a pod a finalizer holds would stay Running.
     """
     wait_until(lambda: left(scenario, pod), 30, "the return to start")
     try:

@@ -21,8 +21,7 @@ import pytest
 from extender.kube.api import ApiError, path
 from tests.e2e.conftest import Cluster, Scenario
 from tests.e2e.controlplane import wait_until
-from tests.e2e.fleet import TEST_LABEL, gpu_node, mig_pod
-from tests.e2e.kubelet import FAKE_NODE_LABEL
+from tests.e2e.fleet import FAKE_NODE_LABEL, TEST_LABEL, gpu_node, mig_pod
 from tests.e2e.realnode import BUSYBOX_IMAGE, RealNode, real_node
 from tests.e2e.test_status import status
 
@@ -53,7 +52,7 @@ def device_ids(profile: str) -> set[str]:
 @pytest.fixture(scope="module")
 def node(cluster: Cluster) -> Iterator[RealNode]:
     labels = dict(gpu_node(NODE, EAGER_GPU, LAYOUT, "none")[0]["metadata"]["labels"])
-    del labels[FAKE_NODE_LABEL]  # the stand-in kubelet leaves this node to the real one
+    del labels[FAKE_NODE_LABEL]  # kwok leaves this node to the real kubelet
     del labels[TEST_LABEL]  # given to one test at a time
     with real_node(cluster.plane, NODE, LAYOUT, labels) as started:
         wait_until(lambda: allocatable(cluster, "2g.10gb") == "1", 60, "the real node to advertise its MIG slices")

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Builds the real control plane for the e2e tests from Go modules: kube-apiserver,
 # kube-controller-manager, kube-scheduler, kubectl, kubelet (k8s.io/kubernetes,
-# pinned in go.mod), etcd (go.etcd.io/etcd/server/v3), and for the real node the
-# MIG device-plugin stand-in (./migdeviceplugin) and the sandbox process (./pause).
+# pinned in go.mod), etcd (go.etcd.io/etcd/server/v3), kwok (sigs.k8s.io/kwok,
+# which simulates the fake GPU nodes' kubelets), and for the real node the MIG
+# device-plugin stand-in (./migdeviceplugin) and the sandbox process (./pause).
 # Skips the build when the binaries exist and were built from the same go.mod,
 # go.sum and sources.
 # Usage: bash tests/e2e/kube/build.sh   -> .cache/kube/bin/
-#        KUBE_BUILD_OUT=DIR bash tests/e2e/kube/build.sh   -> DIR/
+#        MIGCHAIN_KUBE_OUT=DIR bash tests/e2e/kube/build.sh   -> DIR/bin/
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../.." && pwd)
-out="${KUBE_BUILD_OUT:-$root/.cache/kube/bin}"
+out="${MIGCHAIN_KUBE_OUT:-$root/.cache/kube}/bin"
 stamp="$out/.built-from"
-binaries=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet etcd migdeviceplugin pause)
+binaries=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet etcd kwok migdeviceplugin pause)
 
 want=$(cat "$here/go.mod" "$here/go.sum" "$here/build.sh" "$here"/migdeviceplugin/*.go "$here"/pause/*.go | sha256sum | cut -d' ' -f1)
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
@@ -43,6 +44,7 @@ CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags="$ldflags" -o "$out/"
   k8s.io/kubernetes/cmd/kubectl \
   k8s.io/kubernetes/cmd/kubelet \
   go.etcd.io/etcd/server/v3 \
+  sigs.k8s.io/kwok/cmd/kwok \
   ./migdeviceplugin \
   ./pause
 # go names a binary after its package path less the major version: .../server/v3 -> server.

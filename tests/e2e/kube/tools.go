@@ -11,4 +11,5 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager/app"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler/app"
 	_ "k8s.io/kubernetes/cmd/kubelet/app"
+	_ "sigs.k8s.io/kwok/pkg/kwok/cmd"
 )
