@@ -242,7 +242,8 @@ def quantity(value: Any, where: str) -> int:
         raise ObjectError(f"{where}: expected a whole number, got {value!r}")
     if isinstance(value, int):
         number = value
-    elif isinstance(value, str) and value.strip().isdigit():
+    elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) <= 18:
+        # ASCII only: "²" passes str.isdigit() and then int() refuses it; no real quantity has 19 digits.
         number = int(value.strip())
     else:
         raise ObjectError(f"{where}: expected a whole number, got {value!r}")

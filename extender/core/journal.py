@@ -57,7 +57,7 @@ def read_entry(key: bytes, name: str, kind: str, data: Mapping[str, Any]) -> tup
     try:
         before, after = json.loads(data[ORIGINAL]), json.loads(data[REPLACEMENT])
         return _one_pod(key, name, kind, before, after) or (before, after)
-    except (ValueError, TypeError, KeyError, AttributeError) as error:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
         return f"its pods cannot be read back ({type(error).__name__})"
 
 

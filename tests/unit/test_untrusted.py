@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from extender.core import untrusted
-from extender.core.cluster import KEPT_ANNOTATIONS
+from extender.core.cluster import KEPT_ANNOTATIONS, ObjectError, pod_request
 from extender.core.loan import LOAN_ANNOTATIONS, RESTARTS_ANNOTATION, UnreadableLoan, read_loan
 from extender.core.returns import MAX_RESTARTS_ANNOTATION, RETURN_ANNOTATION
 
@@ -97,3 +97,14 @@ def test_any_edit_of_a_loan_record_reads_as_a_loan_or_as_unreadable_naming_the_a
     loan = read_loan({**LOAN, key: value})
     if isinstance(loan, UnreadableLoan):
         assert loan.why.startswith(f"annotation {key}") and loan.why.isprintable() and len(loan.why) < 300
+
+
+@pytest.mark.parametrize("quantity", ["²", "٣", " ²", "9" * 5000])
+def test_a_resource_quantity_of_odd_digits_is_a_clear_object_error_not_a_crash(quantity):
+    """str.isdigit() accepts "²" and "٣", and int() of 5,000 digits raises: the pod is refused, named, alone."""
+    pod = {
+        "metadata": {"name": "odd", "namespace": "ml", "uid": "u"},
+        "spec": {"containers": [{"name": "c", "resources": {"limits": {"nvidia.com/mig-1g.5gb": quantity}}}]},
+    }
+    with pytest.raises(ObjectError, match="expected a whole number"):
+        pod_request(pod)
