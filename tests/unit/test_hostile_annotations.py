@@ -44,6 +44,7 @@ from extender.probes import health_routes
 from extender.reload import RulesInForce
 from extender.store import SnapshotStore
 from extender.web.app import WebSettings, create_app
+from tests.unit import objects
 from tests.unit.objects import LOAN_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,19 +83,9 @@ UNREADABLE = {
 def pod(
     name: str, requests: dict[str, int], node_name: str = "", *, created: str = "2026-11-25T10:00:00Z"
 ) -> dict[str, Any]:
-    limits = {resource: str(count) for resource, count in requests.items()}
-    spec: dict[str, Any] = {
-        "schedulerName": "migchain-scheduler",
-        "containers": [{"name": "main", "image": "cuda", "resources": {"limits": limits}}],
-    }
-    if node_name:
-        spec["nodeName"] = node_name
-    return {
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": "ml", "uid": f"uid-{name}", "creationTimestamp": created},
-        "spec": spec,
-        "status": {"phase": "Running" if node_name else "Pending"},
-    }
+    """tests/unit/objects.py's pod, Running when bound, Pending otherwise, with its kind (Ledger.of_objects)."""
+    phase = "Running" if node_name else "Pending"
+    return {"kind": "Pod", **objects.pod(name, requests, node_name, phase=phase, created=created)}
 
 
 def node(name: str, slices: dict[str, int], product: str = EAGER_GPU) -> dict[str, Any]:
