@@ -185,6 +185,14 @@ class ReturnerMetrics:
             ["fate"],
             registry=self.registry,
         )
+        self.turned_away = Counter(
+            "migchain_turned_away_borrowers",
+            "Borrowing copies their node's kubelet refused at admission (UnexpectedAdmissionError, OutOf<MIG type>: "
+            "the slices were not free after all), by what migchain did: brought-back (a bare pod, recreated pending "
+            "with its original request), left-to-controller (an owned pod), failed (not yet: retried), dry-run.",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.leader = Gauge(
             "migchain_returner_leader",
             "1 while this returner replica holds the lease (and so acts), else 0.",

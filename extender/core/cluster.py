@@ -127,6 +127,8 @@ class PodRecord:
     preemption_policy: str = ""  # spec.preemptionPolicy: "Never" keeps a pod from preempting others
     nominated: str = ""  # status.nominatedNodeName: the node a preemption made room on for it
     unschedulable: bool = False  # its scheduler tried and found no node (PodScheduled False, Unschedulable)
+    # Why its node's kubelet refused it at admission, for want of MIG slices (it never ran; see `_turned_away`).
+    turned_away: str = ""
 
     @property
     def holds_slices(self) -> bool:
@@ -427,6 +429,7 @@ def pod_record(pod: Any) -> PodRecord:
         preemption_policy=_string(spec.get("preemptionPolicy"), "Pod.spec.preemptionPolicy"),
         nominated=_string(status.get("nominatedNodeName"), "Pod.status.nominatedNodeName"),
         unschedulable=_unschedulable(status),
+        turned_away=_turned_away(status),
     )
 
 
@@ -456,6 +459,29 @@ def _unschedulable(status: Mapping[str, Any]) -> bool:
         if condition.get("type") == "PodScheduled":
             return condition.get("status") == "False" and condition.get("reason") == "Unschedulable"
     return False
+
+
+# What a kubelet writes in status.reason of a pod it refuses at admission for want of a device or a resource:
+# its device manager could not allocate (devices the device plugin no longer has free), or its own count of
+# the node's allocatable says no ("OutOf" + the resource name). Either way the pod never ran.
+DEVICE_ADMISSION_REASON = "UnexpectedAdmissionError"
+RESOURCE_ADMISSION_PREFIX = "OutOf"
+MAX_ADMISSION_REASON_CHARS = 128  # "OutOf" and a resource name (at most 63 + a prefix) fit
+
+
+def _turned_away(status: Mapping[str, Any]) -> str:
+    """The kubelet's reason if it refused the pod at admission for want of MIG slices (the pod Failed, never
+    ran), else "". The kubelet writes a pod's status; any other Failed pod ran, and is its owner's to judge."""
+    if status.get("phase") != "Failed":
+        return ""
+    reason = status.get("reason")
+    if not isinstance(reason, str) or len(reason) > MAX_ADMISSION_REASON_CHARS:
+        return ""
+    if reason == DEVICE_ADMISSION_REASON:
+        return reason
+    if reason.startswith(RESOURCE_ADMISSION_PREFIX) and is_mig_resource(reason.removeprefix(RESOURCE_ADMISSION_PREFIX)):
+        return reason
+    return ""
 
 
 def node_state(node: Any, used: Mapping[str, int] | None = None) -> NodeState:

@@ -92,22 +92,64 @@ def borrowers_of(records: Iterable[PodRecord], rules: ChainRules) -> list[Borrow
     for record in records:
         if not record.node or record.terminal or record.terminating:
             continue
-        loan = record_loan(record)
-        if not isinstance(loan, Loan):
-            continue
-        loan = dataclasses.replace(loan, steps=min(loan.steps, steps_allowed(loan, rules)))
-        # A cap that is no count (a typo) caps nothing.
-        cap = untrusted.count(record.migchain.get(MAX_RESTARTS_ANNOTATION), untrusted.MAX_RESTARTS)
-        # The opt-outs are the pod owner's words: they hold a borrower back only where the admin's policy says.
-        policy = loan_policy(loan, rules)
-        opt_outs, namespace = policy.pod_opt_outs, record.request.namespace
-        held_back = ""
-        if record.migchain.get(RETURN_ANNOTATION, "true") != "true" and opt_outs.honours_return(namespace):
-            held_back = f"pod annotation {RETURN_ANNOTATION}={untrusted.excerpt(record.migchain[RETURN_ANNOTATION])}"
-        elif cap is not None and loan.restarts >= cap and opt_outs.honours_max_restarts(namespace):
-            held_back = f"restarted {loan.restarts} time(s), {MAX_RESTARTS_ANNOTATION}={cap}"
-        found.append(Borrower(record, loan, policy.return_mode, loan.restarts, held_back))
+        borrower = _borrower(record, rules)
+        if borrower is not None:
+            found.append(borrower)
     return found
+
+
+@dataclass(frozen=True)
+class TurnedAway:
+    """A borrowing copy its node's kubelet refused at admission: it never ran, and it holds nothing.
+
+    Its slices were not free after all (a pod bound behind migchain's back,
+    a device plugin that lost a device). A bare pod has no one else to bring
+    it back: migchain recreates it, pending under its name, asking for its
+    original request, borrowing again only while it has been restarted fewer
+    than MAX_RESTARTS_TO_BORROW_AGAIN times, so a node that keeps refusing
+    cannot keep it cycling. An owned pod is its controller's to replace.
+    """
+
+    borrower: Borrower
+    owned: bool
+    borrow_again: bool
+
+
+# A bare borrower turned away by its node after this many restarts comes back not to borrow again: it waits
+# for a slice of its own type (a node that keeps refusing must not keep it cycling through borrows).
+MAX_RESTARTS_TO_BORROW_AGAIN = 3
+
+
+def turned_away_borrowers(records: Iterable[PodRecord], rules: ChainRules) -> list[TurnedAway]:
+    """The borrowers their node refused at admission (`PodRecord.turned_away`), oldest first, each once while
+    its Failed pod is there (a bare one goes when it is brought back)."""
+    found = []
+    for record in sorted(records, key=lambda r: (r.created, r.request.key)):
+        if not record.turned_away or not record.node or record.terminating:
+            continue
+        borrower = _borrower(record, rules)
+        if borrower is not None:
+            again = borrower.restarts < MAX_RESTARTS_TO_BORROW_AGAIN
+            found.append(TurnedAway(borrower, owned=bool(record.owner), borrow_again=again))
+    return found
+
+
+def _borrower(record: PodRecord, rules: ChainRules) -> Borrower | None:
+    loan = record_loan(record)
+    if not isinstance(loan, Loan):
+        return None
+    loan = dataclasses.replace(loan, steps=min(loan.steps, steps_allowed(loan, rules)))
+    # A cap that is no count (a typo) caps nothing.
+    cap = untrusted.count(record.migchain.get(MAX_RESTARTS_ANNOTATION), untrusted.MAX_RESTARTS)
+    # The opt-outs are the pod owner's words: they hold a borrower back only where the admin's policy says.
+    policy = loan_policy(loan, rules)
+    opt_outs, namespace = policy.pod_opt_outs, record.request.namespace
+    held_back = ""
+    if record.migchain.get(RETURN_ANNOTATION, "true") != "true" and opt_outs.honours_return(namespace):
+        held_back = f"pod annotation {RETURN_ANNOTATION}={untrusted.excerpt(record.migchain[RETURN_ANNOTATION])}"
+    elif cap is not None and loan.restarts >= cap and opt_outs.honours_max_restarts(namespace):
+        held_back = f"restarted {loan.restarts} time(s), {MAX_RESTARTS_ANNOTATION}={cap}"
+    return Borrower(record, loan, policy.return_mode, loan.restarts, held_back)
 
 
 def steps_allowed(loan: Loan, rules: ChainRules) -> int:

@@ -158,6 +158,7 @@ class Executor:
     def _borrow_owned(self, plan: BorrowPlan) -> dict[str, Any]:
         if (controller_of(plan.original["metadata"]) or {}).get("kind") == "ReplicaSet":
             self._cheapest_to_delete(plan)
+        failpoint("owned-before-create")
         replacement = self._create_replacement(plan)
         failpoint("owned-after-create")
         self._delete_original(plan)

@@ -19,6 +19,7 @@ from typing import Any
 
 from extender.core.claims import Claim, claim_for, open_claims
 from extender.core.cluster import (
+    BORROW_ANNOTATION,
     MIGCHAIN_SCHEDULER,
     MigCounts,
     ObjectError,
@@ -28,7 +29,15 @@ from extender.core.cluster import (
     controller_of,
 )
 from extender.core.loan import Loan, restored_pod
-from extender.core.returns import Borrower, Restore, borrowers_of, pending_requests, plan_returns
+from extender.core.returns import (
+    Borrower,
+    Restore,
+    TurnedAway,
+    borrowers_of,
+    pending_requests,
+    plan_returns,
+    turned_away_borrowers,
+)
 from extender.core.rules import ChainRules
 from extender.kube.api import ApiError
 from extender.kube.cache import ClusterCache
@@ -75,6 +84,8 @@ RECOVERY_RETRY_MAX_SECONDS = 8.0
 # Journaled returns are finished this many at a time: one whose API calls are
 # slow holds up no other, nor the round for long.
 RECOVERY_WORKERS = 4
+# Borrowers their node turned away, brought back (or reported) at most this many a round.
+TURNED_AWAY_PER_ROUND = 20
 # A round plans again without the borrowers whose return was just refused, at
 # most this many times: each plan leaves out every refusal of the one before.
 PLANS_PER_ROUND = 4
@@ -104,6 +115,7 @@ class Returner:
         self.schedulers = schedulers  # --scheduler-name: pending pods for these are demand; others never cost a return
         self.dry_run = dry_run  # --dry-run: returns only announced; the chains' policy can add namespaces
         self._announced = Once[str]()  # borrower UIDs already told "would return"
+        self._turned_away_told = Once[str]()  # UIDs of turned-away borrowers already reported (owned, dry run)
         self.cache = cache
         self.rules = rules
         self.executor = executor
@@ -162,6 +174,7 @@ class Returner:
                 log.warning("cannot read the age of the return journal's entries: %s", error)
         snapshot, records = self.cache.view()
         rules = self.rules.current()  # once: a round plans on one version of the rules
+        self.bring_back_turned_away(records, rules)
         borrowers = borrowers_of(records, rules)
         pending = pending_requests(records, self.schedulers)
         now = time.monotonic()
@@ -242,6 +255,87 @@ class Returner:
             log.warning("loan of %s not believed (%s): %s", key, rejected.reason, rejected.message, extra={"pod": key})
             reference = {"metadata": {"name": rejected.name, "namespace": rejected.namespace, "uid": rejected.uid}}
             self.events.record(reference, "LoanRejected", rejected.message, "Warning")
+
+    def bring_back_turned_away(self, records: Sequence[PodRecord], rules: ChainRules) -> None:
+        """Borrowing copies their node's kubelet refused at admission: a bare one is brought back, pending under
+        its name with its original request; an owned one is left to its controller. Each is reported once, with
+        an Event and a count; their slices were never theirs (a Failed pod holds none)."""
+        turned_away = turned_away_borrowers(records, rules)
+        self._turned_away_told.keep_only({item.borrower.record.request.uid for item in turned_away})
+        now = time.monotonic()
+        for item in turned_away[:TURNED_AWAY_PER_ROUND]:
+            if not self.election.leading():
+                return
+            record = item.borrower.record
+            request = record.request
+            why = f"node {record.node} refused the borrowed slices at admission ({record.turned_away})"
+            if item.owned or self.dry_run or rules.dry_run(item.borrower.loan.chains, request.namespace):
+                if self._turned_away_told.first(request.uid):
+                    outcome = "left-to-controller" if item.owned else "dry-run"
+                    message = (
+                        f"{why}; left to its controller, which creates a pod with its original request"
+                        if item.owned
+                        else f"dry run: {why}; would bring it back pending under its name"
+                    )
+                    self._report_turned_away(item, outcome, message)
+                continue
+            if self._blocked.get(request.key, 0.0) <= now:
+                self._bring_back(item, why)
+
+    def _bring_back(self, item: TurnedAway, why: str) -> None:
+        """Recreate a turned-away bare borrower from its loan record, as a return does (journaled): its Failed
+        pod goes at once (the API server deletes an ended pod without a grace period)."""
+        request = item.borrower.record.request
+        try:
+            pod = self.executor.api.get(pod_path(request.namespace, request.name))
+        except ApiError as error:
+            log.info("turned-away borrower %s is gone (%s)", request.key, error)
+            return
+        if pod["metadata"].get("uid") != request.uid or pod["metadata"].get("deletionTimestamp"):
+            return  # gone or going already: the cache was behind
+        try:
+            restored = restored_pod(pod, item.borrower.restarts + 1, self.executor.loan_key)
+        except ObjectError as error:
+            self._blocked[request.key] = time.monotonic() + UNREADABLE_RETRY_SECONDS
+            self._report_turned_away(item, "failed", f"{why}; not brought back: {error}", "Warning")
+            return
+        if not item.borrow_again:
+            # Not signed, as on a fall back: the restore record's signature covers migchain's annotations only.
+            restored["metadata"]["annotations"][BORROW_ANNOTATION] = "false"
+        try:
+            outcome = self.executor.restore(pod, restored, owned=False)
+        except Abandoned as gone:
+            log.info("turned-away borrower %s: %s", request.key, gone)
+            return
+        except CopyRefused as refusal:
+            self._blocked[request.key] = time.monotonic() + REFUSED_RETRY_SECONDS
+            self._report_turned_away(item, "failed", f"{why}; not brought back: {refusal}", "Warning")
+            return
+        except FellBack as fell_back:
+            outcome = str(fell_back)
+        except (ApiError, BorrowError, EvictionBlocked) as error:
+            self.metrics.errors.count("returner", "api")
+            self.metrics.turned_away.labels("failed").inc()
+            log.warning("turned-away borrower %s not brought back yet: %s", request.key, error)
+            self._blocked[request.key] = time.monotonic() + PDB_RETRY_SECONDS
+            self._recover_soon()  # deleted, maybe, but not recreated: the journal holds it
+            return
+        if outcome == RESTORE_JOURNALED:
+            self._leaving[request.uid] = (request.namespace, request.name)
+            self._recover_soon()
+        again = "" if item.borrow_again else f", not to borrow again (restarted {item.borrower.restarts} times)"
+        self._report_turned_away(
+            item,
+            "brought-back",
+            f"{why}; brought back pending under its name with its original request{again}: {outcome}",
+            "Warning",
+        )
+
+    def _report_turned_away(self, item: TurnedAway, outcome: str, message: str, kind: str = "Warning") -> None:
+        request = item.borrower.record.request
+        self.metrics.turned_away.labels(outcome).inc()
+        log.warning("%s: %s", request.key, message, extra={"pod": request.key, "node": item.borrower.record.node})
+        self.events.record(pod_reference(request), "TurnedAway", message, kind)
 
     def _forget_gone(self, borrowers: Sequence[Borrower], now: float) -> None:
         """What was said or held back about borrowers is kept only while they borrow (and a pause only until it

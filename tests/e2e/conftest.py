@@ -83,16 +83,32 @@ class Cluster:
 
     def metric(self, name: str, **labels: str) -> float:
         """A counter or gauge sample of the extender's /metrics (0 when absent)."""
-        text = self.probe("/metrics")[1].decode()
+        return _sample(self.probe("/metrics")[1].decode(), name, labels)
+
+    def returner_metric(self, name: str, **labels: str) -> float:
+        """A counter sample of the returners' /metrics, summed over the replicas running (only the leader
+        counts: a counter of another replica is 0, or what it counted while it led)."""
         total = 0.0
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    total += sample.value
+        for returner in self.returners:
+            if not returner.alive():
+                continue
+            [bind] = [a.split("=", 1)[1] for a in returner.argv if a.startswith("--health-bind=")]
+            status, body = _answer(urllib.request.Request(f"http://{bind}/metrics"))
+            if status == 200:
+                total += _sample(body.decode(), name, labels)
         return total
 
     def logs(self) -> str:
         return self.plane.logs()
+
+
+def _sample(text: str, name: str, labels: dict[str, str]) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def _answer(request: urllib.request.Request, context: ssl.SSLContext | None = None) -> tuple[int, bytes]:

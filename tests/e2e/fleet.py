@@ -45,8 +45,13 @@ def gpu_node(
     return node, status
 
 
-def create_node(api: KubeApi, name: str, product: str, slices: Mapping[str, int], test: str) -> None:
+def create_node(
+    api: KubeApi, name: str, product: str, slices: Mapping[str, int], test: str, *, kwok: bool = True
+) -> None:
+    """A fake GPU node, Ready; without `kwok`, no one plays its kubelet (its pods stay as the test leaves them)."""
     node, status = gpu_node(name, product, slices, test)
+    if not kwok:
+        del node["metadata"]["labels"][FAKE_NODE_LABEL]
     api.create("/api/v1/nodes", node)
     api.patch(path("api", "v1", "nodes", name, "status"), {"status": status})
 

@@ -10,10 +10,8 @@ chosen first for every freed slice and blocked the other returns forever.
 from __future__ import annotations
 
 import time
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from extender.kube.api import path
 from tests.e2e.conftest import Cluster, Scenario
@@ -44,23 +42,11 @@ HOSTILE = {
 }
 
 
-def returner_metric(cluster: Cluster, name: str, **labels: str) -> float:
-    [argument] = [a for a in cluster.returners[0].argv if a.startswith("--health-bind=")]
-    with urllib.request.urlopen(f"http://{argument.split('=', 1)[1]}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
-
-
 def rejected_counted(cluster: Cluster) -> tuple[float, float]:
     """migchain_unreadable_loans_total (all reasons) of the extender and of the returner."""
     return (
         cluster.metric("migchain_unreadable_loans_total"),
-        returner_metric(cluster, "migchain_unreadable_loans_total"),
+        cluster.returner_metric("migchain_unreadable_loans_total"),
     )
 
 

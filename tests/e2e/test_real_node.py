@@ -18,10 +18,12 @@ from typing import Any
 
 import pytest
 
+from extender.core.loan import DELETION_COST_ANNOTATION as DELETION_COST
+from extender.core.loan import LOWEST_DELETION_COST
 from extender.kube.api import ApiError, path
 from tests.e2e.conftest import Cluster, Scenario
 from tests.e2e.controlplane import wait_until
-from tests.e2e.fleet import FAKE_NODE_LABEL, TEST_LABEL, gpu_node, mig_pod
+from tests.e2e.fleet import FAKE_NODE_LABEL, TEST_LABEL, gpu_node, mig_pod, replica_set
 from tests.e2e.realnode import BUSYBOX_IMAGE, RealNode, real_node
 from tests.e2e.test_status import status
 
@@ -75,6 +77,9 @@ def on_node(node: RealNode, scenario: Scenario) -> Iterator[RealNode]:
     try:
         yield node
     finally:
+        scenario.api.delete(  # its controllers first: they would make new pods
+            path("apis", "apps", "v1", "namespaces", scenario.namespace, "replicasets"), {"propagationPolicy": "Orphan"}
+        )
         for pod in scenario.pods():
             with contextlib.suppress(ApiError):
                 scenario.api.delete(
@@ -194,17 +199,6 @@ def test_a_device_plugin_restart_keeps_running_pods_and_migchain_follows_the_all
     assert not scenario.events("waits", "UnexpectedAdmissionError")
 
 
-class NotBroughtBack(Exception):
-    """The bare borrower the kubelet rejected was not brought back."""
-
-
-def gone_or_replaced(scenario: Scenario, name: str, uid: str) -> bool:
-    try:
-        return bool(scenario.pod(name)["metadata"]["uid"] != uid)
-    except ApiError:
-        return True
-
-
 def brought_back(scenario: Scenario, name: str, failed_uid: str) -> dict[str, Any] | None:
     """The bare pod back under its name, a new pod, not Failed, with its own request (no loan)."""
     try:
@@ -216,46 +210,126 @@ def brought_back(scenario: Scenario, name: str, failed_uid: str) -> dict[str, An
     return pod if limits(pod) == {"nvidia.com/mig-1g.5gb": "1"} else None
 
 
-@pytest.mark.xfail(
-    raises=NotBroughtBack,  # only the last step: every step before it must pass
-    reason="issue 19: migchain does not yet notice a pod the kubelet rejected (UnexpectedAdmissionError): "
-    "the bare borrower stays Failed, lost",
-)
-def test_a_bare_borrower_the_kubelet_rejects_for_a_slice_taken_behind_migchains_back_is_brought_back(
-    scenario: Scenario, on_node: RealNode
-):
-    cluster = scenario.cluster
-    real_pod(scenario, "fits", {"1g.5gb": 1})
-    wait_until(lambda: running(scenario, "fits"), 60, "fits to run")
-    # migchain stalls between deleting the bare pod and creating its borrowing copy, as on a slow API server;
-    # meanwhile a pod bound straight to the node takes the 2g.10gb it is about to give.
-    cluster.extender.env = {**os.environ, "MIGCHAIN_FAILPOINTS": "bare-after-delete@6"}
+def gone_or_replaced(scenario: Scenario, name: str, uid: str) -> bool:
+    try:
+        return bool(scenario.pod(name)["metadata"]["uid"] != uid)
+    except ApiError:
+        return True
+
+
+@contextlib.contextmanager
+def extender_stalls(cluster: Cluster, failpoint: str) -> Iterator[None]:
+    """migchain's extender stalls 6 s at `failpoint` of a borrow, as on a slow API server."""
+    cluster.extender.env = {**os.environ, "MIGCHAIN_FAILPOINTS": f"{failpoint}@6"}
     cluster.restart_extender(kill=False)
     try:
-        original = real_pod(scenario, "borrows", {"1g.5gb": 1})
-        wait_until(lambda: gone_or_replaced(scenario, "borrows", original["metadata"]["uid"]), 30, "the delete")
-        sneak = mig_pod("sneak", scenario.test, {"2g.10gb": 1}, spec={"nodeName": NODE})
-        sneak["spec"]["containers"][0] |= {
-            "image": BUSYBOX_IMAGE,
-            "imagePullPolicy": "Never",
-            "command": ["/bin/busybox", "sleep", "3600"],
-        }
-        scenario.api.create(path("api", "v1", "namespaces", scenario.namespace, "pods"), sneak)
-        wait_until(lambda: running(scenario, "sneak"), 30, "the pod behind migchain's back to run")
-
-        def rejected() -> dict[str, Any] | None:
-            pod = scenario.pod("borrows")
-            return pod if pod.get("status", {}).get("reason") == "UnexpectedAdmissionError" else None
-
-        # What the kubelet does (and what the fake kubelet never did): it refuses the borrowing copy.
-        failed = wait_until(rejected, 60, "the kubelet to reject the borrowing copy")
-        assert failed["status"]["phase"] == "Failed"
-        assert "requested number of devices unavailable" in failed["status"]["message"]
+        yield
     finally:
         cluster.extender.env = None
         cluster.restart_extender(kill=False)
-    assert scenario.events("borrows", "UnexpectedAdmissionError")
-    try:
-        wait_until(lambda: brought_back(scenario, "borrows", failed["metadata"]["uid"]), 60, "borrows to come back")
-    except TimeoutError as error:
-        raise NotBroughtBack(str(error)) from error
+
+
+def sneak_in(scenario: Scenario) -> None:
+    """A pod bound straight to the node takes its 2g.10gb, behind migchain's back, and runs."""
+    sneak = mig_pod("sneak", scenario.test, {"2g.10gb": 1}, spec={"nodeName": NODE})
+    sneak["spec"]["containers"][0] |= {
+        "image": BUSYBOX_IMAGE,
+        "imagePullPolicy": "Never",
+        "command": ["/bin/busybox", "sleep", "3600"],
+    }
+    scenario.api.create(path("api", "v1", "namespaces", scenario.namespace, "pods"), sneak)
+    wait_until(lambda: running(scenario, "sneak"), 30, "the pod behind migchain's back to run")
+
+
+def refused_by_kubelet(scenario: Scenario, name: str) -> dict[str, Any]:
+    """What the kubelet does (and what the fake kubelet never did): it refuses the borrowing copy."""
+
+    def refused() -> dict[str, Any] | None:
+        pod = scenario.pod(name)
+        return pod if pod.get("status", {}).get("reason") == "UnexpectedAdmissionError" else None
+
+    failed: dict[str, Any] = wait_until(refused, 60, f"the kubelet to refuse {name}")
+    assert failed["status"]["phase"] == "Failed"
+    assert "requested number of devices unavailable" in failed["status"]["message"]
+    assert scenario.events(name, "UnexpectedAdmissionError")
+    return failed
+
+
+def test_a_bare_borrower_the_kubelet_rejects_for_a_slice_taken_behind_migchains_back_is_brought_back(
+    scenario: Scenario, on_node: RealNode
+):
+    real_pod(scenario, "fits", {"1g.5gb": 1})
+    wait_until(lambda: running(scenario, "fits"), 60, "fits to run")
+    # migchain stalls between deleting the bare pod and creating its borrowing copy; meanwhile a pod bound
+    # straight to the node takes the 2g.10gb it is about to give.
+    with extender_stalls(scenario.cluster, "bare-after-delete"):
+        original = real_pod(scenario, "borrows", {"1g.5gb": 1})
+        wait_until(lambda: gone_or_replaced(scenario, "borrows", original["metadata"]["uid"]), 30, "the delete")
+        sneak_in(scenario)
+        failed = refused_by_kubelet(scenario, "borrows")
+    back = wait_until(lambda: brought_back(scenario, "borrows", failed["metadata"]["uid"]), 60, "borrows to come back")
+    assert not back["spec"].get("nodeName")  # pending: the node is full
+    [event] = scenario.events("borrows", "TurnedAway")
+    assert "brought back pending under its name" in event
+    # The refused copy held nothing: once the pod behind migchain's back goes, borrows gets its 2g.10gb.
+    scenario.api.delete(path("api", "v1", "namespaces", scenario.namespace, "pods", "sneak"), {"gracePeriodSeconds": 1})
+    runs = wait_until(lambda: running(scenario, "borrows", failed["metadata"]["uid"]), 90, "borrows to run")
+    assert granted(on_node, runs)[1] == "2g.10gb"
+
+
+def test_an_owned_borrower_the_kubelet_rejects_is_left_to_its_controller_and_its_slices_are_not_counted(
+    scenario: Scenario, on_node: RealNode
+):
+    real_pod(scenario, "fits", {"1g.5gb": 1})
+    wait_until(lambda: running(scenario, "fits"), 60, "fits to run")
+    trainer = replica_set("trainer", scenario.test, {"1g.5gb": 1}, 1)
+    trainer["spec"]["template"]["spec"]["containers"][0] |= {
+        "image": BUSYBOX_IMAGE,
+        "imagePullPolicy": "Never",
+        "command": ["/bin/busybox", "sleep", "3600"],
+    }
+    trainer["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 1
+    # migchain stalls before it creates the borrowing copy (once it has marked the original cheapest to delete).
+    with extender_stalls(scenario.cluster, "owned-before-create"):
+        owner = scenario.api.create(
+            path("apis", "apps", "v1", "namespaces", scenario.namespace, "replicasets"), trainer
+        )
+        wait_until(lambda: marked_cheapest(scenario), 30, "migchain to start the borrow")
+        sneak_in(scenario)
+        copy = wait_until(lambda: owned_copy(scenario, owner["metadata"]["uid"]), 30, "the borrowing copy")
+        failed = refused_by_kubelet(scenario, copy["metadata"]["name"])
+    wait_until(lambda: scenario.events(copy["metadata"]["name"], "TurnedAway"), 30, "migchain's TurnedAway event")
+    assert "left to its controller" in scenario.events(copy["metadata"]["name"], "TurnedAway")[0]
+    assert scenario.pod(copy["metadata"]["name"])["metadata"]["uid"] == failed["metadata"]["uid"]  # left as it is
+    # Its slices are not counted: the 2g.10gb is the pod's behind migchain's back, and only its.
+    wait_until(lambda: slices_in_status(scenario)[G2]["used"] == 1, 30, "migchain to count the 2g.10gb once")
+    assert slices_in_status(scenario)[G2] == {"allocatable": 1, "used": 1, "borrowed": 0, "free": 0}
+    # The ReplicaSet's new pod borrows it once that pod goes, and runs.
+    scenario.api.delete(path("api", "v1", "namespaces", scenario.namespace, "pods", "sneak"), {"gracePeriodSeconds": 1})
+    fresh = wait_until(
+        lambda: (
+            (pod := owned_copy(scenario, owner["metadata"]["uid"], but=failed["metadata"]["uid"]))
+            and running(scenario, pod["metadata"]["name"])
+        ),
+        90,
+        "the ReplicaSet's new pod to borrow the 2g.10gb and run",
+    )
+    assert granted(on_node, fresh)[1] == "2g.10gb"
+
+
+def marked_cheapest(scenario: Scenario) -> bool:
+    """Whether migchain marked a ReplicaSet's pending pod the cheapest to delete: its borrow has begun."""
+    return any(
+        (pod["metadata"].get("annotations") or {}).get(DELETION_COST) == str(LOWEST_DELETION_COST)
+        for pod in scenario.pods()
+    )
+
+
+def owned_copy(scenario: Scenario, owner_uid: str, but: str = "") -> dict[str, Any] | None:
+    """The owner's borrowing copy (any but the pod `but`), once there is one."""
+    for pod in scenario.pods():
+        owners = [ref.get("uid") for ref in pod["metadata"].get("ownerReferences") or []]
+        annotations = pod["metadata"].get("annotations") or {}
+        if owner_uid in owners and "migchain.io/replaced-uid" in annotations and pod["metadata"]["uid"] != but:
+            return pod
+    return None

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from extender.config import load_rules
-from extender.core.cluster import NodeState, pod_request
+from extender.core.cluster import NodeState, pod_mig_requests, pod_request
 from extender.core.decide import Placement, place
-from extender.core.loan import plan_borrow
+from extender.core.loan import LOAN_SIGNATURE_ANNOTATION, RESTARTS_ANNOTATION, loan_signature, plan_borrow
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = load_rules([ROOT / "chains" / "a100-40gb.yaml"])
@@ -51,10 +51,21 @@ def pod(
 
 
 def borrower(
-    name: str, requests: dict[str, int], node_name: str, free: dict[str, int], created: str = "2026-11-25T10:00:00Z"
+    name: str,
+    requests: dict[str, int],
+    node_name: str,
+    free: dict[str, int],
+    created: str = "2026-11-25T10:00:00Z",
+    *,
+    restarts: int = 0,
 ) -> dict[str, Any]:
-    """The pod a borrow on `node_name` (with `free` slices) puts in place of pending pod `name`, as listed later."""
+    """The pod a borrow on `node_name` (with `free` slices) puts in place of pending pod `name`, as listed later;
+    `restarts`: migchain restarted the pod that many times before (a count it signed)."""
     original = pod(name, requests, phase="Pending")
+    if restarts:
+        annotations = {RESTARTS_ANNOTATION: str(restarts)}
+        signature = loan_signature(LOAN_KEY, "ml", name, pod_mig_requests(original["spec"]), annotations)
+        original["metadata"]["annotations"] = annotations | {LOAN_SIGNATURE_ANNOTATION: signature}
     verdict = place(pod_request(original), NodeState(node_name, A100, "success", free, {}), node_name, RULES)
     assert isinstance(verdict, Placement) and verdict.borrows
     replacement: dict[str, Any] = dict(plan_borrow(original, verdict, LOAN_KEY).replacement)

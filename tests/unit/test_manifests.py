@@ -141,7 +141,7 @@ API_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
             Access(EXTENDER, "update", "leases", NAMESPACE, group="coordination.k8s.io", name="migchain-extender"),
         ],
     ),
-    ("extender/kube/returner.py", "get"): (1, [Access(RETURNER, "get", "pods", TEAM)]),
+    ("extender/kube/returner.py", "get"): (2, [Access(RETURNER, "get", "pods", TEAM)]),
     ("extender/kube/preemptor.py", "get"): (1, [Access(RETURNER, "get", "pods", TEAM)]),
     # The admin's commands (`migchain status`, ...) with the user's kubeconfig, or
     # in the extender's pod (kubectl exec) with its ServiceAccount.
