@@ -11,13 +11,14 @@ import pytest
 from extender.kube.api import path
 from tests.e2e.conftest import Scenario
 from tests.e2e.controlplane import wait_until
-from tests.e2e.fleet import create_node, pod_template
+from tests.e2e.fleet import SUCCEED_AFTER, create_node, pod_template
 
 pytestmark = pytest.mark.e2e
 
 A100 = "NVIDIA-A100-SXM4-40GB"
 G1 = "nvidia.com/mig-1g.5gb"
 G2 = "nvidia.com/mig-2g.10gb"
+JOB_RUNS_FOR = 8  # seconds each of the Job's pods runs once started: past the checks made while they run
 LOAN_KEYS = ("migchain.io/original-requests", "migchain.io/borrowed-requests", "migchain.io/chain", "migchain.io/steps")
 
 
@@ -110,7 +111,7 @@ def test_a_job_borrows_and_is_not_charged_a_failure(scenario: Scenario):
                 "completions": 2,
                 "backoffLimit": 0,  # a single failure would fail the Job
                 "template": {
-                    **template(scenario, {}),
+                    "metadata": {"annotations": {SUCCEED_AFTER: f"{JOB_RUNS_FOR}s"}},  # kwok ends them, exit 0
                     "spec": {**template(scenario, {})["spec"], "restartPolicy": "Never"},
                 },
             },
@@ -133,9 +134,7 @@ def test_a_job_borrows_and_is_not_charged_a_failure(scenario: Scenario):
     status = scenario.api.get(path("apis", "batch", "v1", "namespaces", scenario.namespace, "jobs", "train"))["status"]
     assert status.get("failed", 0) == 0, status
     assert status.get("active") == 2, status
-    # The borrowers complete; the Job succeeds on them.
-    for pod in pods:
-        scenario.set_phase(pod["metadata"]["name"], "Succeeded")
+    # The borrowers run their time and complete; the Job succeeds on them.
     wait_until(
         lambda: (
             scenario.api.get(path("apis", "batch", "v1", "namespaces", scenario.namespace, "jobs", "train"))[
@@ -143,9 +142,11 @@ def test_a_job_borrows_and_is_not_charged_a_failure(scenario: Scenario):
             ].get("succeeded")
             == 2
         ),
-        30,
+        JOB_RUNS_FOR + 30,
         "the Job to count 2 successes",
     )
+    ended = {pod["metadata"]["uid"] for pod in live_pods(scenario, owner) if pod["status"].get("phase") == "Succeeded"}
+    assert ended == {pod["metadata"]["uid"] for pod in pods}  # the borrowers themselves, not restarted copies
     print("Job events:", reasons(scenario, "Job", "train"))
 
 
