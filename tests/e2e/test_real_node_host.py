@@ -1,0 +1,126 @@
+"""Two real nodes at once (two runs on one host) do not collide, and stopping them leaves the host as it was found:
+its cgroups, kernel sysctls, mounts, network links, iptables and the fixed paths containerd and the kubelet use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from extender.kube.api import path
+from tests.e2e.conftest import Scenario
+from tests.e2e.controlplane import wait_until
+from tests.e2e.fleet import FAKE_NODE_LABEL, gpu_node
+from tests.e2e.realnode import RealNode
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.realnode,
+    pytest.mark.skipif(
+        os.environ.get("MIGCHAIN_E2E_REALNODE") != "1" or os.geteuid() != 0,
+        reason="a real kubelet and containerd: opt in with MIGCHAIN_E2E_REALNODE=1, as root",
+    ),
+]
+
+EAGER_GPU = "TEST-EAGER-GPU"
+LAYOUT = {"1g.5gb": 1}
+# The kernel settings the kubelet sets (setupKernelTunables), all of them global to the host.
+SYSCTLS = (
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+)
+# Where containerd, the kubelet and the CNI plugins write by default.
+FIXED_PATHS = (
+    "/opt/containerd",
+    "/etc/containerd",
+    "/etc/cni",
+    "/etc/kubernetes",
+    "/var/lib/containerd",
+    "/var/lib/kubelet",
+    "/var/lib/cni",
+    "/var/log/pods",
+    "/var/log/containers",
+    "/run/containerd",
+    "/run/netns",
+    "/run/migchain-e2e-sysctls.json",
+)
+# A node another run (another worktree, CI) has on this host: its cgroup root comes and goes as it pleases.
+OTHER_RUNS = re.compile(rf"^(kubepods|migchain-e2e-.*-(?!{os.getpid()}$)\d+)$")
+
+
+def cgroup_mounts() -> list[Path]:
+    lines = Path("/proc/self/mounts").read_text().splitlines()
+    return [Path(line.split()[1]) for line in lines if line.split()[2] in ("cgroup", "cgroup2")]
+
+
+def other_runs() -> set[str]:
+    return {entry.name for mount in cgroup_mounts() for entry in mount.iterdir() if OTHER_RUNS.match(entry.name)}
+
+
+def host_state() -> dict[str, Any]:
+    """What a node could change on the host, read from the host's namespaces."""
+    cgroups = {
+        str(mount / entry.name)
+        for mount in cgroup_mounts()
+        for entry in mount.iterdir()
+        if entry.is_dir() and not OTHER_RUNS.match(entry.name)
+    }
+    mounts = sorted(" ".join(line.split()[:3]) for line in Path("/proc/self/mounts").read_text().splitlines())
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    state: dict[str, Any] = {
+        "cgroups": cgroups,
+        "sysctls": {key: Path("/proc/sys", key).read_text() for key in SYSCTLS},
+        "mounts": mounts,
+        "links": sorted(line.split(":")[1].strip() for line in links.splitlines()),
+        "fixed paths": sorted(path for path in FIXED_PATHS if os.path.lexists(path)),
+        "other runs": bool(other_runs()),
+    }
+    with contextlib.suppress(FileNotFoundError):
+        rules = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+        state["iptables"] = sorted(re.sub(r"\[\d+:\d+\]", "", line) for line in rules.splitlines() if line[:1] in ":-")
+    return state
+
+
+def node_labels(name: str, test: str) -> dict[str, str]:
+    labels = dict(gpu_node(name, EAGER_GPU, LAYOUT, test)[0]["metadata"]["labels"])
+    del labels[FAKE_NODE_LABEL]  # kwok leaves this node to the real kubelet
+    return labels
+
+
+def advertises(scenario: Scenario, name: str) -> bool:
+    status = scenario.api.get(path("api", "v1", "nodes", name))["status"]
+    conditions = {item["type"]: item["status"] for item in status.get("conditions", [])}
+    return conditions.get("Ready") == "True" and status.get("allocatable", {}).get("nvidia.com/mig-1g.5gb") == "1"
+
+
+def test_two_real_nodes_run_at_once_and_leave_the_host_as_they_found_it(scenario: Scenario):
+    before = host_state()
+    names = ["realnode-a", "realnode-b"]
+    nodes = [RealNode(scenario.cluster.plane, name, LAYOUT, node_labels(name, scenario.test)) for name in names]
+    try:
+        for node in nodes:
+            node.start()
+        for name in names:
+            wait_until(lambda n=name: advertises(scenario, n), 60, f"{name} to be Ready with its MIG slice")
+        # Each kubelet did change the host: there is something to put back.
+        assert Path("/proc/sys/vm/overcommit_memory").read_text() == "1\n"
+        assert all((mount / node.cgroup_root).is_dir() for mount in cgroup_mounts() for node in nodes)
+    finally:
+        # The first to start stops first: the node that found the host as it was is not the last to leave.
+        for node in nodes:
+            node.stop()
+    after = host_state()
+    if any([before.pop("other runs"), after.pop("other runs")]):
+        # Another run's kubelet sets the sysctls too; they are put back when the last node on the host stops.
+        del before["sysctls"], after["sysctls"]
+    assert after == before
