@@ -8,8 +8,10 @@ host's kube-apiserver, so the same kubeconfig works. What the kubelet changes
 outside is the node's own or put back on stop: its cgroups are under a cgroup root
 of its own (so two runs on one host never meet), and the kernel sysctls it sets are
 written back when the last node on the host stops.
-Needs root, Debian's containerd, runc and containernetworking-plugins (installed
-when missing) and the kubelet and migdeviceplugin of tests/e2e/kube/build.sh.
+Needs root, Debian's containerd, runc, containernetworking-plugins and busybox-static
+(tests/e2e/kube/node-packages.sh installs them when missing) and the kubelet,
+migdeviceplugin and pause of tests/e2e/kube/build.sh. `make test` runs the tests as
+root; otherwise (or with MIGCHAIN_E2E_REALNODE=0) they are skipped, saying why.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.e2e.controlplane import ADMIN_TOKEN, BIN, ROOT, ControlPlane, Process, wait_until
@@ -69,10 +72,27 @@ def missing_packages() -> list[str]:
 
 
 def install_packages() -> None:
-    """Installs what is missing from Debian (CI runs as root on a fresh machine)."""
-    missing = missing_packages()
-    if missing:
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing], check=True)
+    """Installs what is missing from Debian, as `make test` does before (CI runs as root on a fresh machine)."""
+    if missing_packages():
+        subprocess.run(["bash", str(ROOT / "tests" / "e2e" / "kube" / "node-packages.sh")], check=True)
+
+
+def unavailable() -> str:
+    """Why the real-node tests cannot run here ("" if they can): they are skipped with this reason."""
+    if os.environ.get("MIGCHAIN_E2E_REALNODE") == "0":
+        return "real-node tests turned off (MIGCHAIN_E2E_REALNODE=0)"
+    if os.geteuid() != 0:
+        return (
+            "a real kubelet and containerd need root: run `make test` as root (or, as root, "
+            "`.venv/bin/pytest -m realnode`); MIGCHAIN_E2E_REALNODE=0 turns them off"
+        )
+    if missing_packages() and not shutil.which("apt-get"):
+        return f"{' '.join(missing_packages())} missing and no apt-get: install them, or set MIGCHAIN_E2E_REALNODE=0"
+    return ""
+
+
+# The marks of every real-node test module (its `pytestmark`): part of the default selection, skipped only here.
+REALNODE_MARKS = [pytest.mark.e2e, pytest.mark.realnode, pytest.mark.skipif(bool(unavailable()), reason=unavailable())]
 
 
 # -- images -------------------------------------------------------------------
@@ -588,4 +608,4 @@ def real_node(plane: ControlPlane, name: str, layout: dict[str, int], labels: di
         node.stop()
 
 
-__all__ = ["ROOT", "RealNode", "real_node"]
+__all__ = ["REALNODE_MARKS", "ROOT", "RealNode", "real_node"]

@@ -11,22 +11,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from extender.kube.api import path
 from tests.e2e.conftest import Scenario
 from tests.e2e.controlplane import wait_until
 from tests.e2e.fleet import FAKE_NODE_LABEL, gpu_node
-from tests.e2e.realnode import RealNode
+from tests.e2e.realnode import REALNODE_MARKS, RealNode
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.realnode,
-    pytest.mark.skipif(
-        os.environ.get("MIGCHAIN_E2E_REALNODE") != "1" or os.geteuid() != 0,
-        reason="a real kubelet and containerd: opt in with MIGCHAIN_E2E_REALNODE=1, as root",
-    ),
-]
+pytestmark = REALNODE_MARKS
 
 EAGER_GPU = "TEST-EAGER-GPU"
 LAYOUT = {"1g.5gb": 1}
