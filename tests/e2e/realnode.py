@@ -59,6 +59,7 @@ KERNEL_SYSCTLS = (
 SYSCTL_LEDGER = Path("/run/migchain-e2e-sysctls.json")
 NODE_IP, NODE_GATEWAY = "10.255.0.1", "10.255.0.2"  # inside the node's network namespace only
 PRIVATE_DIRS = ("/run", "/var/log", "/var/lib")
+UNIX_PATH_MAX = 104  # what containerd accepts for its sockets (its ttrpc one is named <socket>.ttrpc)
 CGROUP_ROOT_PREFIX = "migchain-e2e-"  # a node's cgroup root: migchain-e2e-<node>-<pid of the test run>
 
 
@@ -240,6 +241,8 @@ class RealNode:
             if not (NODE_BIN / binary).exists():
                 raise RuntimeError(f"{NODE_BIN / binary} is missing: run tests/e2e/kube/build.sh")
         self.folder = self.plane.folder / f"node-{self.name}"
+        if len(f"{self.containerd_socket}.ttrpc") > UNIX_PATH_MAX:
+            raise RuntimeError(f"{self.containerd_socket}: too long for a unix socket: a shorter node name")
         self.folder.mkdir(parents=True, exist_ok=True)
         _remove_stale_cgroup_roots()
         self.cgroup_root = f"{CGROUP_ROOT_PREFIX}{self.name}-{os.getpid()}"
