@@ -8,14 +8,18 @@ import contextlib
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from extender.kube.api import path
+from tests.e2e import realnode
 from tests.e2e.conftest import Scenario
 from tests.e2e.controlplane import wait_until
 from tests.e2e.fleet import FAKE_NODE_LABEL, gpu_node
-from tests.e2e.realnode import REALNODE_MARKS, RealNode
+from tests.e2e.realnode import REALNODE_MARKS, ROOT, SYSCTL_LEDGER, RealNode
 
 pytestmark = REALNODE_MARKS
 
@@ -115,3 +119,34 @@ def test_two_real_nodes_run_at_once_and_leave_the_host_as_they_found_it(scenario
         # Another run's kubelet sets the sysctls too; they are put back when the last node on the host stops.
         del before["sysctls"], after["sysctls"]
     assert after == before
+
+
+def test_what_a_killed_run_left_is_put_back_by_the_next_node_to_start():
+    if SYSCTL_LEDGER.exists():
+        pytest.skip("another run's nodes are on this host: the sysctls are theirs until they stop")
+    before = host_state()
+    # A run whose node took the sysctls and made its cgroup root, then was killed (SIGKILL) before its stop ran,
+    # with kernel.panic as its kubelet set it.
+    killed = (
+        "import os, pathlib; from tests.e2e import realnode; "
+        "realnode._take_sysctls({'pid': os.getpid(), 'node': 'killed'}); "
+        "realnode._make_cgroup_root(f'migchain-e2e-killed-{os.getpid()}'); "
+        "pathlib.Path('/proc/sys/kernel/panic').write_text('10'); "
+        "os.kill(os.getpid(), 9)"
+    )
+    subprocess.run([sys.executable, "-c", killed], cwd=ROOT, check=False)
+    assert Path("/proc/sys/kernel/panic").read_text() == "10\n"
+    assert killed_roots() == len(cgroup_mounts())
+    # What a node's start and stop do on the host, without the rest of the node.
+    holder = {"pid": os.getpid(), "node": "next"}
+    realnode._remove_stale_cgroup_roots()
+    realnode._take_sysctls(holder)
+    realnode._release_sysctls(holder)
+    assert killed_roots() == 0
+    after = host_state()
+    del before["other runs"], after["other runs"]
+    assert after == before
+
+
+def killed_roots() -> int:
+    return sum(1 for mount in cgroup_mounts() for entry in mount.glob("migchain-e2e-killed-*"))
