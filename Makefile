@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: run serve test lint unit e2e control-plane bench clean
+.PHONY: run serve test lint unit e2e control-plane node-packages bench clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,17 @@ serve: $(STAMP)
 	$(BIN)/migchain-extender --bind 127.0.0.1:8888 \
 	  --chains chains/a100-40gb.yaml chains/a100-80gb.yaml chains/a30-24gb.yaml chains/h100-80gb.yaml chains/h200-141gb.yaml
 
-## test: the whole suite: lint, types, import contracts, then every test (unit, property, e2e)
-test: lint control-plane
+## test: the whole suite: lint, types, import contracts, then every test (unit, property, e2e; the real-node ones as root)
+test: lint control-plane node-packages
 	$(BIN)/pytest
 
-## control-plane: build kube-apiserver, kube-scheduler, kube-controller-manager, kubectl, etcd, kwok (cached)
+## control-plane: build kube-apiserver, kube-scheduler, kube-controller-manager, kubectl, etcd, kwok, and for the real node kubelet, migdeviceplugin, pause (cached)
 control-plane:
 	bash tests/e2e/kube/build.sh
+
+## node-packages: as root, install containerd, runc, the CNI plugins and busybox-static from Debian when missing (the real-node tests; MIGCHAIN_E2E_REALNODE=0 turns them off)
+node-packages:
+	bash tests/e2e/kube/node-packages.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -39,7 +43,7 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -m "not e2e"
 
-e2e: $(STAMP) control-plane
+e2e: $(STAMP) control-plane node-packages
 	$(BIN)/pytest -m e2e
 
 ## bench: the efficiency benchmark (simulator; about two minutes)

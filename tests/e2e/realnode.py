@@ -5,15 +5,20 @@ The three processes run in one mount and network namespace (held by an
 network namespaces and the kubelet's iptables chains stay in it and go with it.
 A relay started in that network namespace forwards 127.0.0.1:<api port> to the
 host's kube-apiserver, so the same kubeconfig works. What the kubelet changes
-outside (kernel sysctls, cgroups under /kubepods) is put back on stop.
-Needs root, Debian's containerd, runc and containernetworking-plugins (installed
-when missing) and the kubelet and migdeviceplugin of tests/e2e/kube/build.sh.
+outside is the node's own or put back on stop: its cgroups are under a cgroup root
+of its own (so two runs on one host never meet), and the kernel sysctls it sets are
+written back when the last node on the host stops.
+Needs root, Debian's containerd, runc, containernetworking-plugins and busybox-static
+(tests/e2e/kube/node-packages.sh installs them when missing) and the kubelet,
+migdeviceplugin and pause of tests/e2e/kube/build.sh. `make test` runs the tests as
+root; otherwise (or with MIGCHAIN_E2E_REALNODE=0) they are skipped, saying why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import io
 import json
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.e2e.controlplane import ADMIN_TOKEN, BIN, ROOT, ControlPlane, Process, wait_until
@@ -40,10 +46,21 @@ PAUSE_IMAGE = "migchain.local/pause:e2e"
 BUSYBOX_IMAGE = "migchain.local/busybox:e2e"
 DEBIAN_PACKAGES = {"containerd": "containerd", "runc": "runc", "/usr/lib/cni/bridge": "containernetworking-plugins"}
 DEBIAN_PACKAGES["/bin/busybox"] = "busybox-static"
-KERNEL_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")  # the kubelet sets them
+# What the kubelet sets (its setupKernelTunables), global to the host.
+KERNEL_SYSCTLS = (
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+)
+# The sysctls as the first node on the host found them, and the nodes now running: the last to stop puts them back.
+SYSCTL_LEDGER = Path("/run/migchain-e2e-sysctls.json")
 NODE_IP, NODE_GATEWAY = "10.255.0.1", "10.255.0.2"  # inside the node's network namespace only
 PRIVATE_DIRS = ("/run", "/var/log", "/var/lib")
-CGROUP_ROOT = "kubepods"  # what the kubelet creates under every cgroup v1 hierarchy with cgroupsPerQOS
+UNIX_PATH_MAX = 104  # what containerd accepts for its sockets (its ttrpc one is named <socket>.ttrpc)
+CGROUP_ROOT_PREFIX = "migchain-e2e-"  # a node's cgroup root: migchain-e2e-<node>-<pid of the test run>
 
 
 def missing_packages() -> list[str]:
@@ -56,10 +73,27 @@ def missing_packages() -> list[str]:
 
 
 def install_packages() -> None:
-    """Installs what is missing from Debian (CI runs as root on a fresh machine)."""
-    missing = missing_packages()
-    if missing:
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing], check=True)
+    """Installs what is missing from Debian, as `make test` does before (CI runs as root on a fresh machine)."""
+    if missing_packages():
+        subprocess.run(["bash", str(ROOT / "tests" / "e2e" / "kube" / "node-packages.sh")], check=True)
+
+
+def unavailable() -> str:
+    """Why the real-node tests cannot run here ("" if they can): they are skipped with this reason."""
+    if os.environ.get("MIGCHAIN_E2E_REALNODE") == "0":
+        return "real-node tests turned off (MIGCHAIN_E2E_REALNODE=0)"
+    if os.geteuid() != 0:
+        return (
+            "a real kubelet and containerd need root: run `make test` as root (or, as root, "
+            "`.venv/bin/pytest -m realnode`); MIGCHAIN_E2E_REALNODE=0 turns them off"
+        )
+    if missing_packages() and not shutil.which("apt-get"):
+        return f"{' '.join(missing_packages())} missing and no apt-get: install them, or set MIGCHAIN_E2E_REALNODE=0"
+    return ""
+
+
+# The marks of every real-node test module (its `pytestmark`): part of the default selection, skipped only here.
+REALNODE_MARKS = [pytest.mark.e2e, pytest.mark.realnode, pytest.mark.skipif(bool(unavailable()), reason=unavailable())]
 
 
 # -- images -------------------------------------------------------------------
@@ -196,20 +230,25 @@ class RealNode:
     folder: Path = Path()
     holder: Process | None = None
     processes: dict[str, Process] = field(default_factory=dict)
-    sysctls: dict[str, str] = field(default_factory=dict)
     listener: socket.socket | None = None
     relayed: set[socket.socket] = field(default_factory=set)  # the relay's open connections, both ends
+    cgroup_root: str = ""  # the kubelet's cgroupRoot, in every cgroup hierarchy; this node's alone
+    holds_sysctls: bool = False
 
     def start(self) -> None:
         install_packages()
         for binary in ("kubelet", "migdeviceplugin", "pause"):
             if not (NODE_BIN / binary).exists():
                 raise RuntimeError(f"{NODE_BIN / binary} is missing: run tests/e2e/kube/build.sh")
-        if any(Path("/sys/fs/cgroup", hierarchy, CGROUP_ROOT).exists() for hierarchy in _hierarchies()):
-            raise RuntimeError(f"/sys/fs/cgroup/*/{CGROUP_ROOT} exists: another kubelet runs on this host")
         self.folder = self.plane.folder / f"node-{self.name}"
+        if len(f"{self.containerd_socket}.ttrpc") > UNIX_PATH_MAX:
+            raise RuntimeError(f"{self.containerd_socket}: too long for a unix socket: a shorter node name")
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.sysctls = {key: Path("/proc/sys", key).read_text() for key in KERNEL_SYSCTLS}
+        _remove_stale_cgroup_roots()
+        self.cgroup_root = f"{CGROUP_ROOT_PREFIX}{self.name}-{os.getpid()}"
+        _make_cgroup_root(self.cgroup_root)
+        _take_sysctls(self._sysctl_holder)
+        self.holds_sysctls = True
         self.holder = Process(
             "node-namespaces",
             ["unshare", "--mount", "--net", "--propagation", "private", "--", "sleep", "infinity"],
@@ -310,6 +349,9 @@ state = "{state}/state"
     conf_dir = "{cni}"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
     runtime_type = "io.containerd.runc.v2"
+# Not the host's /opt/containerd, which containerd creates by default.
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{state}/opt"
 """
         )
         self._process("containerd", ["containerd", f"--config={config}"])
@@ -337,6 +379,9 @@ state = "{state}/state"
                     "kind": "KubeletConfiguration",
                     "failCgroupV1": False,  # this machine has a cgroup v1 hybrid
                     "cgroupDriver": "cgroupfs",  # containerd 1.6 lacks the RuntimeConfig RPC
+                    # Its pods' cgroups under a root of its own, not the host-wide /kubepods another node would use.
+                    "cgroupsPerQOS": True,
+                    "cgroupRoot": f"/{self.cgroup_root}",
                     "failSwapOn": False,
                     "resolvConf": "",
                     "address": "127.0.0.1",  # the node's own loopback: anonymous and AlwaysAllow reach no one else
@@ -427,9 +472,15 @@ state = "{state}/state"
                 end.shutdown(socket.SHUT_RDWR)
         if self.holder is not None:
             self.holder.stop()
-        for key, value in self.sysctls.items():
-            Path("/proc/sys", key).write_text(value)
-        _remove_cgroups()
+        if self.holds_sysctls:
+            _release_sysctls(self._sysctl_holder)
+            self.holds_sysctls = False
+        if self.cgroup_root:
+            _remove_cgroup_root(self.cgroup_root)
+
+    @property
+    def _sysctl_holder(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "node": self.name}
 
 
 def _kill_in_namespace(namespace: str, spare: int) -> None:
@@ -441,21 +492,113 @@ def _kill_in_namespace(namespace: str, spare: int) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
 
 
-def _hierarchies() -> list[str]:
-    return [entry.name for entry in Path("/sys/fs/cgroup").iterdir() if entry.is_dir() and not entry.is_symlink()]
+# -- host-wide state ----------------------------------------------------------
 
 
-def _remove_cgroups() -> None:
-    """Removes the kubelet's /kubepods tree in every hierarchy, deepest first (a cgroup goes once empty)."""
-    for hierarchy in _hierarchies():
-        top = Path("/sys/fs/cgroup", hierarchy, CGROUP_ROOT)
-        if not top.exists():
-            continue
-        for directory in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+def cgroup_mounts() -> list[Path]:
+    """Every cgroup hierarchy's mount point: each v1 controller's and the unified one (cgroup v2, or hybrid)."""
+    lines = Path("/proc/self/mounts").read_text().splitlines()
+    return sorted({Path(line.split()[1]) for line in lines if line.split()[2] in ("cgroup", "cgroup2")})
+
+
+def _make_cgroup_root(root: str) -> None:
+    """The kubelet refuses a cgroupRoot that does not exist in every hierarchy."""
+    for mount in cgroup_mounts():
+        directory = mount / root
+        directory.mkdir(exist_ok=True)
+        # A new v1 cpuset starts with no CPU and no memory node: no process could join it, nor its children.
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            if (directory / name).exists() and not (directory / name).read_text().strip():
+                (directory / name).write_text((mount / name).read_text())
+
+
+def _remove_cgroup_root(root: str, timeout: float = 15.0) -> None:
+    """Removes the node's cgroup tree in every hierarchy, deepest first (a cgroup goes once its processes have)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [mount / root for mount in cgroup_mounts() if (mount / root).exists()]
+        for top in left:
+            for directory in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
             with contextlib.suppress(OSError):
-                directory.rmdir()
-        with contextlib.suppress(OSError):
-            top.rmdir()
+                top.rmdir()
+        if not left or time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+
+
+def _remove_stale_cgroup_roots() -> None:
+    """The cgroup roots of runs that were killed (SIGKILL: their stop never ran), once empty."""
+    for mount in cgroup_mounts():
+        for entry in mount.glob(f"{CGROUP_ROOT_PREFIX}*-*"):
+            pid = entry.name.rsplit("-", 1)[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                _remove_cgroup_root(entry.name, timeout=0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _host_lock() -> Iterator[None]:
+    """One run at a time on the ledger, across processes. /run is locked (always there, never removed), not a
+    file of ours: a lock file could not be removed afterwards without a race."""
+    descriptor = os.open("/run", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _read_sysctls() -> dict[str, str]:
+    return {key: Path("/proc/sys", key).read_text() for key in KERNEL_SYSCTLS}
+
+
+def _write_sysctls(values: dict[str, str]) -> None:
+    for key, value in values.items():
+        Path("/proc/sys", key).write_text(value)
+
+
+def _write_ledger(ledger: dict[str, Any]) -> None:
+    written = SYSCTL_LEDGER.with_suffix(".new")  # then renamed: a run killed meanwhile leaves the ledger whole
+    written.write_text(json.dumps(ledger))
+    written.replace(SYSCTL_LEDGER)
+
+
+def _take_sysctls(holder: dict[str, Any]) -> None:
+    """Joins the ledger. The first node on the host records the sysctls as it found them. If every node before
+    was killed without stopping, what they found is put back first."""
+    with _host_lock():
+        ledger = json.loads(SYSCTL_LEDGER.read_text()) if SYSCTL_LEDGER.exists() else {}
+        nodes = [node for node in ledger.get("nodes", []) if _alive(node["pid"])]
+        if not nodes:
+            _write_sysctls(ledger.get("found", {}))
+            ledger["found"] = _read_sysctls()
+        ledger["nodes"] = [*nodes, holder]
+        _write_ledger(ledger)
+
+
+def _release_sysctls(holder: dict[str, Any]) -> None:
+    """Leaves the ledger; the last node to leave puts the sysctls back as the first found them."""
+    with _host_lock():
+        if not SYSCTL_LEDGER.exists():
+            return
+        ledger = json.loads(SYSCTL_LEDGER.read_text())
+        ledger["nodes"] = [node for node in ledger["nodes"] if node != holder and _alive(node["pid"])]
+        if ledger["nodes"]:
+            _write_ledger(ledger)
+        else:
+            _write_sysctls(ledger["found"])
+            SYSCTL_LEDGER.unlink()
 
 
 @contextlib.contextmanager
@@ -468,4 +611,4 @@ def real_node(plane: ControlPlane, name: str, layout: dict[str, int], labels: di
         node.stop()
 
 
-__all__ = ["ROOT", "RealNode", "real_node"]
+__all__ = ["REALNODE_MARKS", "ROOT", "RealNode", "real_node"]

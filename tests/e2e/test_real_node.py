@@ -1,9 +1,10 @@
 """On a real node (tests/e2e/realnode.py): real kubelet admission and real containers for an exact fit, a borrow and
 a return.
 
-Needs root, and the kubelet, migdeviceplugin and pause of tests/e2e/kube/build.sh (MIGCHAIN_E2E_NODE_BIN names
-their folder when it is not .cache/kube/bin). Not part of `make test` yet: run with
-    MIGCHAIN_E2E_REALNODE=1 .venv/bin/pytest -m realnode tests/e2e/test_real_node.py
+Part of `make test` when run as root (skipped otherwise, or with MIGCHAIN_E2E_REALNODE=0). Alone:
+    .venv/bin/pytest -m realnode tests/e2e/test_real_node.py
+It needs the kubelet, migdeviceplugin and pause of tests/e2e/kube/build.sh (MIGCHAIN_E2E_NODE_BIN names their
+folder when it is not .cache/kube/bin).
 """
 
 from __future__ import annotations
@@ -24,17 +25,10 @@ from extender.kube.api import ApiError, path
 from tests.e2e.conftest import Cluster, Scenario
 from tests.e2e.controlplane import wait_until
 from tests.e2e.fleet import FAKE_NODE_LABEL, TEST_LABEL, gpu_node, mig_pod, replica_set
-from tests.e2e.realnode import BUSYBOX_IMAGE, RealNode, real_node
+from tests.e2e.realnode import BUSYBOX_IMAGE, REALNODE_MARKS, RealNode, real_node
 from tests.e2e.test_status import status
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.realnode,
-    pytest.mark.skipif(
-        os.environ.get("MIGCHAIN_E2E_REALNODE") != "1" or os.geteuid() != 0,
-        reason="a real kubelet and containerd: opt in with MIGCHAIN_E2E_REALNODE=1, as root",
-    ),
-]
+pytestmark = REALNODE_MARKS
 
 NODE = "realnode-0"
 EAGER_GPU = "TEST-EAGER-GPU"  # tests/fixtures/chains/e2e-eager.yaml: 1g.5gb -> 2g.10gb -> 3g.20gb, eager returns
