@@ -29,6 +29,7 @@ class SimPolicy(enum.Enum):
     STATIC = "static"  # no borrowing: the plain mixed strategy
     EAGER = "eager"  # borrow, and return eagerly (the reference behaviour)
     ON_DEMAND = "on-demand"  # borrow, and return only when it unblocks a pending pod
+    NEVER = "never"  # borrow, and never return: what returns buy is measured against it
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def rules_for(policy: SimPolicy, rules: ChainRules) -> ChainRules:
     """The chains a policy runs with: none for static; the given ones with its return mode otherwise."""
     if policy is SimPolicy.STATIC:
         return ChainRules([])
-    mode = ReturnMode.EAGER if policy is SimPolicy.EAGER else ReturnMode.ON_DEMAND
+    mode = {SimPolicy.EAGER: ReturnMode.EAGER, SimPolicy.NEVER: ReturnMode.NEVER}.get(policy, ReturnMode.ON_DEMAND)
     return ChainRules(
         dataclasses.replace(chain, policy=dataclasses.replace(chain.policy, return_mode=mode)) for chain in rules.chains
     )
@@ -331,14 +332,14 @@ class _Run:
         self.metrics.finished = sum(1 for pod in self.pods.values() if pod.finished is not None)
         self.metrics.running_at_end = sum(1 for pod in self.pods.values() if pod.placement is not None)
         self.metrics.pending_at_end = len(self.pending) + len(self.jobs) - len(self.pods)
+        # A pod still pending when the run ends (never placed, or restarted and never placed again)
+        # is censored: it waited at least until the later of the horizon and the last event.
+        censored = max(self.now, end)
         waits = []
         for name, pod in self.pods.items():
             if not pod.placed_once:
                 self.metrics.never_placed += 1
-            elif name in self.pending:  # restarted and never placed again: it waited till the end
-                waits.append(pod.waited + self.now - pod.pending_since)
-            else:
-                waits.append(pod.waited)
+            waits.append(pod.waited + (censored - pod.pending_since if name in self.pending else 0.0))
         self.metrics.never_placed += len(self.jobs) - len(self.pods)
         if waits:
             waits.sort()

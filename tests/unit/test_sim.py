@@ -128,3 +128,30 @@ def test_a_bad_trace_row_names_the_line(tmp_path: Path):
     trace.write_text("name,arrival_s,type,runtime_s\na,0,1g.5gb,10\nb,oops,1g.5gb,10\n")
     with pytest.raises(ValueError, match=r"t\.csv:3: "):
         read_csv(trace)
+
+
+def test_never_on_a_tiny_trace_borrows_and_keeps_the_loan():
+    # b borrows the 2g at 0 and keeps it: c waits for b to finish at 100 (40 s), nothing is thrown away.
+    m = simulate(one_node(**{"1g.5gb": 1, "2g.10gb": 1}), RULES, TINY, SimPolicy.NEVER, horizon=160)
+    assert (m.borrows, m.restarts, m.lost_work_slice_hours) == (1, 0, 0)
+    assert m.mean_pending_s == pytest.approx(40 / 3)
+    assert m.useful_utilisation == pytest.approx((50 + 100 + 2 * 50) / (3 * 160))
+
+
+@given(jobs=traces())
+def test_never_returns_nothing_and_borrows_as_on_demand_does_where_on_demand_returns_nothing(jobs):
+    nodes = nodes_of(A100, 2, A100_40.layouts["all-balanced"], 2, "n")
+    never = simulate(nodes, RULES, jobs, SimPolicy.NEVER, horizon=300)
+    on_demand = simulate(nodes, RULES, jobs, SimPolicy.ON_DEMAND, horizon=300)
+    assert never.restarts == 0 and never.lost_work_slice_hours == 0
+    if on_demand.restarts == 0:  # then on-demand made the same moves as never: the same run
+        assert never == on_demand
+
+
+def test_a_pod_never_placed_counts_in_the_pending_figures_censored_at_the_end():
+    # No 3g slice: c is never placed. The run ends at the horizon (100); c waited 100 - 10 = 90 s.
+    jobs = [Job("a", 0, G1, 50), Job("c", 10, G3, 50)]
+    m = simulate(one_node(**{"1g.5gb": 1, "2g.10gb": 1}), RULES, jobs, SimPolicy.STATIC, horizon=100)
+    assert m.never_placed == 1
+    assert m.mean_pending_s == pytest.approx(90 / 2)
+    assert m.p95_pending_s == pytest.approx(90)
