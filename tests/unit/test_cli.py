@@ -45,6 +45,7 @@ def test_simulate_prints_every_policy_beside_the_bounds(tmp_path, capsys):
     assert report["runs"]["on-demand"]["borrows"] == 1  # the fifth 1g.5gb pod takes a larger slice
     assert (report["runs"]["never"]["borrows"], report["runs"]["never"]["restarts"]) == (1, 0)
     assert 0 < report["bounds"]["static"] <= report["bounds"]["borrowing"] <= report["bounds"]["fluid"] <= 1
+    assert 0 < report["bounds"]["timed"] <= report["bounds"]["borrowing"]
 
 
 def test_simulate_reports_a_bad_fleet_without_a_trace(tmp_path, capsys):

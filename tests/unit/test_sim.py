@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extender.config import load_rules
@@ -155,3 +155,43 @@ def test_a_pod_never_placed_counts_in_the_pending_figures_censored_at_the_end():
     assert m.never_placed == 1
     assert m.mean_pending_s == pytest.approx(90 / 2)
     assert m.p95_pending_s == pytest.approx(90)
+
+
+def test_the_time_aware_bound_sees_that_late_demand_cannot_be_served_early():
+    # One 1g slice for 200 s; two pods of 50 s arrive at 150: only 50 s of the slice is left for them.
+    jobs = [Job("a", 150, G1, 50), Job("b", 150, G1, 50)]
+    assert bounds(one_node(**{"1g.5gb": 1}), RULES, jobs, horizon=200, bin_s=50).timed == pytest.approx(50 / 200)
+    coarse = bounds(one_node(**{"1g.5gb": 1}), RULES, jobs, horizon=200, bin_s=100)
+    assert coarse.borrowing == pytest.approx(100 / 200)  # the day-aggregated LP serves both
+    assert coarse.timed == pytest.approx(100 / 200)  # a bin as long as [100, 200) cannot tell
+
+
+def test_the_time_aware_bound_lets_demand_borrow_a_larger_slice_in_the_bins_after_its_arrival():
+    # a and b (1g, 100 s) arrive at 0 on one 1g and one 2g slice for 100 s; c (2g, 50 s) arrives at 50.
+    # At best a runs on the 1g, b on the 2g before 50 and c on it after: 100 + 50 + 2 x 50 of 300 slice-seconds.
+    jobs = [Job("a", 0, G1, 100), Job("b", 0, G1, 100), Job("c", 50, G2, 50)]
+    nodes = one_node(**{"1g.5gb": 1, "2g.10gb": 1})
+    assert bounds(nodes, RULES, jobs, horizon=100, bin_s=25).timed == pytest.approx(250 / 300)
+    # c cannot start before it arrives: with it at 75, b keeps the 2g until 75 and c gets 25 s of it.
+    late = [*jobs[:2], Job("c", 75, G2, 50)]
+    assert bounds(nodes, RULES, late, horizon=100, bin_s=25).timed == pytest.approx((100 + 75 + 2 * 25) / 300)
+
+
+@st.composite
+def fleets(draw: st.DrawFn) -> list[NodeState]:
+    layouts = st.sampled_from(sorted(A100_40.layouts))
+    parts = draw(st.lists(st.tuples(st.integers(1, 3), layouts), min_size=1, max_size=2))
+    return [
+        node
+        for i, (count, layout) in enumerate(parts)
+        for node in nodes_of(A100, count, A100_40.layouts[layout], 2, f"g{i}")
+    ]
+
+
+@settings(max_examples=150, deadline=None)
+@given(nodes=fleets(), jobs=traces(), bin_s=st.sampled_from((20.0, 45.0, 100.0, 300.0, 900.0)))
+def test_no_policy_beats_the_time_aware_bound_and_it_is_within_the_day_aggregated_one(nodes, jobs, bin_s):
+    b = bounds(nodes, RULES, jobs, horizon=300, bin_s=bin_s)
+    assert b.timed <= b.borrowing + 1e-9
+    for policy in SimPolicy:
+        assert simulate(nodes, RULES, jobs, policy, horizon=300).useful_utilisation <= b.timed + 1e-9, policy
