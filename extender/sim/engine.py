@@ -76,8 +76,10 @@ class _Pod:
 class Metrics:
     pods: int = 0
     never_placed: int = 0
-    mean_pending_s: float = 0.0
+    mean_pending_s: float = 0.0  # pods still pending at the end count, censored at the end of the run
     p95_pending_s: float = 0.0
+    mean_pending_by_type_s: dict[str, float] = field(default_factory=dict)  # the same waits, per requested type
+    p95_pending_by_type_s: dict[str, float] = field(default_factory=dict)
     borrows: int = 0
     restarts: int = 0
     lost_work_slice_hours: float = 0.0  # compute-slice hours of work thrown away by restarts
@@ -89,6 +91,16 @@ class Metrics:
     finished: int = 0
     running_at_end: int = 0
     pending_at_end: int = 0
+
+
+def _requested_type(job: Job) -> str:
+    """The MIG type a pod is counted under in the per-type figures."""
+    return job.resource
+
+
+def _mean_and_p95(waits: list[float]) -> tuple[float, float]:
+    waits = sorted(waits)
+    return sum(waits) / len(waits), waits[min(len(waits) - 1, math.ceil(0.95 * len(waits)) - 1)]
 
 
 def rules_for(policy: SimPolicy, rules: ChainRules) -> ChainRules:
@@ -335,16 +347,18 @@ class _Run:
         # A pod still pending when the run ends (never placed, or restarted and never placed again)
         # is censored: it waited at least until the later of the horizon and the last event.
         censored = max(self.now, end)
-        waits = []
+        waits: dict[str, list[float]] = {}
         for name, pod in self.pods.items():
             if not pod.placed_once:
                 self.metrics.never_placed += 1
-            waits.append(pod.waited + (censored - pod.pending_since if name in self.pending else 0.0))
+            wait = pod.waited + (censored - pod.pending_since if name in self.pending else 0.0)
+            waits.setdefault(_requested_type(pod.job), []).append(wait)
         self.metrics.never_placed += len(self.jobs) - len(self.pods)
         if waits:
-            waits.sort()
-            self.metrics.mean_pending_s = sum(waits) / len(waits)
-            self.metrics.p95_pending_s = waits[min(len(waits) - 1, math.ceil(0.95 * len(waits)) - 1)]
+            m = self.metrics
+            m.mean_pending_s, m.p95_pending_s = _mean_and_p95([wait for each in waits.values() for wait in each])
+            for resource, each in sorted(waits.items()):
+                m.mean_pending_by_type_s[resource], m.p95_pending_by_type_s[resource] = _mean_and_p95(each)
         if end > 0 and self.capacity:
             self.metrics.useful_utilisation = self.useful / (self.capacity * end)
             self.metrics.held_utilisation = self.held / (self.capacity * end)

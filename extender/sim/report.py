@@ -13,6 +13,7 @@ from extender.core.rules import ChainRules
 from extender.sim.bounds import Bounds, bounds
 from extender.sim.engine import Job, Metrics, SimPolicy, simulate
 from extender.sim.fleet import load_fleet
+from extender.sim.geometry import compute_slices
 from extender.sim.workload import read_csv, read_openb
 
 
@@ -43,6 +44,17 @@ class Report:
                 f"{m.borrows:>8} {m.restarts:>8} {m.lost_work_slice_hours:>9.1f} {m.never_placed:>6}"
             )
         lines.append("")
+        asked = sorted({t for m in self.runs.values() for t in m.mean_pending_by_type_s}, key=_size)
+        lines.append(f"{'pending per type, mean / p95 (min)':<36}" + "".join(f"{short_name(t):>16}" for t in asked))
+        for name, m in self.runs.items():
+            cells = (
+                f"{m.mean_pending_by_type_s[t] / 60:.1f} / {m.p95_pending_by_type_s[t] / 60:.1f}"
+                if t in m.mean_pending_by_type_s
+                else "-"
+                for t in asked
+            )
+            lines.append(f"{name:<36}" + "".join(f"{cell:>16}" for cell in cells))
+        lines.append("")
         types = sorted({t for m in self.runs.values() for t in m.utilisation_by_type})
         lines.append(f"{'held per type':<14}" + "".join(f"{short_name(t):>10}" for t in types))
         for name, m in self.runs.items():
@@ -59,6 +71,11 @@ class Report:
             "bounds": asdict(self.bounds),
             "runs": {name: {k: v for k, v in asdict(m).items() if k != "timeline"} for name, m in self.runs.items()},
         }
+
+
+def _size(resource: str) -> tuple[int, str]:
+    """Smallest type first: compute slices, then the name."""
+    return compute_slices(resource), resource
 
 
 def load_jobs(workload: str | None, openb: str | None, rules: ChainRules) -> list[Job]:

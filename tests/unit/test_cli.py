@@ -44,6 +44,7 @@ def test_simulate_prints_every_policy_beside_the_bounds(tmp_path, capsys):
     assert report["runs"]["static"]["borrows"] == 0
     assert report["runs"]["on-demand"]["borrows"] == 1  # the fifth 1g.5gb pod takes a larger slice
     assert (report["runs"]["never"]["borrows"], report["runs"]["never"]["restarts"]) == (1, 0)
+    assert set(report["runs"]["static"]["p95_pending_by_type_s"]) == {"nvidia.com/mig-1g.5gb"}
     assert 0 < report["bounds"]["static"] <= report["bounds"]["borrowing"] <= report["bounds"]["fluid"] <= 1
     assert 0 < report["bounds"]["timed"] <= report["bounds"]["borrowing"]
 

@@ -16,6 +16,7 @@ from extender.sim.bounds import bounds
 from extender.sim.engine import Job, SimPolicy, simulate
 from extender.sim.fleet import FleetError, load_fleet, nodes_of
 from extender.sim.geometry import A100_40, all_layouts_valid, fits_gpu
+from extender.sim.report import run_policies
 from extender.sim.workload import WorkloadSpec, generate, read_csv
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -195,3 +196,25 @@ def test_no_policy_beats_the_time_aware_bound_and_it_is_within_the_day_aggregate
     assert b.timed <= b.borrowing + 1e-9
     for policy in SimPolicy:
         assert simulate(nodes, RULES, jobs, policy, horizon=300).useful_utilisation <= b.timed + 1e-9, policy
+
+
+def test_pending_per_requested_type_comes_from_the_same_censored_waits():
+    # static on TINY: a waits 0 and b 50 (1g), c 0 (2g); d (3g, no such slice) is censored at the horizon.
+    jobs = [*TINY, Job("d", 10, G3, 50)]
+    m = simulate(one_node(**{"1g.5gb": 1, "2g.10gb": 1}), RULES, jobs, SimPolicy.STATIC, horizon=160)
+    assert m.mean_pending_by_type_s == pytest.approx({G1: 25, G2: 0, G3: 150})
+    assert m.p95_pending_by_type_s == pytest.approx({G1: 50, G2: 0, G3: 150})
+    assert m.mean_pending_s == pytest.approx((0 + 50 + 0 + 150) / 4)
+
+
+def test_the_report_prints_pending_per_type_per_policy(tmp_path: Path):
+    trace = tmp_path / "t.csv"
+    trace.write_text("name,arrival_s,type,runtime_s\na,0,1g.5gb,50\nb,0,1g.5gb,100\nc,60,2g.10gb,50\nd,160,1g.5gb,1\n")
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("gpus:\n  - product: NVIDIA-A100-SXM4-40GB\n    count: 1\n    layout: {1g.5gb: 1, 2g.10gb: 1}\n")
+    report = run_policies(fleet, RULES, str(trace), None, [SimPolicy.STATIC, SimPolicy.NEVER])
+    table = report.table()
+    assert "pending per type, mean / p95 (min)" in table
+    assert any(line.split()[:3] == ["static", "0.3", "/"] for line in table.splitlines()), table  # 1g: 50 s / 3 pods
+    document = report.document()
+    assert document["runs"]["never"]["mean_pending_by_type_s"] == pytest.approx({G1: 0, G2: 40})
