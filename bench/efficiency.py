@@ -1,7 +1,7 @@
 """What borrowing buys, on numbers: every policy on every shipped trace, beside the bounds; one table per trace.
 
-Run: python bench/efficiency.py   (about three minutes; writes docs/efficiency-<trace>.png and
-docs/efficiency-<trace>-per-type.png)
+Run: python bench/efficiency.py   (several minutes, most of them on small-heavy; writes
+docs/efficiency-<trace>.png and docs/efficiency-<trace>-per-type.png)
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def plot_per_type(name: str, report: Report, path: Path) -> None:
     width = 0.8 / max(1, len(report.runs))
     for index, (policy, metrics) in enumerate(report.runs.items()):
         means = [metrics.mean_pending_by_type_s.get(t, 0.0) / 60 for t in types]
-        axes.bar([k + index * width for k in range(len(types))], means, width, label=policy)
+        bars = axes.bar([k + index * width for k in range(len(types))], means, width, label=policy)
+        axes.bar_label(bars, fmt="%.1f", fontsize=7)  # small bars stay readable beside a tall one
     axes.set_xticks([k + width * (len(report.runs) - 1) / 2 for k in range(len(types))], [short_name(t) for t in types])
     axes.set_ylabel("mean pending, min")
     axes.set_title(f"{name}: mean pending per requested type (pods never placed censored at the end)")
