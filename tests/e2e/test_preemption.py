@@ -134,9 +134,10 @@ def test_a_low_priority_borrower_is_returned_rather_than_an_exact_fit_evicted(sc
     scenario.wait_bound("exact")
     create(scenario, "borrower", "1g.5gb", classes["low"])
     borrower = wait_until(lambda: _borrowing(scenario), 30, "the borrower to borrow the 2g.10gb")
-    # Waiting for a 2g.10gb too, at a priority between the two, and not allowed to preempt: first in
-    # kube-scheduler's queue when the slice frees. Only the preemptor's nomination keeps it off that slice.
-    create(scenario, "waiter", "2g.10gb", classes["waiter"])
+    # Waiting too, at a priority between the two, and not allowed to preempt: first in kube-scheduler's
+    # queue when the 2g.10gb frees, which it would borrow. Only the preemptor's nomination keeps it off that
+    # slice. (A 1g.5gb: a pod waiting for a 2g.10gb would take it back from the borrower at once, a reclaim.)
+    create(scenario, "waiter", "1g.5gb", classes["waiter"])
     wait_until(lambda: _unschedulable(scenario, "waiter"), 30, "the waiter to be found unschedulable")
     started = time.monotonic()
     create(scenario, "urgent", "1g.5gb", classes["high"])
