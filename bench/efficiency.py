@@ -1,6 +1,7 @@
 """What borrowing buys, on numbers: every policy on every shipped trace, beside the bounds; one table per trace.
 
-Run: python bench/efficiency.py   (about two minutes; writes docs/efficiency-<trace>.png)
+Each trace runs on the fleet and chains it was made for (make_traces.TRACES).
+Run: python bench/efficiency.py   (about five minutes; writes docs/efficiency-<trace>.png)
 """
 
 from __future__ import annotations
@@ -13,17 +14,16 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
+from make_traces import TRACES  # the script's own folder is on sys.path
 
 from extender.config import load_rules
 from extender.sim.engine import SimPolicy
 from extender.sim.report import Report, run_policies
 
 ROOT = Path(__file__).resolve().parents[1]
-FLEET = ROOT / "bench" / "fleets" / "a100-balanced.yaml"
-CHAINS = [ROOT / "chains" / "a100-40gb.yaml"]
 
 
-def plot(name: str, report: Report, path: Path) -> None:
+def plot(name: str, report: Report, path: Path, fleet: str) -> None:
     figure, (pending, useful) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     for policy, metrics in report.runs.items():
         hours = [t / 3600 for t, _, _ in metrics.timeline]
@@ -33,7 +33,7 @@ def plot(name: str, report: Report, path: Path) -> None:
     pending.set_ylabel("pending pods")
     useful.set_ylabel("useful utilisation %")
     useful.set_xlabel("hour of the trace")
-    pending.set_title(f"{name}: {report.pods} pods on 100 A100-40GB (all-balanced)")
+    pending.set_title(f"{name}: {report.pods} pods on {fleet}")
     pending.legend()
     useful.legend(loc="lower right")
     figure.tight_layout()
@@ -42,12 +42,14 @@ def plot(name: str, report: Report, path: Path) -> None:
 
 
 def main() -> int:
-    rules = load_rules(CHAINS)
     traces = sorted((ROOT / "bench" / "traces").glob("*.csv"))
     for trace in traces:
-        started = time.perf_counter()
-        report = run_policies(FLEET, rules, str(trace), None, list(SimPolicy))
-        print(f"## {trace.stem}  ({time.perf_counter() - started:.0f} s)\n")
+        made = TRACES[trace.stem]
+        rules = load_rules([ROOT / "chains" / name for name in made.chains])
+        started, cpu = time.perf_counter(), time.process_time()
+        report = run_policies(ROOT / "bench" / "fleets" / made.fleet, rules, str(trace), None, list(SimPolicy))
+        took = f"{time.perf_counter() - started:.0f} s, CPU {time.process_time() - cpu:.0f} s"
+        print(f"## {trace.stem} on {made.fleet}, chains {' '.join(made.chains)}  ({took})\n")
         print(report.table())
         static, ours = report.runs["static"], report.runs["on-demand"]
         eager = report.runs["eager"]
@@ -56,7 +58,7 @@ def main() -> int:
             f"\non-demand vs static: mean pending cut by {cut:.0%}; vs eager: utilisation "
             f"{ours.useful_utilisation - eager.useful_utilisation:+.1%}, restarts {ours.restarts} vs {eager.restarts}\n"
         )
-        plot(trace.stem, report, ROOT / "docs" / f"efficiency-{trace.stem}.png")
+        plot(trace.stem, report, ROOT / "docs" / f"efficiency-{trace.stem}.png", made.about)
     return 0
 
 

@@ -38,10 +38,11 @@ def bounds(nodes: Sequence[NodeState], rules: ChainRules, jobs: Sequence[Job], h
             key = (node.gpu_product, resource)
             capacity[key] = capacity.get(key, 0.0) + count * horizon
     total = sum(compute_slices(resource) * amount for (_, resource), amount in capacity.items())
-    demand: dict[str, float] = {}  # type -> pod-seconds asked within the horizon
+    demand: dict[str, float] = {}  # type -> slice-seconds asked within the horizon
     for job in jobs:
         if job.arrival < horizon:
-            demand[job.resource] = demand.get(job.resource, 0.0) + min(job.runtime, horizon - job.arrival)
+            for resource, count in job.mig:  # a pod of several slices as that many pods of one: a relaxation
+                demand[resource] = demand.get(resource, 0.0) + count * min(job.runtime, horizon - job.arrival)
     if total == 0:
         return Bounds(0.0, 0.0, 0.0)
     fluid = min(1.0, sum(compute_slices(t) * d for t, d in demand.items()) / total)
@@ -49,7 +50,7 @@ def bounds(nodes: Sequence[NodeState], rules: ChainRules, jobs: Sequence[Job], h
         sum(compute_slices(t) * min(d, sum(a for (_, r), a in capacity.items() if r == t)) for t, d in demand.items())
         / total
     )
-    # Variables: x[t, (p, u)] pod-seconds of type t served on slices u of product p.
+    # Variables: x[t, (p, u)] slice-seconds of type t served on slices u of product p.
     arcs = []
     for t in demand:
         for product, u in capacity:

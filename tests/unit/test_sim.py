@@ -15,7 +15,7 @@ from extender.core.cluster import MigCounts, NodeState, Snapshot
 from extender.sim.bounds import bounds
 from extender.sim.engine import Job, SimPolicy, simulate
 from extender.sim.fleet import FleetError, load_fleet, nodes_of
-from extender.sim.geometry import A100_40, all_layouts_valid, fits_gpu
+from extender.sim.geometry import A100_40, all_layouts_valid, compute_of, fits_gpu
 from extender.sim.workload import WorkloadSpec, generate, read_csv
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +30,7 @@ def one_node(**allocatable: int) -> list[NodeState]:
     ]
 
 
-TINY = [Job("a", 0, G1, 50), Job("b", 0, G1, 100), Job("c", 60, G2, 50)]
+TINY = [Job("a", 0, ((G1, 1),), 50), Job("b", 0, ((G1, 1),), 100), Job("c", 60, ((G2, 1),), 50)]
 
 
 def test_static_on_a_tiny_trace_matches_hand_computation():
@@ -59,22 +59,37 @@ def test_eager_on_a_tiny_trace_returns_as_soon_as_the_1g_frees():
     assert m.lost_work_slice_hours == pytest.approx(50 / 3600)  # b ran 50 s on the 2g
 
 
+# What the largest node of the property's fleet has (2 all-balanced GPUs): no request asks for more.
+LARGEST_NODE = {G1: 4, G2: 2, G3: 2}
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> MigCounts:
+    """Mostly one slice, as most pods ask; else several slices of one type, or several types."""
+    if draw(st.booleans()):
+        return ((draw(st.sampled_from((G1, G1, G2, G3))), 1),)
+    types = draw(st.lists(st.sampled_from(sorted(LARGEST_NODE)), min_size=1, max_size=3, unique=True))
+    return tuple(sorted((t, draw(st.integers(1, LARGEST_NODE[t]))) for t in types))
+
+
 @st.composite
 def traces(draw: st.DrawFn) -> list[Job]:
     count = draw(st.integers(1, 25))
-    return [
-        Job(f"p{i}", draw(st.integers(0, 300)), draw(st.sampled_from((G1, G1, G2, G3))), draw(st.integers(10, 400)))
-        for i in range(count)
-    ]
+    return [Job(f"p{i}", draw(st.integers(0, 300)), draw(requests()), draw(st.integers(10, 400))) for i in range(count)]
 
 
 @given(jobs=traces(), policy=st.sampled_from(list(SimPolicy)))
 def test_no_slice_is_double_used_and_every_pod_runs_at_most_once_at_a_time(jobs, policy):
     nodes = nodes_of(A100, 3, A100_40.layouts["all-balanced"], 2, "n")
 
+    asked = {job.name: job.mig for job in jobs}
+
     def check(snapshot: Snapshot, running: Mapping[str, tuple[str, MigCounts]]) -> None:
         held: dict[str, Counter[str]] = {name: Counter() for name in snapshot.nodes}
-        for host, slices in running.values():  # one entry per pod: a pod runs in one place or none
+        for pod, (host, slices) in running.items():  # one entry per pod: a pod runs in one place or none
+            # A pod holds one slice for each it asked for: the same type, or a larger one it borrowed.
+            assert sum(count for _, count in slices) == sum(count for _, count in asked[pod])
+            assert compute_of(slices) >= compute_of(asked[pod])
             for resource, count in slices:
                 held[host][resource] += count
         for name, node in snapshot.nodes.items():
@@ -102,7 +117,7 @@ def test_the_same_seed_gives_the_same_trace_and_the_same_results():
 
 def test_bounds_on_a_hand_made_case():
     # One GPU-worth: 1 x 1g and 1 x 3g for 100 s; demand: 2 pods x 100 s of 1g. Capacity 4 slices x 100 s.
-    jobs = [Job("a", 0, G1, 100), Job("b", 0, G1, 100)]
+    jobs = [Job("a", 0, ((G1, 1),), 100), Job("b", 0, ((G1, 1),), 100)]
     b = bounds(one_node(**{"1g.5gb": 1, "3g.20gb": 1}), RULES, jobs, horizon=100)
     assert b.fluid == pytest.approx(200 / 400)
     assert b.static == pytest.approx(100 / 400)  # only one 1g slice serves 1g demand
