@@ -11,7 +11,7 @@ from pathlib import Path
 
 from extender.sim.fleet import load_fleet
 from extender.sim.geometry import compute_of
-from extender.sim.workload import DAY, WorkloadSpec, generate, write_csv
+from extender.sim.workload import WorkloadSpec, generate, write_csv
 
 HERE = Path(__file__).resolve().parent
 
@@ -48,7 +48,7 @@ TRACES = {
         1,
         *A100_FLEET,
     ),
-    # H100s with a few large slots (4g.40gb): two days of arrivals that follow a working day (a cycle
+    # H100s with a few large slots (4g.40gb): a day of arrivals that follow a working day (a cycle
     # peaking at 14:00, with bursts), a mix drifting from large types at midnight to small ones at noon,
     # and some pods of two 1g.10gb slices. Small pods borrow the large slots by day; the large pods of the
     # night then find them taken.
@@ -57,7 +57,6 @@ TRACES = {
             mix_a={"1g.10gb": 0.40, "2x1g.10gb": 0.05, "2g.20gb": 0.20, "3g.40gb": 0.31, "4g.40gb": 0.04},
             mix_b={"1g.10gb": 0.64, "2x1g.10gb": 0.09, "2g.20gb": 0.16, "3g.40gb": 0.09, "4g.40gb": 0.02},
             load=0.85,
-            duration_s=2 * DAY,
             cycle_amplitude=0.3,
             cycle_peak_h=14.0,
             bursts_per_day=3,
