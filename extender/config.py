@@ -311,6 +311,7 @@ class _Reader:
                 "maxSteps",
                 "allowedTypes",
                 "returnMode",
+                "reclaimAfterSeconds",
                 "namespaces",
                 "dryRun",
                 "podOptOuts",
@@ -344,6 +345,10 @@ class _Reader:
                 self.problem(fields["returnMode"], "policy.returnMode", f"must be one of {', '.join(modes)}")
             elif mode is not None:
                 return_mode = ReturnMode(mode)
+        reclaim_after = self.optional(fields, "reclaimAfterSeconds", "policy.reclaimAfterSeconds", self.integer, 0)
+        if reclaim_after < 0:
+            self.problem(fields["reclaimAfterSeconds"], "policy.reclaimAfterSeconds", "must be 0 or more")
+            reclaim_after = 0
         namespaces = NamespaceSelector()
         if "namespaces" in fields:
             namespaces = self.namespace_selector(fields["namespaces"], "policy.namespaces") or namespaces
@@ -367,6 +372,7 @@ class _Reader:
             max_steps=max_steps,
             allowed_types=allowed,
             return_mode=return_mode,
+            reclaim_after_seconds=reclaim_after,
             namespaces=namespaces,
             dry_run=dry_run,
             pod_opt_outs=opt_outs,

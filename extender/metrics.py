@@ -164,7 +164,8 @@ class ReturnerMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.returns = Counter(
             "migchain_returns",
-            "Borrowed slices the returner tried to give back, by type and outcome: returned, blocked "
+            "Borrowed slices the returner tried to give back, by type and outcome: returned, reclaimed (taken back "
+            "for a pod waiting for that type; the borrower back to Pending), blocked "
             "(a PodDisruptionBudget refused the eviction; retried later), failed (API error), "
             "gone (the borrower left or changed first), dry-run (decided and announced, not done).",
             ["requested", "granted", "outcome"],

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from extender import logs, probes
 from extender.core.cluster import MIGCHAIN_SCHEDULER
+from extender.core.rules import ReturnOrder
 from extender.kube.api import Connection, KubeApi
 from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder
@@ -72,6 +73,13 @@ def parser() -> argparse.ArgumentParser:
         help=f"a schedulerName migchain's scheduler profile serves (repeatable; default {MIGCHAIN_SCHEDULER}): "
         "pending pods naming another scheduler never cause a return nor preempt",
     )
+    cli.add_argument(
+        "--return-order",
+        default=ReturnOrder.LEAST_WORK_LOST.value,
+        choices=[order.value for order in ReturnOrder],
+        help="which borrower goes first when several could: least-work-lost (the youngest loan, so a restart "
+        "throws away the least work) or most-steps (the most steps, then the oldest loan) (default %(default)s)",
+    )
     cli.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     cli.add_argument("--log-format", default="text", choices=logs.FORMATS, help="text lines, or one JSON object a line")
     return cli
@@ -118,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         election,
         metrics=metrics,
         dry_run=args.dry_run,
+        order=ReturnOrder(args.return_order),
         journal_overdue_after=args.journal_overdue_after,
         schedulers=tuple(args.scheduler_name or (MIGCHAIN_SCHEDULER,)),
     )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import datetime
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,11 +48,15 @@ from extender.core.cluster import (
 from extender.core.constraints import NodeConstraints
 from extender.core.decide import MAX_BORROW_DEMANDS, Placement, place
 from extender.core.loan import Loan, record_loan
-from extender.core.rules import ChainRules, OwnerKind, Policy, ReturnMode
+from extender.core.rules import ChainRules, OwnerKind, Policy, ReturnMode, ReturnOrder
 from extender.core.status import loan_pairs
 
 RETURN_ANNOTATION = ANNOTATION_PREFIX + "return"  # "false": never return this pod
 MAX_RESTARTS_ANNOTATION = ANNOTATION_PREFIX + "max-restarts"  # cap on returns of this pod
+
+
+# A creationTimestamp (RFC 3339, fixed width) with its digits inverted: sorts the newest first.
+_NEWEST_FIRST = str.maketrans("0123456789", "9876543210")
 
 
 @dataclass(frozen=True)
@@ -61,14 +66,19 @@ class Borrower:
     mode: ReturnMode
     restarts: int
     held_back: str  # why it may not be returned; empty when it may
+    reclaim_after: int = 0  # its chain's policy.reclaimAfterSeconds
 
     @property
     def key(self) -> str:
         return self.record.request.key
 
-    def order(self) -> tuple[int, int, str, str]:
-        """Most steps first; then fewest restarts, the oldest loan, the name."""
-        return (-self.loan.steps, self.restarts, self.record.created, self.key)
+    def order(self, by: ReturnOrder = ReturnOrder.LEAST_WORK_LOST) -> tuple[str | int, ...]:
+        """Which goes first when several could. Least work lost: the youngest loan (the copy's creation is when
+        its work started, so a restart throws away the least), then most steps, fewest restarts, the name.
+        Most steps: most steps, fewest restarts, the oldest loan, the name."""
+        if by is ReturnOrder.MOST_STEPS:
+            return (-self.loan.steps, self.restarts, self.record.created, self.key)
+        return (self.record.created.translate(_NEWEST_FIRST), -self.loan.steps, self.restarts, self.key)
 
 
 @dataclass(frozen=True)
@@ -149,7 +159,7 @@ def _borrower(record: PodRecord, rules: ChainRules) -> Borrower | None:
         held_back = f"pod annotation {RETURN_ANNOTATION}={untrusted.excerpt(record.migchain[RETURN_ANNOTATION])}"
     elif cap is not None and loan.restarts >= cap and opt_outs.honours_max_restarts(namespace):
         held_back = f"restarted {loan.restarts} time(s), {MAX_RESTARTS_ANNOTATION}={cap}"
-    return Borrower(record, loan, policy.return_mode, loan.restarts, held_back)
+    return Borrower(record, loan, policy.return_mode, loan.restarts, held_back, policy.reclaim_after_seconds)
 
 
 def steps_allowed(loan: Loan, rules: ChainRules) -> int:
@@ -177,6 +187,22 @@ def pending_requests(
     any other scheduler, or held by a scheduling gate, are no demand.
     """
     return [r.request for r in records if r.waits_for(schedulers)]
+
+
+def waiting_times(records: Iterable[PodRecord], now: float) -> dict[str, float]:
+    """How long each pending pod has waited, in seconds, by key: from its creationTimestamp to `now` (the
+    epoch). A timestamp that cannot be read counts as just now: such a pod waits, and never costs a reclaim
+    early."""
+    waited = {}
+    for record in records:
+        if record.node or record.terminal:
+            continue
+        try:
+            created = datetime.datetime.fromisoformat(record.created).timestamp()
+        except ValueError:
+            continue
+        waited[record.request.key] = max(0.0, now - created)
+    return waited
 
 
 def worth_a_return(waiting: PodRequest, home: NodeState) -> bool:
@@ -225,17 +251,25 @@ def plan_returns(
     pending: Sequence[PodRequest],
     rules: ChainRules,
     claims: Iterable[tuple[str, MigCounts]] = (),
+    *,
+    order: ReturnOrder = ReturnOrder.LEAST_WORK_LOST,
+    waited: Mapping[str, float] | None = None,
 ) -> tuple[Restore, ...]:
-    """The restores worth doing now, each with a target node that holds the borrower's original request.
+    """The restores worth doing now: returns, each with a target node that holds the borrower's original
+    request, then reclaims (`_reclaim`), whose borrower goes back to Pending (target "").
 
     Slices that pending pods will take (those that fit somewhere now) and
     `claims` (returns under way whose pods are not back yet) are not free:
     counting them would restart a borrower only for it to borrow again.
+    Borrowers are tried in `order`. `waited`: how long each pending pod (by
+    key) has waited, in seconds; a pod missing from it has just come.
     """
     free = _Free(snapshot, rules, claims)
     blocked = _after_pending(free, pending)
     plans: list[Restore] = []
-    movable = sorted((b for b in borrowers if not b.held_back and b.mode is not ReturnMode.NEVER), key=Borrower.order)
+    movable = sorted(
+        (b for b in borrowers if not b.held_back and b.mode is not ReturnMode.NEVER), key=lambda b: b.order(order)
+    )
     for borrower in (b for b in movable if b.mode is ReturnMode.EAGER):
         if not free.enough(borrower.loan.original):
             continue
@@ -261,7 +295,69 @@ def plan_returns(
                 break
         else:
             hopeless[alike] = now
+    served = {plan.unblocks for plan in plans}
+    holders = _Holders([b for b in movable if b.key not in planned])
+    reclaims: dict[tuple[PodShape, NodeConstraints, float], tuple[int, int]] = {}
+    for waiting in blocked:
+        waited_for = (waited or {}).get(waiting.key, 0.0)
+        like, now = (_shape(waiting), waiting.constraints, waited_for), (free.version, len(plans))
+        if waiting.key in served or reclaims.get(like) == now:
+            continue
+        for borrower in holders.of(waiting):
+            if borrower.key in planned or waited_for < borrower.reclaim_after:
+                continue
+            restore = _reclaim(borrower, waiting, free)
+            if restore is not None:
+                plans.append(restore)
+                planned.add(borrower.key)
+                break
+        else:
+            reclaims[like] = now
     return tuple(plans)
+
+
+def _reclaim(borrower: Borrower, waiting: PodRequest, free: _Free) -> Restore | None:
+    """Plan taking back the slices `borrower` holds if `waiting` then fits exactly on its node.
+
+    The pending pod asks for the very type the borrower was lent, and no
+    return could make room for it (its own type is not free anywhere). Under
+    the plain mixed strategy it would have had that slice: a loan must not keep
+    it from it. The borrower goes back to Pending with its own request, and
+    runs again once a slice of its own type frees. No restart is spent unless
+    the waiting pod fits without borrowing.
+    """
+    home = borrower.record.node
+    if home not in free.nodes or not worth_a_return(waiting, free.snapshot.nodes[home]):
+        return None
+    if free.fits(waiting, home, free.nodes[home]) is not None:
+        return None  # it fits there as things stand (a return this round made room): no restart for nothing
+    placement = free.fits(waiting, home, _plus(free.nodes[home], borrower.loan.borrowed))
+    if placement is None or placement.borrows:
+        return None
+    free.give(home, borrower.loan.borrowed)
+    free.take(home, placement.slices)  # the waiting pod will take them: no one else may
+    return Restore(
+        borrower,
+        "",
+        waiting.key,
+        f"{waiting.key} is waiting for its own {_names(waiting.mig)}, which this pod borrowed on {home}; "
+        "it goes back to Pending with its own request (reclaimed)",
+    )
+
+
+class _Holders:
+    """Borrowers by the types they were lent, each list in return order: who holds what a waiting pod asks for."""
+
+    def __init__(self, borrowers: Sequence[Borrower]) -> None:
+        self.position = {borrower.key: index for index, borrower in enumerate(borrowers)}
+        self.holding: dict[str, list[Borrower]] = {}
+        for borrower in borrowers:
+            for resource in {resource for resource, _ in borrower.loan.borrowed}:
+                self.holding.setdefault(resource, []).append(borrower)
+
+    def of(self, waiting: PodRequest) -> list[Borrower]:
+        found = {b.key: b for resource, _ in waiting.mig for b in self.holding.get(resource, ())}
+        return sorted(found.values(), key=lambda b: self.position[b.key])
 
 
 def _unblock(borrower: Borrower, waiting: PodRequest, free: _Free) -> Restore | None:

@@ -20,6 +20,13 @@ class ReturnMode(enum.Enum):
     NEVER = "never"
 
 
+class ReturnOrder(enum.Enum):
+    """Which borrower goes first when several could: the returner's `--return-order`."""
+
+    LEAST_WORK_LOST = "least-work-lost"  # the youngest loan first (least run time thrown away), then most steps
+    MOST_STEPS = "most-steps"  # the most steps first, then the oldest loan (the reference behaviour)
+
+
 @dataclass(frozen=True)
 class NamespaceSelector:
     """Which namespaces a policy covers: an empty `include` means every namespace; `exclude` wins."""
@@ -82,6 +89,10 @@ class Policy:
     max_steps: int | None = None  # None: as far up the chain as it goes
     allowed_types: frozenset[str] | None = None  # None: every type of the chain may be borrowed
     return_mode: ReturnMode = ReturnMode.ON_DEMAND
+    # How long a pod may wait for its own type while a borrower holds a slice of it, before that slice is
+    # taken back (the borrower returned to Pending, even with its own type not free): loans never starve the
+    # pods a type is carved for. Eager and on-demand chains; never does not take slices back.
+    reclaim_after_seconds: int = 0
     namespaces: NamespaceSelector = field(default_factory=NamespaceSelector)
     # None: live. A selector: in the namespaces it admits, borrows and returns
     # along these chains are decided, logged, counted and announced, never done.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,8 +37,9 @@ from extender.core.returns import (
     pending_requests,
     plan_returns,
     turned_away_borrowers,
+    waiting_times,
 )
-from extender.core.rules import ChainRules
+from extender.core.rules import ChainRules, ReturnOrder
 from extender.kube.api import ApiError
 from extender.kube.cache import ClusterCache
 from extender.kube.events import EventRecorder, JournalRejections, pod_reference
@@ -111,7 +112,11 @@ class Returner:
         dry_run: bool = False,
         schedulers: tuple[str, ...] = (MIGCHAIN_SCHEDULER,),
         journal_overdue_after: float = OVERDUE_AFTER_SECONDS,
+        order: ReturnOrder = ReturnOrder.LEAST_WORK_LOST,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.order = order  # --return-order: which borrower goes first
+        self.clock = clock  # wall clock: how long pending pods have waited, from their creationTimestamp
         self.schedulers = schedulers  # --scheduler-name: pending pods for these are demand; others never cost a return
         self.dry_run = dry_run  # --dry-run: returns only announced; the chains' policy can add namespaces
         self._announced = Once[str]()  # borrower UIDs already told "would return"
@@ -194,7 +199,7 @@ class Returner:
             records,
             rules,
             leading=self.election.leading,
-            claims=[*claims, *((r.target, r.borrower.loan.original) for r in returning)],
+            claims=[*claims, *((r.target, r.borrower.loan.original) for r in returning if r.target)],
             waiting={r.unblocks for r in returning if r.unblocks},
             spared={r.borrower.record.request.uid for r in returning},
         )
@@ -218,16 +223,23 @@ class Returner:
         out such a refusal are left out from the start.
         """
         now = time.monotonic()
+        waited = waiting_times(records, self.clock())
         done: set[str] = set()
         returning: list[Restore] = []
         for _ in range(PLANS_PER_ROUND):
             movable = [b for b in borrowers if b.key not in done and self._blocked.get(b.key, 0.0) <= now]
             served = {restore.unblocks for restore in returning}
             waiting = [pod for pod in pending if pod.key not in served]
-            under_way = [(restore.target, restore.borrower.loan.original) for restore in returning]
+            under_way = [(r.target, r.borrower.loan.original) for r in returning if r.target]
             refused = False
             for restore in plan_returns(
-                snapshot, movable, waiting, rules, [*claims, *under_way, *self.preemptor.claims()]
+                snapshot,
+                movable,
+                waiting,
+                rules,
+                [*claims, *under_way, *self.preemptor.claims()],
+                order=self.order,
+                waited=waited,
             ):
                 if not self.election.leading():
                     return None
@@ -365,7 +377,8 @@ class Returner:
         if not self._announced.first(request.uid):
             return
         original = ", ".join(resource for resource, _ in restore.borrower.loan.original)
-        message = f"dry run: would return to {original} on {restore.target}: {restore.reason}; nothing is evicted"
+        where = f"on {restore.target}" if restore.target else "pending (reclaimed)"
+        message = f"dry run: would return to {original} {where}: {restore.reason}; nothing is evicted"
         self.metrics.count_return(restore.borrower.loan, "dry-run")
         log.info("%s %s", request.key, message, extra={"pod": request.key, "target": restore.target})
         self.events.record(pod_reference(request), "WouldReturn", message)
@@ -399,6 +412,9 @@ class Returner:
             log.warning("return of %s skipped: %s", request.key, error)
             self.events.record(borrower, "ReturnFailed", f"not returned: {error}", "Warning")
             return
+        if not restore.target and not self._nominate_for(restore, records):
+            self.metrics.count_return(loan, "failed")
+            return  # nothing evicted: the slice would not be kept for the pod it is taken back for
         try:
             self.events.record(borrower, "Returning", message)
             outcome = self.executor.restore(borrower, restored, owned)
@@ -424,10 +440,11 @@ class Returner:
             self._leaving[request.uid] = (request.namespace, request.name)
             self._recover_soon()
         self._blocked.pop(request.key, None)
-        self._claims[request.key] = claim_for(
-            restore.borrower.record, restore.target, loan.original, records, time.monotonic() + CLAIM_SECONDS
-        )
-        self.metrics.count_return(loan, "returned")
+        if restore.target:  # a reclaimed borrower waits, pending, for a slice of its own type: nothing to hold
+            self._claims[request.key] = claim_for(
+                restore.borrower.record, restore.target, loan.original, records, time.monotonic() + CLAIM_SECONDS
+            )
+        self.metrics.count_return(loan, "returned" if restore.target else "reclaimed")
         log.info(
             "returned %s: %s; %s",
             request.key,
@@ -435,6 +452,25 @@ class Returner:
             outcome,
             extra={"pod": request.key, "node": restore.borrower.record.node, "target": restore.target},
         )
+
+    def _nominate_for(self, restore: Restore, records: Sequence[PodRecord]) -> bool:
+        """Nominate the pod a reclaim is for to the borrower's node (status.nominatedNodeName), before the
+        borrower goes: the extender then keeps the slices it frees for that pod against every pod of its
+        priority or lower, the borrower back as Pending first among them (core/preempt.py yield_to_nominated)."""
+        node = restore.borrower.record.node
+        for record in records:
+            if record.request.key == restore.unblocks and not record.node:
+                reference = pod_reference(record.request)
+                break
+        else:
+            return False  # bound or gone since the cache was read: no reclaim for it
+        try:
+            self.executor.nominate(reference, node)
+        except ApiError as error:
+            self.metrics.errors.count("returner", "api")
+            log.warning("cannot nominate %s to %s for a reclaim: %s", restore.unblocks, node, error)
+            return False
+        return True
 
     def _not_returned(self, borrower: dict[str, Any], request: PodRequest, loan: Loan, refusal: BorrowError) -> None:
         """A bare borrower not returned: its restored pod refused (nothing evicted, or the borrower recreated as it

@@ -21,7 +21,7 @@ from extender.core.constraints import NodeConstraints
 from extender.core.decide import Placement, filter_nodes, place, score_nodes
 from extender.core.loan import Loan
 from extender.core.mig import parse_mig_resource
-from extender.core.returns import Borrower, plan_returns, return_mode_of
+from extender.core.returns import Borrower, loan_policy, plan_returns
 from extender.core.rules import ChainRules, ReturnMode
 from extender.sim.geometry import compute_of, compute_slices
 
@@ -167,6 +167,8 @@ class _Run:
             for resource, count in node.allocatable.items():
                 self.capacity_by_type[resource] = self.capacity_by_type.get(resource, 0) + count
         self.capacity = sum(compute_slices(r) * n for r, n in self.capacity_by_type.items())
+        # A pending pod may take back a borrowed slice only after the policy's reclaimAfterSeconds: a round then.
+        self.reclaim_delays = sorted({chain.policy.reclaim_after_seconds for chain in rules.chains} - {0})
         # Pods running from start to end hold their slices before the first arrival.
         self.initial = {pod.name: (pod.node, pod.slices) for pod in initial}
         for pod in initial:
@@ -197,6 +199,7 @@ class _Run:
                 if kind == "arrive":
                     self.pods[name] = _Pod(self.by_name[name], pending_since=time)
                     self.pending.append(name)
+                    self.reclaim_rounds(name)
                 elif kind == "finish":
                     pod = self.pods[name]
                     if pod.epoch == epoch and pod.node:
@@ -310,21 +313,21 @@ class _Run:
             False,
             created=f"{self.now:016.3f}",
         )
-        return Borrower(record, loan, return_mode_of(loan, self.rules), pod.restarts, "")
+        policy = loan_policy(loan, self.rules)
+        return Borrower(record, loan, policy.return_mode, pod.restarts, "", policy.reclaim_after_seconds)
 
     def returns(self) -> None:
         borrowers = list(self.borrowing.values())
         if not borrowers:
             return
         # Pending pods of one type and placement rules are interchangeable here:
-        # one of each is enough to find a return worth doing, and keeps a round cheap.
-        pending = list(
-            {
-                (self.pods[name].job.mig, self.pods[name].request.constraints): self.pods[name].request
-                for name in self.pending
-            }.values()
-        )
-        plans = plan_returns(self.snapshot(), borrowers, pending, self.rules)
+        # one of each, the one waiting longest, is enough to find a return worth doing, and keeps a round cheap.
+        oldest: dict[tuple[MigCounts, NodeConstraints], PodRequest] = {}
+        for name in self.pending:
+            pod = self.pods[name]
+            oldest.setdefault((pod.job.mig, pod.request.constraints), pod.request)
+        waited = {request.key: self.now - self.pods[request.name].pending_since for request in oldest.values()}
+        plans = plan_returns(self.snapshot(), borrowers, list(oldest.values()), self.rules, waited=waited)
         for plan in plans:
             pod = self.pods[plan.borrower.record.request.name]
             # A restart throws away the work done so far: the pod starts over,
@@ -338,9 +341,18 @@ class _Run:
             self.release(pod)
             pod.pending_since = self.now
             self.pending.append(pod.job.name)
+            self.reclaim_rounds(pod.job.name)
         if plans:
-            self.pending.sort(key=lambda name: (self.pods[name].job.arrival, name))
+            # A pod a reclaim was for goes first, as its nomination makes it (core/preempt.py yield_to_nominated):
+            # the slice taken back is its own, not the reclaimed borrower's to borrow again.
+            first = {plan.unblocks.removeprefix("default/") for plan in plans if not plan.target}
+            self.pending.sort(key=lambda name: (name not in first, self.pods[name].job.arrival, name))
             self.schedule()
+
+    def reclaim_rounds(self, name: str) -> None:
+        """Rounds (no-op events) when pod `name` will have waited long enough to take back a borrowed slice."""
+        for delay in self.reclaim_delays:
+            self.push(self.now + delay, "tick", name)
 
     # -- results --------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from extender.core.cluster import MigCounts, NodeState, PodRequest, Snapshot
 from extender.core.constraints import NodeConstraints
 from extender.core.decide import Placement, place
 from extender.core.returns import Borrower, Restore, restored_request, worth_a_return
-from extender.core.rules import ChainRules, ReturnMode
+from extender.core.rules import ChainRules, ReturnMode, ReturnOrder
 
 
 def blocked_pending(
@@ -52,11 +52,16 @@ def plan_returns(
     pending: Sequence[PodRequest],
     rules: ChainRules,
     claims: Iterable[tuple[str, MigCounts]] = (),
+    *,
+    order: ReturnOrder = ReturnOrder.LEAST_WORK_LOST,
+    waited: Mapping[str, float] | None = None,
 ) -> tuple[Restore, ...]:
     allowed = _Allowed(snapshot)
     free, blocked = _after_pending(snapshot, pending, rules, claims, allowed)
     plans: list[Restore] = []
-    movable = sorted((b for b in borrowers if not b.held_back and b.mode is not ReturnMode.NEVER), key=Borrower.order)
+    movable = sorted(
+        (b for b in borrowers if not b.held_back and b.mode is not ReturnMode.NEVER), key=lambda b: b.order(order)
+    )
     for borrower in (b for b in movable if b.mode is ReturnMode.EAGER):
         if not free.enough(borrower.loan.original):
             continue
@@ -75,7 +80,44 @@ def plan_returns(
                 plans.append(restore)
                 planned.add(borrower.key)
                 break
+    served = {plan.unblocks for plan in plans}
+    for waiting in blocked:
+        if waiting.key in served:
+            continue
+        for borrower in movable:
+            if borrower.key in planned or (waited or {}).get(waiting.key, 0.0) < borrower.reclaim_after:
+                continue
+            restore = _reclaim(borrower, waiting, snapshot, free=free, rules=rules)
+            if restore is not None:
+                plans.append(restore)
+                planned.add(borrower.key)
+                break
     return tuple(plans)
+
+
+def _reclaim(
+    borrower: Borrower, waiting: PodRequest, snapshot: Snapshot, *, free: _Free, rules: ChainRules
+) -> Restore | None:
+    home = borrower.record.node
+    if home not in free.nodes or not worth_a_return(waiting, snapshot.nodes[home]):
+        return None
+    if isinstance(place(waiting, _with_free(snapshot.nodes[home], free.nodes[home]), home, rules), Placement):
+        return None
+    given_back = dict(free.nodes[home])
+    for resource, count in borrower.loan.borrowed:
+        given_back[resource] = given_back.get(resource, 0) + count
+    placement = place(waiting, _with_free(snapshot.nodes[home], given_back), home, rules)
+    if not isinstance(placement, Placement) or placement.borrows:
+        return None
+    free.give(home, borrower.loan.borrowed)
+    free.take(home, placement.slices)
+    return Restore(
+        borrower,
+        "",
+        waiting.key,
+        f"{waiting.key} is waiting for its own {_names(waiting.mig)}, which this pod borrowed on {home}; "
+        "it goes back to Pending with its own request (reclaimed)",
+    )
 
 
 def _unblock(

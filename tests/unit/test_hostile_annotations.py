@@ -247,8 +247,8 @@ def returner_on(
 
 def test_a_borrower_a_pdb_protects_lets_the_next_one_return_in_the_same_round():
     """Finding 3: a forged loan chosen first and protected by a PDB blocked the genuine return forever."""
-    # Both look genuine and agree with what they hold; the forged one has the more steps, so it goes first.
-    forged = borrower("forged", {G3: 1}, created="2026-11-25T10:01:00Z")
+    # Both look genuine and agree with what they hold; the forged one is the youngest loan, so it goes first.
+    forged = borrower("forged", {G3: 1}, created="2026-11-25T10:09:00Z")
     genuine = borrower("genuine", {G2: 1})
     returner, executor = returner_on([node("n0", {G1: 1, G2: 1, G3: 1}), forged, genuine], budgets=("forged",))
     returner.round()

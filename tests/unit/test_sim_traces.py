@@ -162,9 +162,9 @@ def test_a_multi_slice_pod_that_no_node_can_hold_is_never_placed():
 
 
 def test_a_multi_type_pod_borrows_per_type_and_a_return_loses_all_its_work():
-    # "x" asks for 1g + 2g, for 150 s. At 0 the only 2g (on n1) is taken by "blocker" till 100, so x runs on n0:
-    # its 1g exactly, its 2g on the 3g (one step). At 50 "c" asks for the 3g: it waits; at 100 n1 is
-    # free, x goes back to its own types there (100 s of 1 + 2 compute slices lost) and c gets n0's 3g.
+    # "x" asks for 1g + 2g, for 150 s. At 0 the only 2g (on n1) is taken by "blocker" till 100, so x runs on
+    # n0: its 1g exactly, its 2g on the 3g (one step). At 50 "c" asks for that 3g: it takes it back (x back
+    # to Pending: 50 s of 1 + 2 compute slices lost); at 100 n1 is free and x runs there on its own types.
     seen: list[dict[str, tuple[str, MigCounts]]] = []
 
     def observe(_: Snapshot, running: Mapping[str, tuple[str, MigCounts]]) -> None:
@@ -176,12 +176,12 @@ def test_a_multi_type_pod_borrows_per_type_and_a_return_loses_all_its_work():
     assert seen[0]["b-x"] == ("n0", ((G1, 1), (G3, 1)))
     assert seen[-1] == {} and any(running.get("b-x") == ("n1", ((G1, 1), (G2, 1))) for running in seen)
     assert (m.borrows, m.restarts, m.never_placed) == (1, 1, 0)
-    assert m.lost_work_slice_hours == pytest.approx(3 * 100 / 3600)
-    assert m.mean_pending_s == pytest.approx(50 / 3)  # c waited from 50 to 100
-    # Useful within [0, 200]: blocker 2 x 100, x 3 x 100 (its first 100 s thrown away), c 3 x 60, over 7 x 200.
+    assert m.lost_work_slice_hours == pytest.approx(3 * 50 / 3600)
+    assert m.mean_pending_s == pytest.approx(50 / 3)  # x waited from 50 to 100
+    # Useful within [0, 200]: blocker 2 x 100, x 3 x 100 (its first 50 s thrown away), c 3 x 60, over 7 x 200.
     assert m.useful_utilisation == pytest.approx((2 * 100 + 3 * 100 + 3 * 60) / (7 * 200))
-    # Held: x held 1g + 3g (4 slices) on its loan, then 1g + 2g (3 slices).
-    assert m.held_utilisation == pytest.approx((2 * 100 + 4 * 100 + 3 * 100 + 3 * 60) / (7 * 200))
+    # Held: x held 1g + 3g (4 slices) on its loan for 50 s, then 1g + 2g (3 slices).
+    assert m.held_utilisation == pytest.approx((2 * 100 + 4 * 50 + 3 * 100 + 3 * 60) / (7 * 200))
 
 
 def test_the_bounds_count_every_slice_a_pod_asks_for():
