@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import heapq
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -83,7 +84,7 @@ class _Pod:
     placed_once: bool = False
     finished: float | None = None
 
-    @property
+    @functools.cached_property  # asked for on every schedule and return round, for every pending pod
     def request(self) -> PodRequest:
         return PodRequest("default", self.job.name, self.job.name, self.job.mig)
 
