@@ -207,7 +207,8 @@ def parser(prog: str = "migchain") -> argparse.ArgumentParser:
         nargs="+",
         default=[p.value for p in SimPolicy],
         choices=[p.value for p in SimPolicy],
-        help="static (no borrowing), eager (reference returns), on-demand (ours); default: all three",
+        help="static (no borrowing), eager (reference returns), on-demand (ours), never (borrow, never return); "
+        "default: all four",
     )
     simulate.add_argument("-o", "--output", choices=["table", "json"], default="table")
     simulate.set_defaults(run=_simulate)

@@ -72,6 +72,7 @@ def _policy_changes(old: Policy, new: Policy) -> list[str]:
         ("maxSteps", str(old.max_steps), str(new.max_steps)),
         ("allowedTypes", allowed(old), allowed(new)),
         ("returnMode", old.return_mode.value, new.return_mode.value),
+        ("reclaimAfterSeconds", str(old.reclaim_after_seconds), str(new.reclaim_after_seconds)),
         ("namespaces", _selector(old.namespaces), _selector(new.namespaces)),
         ("dryRun", _selector(old.dry_run), _selector(new.dry_run)),
         ("podOptOuts", _opt_outs(old.pod_opt_outs), _opt_outs(new.pod_opt_outs)),

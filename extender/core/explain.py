@@ -354,12 +354,17 @@ def _outlook(
     elif me.mode is ReturnMode.EAGER:
         condition = (
             f"as soon as a {original} is free on a node where it fits exactly (eager); "
-            "borrowers with more steps go first, then fewer restarts, then the oldest loan"
+            "the youngest loan goes first (least work lost), then more steps, then fewer restarts"
         )
     else:
         condition = (
             f"when a {original} is free on a node where it fits exactly and a pending pod that fits nowhere "
             f"may run on {pod.node} and would fit the {borrowed} it gives back there (on-demand)"
+        )
+    if not me.held_back and me.mode is not ReturnMode.NEVER:
+        condition += (
+            f"; or, back to Pending, when a pod waiting {me.reclaim_after} s or more for its own {borrowed} "
+            f"fits nowhere else (reclaimed)"
         )
     why_not = ""
     if restore is None:
@@ -507,7 +512,8 @@ def _policy_text(chain: Chain, namespace: str) -> str:
         f"borrowing {'on' if policy.borrowing else 'OFF'}; "
         f"maxSteps {'unlimited' if policy.max_steps is None else policy.max_steps}; "
         f"allowedTypes {allowed}; namespaces {namespaces} ({namespace} {covered}); "
-        f"returnMode {policy.return_mode.value}; dryRun {dry_run} for {namespace}; "
+        f"returnMode {policy.return_mode.value}; reclaimAfterSeconds {policy.reclaim_after_seconds}; "
+        f"dryRun {dry_run} for {namespace}; "
         f"pod opt-outs honoured for {namespace}: {', '.join(honoured) or 'none'}"
     )
 
@@ -625,6 +631,7 @@ def _chain_document(chain: Chain, namespace: str) -> dict[str, Any]:
             "covers_pod": policy.namespaces.admits(namespace),
         },
         "return_mode": policy.return_mode.value,
+        "reclaim_after_seconds": policy.reclaim_after_seconds,
         "dry_run_for_pod": policy.dry_run is not None and policy.dry_run.admits(namespace),
         "pod_opt_outs_for_pod": {
             "return": policy.pod_opt_outs.honours_return(namespace),

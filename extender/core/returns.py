@@ -303,11 +303,17 @@ def plan_returns(
         like, now = (_shape(waiting), waiting.constraints, waited_for), (free.version, len(plans))
         if waiting.key in served or reclaims.get(like) == now:
             continue
+        failed: set[tuple[str, MigCounts]] = set()  # (node, slices given back) that do not make room, now
         for borrower in holders.of(waiting):
             if borrower.key in planned or waited_for < borrower.reclaim_after:
                 continue
+            tried = (borrower.record.node, borrower.loan.borrowed)
+            if tried in failed:
+                continue  # a borrower alike on that node was no help: nor is this one (nothing changed since)
             restore = _reclaim(borrower, waiting, free)
-            if restore is not None:
+            if restore is None:
+                failed.add(tried)
+            else:
                 plans.append(restore)
                 planned.add(borrower.key)
                 break

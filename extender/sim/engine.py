@@ -31,6 +31,7 @@ class SimPolicy(enum.Enum):
     STATIC = "static"  # no borrowing: the plain mixed strategy
     EAGER = "eager"  # borrow, and return eagerly (the reference behaviour)
     ON_DEMAND = "on-demand"  # borrow, and return only when it unblocks a pending pod
+    NEVER = "never"  # borrow, and never return: what returns buy is measured against it
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,10 @@ class _Pod:
 class Metrics:
     pods: int = 0
     never_placed: int = 0
-    mean_pending_s: float = 0.0
+    mean_pending_s: float = 0.0  # pods still pending at the end count, censored at the end of the run
     p95_pending_s: float = 0.0
+    mean_pending_by_type_s: dict[str, float] = field(default_factory=dict)  # the same waits, per requested type
+    p95_pending_by_type_s: dict[str, float] = field(default_factory=dict)
     borrows: int = 0
     restarts: int = 0
     lost_work_slice_hours: float = 0.0  # compute-slice hours of work thrown away by restarts
@@ -108,11 +111,16 @@ class Metrics:
     pending_at_end: int = 0
 
 
+def _mean_and_p95(waits: list[float]) -> tuple[float, float]:
+    waits = sorted(waits)
+    return sum(waits) / len(waits), waits[min(len(waits) - 1, math.ceil(0.95 * len(waits)) - 1)]
+
+
 def rules_for(policy: SimPolicy, rules: ChainRules) -> ChainRules:
     """The chains a policy runs with: none for static; the given ones with its return mode otherwise."""
     if policy is SimPolicy.STATIC:
         return ChainRules([])
-    mode = ReturnMode.EAGER if policy is SimPolicy.EAGER else ReturnMode.ON_DEMAND
+    mode = {SimPolicy.EAGER: ReturnMode.EAGER, SimPolicy.NEVER: ReturnMode.NEVER}.get(policy, ReturnMode.ON_DEMAND)
     return ChainRules(
         dataclasses.replace(chain, policy=dataclasses.replace(chain.policy, return_mode=mode)) for chain in rules.chains
     )
@@ -361,19 +369,21 @@ class _Run:
         self.metrics.finished = sum(1 for pod in self.pods.values() if pod.finished is not None)
         self.metrics.running_at_end = sum(1 for pod in self.pods.values() if pod.placement is not None)
         self.metrics.pending_at_end = len(self.pending) + len(self.jobs) - len(self.pods)
-        waits = []
+        # A pod still pending when the run ends (never placed, or restarted and never placed again)
+        # is censored: it waited at least until the later of the horizon and the last event.
+        censored = max(self.now, end)
+        waits: dict[str, list[float]] = {}
         for name, pod in self.pods.items():
             if not pod.placed_once:
                 self.metrics.never_placed += 1
-            elif name in self.pending:  # restarted and never placed again: it waited till the end
-                waits.append(pod.waited + self.now - pod.pending_since)
-            else:
-                waits.append(pod.waited)
+            wait = pod.waited + (censored - pod.pending_since if name in self.pending else 0.0)
+            waits.setdefault(_requested_type(pod.job), []).append(wait)
         self.metrics.never_placed += len(self.jobs) - len(self.pods)
         if waits:
-            waits.sort()
-            self.metrics.mean_pending_s = sum(waits) / len(waits)
-            self.metrics.p95_pending_s = waits[min(len(waits) - 1, math.ceil(0.95 * len(waits)) - 1)]
+            m = self.metrics
+            m.mean_pending_s, m.p95_pending_s = _mean_and_p95([wait for each in waits.values() for wait in each])
+            for resource, each in sorted(waits.items()):
+                m.mean_pending_by_type_s[resource], m.p95_pending_by_type_s[resource] = _mean_and_p95(each)
         if end > 0 and self.capacity:
             self.metrics.useful_utilisation = self.useful / (self.capacity * end)
             self.metrics.held_utilisation = self.held / (self.capacity * end)

@@ -69,7 +69,7 @@ def starting_bounds(start: StartingState, rules: ChainRules, jobs: Sequence[Job]
     plus the work they do, over the whole capacity."""
     total = _compute(start.nodes)
     if total == 0 or horizon <= 0:
-        return Bounds(0.0, 0.0, 0.0)
+        return Bounds(0.0, 0.0, 0.0, 0.0)
     held: dict[str, dict[str, int]] = {}
     for pod in start.running:
         slices = held.setdefault(pod.node, {})
@@ -84,7 +84,10 @@ def starting_bounds(start: StartingState, rules: ChainRules, jobs: Sequence[Job]
     free = bounds(free_nodes, rules, jobs, horizon)
     free_total = _compute(free_nodes)
     pinned = sum(compute_slices(r) * n for pod in start.running for r, n in pod.asked)
-    return Bounds(*((share * free_total + pinned) / total for share in (free.fluid, free.static, free.borrowing)))
+    fluid, static, borrowing, timed = (
+        (share * free_total + pinned) / total for share in (free.fluid, free.static, free.borrowing, free.timed)
+    )
+    return Bounds(fluid, static, borrowing, timed, free.bin_s)
 
 
 def _compute(nodes: Iterable[NodeState]) -> int:

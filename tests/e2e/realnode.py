@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 import yaml
 
+from extender.kube.api import ApiError, path
 from tests.e2e.controlplane import ADMIN_TOKEN, BIN, ROOT, ControlPlane, Process, wait_until
 
 # Where the kubelet and the device plugin come from: the shared control plane's folder, unless overridden.
@@ -609,6 +610,10 @@ def real_node(plane: ControlPlane, name: str, layout: dict[str, int], labels: di
         yield node
     finally:
         node.stop()
+        # Its Node object goes too: a NotReady node with MIG allocatable would count in later tests'
+        # `simulate --from-cluster` and `migchain status`.
+        with contextlib.suppress(ApiError):
+            plane.api.delete(path("api", "v1", "nodes", name))
 
 
 __all__ = ["REALNODE_MARKS", "ROOT", "RealNode", "real_node"]

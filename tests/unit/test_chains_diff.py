@@ -28,11 +28,14 @@ def rules_of(tmp_path: Path, name: str, text: str):
 
 def test_a_type_added_and_a_policy_change_are_named_with_who_gains_what(tmp_path: Path):
     _, old = rules_of(tmp_path, "old.yaml", A100)
-    edited = A100.replace("maxSteps: 3", "maxSteps: 2").replace("returnMode: on-demand", "returnMode: eager")
+    edited = A100.replace("maxSteps: 3", "maxSteps: 2").replace(
+        "returnMode: on-demand", "returnMode: eager\n  reclaimAfterSeconds: 300"
+    )
     _, new = rules_of(tmp_path, "new.yaml", edited)
     lines = diff_rules(old, new)
     assert "chain a100-40gb: policy maxSteps: 3 => 2" in lines
     assert "chain a100-40gb: policy returnMode: on-demand => eager" in lines
+    assert "chain a100-40gb: policy reclaimAfterSeconds: 0 => 300" in lines
     assert "on NVIDIA-A100-SXM4-40GB: 1g.5gb may no longer borrow 3g.20gb (3 steps up chain a100-40gb)" in lines
     assert not any("may now borrow" in line for line in lines)
 

@@ -40,10 +40,13 @@ def test_simulate_prints_every_policy_beside_the_bounds(tmp_path, capsys):
     args = ["simulate", "--fleet", str(fleet), "--chains", chains, "--workload", str(trace), "-o", "json"]
     assert cli.main(args) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report["runs"]) == {"static", "eager", "on-demand"}
+    assert set(report["runs"]) == {"static", "eager", "on-demand", "never"}
     assert report["runs"]["static"]["borrows"] == 0
     assert report["runs"]["on-demand"]["borrows"] == 1  # the fifth 1g.5gb pod takes a larger slice
+    assert (report["runs"]["never"]["borrows"], report["runs"]["never"]["restarts"]) == (1, 0)
+    assert set(report["runs"]["static"]["p95_pending_by_type_s"]) == {"nvidia.com/mig-1g.5gb"}
     assert 0 < report["bounds"]["static"] <= report["bounds"]["borrowing"] <= report["bounds"]["fluid"] <= 1
+    assert 0 < report["bounds"]["timed"] <= report["bounds"]["borrowing"]
 
 
 def test_simulate_reports_a_bad_fleet_without_a_trace(tmp_path, capsys):

@@ -135,6 +135,7 @@ def test_the_bounds_count_the_running_pods_work_on_the_slices_they_hold():
     assert b.fluid == pytest.approx(3 / 4)
     assert b.static == pytest.approx(3 / 4)
     assert b.borrowing == pytest.approx(3 / 4)
+    assert b.timed == pytest.approx(3 / 4)
     assert starting_bounds(StartingState((), (), 0, ()), RULES, jobs, 100).fluid == 0
 
 

@@ -190,6 +190,7 @@ def test_the_bounds_count_every_slice_a_pod_asks_for():
     assert b.fluid == pytest.approx(200 / 400)
     assert b.static == pytest.approx(100 / 400)  # one of its 1g slices fits the 1g
     assert b.borrowing == pytest.approx(200 / 400)  # the other the 3g, up the chain
+    assert b.timed == pytest.approx(200 / 400)  # both slices work from its arrival on: 2 x 100 slice-seconds
 
 
 # -- the generator -------------------------------------------------------------
