@@ -46,7 +46,7 @@ unit: $(STAMP)
 e2e: $(STAMP) control-plane node-packages
 	$(BIN)/pytest -m e2e
 
-## bench: the efficiency benchmark (simulator; about two minutes)
+## bench: the efficiency benchmark (simulator: four traces, each on its fleet; about five minutes on 2 cores)
 bench: $(STAMP)
 	$(BIN)/python bench/efficiency.py
 

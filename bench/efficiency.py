@@ -1,5 +1,6 @@
 """What borrowing buys, on numbers: every policy on every shipped trace, beside the bounds; one table per trace.
 
+Each trace runs on the fleet and chains it was made for (make_traces.TRACES).
 Run: python bench/efficiency.py   (several minutes, most of them on small-heavy; writes
 docs/efficiency-<trace>.png and docs/efficiency-<trace>-per-type.png)
 """
@@ -14,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
+from make_traces import TRACES  # the script's own folder is on sys.path
 
 from extender.config import load_rules
 from extender.core.mig import short_name
@@ -22,11 +24,9 @@ from extender.sim.geometry import compute_slices
 from extender.sim.report import Report, run_policies
 
 ROOT = Path(__file__).resolve().parents[1]
-FLEET = ROOT / "bench" / "fleets" / "a100-balanced.yaml"
-CHAINS = [ROOT / "chains" / "a100-40gb.yaml"]
 
 
-def plot(name: str, report: Report, path: Path) -> None:
+def plot(name: str, report: Report, path: Path, fleet: str) -> None:
     figure, (pending, useful) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     for policy, metrics in report.runs.items():
         hours = [t / 3600 for t, _, _ in metrics.timeline]
@@ -37,7 +37,7 @@ def plot(name: str, report: Report, path: Path) -> None:
     pending.set_ylabel("pending pods")
     useful.set_ylabel("useful utilisation %")
     useful.set_xlabel("hour of the trace")
-    pending.set_title(f"{name}: {report.pods} pods on 100 A100-40GB (all-balanced)")
+    pending.set_title(f"{name}: {report.pods} pods on {fleet}")
     pending.legend()
     useful.legend(loc="lower right")
     figure.tight_layout()
@@ -64,12 +64,14 @@ def plot_per_type(name: str, report: Report, path: Path) -> None:
 
 
 def main() -> int:
-    rules = load_rules(CHAINS)
     traces = sorted((ROOT / "bench" / "traces").glob("*.csv"))
     for trace in traces:
-        started = time.perf_counter()
-        report = run_policies(FLEET, rules, str(trace), None, list(SimPolicy))
-        print(f"## {trace.stem}  ({time.perf_counter() - started:.0f} s)\n")
+        made = TRACES[trace.stem]
+        rules = load_rules([ROOT / "chains" / name for name in made.chains])
+        started, cpu = time.perf_counter(), time.process_time()
+        report = run_policies(ROOT / "bench" / "fleets" / made.fleet, rules, str(trace), None, list(SimPolicy))
+        took = f"{time.perf_counter() - started:.0f} s, CPU {time.process_time() - cpu:.0f} s"
+        print(f"## {trace.stem} on {made.fleet}, chains {' '.join(made.chains)}  ({took})\n")
         print(report.table())
         static, ours = report.runs["static"], report.runs["on-demand"]
         eager, never = report.runs["eager"], report.runs["never"]
@@ -80,7 +82,7 @@ def main() -> int:
             f"vs never: mean pending {ours.mean_pending_s / 60:.2f} vs {never.mean_pending_s / 60:.2f} min, "
             f"lost work {ours.lost_work_slice_hours:.1f} slice-h\n"
         )
-        plot(trace.stem, report, ROOT / "docs" / f"efficiency-{trace.stem}.png")
+        plot(trace.stem, report, ROOT / "docs" / f"efficiency-{trace.stem}.png", made.about)
         plot_per_type(trace.stem, report, ROOT / "docs" / f"efficiency-{trace.stem}-per-type.png")
     return 0
 

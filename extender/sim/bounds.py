@@ -16,6 +16,9 @@ timing (arrivals, queues): they are relaxations, valid as upper bounds.
   one slice does at most one slice-second a second, and nothing before it
   arrives). Any run is a feasible point of it, so it bounds every policy,
   queueing included, and lies within the borrowing bound.
+
+A pod of several slices counts, in every bound, as that many pods of one
+slice each (a relaxation: they need not share a node or a start).
 """
 
 from __future__ import annotations
@@ -54,10 +57,11 @@ def bounds(
             key = (node.gpu_product, resource)
             capacity[key] = capacity.get(key, 0.0) + count * horizon
     total = sum(compute_slices(resource) * amount for (_, resource), amount in capacity.items())
-    demand: dict[str, float] = {}  # type -> pod-seconds asked within the horizon
+    demand: dict[str, float] = {}  # type -> slice-seconds asked within the horizon
     for job in jobs:
         if job.arrival < horizon:
-            demand[job.resource] = demand.get(job.resource, 0.0) + min(job.runtime, horizon - job.arrival)
+            for resource, count in job.mig:  # a pod of several slices as that many pods of one: a relaxation
+                demand[resource] = demand.get(resource, 0.0) + count * min(job.runtime, horizon - job.arrival)
     if total == 0:
         return Bounds(0.0, 0.0, 0.0, 0.0, bin_s)
     fluid = min(1.0, sum(compute_slices(t) * d for t, d in demand.items()) / total)
@@ -65,7 +69,7 @@ def bounds(
         sum(compute_slices(t) * min(d, sum(a for (_, r), a in capacity.items() if r == t)) for t, d in demand.items())
         / total
     )
-    # Variables: x[t, (p, u)] pod-seconds of type t served on slices u of product p.
+    # Variables: x[t, (p, u)] slice-seconds of type t served on slices u of product p.
     serves = _serves(rules, demand, capacity)
     arcs = [(t, key) for t in demand for key in serves[t]]
     if not arcs:
@@ -117,12 +121,13 @@ def _timed(
     for job in jobs:
         if job.arrival >= horizon or job.runtime <= 0:
             continue
-        group = (job.resource, min(count - 1, int(job.arrival // bin_s)))
-        work[group] = work.get(group, 0.0) + min(job.runtime, horizon - job.arrival)
-        first[group] = first.get(group, 0.0) + min(job.runtime, ends[group[1]] - job.arrival)
-        spans = later.setdefault(group, [0.0, 0.0])  # a full bin, the last (maybe shorter) bin
-        spans[0] += min(job.runtime, bin_s)
-        spans[1] += min(job.runtime, length[-1])
+        for resource, slices in job.mig:  # a pod of several slices as that many pods of one: a relaxation
+            group = (resource, min(count - 1, int(job.arrival // bin_s)))
+            work[group] = work.get(group, 0.0) + slices * min(job.runtime, horizon - job.arrival)
+            first[group] = first.get(group, 0.0) + slices * min(job.runtime, ends[group[1]] - job.arrival)
+            spans = later.setdefault(group, [0.0, 0.0])  # a full bin, the last (maybe shorter) bin
+            spans[0] += slices * min(job.runtime, bin_s)
+            spans[1] += slices * min(job.runtime, length[-1])
     # Variables x[g, b, (p, u)]: seconds of group g's work done in bin b on slices u of product p.
     objective: list[float] = []
     cells: list[tuple[int, int]] = []  # (row, variable): every coefficient is 1

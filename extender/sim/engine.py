@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import heapq
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -20,9 +21,10 @@ from extender.core.cluster import MigCounts, NodeState, PodRecord, PodRequest, S
 from extender.core.constraints import NodeConstraints
 from extender.core.decide import Placement, filter_nodes, place, score_nodes
 from extender.core.loan import Loan
+from extender.core.mig import parse_mig_resource
 from extender.core.returns import Borrower, loan_policy, plan_returns
 from extender.core.rules import ChainRules, ReturnMode
-from extender.sim.geometry import compute_slices
+from extender.sim.geometry import compute_of, compute_slices
 
 
 class SimPolicy(enum.Enum):
@@ -36,8 +38,24 @@ class SimPolicy(enum.Enum):
 class Job:
     name: str
     arrival: float  # seconds from the start of the trace
-    resource: str  # the MIG resource it asks for, one slice
+    mig: MigCounts  # the MIG slices it asks for, as PodRequest.mig: ((resource, count), ...), sorted and merged
     runtime: float  # seconds of work it needs
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mig, str):  # the one-resource Job of old: a string would iterate as characters
+            raise TypeError(f"Job.mig takes ((resource, count), ...), e.g. (({self.mig!r}, 1),), not a resource name")
+        merged: dict[str, int] = {}
+        for resource, count in self.mig:
+            merged[resource] = merged.get(resource, 0) + count
+        object.__setattr__(self, "mig", tuple(sorted(merged.items())))
+
+
+def _requested_type(job: Job) -> str:
+    """The type a pod is counted under in per-type figures: its largest requested type (most compute, then memory).
+
+    A pod of several types waits for all of them; the largest is the one hardest to find free.
+    """
+    return max(job.mig, key=lambda item: parse_mig_resource(item[0]))[0]
 
 
 @dataclass(frozen=True)
@@ -67,9 +85,9 @@ class _Pod:
     placed_once: bool = False
     finished: float | None = None
 
-    @property
+    @functools.cached_property  # asked for on every schedule and return round, for every pending pod
     def request(self) -> PodRequest:
-        return PodRequest("default", self.job.name, self.job.name, ((self.job.resource, 1),))
+        return PodRequest("default", self.job.name, self.job.name, self.job.mig)
 
 
 @dataclass
@@ -91,11 +109,6 @@ class Metrics:
     finished: int = 0
     running_at_end: int = 0
     pending_at_end: int = 0
-
-
-def _requested_type(job: Job) -> str:
-    """The MIG type a pod is counted under in the per-type figures."""
-    return job.resource
 
 
 def _mean_and_p95(waits: list[float]) -> tuple[float, float]:
@@ -235,13 +248,13 @@ class _Run:
 
     def schedule(self) -> None:
         """Place pending pods oldest first, as the scheduler would; a request that fit nowhere is not retried."""
-        failed: set[tuple[str, NodeConstraints]] = set()  # requests that fit nowhere in this call
+        failed: set[tuple[MigCounts, NodeConstraints]] = set()  # requests that fit nowhere in this call
         still: list[str] = []
         allowed: dict[NodeConstraints, list[str]] = {}  # pods share their rules: match them once per call
         for name in self.pending:
             pod = self.pods[name]
             request = pod.request
-            if (pod.job.resource, request.constraints) in failed:
+            if (pod.job.mig, request.constraints) in failed:
                 still.append(name)
                 continue
             snapshot = self.snapshot()
@@ -250,7 +263,7 @@ class _Run:
                 names = allowed[request.constraints] = [n for n, node in self.state.items() if request.may_run_on(node)]
             decision = filter_nodes(request, names, snapshot, self.rules)
             if not decision.passed:
-                failed.add((pod.job.resource, request.constraints))
+                failed.add((pod.job.mig, request.constraints))
                 still.append(name)
                 continue
             scores = score_nodes(pod.request, decision.passed, snapshot, self.rules)
@@ -268,13 +281,13 @@ class _Run:
             self.metrics.borrows += 1
             self.borrowing[pod.job.name] = self._borrower(pod, placement)
         self._use(placement.node, placement.slices, +1)
-        self._rates(compute_slices(pod.job.resource), placement.slices, +1)
+        self._rates(compute_of(pod.job.mig), placement.slices, +1)
         self.push(self.now + pod.job.runtime, "finish", pod.job.name, pod.epoch)
 
     def release(self, pod: _Pod) -> None:
         assert pod.placement is not None
         self._use(pod.node, pod.placement.slices, -1)
-        self._rates(compute_slices(pod.job.resource), pod.placement.slices, -1)
+        self._rates(compute_of(pod.job.mig), pod.placement.slices, -1)
         self.borrowing.pop(pod.job.name, None)
         pod.node, pod.placement = "", None
 
@@ -297,7 +310,7 @@ class _Run:
 
     def _borrower(self, pod: _Pod, placement: Placement) -> Borrower:
         loan = Loan(
-            original=((pod.job.resource, 1),),
+            original=pod.job.mig,
             borrowed=placement.slices,
             chains=tuple(sorted({g.chain for g in placement.grants if g.chain})),
             steps=placement.cost,
@@ -318,17 +331,17 @@ class _Run:
             return
         # Pending pods of one type and placement rules are interchangeable here:
         # one of each, the one waiting longest, is enough to find a return worth doing, and keeps a round cheap.
-        oldest: dict[tuple[str, NodeConstraints], PodRequest] = {}
+        oldest: dict[tuple[MigCounts, NodeConstraints], PodRequest] = {}
         for name in self.pending:
             pod = self.pods[name]
-            oldest.setdefault((pod.job.resource, pod.request.constraints), pod.request)
+            oldest.setdefault((pod.job.mig, pod.request.constraints), pod.request)
         waited = {request.key: self.now - self.pods[request.name].pending_since for request in oldest.values()}
         plans = plan_returns(self.snapshot(), borrowers, list(oldest.values()), self.rules, waited=waited)
         for plan in plans:
             pod = self.pods[plan.borrower.record.request.name]
             # A restart throws away the work done so far: the pod starts over,
             # and what it did no longer counts as useful.
-            slices = compute_slices(pod.job.resource)
+            slices = compute_of(pod.job.mig)
             self.metrics.lost_work_slice_hours += slices * (self.now - pod.started) / 3600
             self.useful -= slices * max(0.0, min(self.now, self.end) - min(pod.started, self.end))
             self.metrics.restarts += 1

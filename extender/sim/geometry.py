@@ -11,7 +11,7 @@ placed without overlap.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from extender.core.mig import MIG_RESOURCE_PREFIX, parse_mig_resource
@@ -132,6 +132,11 @@ def fits_gpu(model: GpuModel, layout: Mapping[str, int]) -> bool:
 
 def compute_slices(resource: str) -> int:
     return parse_mig_resource(resource).compute_slices
+
+
+def compute_of(counts: Iterable[tuple[str, int]]) -> int:
+    """Compute slices of a request or a holding ((resource, count), ...): `((1g.5gb, 2), (3g.20gb, 1))` is 5."""
+    return sum(compute_slices(resource) * count for resource, count in counts)
 
 
 def all_layouts_valid() -> list[tuple[str, str]]:

@@ -270,5 +270,7 @@ def test_explain_candidates_and_return_facts_follow_the_same_rules():
 
 def test_the_simulators_trace_pods_may_run_on_tainted_nodes():
     tainted = node_state(node("gpu", {G1: 2}, taints=[{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]))
-    metrics = simulate([tainted], RULES, [Job("j0", 0.0, G1, 60.0), Job("j1", 0.0, G1, 60.0)], SimPolicy.ON_DEMAND)
+    metrics = simulate(
+        [tainted], RULES, [Job("j0", 0.0, ((G1, 1),), 60.0), Job("j1", 0.0, ((G1, 1),), 60.0)], SimPolicy.ON_DEMAND
+    )
     assert (metrics.never_placed, metrics.finished) == (0, 2)

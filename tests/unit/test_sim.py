@@ -15,7 +15,7 @@ from extender.core.cluster import MigCounts, NodeState, Snapshot
 from extender.sim.bounds import bounds
 from extender.sim.engine import Job, SimPolicy, simulate
 from extender.sim.fleet import FleetError, load_fleet, nodes_of
-from extender.sim.geometry import A100_40, all_layouts_valid, fits_gpu
+from extender.sim.geometry import A100_40, all_layouts_valid, compute_of, fits_gpu
 from extender.sim.report import run_policies
 from extender.sim.workload import WorkloadSpec, generate, read_csv
 
@@ -31,7 +31,7 @@ def one_node(**allocatable: int) -> list[NodeState]:
     ]
 
 
-TINY = [Job("a", 0, G1, 50), Job("b", 0, G1, 100), Job("c", 60, G2, 50)]
+TINY = [Job("a", 0, ((G1, 1),), 50), Job("b", 0, ((G1, 1),), 100), Job("c", 60, ((G2, 1),), 50)]
 
 
 def test_static_on_a_tiny_trace_matches_hand_computation():
@@ -60,22 +60,37 @@ def test_eager_on_a_tiny_trace_returns_as_soon_as_the_1g_frees():
     assert m.lost_work_slice_hours == pytest.approx(50 / 3600)  # b ran 50 s on the 2g
 
 
+# What the largest node of the property's fleet has (2 all-balanced GPUs): no request asks for more.
+LARGEST_NODE = {G1: 4, G2: 2, G3: 2}
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> MigCounts:
+    """Mostly one slice, as most pods ask; else several slices of one type, or several types."""
+    if draw(st.booleans()):
+        return ((draw(st.sampled_from((G1, G1, G2, G3))), 1),)
+    types = draw(st.lists(st.sampled_from(sorted(LARGEST_NODE)), min_size=1, max_size=3, unique=True))
+    return tuple(sorted((t, draw(st.integers(1, LARGEST_NODE[t]))) for t in types))
+
+
 @st.composite
 def traces(draw: st.DrawFn) -> list[Job]:
     count = draw(st.integers(1, 25))
-    return [
-        Job(f"p{i}", draw(st.integers(0, 300)), draw(st.sampled_from((G1, G1, G2, G3))), draw(st.integers(10, 400)))
-        for i in range(count)
-    ]
+    return [Job(f"p{i}", draw(st.integers(0, 300)), draw(requests()), draw(st.integers(10, 400))) for i in range(count)]
 
 
 @given(jobs=traces(), policy=st.sampled_from(list(SimPolicy)))
 def test_no_slice_is_double_used_and_every_pod_runs_at_most_once_at_a_time(jobs, policy):
     nodes = nodes_of(A100, 3, A100_40.layouts["all-balanced"], 2, "n")
 
+    asked = {job.name: job.mig for job in jobs}
+
     def check(snapshot: Snapshot, running: Mapping[str, tuple[str, MigCounts]]) -> None:
         held: dict[str, Counter[str]] = {name: Counter() for name in snapshot.nodes}
-        for host, slices in running.values():  # one entry per pod: a pod runs in one place or none
+        for pod, (host, slices) in running.items():  # one entry per pod: a pod runs in one place or none
+            # A pod holds one slice for each it asked for: the same type, or a larger one it borrowed.
+            assert sum(count for _, count in slices) == sum(count for _, count in asked[pod])
+            assert compute_of(slices) >= compute_of(asked[pod])
             for resource, count in slices:
                 held[host][resource] += count
         for name, node in snapshot.nodes.items():
@@ -103,7 +118,7 @@ def test_the_same_seed_gives_the_same_trace_and_the_same_results():
 
 def test_bounds_on_a_hand_made_case():
     # One GPU-worth: 1 x 1g and 1 x 3g for 100 s; demand: 2 pods x 100 s of 1g. Capacity 4 slices x 100 s.
-    jobs = [Job("a", 0, G1, 100), Job("b", 0, G1, 100)]
+    jobs = [Job("a", 0, ((G1, 1),), 100), Job("b", 0, ((G1, 1),), 100)]
     b = bounds(one_node(**{"1g.5gb": 1, "3g.20gb": 1}), RULES, jobs, horizon=100)
     assert b.fluid == pytest.approx(200 / 400)
     assert b.static == pytest.approx(100 / 400)  # only one 1g slice serves 1g demand
@@ -151,7 +166,7 @@ def test_never_returns_nothing_and_borrows_as_on_demand_does_where_on_demand_ret
 
 def test_a_pod_never_placed_counts_in_the_pending_figures_censored_at_the_end():
     # No 3g slice: c is never placed. The run ends at the horizon (100); c waited 100 - 10 = 90 s.
-    jobs = [Job("a", 0, G1, 50), Job("c", 10, G3, 50)]
+    jobs = [Job("a", 0, ((G1, 1),), 50), Job("c", 10, ((G3, 1),), 50)]
     m = simulate(one_node(**{"1g.5gb": 1, "2g.10gb": 1}), RULES, jobs, SimPolicy.STATIC, horizon=100)
     assert m.never_placed == 1
     assert m.mean_pending_s == pytest.approx(90 / 2)
@@ -160,7 +175,7 @@ def test_a_pod_never_placed_counts_in_the_pending_figures_censored_at_the_end():
 
 def test_the_time_aware_bound_sees_that_late_demand_cannot_be_served_early():
     # One 1g slice for 200 s; two pods of 50 s arrive at 150: only 50 s of the slice is left for them.
-    jobs = [Job("a", 150, G1, 50), Job("b", 150, G1, 50)]
+    jobs = [Job("a", 150, ((G1, 1),), 50), Job("b", 150, ((G1, 1),), 50)]
     assert bounds(one_node(**{"1g.5gb": 1}), RULES, jobs, horizon=200, bin_s=50).timed == pytest.approx(50 / 200)
     coarse = bounds(one_node(**{"1g.5gb": 1}), RULES, jobs, horizon=200, bin_s=100)
     assert coarse.borrowing == pytest.approx(100 / 200)  # the day-aggregated LP serves both
@@ -170,11 +185,11 @@ def test_the_time_aware_bound_sees_that_late_demand_cannot_be_served_early():
 def test_the_time_aware_bound_lets_demand_borrow_a_larger_slice_in_the_bins_after_its_arrival():
     # a and b (1g, 100 s) arrive at 0 on one 1g and one 2g slice for 100 s; c (2g, 50 s) arrives at 50.
     # At best a runs on the 1g, b on the 2g before 50 and c on it after: 100 + 50 + 2 x 50 of 300 slice-seconds.
-    jobs = [Job("a", 0, G1, 100), Job("b", 0, G1, 100), Job("c", 50, G2, 50)]
+    jobs = [Job("a", 0, ((G1, 1),), 100), Job("b", 0, ((G1, 1),), 100), Job("c", 50, ((G2, 1),), 50)]
     nodes = one_node(**{"1g.5gb": 1, "2g.10gb": 1})
     assert bounds(nodes, RULES, jobs, horizon=100, bin_s=25).timed == pytest.approx(250 / 300)
     # c cannot start before it arrives: with it at 75, b keeps the 2g until 75 and c gets 25 s of it.
-    late = [*jobs[:2], Job("c", 75, G2, 50)]
+    late = [*jobs[:2], Job("c", 75, ((G2, 1),), 50)]
     assert bounds(nodes, RULES, late, horizon=100, bin_s=25).timed == pytest.approx((100 + 75 + 2 * 25) / 300)
 
 
@@ -200,7 +215,7 @@ def test_no_policy_beats_the_time_aware_bound_and_it_is_within_the_day_aggregate
 
 def test_pending_per_requested_type_comes_from_the_same_censored_waits():
     # static on TINY: a waits 0 and b 50 (1g), c 0 (2g); d (3g, no such slice) is censored at the horizon.
-    jobs = [*TINY, Job("d", 10, G3, 50)]
+    jobs = [*TINY, Job("d", 10, ((G3, 1),), 50)]
     m = simulate(one_node(**{"1g.5gb": 1, "2g.10gb": 1}), RULES, jobs, SimPolicy.STATIC, horizon=160)
     assert m.mean_pending_by_type_s == pytest.approx({G1: 25, G2: 0, G3: 150})
     assert m.p95_pending_by_type_s == pytest.approx({G1: 50, G2: 0, G3: 150})

@@ -92,7 +92,7 @@ def test_pods_that_cannot_be_counted_where_they_are_are_left_out_and_named():
 
 def test_a_running_pods_slices_are_not_free_in_the_simulation():
     start = start_of(node("a", {G1: 1}), pod("1", {G1: 1}, "a"))
-    jobs = [Job("new", 0, G1, 100)]
+    jobs = [Job("new", 0, ((G1, 1),), 100)]
     empty = simulate(start.nodes, RULES, jobs, SimPolicy.STATIC, horizon=100)
     assert empty.never_placed == 0  # from an empty cluster the new pod runs at once
     held = simulate(start.nodes, RULES, jobs, SimPolicy.STATIC, horizon=100, initial=start.running)
@@ -116,7 +116,7 @@ def test_a_pod_arriving_next_to_a_running_borrower_borrows_further_up_or_waits()
     metrics = simulate(
         start.nodes,
         RULES,
-        [Job("new", 0, G1, 50)],
+        [Job("new", 0, ((G1, 1),), 50)],
         SimPolicy.ON_DEMAND,
         horizon=60,
         observe=observe,
@@ -129,7 +129,7 @@ def test_a_pod_arriving_next_to_a_running_borrower_borrows_further_up_or_waits()
 def test_the_bounds_count_the_running_pods_work_on_the_slices_they_hold():
     nodes = (NodeState("a", A100, "success", {G1: 2, G2: 1}),)  # 1 + 1 + 2 = 4 compute slices
     start = StartingState(nodes, (Running("ml/b", "a", ((G2, 1),), ((G1, 1),)),), 1, ())
-    jobs = [Job("x", 0, G1, 100), Job("y", 0, G1, 100)]
+    jobs = [Job("x", 0, ((G1, 1),), 100), Job("y", 0, ((G1, 1),), 100)]
     b = starting_bounds(start, RULES, jobs, 100)
     # The borrower does 1 slice of work on the 2g.10gb; the trace can use the two 1g.5gb: (1 + 2) / 4.
     assert b.fluid == pytest.approx(3 / 4)
