@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from extender.kube.api import ApiError, path
 from tests.e2e.conftest import Scenario
 from tests.e2e.controlplane import wait_until
-from tests.e2e.fleet import FAIL_AFTER, SUCCEED_AFTER, create_node
+from tests.e2e.fleet import FAIL_AFTER, SUCCEED_AFTER, create_node, mig_pod
 
 pytestmark = pytest.mark.e2e
 
@@ -108,3 +109,34 @@ def test_annotated_pods_end_after_their_duration_and_deletions_finish(scenario: 
         return False
 
     wait_until(gone, 15, "the terminating pod to go")
+
+
+def test_a_pod_recreated_under_the_name_of_one_evicted_at_once_is_left_alone(scenario: Scenario):
+    """As a bare borrower a reclaim returns: evicted (grace period 0), recreated under its name, pending. kwok
+    deletes by name, without the UID precondition a kubelet sends: it must not take the new pod for the old."""
+    node = f"gpu-{scenario.test}-a"
+    create_node(scenario.api, node, A100, {"1g.5gb": 30}, scenario.test)
+    pods = path("api", "v1", "namespaces", scenario.namespace, "pods")
+
+    def evict_and_recreate(index: int) -> None:
+        name = f"p{index}"
+        old = scenario.api.create(pods, mig_pod(name, scenario.test, {"1g.5gb": 1}, spec={"nodeName": node}))
+        wait_until(lambda: phase(scenario, name) == "Running", 30, f"{name} to run")
+        eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name}}
+        eviction["deleteOptions"] = {"preconditions": {"uid": old["metadata"]["uid"]}}
+        scenario.api.create(f"{pods}/{name}/eviction", eviction)
+        wait_until(lambda: gone_or_replaced(scenario, name, old["metadata"]["uid"]), 30, f"{name} to go")
+        scenario.api.create(pods, mig_pod(name, scenario.test, {"1g.5gb": 1}, node_selector={"nowhere": "x"}))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(evict_and_recreate, range(30)))
+    time.sleep(3)  # longer than the pod-delete Stage's delay
+    names = {pod["metadata"]["name"] for pod in scenario.pods()}
+    assert [f"p{index}" for index in range(30) if f"p{index}" not in names] == []
+
+
+def gone_or_replaced(scenario: Scenario, name: str, uid: str) -> bool:
+    try:
+        return bool(scenario.pod(name)["metadata"]["uid"] != uid)
+    except ApiError:
+        return True
