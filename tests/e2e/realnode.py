@@ -560,8 +560,18 @@ def _host_lock() -> Iterator[None]:
         os.close(descriptor)
 
 
-def _read_sysctls() -> dict[str, str]:
+def read_sysctls() -> dict[str, str]:
+    """The host's values of the sysctls the kubelet sets."""
     return {key: Path("/proc/sys", key).read_text() for key in KERNEL_SYSCTLS}
+
+
+def device_ids(node: str, layout: dict[str, int], profile: str) -> set[str]:
+    """The IDs the device-plugin stand-in gives `node`'s `profile` devices under `layout` (its deviceID)."""
+    ids = set()
+    for index in range(layout.get(profile, 0)):
+        digest = hashlib.sha256(f"{node}/{profile}/{index}".encode()).hexdigest()[:32]
+        ids.add(f"MIG-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}")
+    return ids
 
 
 def _write_sysctls(values: dict[str, str]) -> None:
@@ -583,7 +593,7 @@ def _take_sysctls(holder: dict[str, Any]) -> None:
         nodes = [node for node in ledger.get("nodes", []) if _alive(node["pid"])]
         if not nodes:
             _write_sysctls(ledger.get("found", {}))
-            ledger["found"] = _read_sysctls()
+            ledger["found"] = read_sysctls()
         ledger["nodes"] = [*nodes, holder]
         _write_ledger(ledger)
 
@@ -616,4 +626,4 @@ def real_node(plane: ControlPlane, name: str, layout: dict[str, int], labels: di
             plane.api.delete(path("api", "v1", "nodes", name))
 
 
-__all__ = ["REALNODE_MARKS", "ROOT", "RealNode", "real_node"]
+__all__ = ["REALNODE_MARKS", "ROOT", "RealNode", "device_ids", "read_sysctls", "real_node"]

@@ -10,7 +10,6 @@ folder when it is not .cache/kube/bin).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -22,6 +21,7 @@ import pytest
 from extender.core.loan import DELETION_COST_ANNOTATION as DELETION_COST
 from extender.core.loan import LOWEST_DELETION_COST
 from extender.kube.api import ApiError, path
+from tests.e2e import realnode
 from tests.e2e.conftest import Cluster, Scenario
 from tests.e2e.controlplane import wait_until
 from tests.e2e.fleet import FAKE_NODE_LABEL, TEST_LABEL, gpu_node, mig_pod, replica_set
@@ -37,12 +37,7 @@ G2 = "nvidia.com/mig-2g.10gb"
 
 
 def device_ids(profile: str) -> set[str]:
-    """The IDs the device-plugin stand-in gives this node's `profile` devices (migdeviceplugin's deviceID)."""
-    ids = set()
-    for index in range(LAYOUT.get(profile, 0)):
-        digest = hashlib.sha256(f"{NODE}/{profile}/{index}".encode()).hexdigest()[:32]
-        ids.add(f"MIG-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}")
-    return ids
+    return realnode.device_ids(NODE, LAYOUT, profile)
 
 
 @pytest.fixture(scope="module")

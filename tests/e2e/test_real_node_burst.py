@@ -6,7 +6,6 @@ device of the type it was granted.
 from __future__ import annotations
 
 import collections
-import hashlib
 import random
 import statistics
 import time
@@ -19,7 +18,7 @@ from tests.e2e.conftest import Scenario
 from tests.e2e.controlplane import wait_until
 from tests.e2e.fleet import create_node
 from tests.e2e.invariants import borrowing, check_invariants, mig_requests
-from tests.e2e.realnode import REALNODE_MARKS, RealNode
+from tests.e2e.realnode import REALNODE_MARKS, RealNode, device_ids
 
 pytestmark = REALNODE_MARKS
 
@@ -32,15 +31,6 @@ REAL_LAYOUT = {"1g.5gb": 2, "2g.10gb": 6, "3g.20gb": 4}
 FLEET, FLEET_LAYOUT = 8, {"1g.5gb": 3, "2g.10gb": 3, "3g.20gb": 2}
 SMALL, MEDIUM = 85, 15  # pods of 1g.5gb and of 2g.10gb: 100, mostly the small type, so most must borrow
 REJECTED = ("UnexpectedAdmissionError", "OutOf")  # kubelet admission: devices unavailable, OutOfcpu, OutOfpods...
-
-
-def device_ids(profile: str) -> set[str]:
-    """The IDs the device-plugin stand-in gives the real node's `profile` devices (migdeviceplugin's deviceID)."""
-    ids = set()
-    for index in range(REAL_LAYOUT.get(profile, 0)):
-        digest = hashlib.sha256(f"{one_node.NODE}/{profile}/{index}".encode()).hexdigest()[:32]
-        ids.add(f"MIG-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}")
-    return ids
 
 
 def rejections(scenario: Scenario, pods: list[dict[str, Any]]) -> list[str]:
@@ -115,7 +105,8 @@ def test_a_borrow_heavy_burst_of_100_pods_across_the_real_node_and_a_kwok_fleet_
     for pod in on_real:
         [resource] = mig_requests(pod)
         device, profile = one_node.granted(on_node, pod)
-        assert (profile, device in device_ids(profile)) == (resource.removeprefix("nvidia.com/mig-"), True), pod
+        granted_ids = device_ids(one_node.NODE, REAL_LAYOUT, profile)
+        assert (profile, device in granted_ids) == (resource.removeprefix("nvidia.com/mig-"), True), pod
         devices[device] += 1
     assert len(on_real) == sum(REAL_LAYOUT.values()) and max(devices.values()) == 1  # every device, each once
 

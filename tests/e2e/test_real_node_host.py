@@ -19,21 +19,12 @@ from tests.e2e import realnode
 from tests.e2e.conftest import Scenario
 from tests.e2e.controlplane import wait_until
 from tests.e2e.fleet import FAKE_NODE_LABEL, gpu_node
-from tests.e2e.realnode import REALNODE_MARKS, ROOT, SYSCTL_LEDGER, RealNode
+from tests.e2e.realnode import REALNODE_MARKS, ROOT, SYSCTL_LEDGER, RealNode, read_sysctls
 
 pytestmark = REALNODE_MARKS
 
 EAGER_GPU = "TEST-EAGER-GPU"
 LAYOUT = {"1g.5gb": 1}
-# The kernel settings the kubelet sets (setupKernelTunables), all of them global to the host.
-SYSCTLS = (
-    "vm/overcommit_memory",
-    "vm/panic_on_oom",
-    "kernel/panic",
-    "kernel/panic_on_oops",
-    "kernel/keys/root_maxkeys",
-    "kernel/keys/root_maxbytes",
-)
 # Where containerd, the kubelet and the CNI plugins write by default.
 FIXED_PATHS = (
     "/opt/containerd",
@@ -74,7 +65,7 @@ def host_state() -> dict[str, Any]:
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
     state: dict[str, Any] = {
         "cgroups": cgroups,
-        "sysctls": {key: Path("/proc/sys", key).read_text() for key in SYSCTLS},
+        "sysctls": read_sysctls(),
         "mounts": mounts,
         "links": sorted(line.split(":")[1].strip() for line in links.splitlines()),
         "fixed paths": sorted(path for path in FIXED_PATHS if os.path.lexists(path)),
