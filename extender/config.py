@@ -13,6 +13,9 @@ import yaml
 
 from extender.core.mig import parse_mig_resource
 from extender.core.rules import (
+    DEFAULT_HEADROOM_SECONDS,
+    DEFAULT_RECLAIM_AFTER_SECONDS,
+    MAX_HEADROOM_SECONDS,
     NEVER_SAFE_OWNER_KINDS,
     Chain,
     ChainRules,
@@ -312,6 +315,7 @@ class _Reader:
                 "allowedTypes",
                 "returnMode",
                 "reclaimAfterSeconds",
+                "headroomSeconds",
                 "namespaces",
                 "dryRun",
                 "podOptOuts",
@@ -345,10 +349,20 @@ class _Reader:
                 self.problem(fields["returnMode"], "policy.returnMode", f"must be one of {', '.join(modes)}")
             elif mode is not None:
                 return_mode = ReturnMode(mode)
-        reclaim_after = self.optional(fields, "reclaimAfterSeconds", "policy.reclaimAfterSeconds", self.integer, 0)
+        reclaim_after = self.optional(
+            fields, "reclaimAfterSeconds", "policy.reclaimAfterSeconds", self.integer, DEFAULT_RECLAIM_AFTER_SECONDS
+        )
         if reclaim_after < 0:
             self.problem(fields["reclaimAfterSeconds"], "policy.reclaimAfterSeconds", "must be 0 or more")
-            reclaim_after = 0
+            reclaim_after = DEFAULT_RECLAIM_AFTER_SECONDS
+        headroom = self.optional(
+            fields, "headroomSeconds", "policy.headroomSeconds", self.integer, DEFAULT_HEADROOM_SECONDS
+        )
+        if not 0 <= headroom <= MAX_HEADROOM_SECONDS:
+            self.problem(
+                fields["headroomSeconds"], "policy.headroomSeconds", f"must be from 0 to {MAX_HEADROOM_SECONDS}"
+            )
+            headroom = DEFAULT_HEADROOM_SECONDS
         namespaces = NamespaceSelector()
         if "namespaces" in fields:
             namespaces = self.namespace_selector(fields["namespaces"], "policy.namespaces") or namespaces
@@ -373,6 +387,7 @@ class _Reader:
             allowed_types=allowed,
             return_mode=return_mode,
             reclaim_after_seconds=reclaim_after,
+            headroom_seconds=headroom,
             namespaces=namespaces,
             dry_run=dry_run,
             pod_opt_outs=opt_outs,

@@ -8,23 +8,48 @@ burst of binds never hands one free slice to two pods.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any, TypeVar
 
 from extender.core.cluster import (
+    DEMAND_BUCKET_SECONDS,
+    Demand,
     MigCounts,
     NodeState,
     ObjectError,
     PodRecord,
     PodRequest,
     Snapshot,
+    demand_bucket,
     node_state,
     pod_record,
 )
-from extender.core.loan import vouched
+from extender.core.loan import Loan, record_loan, vouched
+from extender.core.rules import MAX_HEADROOM_SECONDS
 
 T = TypeVar("T")
+
+
+def _arrival(record: PodRecord) -> tuple[float, MigCounts] | None:
+    """When a pod arrived and the MIG slices it asked for, if it is demand to keep slices free for
+    (core/headroom.py).
+
+    A borrower stands for the pod it replaced: it asked for the loan's original types, not the ones lent to
+    it (else every loan would hold back more of the type it borrowed). A pod held by a scheduling gate, or
+    whose creationTimestamp cannot be read, asks for nothing yet. A pod that ended did arrive: it counts until
+    it is deleted, so a burst of pods created and deleted at once keeps nothing free.
+    """
+    if not record.request.mig or record.gates:
+        return None
+    try:
+        created = datetime.fromisoformat(record.created).timestamp()
+    except ValueError:
+        return None
+    loan = record_loan(record)
+    return created, (loan.original if isinstance(loan, Loan) else record.request.mig)
 
 
 def _readable(items: Iterable[Any], parse: Callable[[Any], T]) -> tuple[list[T], int]:
@@ -79,12 +104,19 @@ class Ledger:
         self._holders: dict[str, set[str]] = {}  # node -> uids of pods holding slices there
         self._states: dict[str, NodeState] = {}  # nodes with `used` filled: what readers see
         self._nominated: dict[str, tuple[str, PodRequest]] = {}  # pending pods nominated to a node, by uid
+        # Per type, (free, allocatable) over the nodes that offer slices: Snapshot.fleet, kept as states change.
+        self._fleet: dict[str, tuple[int, int]] = {}
+        # Slices asked for by pods as they arrived (core/headroom.py): (bucket, type) -> slices, and what each
+        # pod added, taken off when it ends or goes. Only the last MAX_HEADROOM_SECONDS are kept.
+        self._demand: dict[tuple[int, str], int] = {}
+        self._asked: dict[str, tuple[tuple[tuple[int, str], int], ...]] = {}  # by uid
 
     # -- nodes ----------------------------------------------------------------
 
     def replace_nodes(self, nodes: Iterable[NodeState]) -> None:
         self._nodes = {node.name: node for node in nodes}
         self._states = {}
+        self._fleet = {}
         for name in self._nodes:
             self._refresh(name)
 
@@ -94,7 +126,7 @@ class Ledger:
 
     def remove_node(self, name: str) -> None:
         self._nodes.pop(name, None)
-        self._states.pop(name, None)
+        self._count(self._states.pop(name, None), -1)
 
     # -- pods -----------------------------------------------------------------
 
@@ -103,6 +135,8 @@ class Ledger:
         self._keys = {}
         self._holders = {}
         self._nominated = {}
+        self._demand = {}
+        self._asked = {}
         for record in pods:
             self._store(record)
         # A reservation whose pod (or replacement) the list shows bound is now
@@ -112,6 +146,7 @@ class Ledger:
             for key in self._confirms(record):
                 del self._reserved[key]
         self._states = {}
+        self._fleet = {}
         for name in self._nodes:
             self._refresh(name)
 
@@ -133,6 +168,7 @@ class Ledger:
                 del self._keys[before.request.key]
             self._holders.get(before.node, set()).discard(uid)
             self._nominated.pop(uid, None)
+            self._ask(uid, None)
             self._refresh(before.node)
 
     def pod(self, namespace: str, name: str) -> PodRecord | None:
@@ -214,12 +250,23 @@ class Ledger:
             return state
         return state.without(reservation.slices)
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, now: float | None = None) -> Snapshot:
+        """The cluster as it stands; `now` (seconds since the epoch, the clock's if None) dates the demand."""
+        now = time.time() if now is None else now
+        oldest = demand_bucket(now - MAX_HEADROOM_SECONDS) - DEMAND_BUCKET_SECONDS
+        for key in [key for key in self._demand if key[0] < oldest]:
+            del self._demand[key]
         return Snapshot(
             dict(self._states),
             {uid: (reservation.node, reservation.slices) for uid, reservation in self._reserved.items()},
             dict(self.nominated()),
+            Demand(now, dict(self._demand)),
+            dict(self._fleet),
         )
+
+    def has_demand(self) -> bool:
+        """Whether some pod asked for slices lately: then views of the cluster age as time goes by."""
+        return bool(self._demand)
 
     # -- bookkeeping ----------------------------------------------------------
 
@@ -259,6 +306,38 @@ class Ledger:
             self._nominated[uid] = (record.nominated, record.request)
         else:
             self._nominated.pop(uid, None)
+        self._ask(uid, record)
+
+    def _ask(self, uid: str, record: PodRecord | None) -> None:
+        """Count what pod `uid` asked for as it arrived, once; take it off when the pod goes (`record` None)."""
+        if record is None:
+            for key, count in self._asked.pop(uid, ()):
+                left = self._demand.get(key, 0) - count
+                if left > 0:
+                    self._demand[key] = left
+                else:
+                    self._demand.pop(key, None)
+            return
+        came = _arrival(record) if uid not in self._asked else None
+        if came is None:
+            return
+        created, slices = came
+        if created < time.time() - MAX_HEADROOM_SECONDS:
+            return  # long ago: no view will count it
+        bucket = demand_bucket(created)
+        asked = tuple(((bucket, resource), count) for resource, count in slices)
+        self._asked[uid] = asked
+        for key, count in asked:
+            self._demand[key] = self._demand.get(key, 0) + count
+
+    def _count(self, state: NodeState | None, sign: int) -> None:
+        """Add (+1) or take off (-1) a node's slices in the fleet's totals."""
+        if state is None or not state.offers_slices:
+            return
+        free = state.free
+        for resource, allocatable in state.allocatable.items():
+            had_free, had = self._fleet.get(resource, (0, 0))
+            self._fleet[resource] = (had_free + sign * free[resource], had + sign * allocatable)
 
     def _refresh_all(self, names: Iterable[str]) -> None:
         for name in names:
@@ -268,7 +347,7 @@ class Ledger:
     def _refresh(self, name: str) -> None:
         node = self._nodes.get(name)
         if node is None:
-            self._states.pop(name, None)
+            self._count(self._states.pop(name, None), -1)
             return
         used: dict[str, int] = {}
         for uid in self._holders.get(name, ()):
@@ -281,4 +360,6 @@ class Ledger:
                     used[resource] = used.get(resource, 0) + count
         state = replace(node, used=used)
         state.signature  # noqa: B018 - computed here, on the watch thread, not on a request's path
+        self._count(self._states.get(name), -1)
+        self._count(state, +1)
         self._states[name] = state

@@ -73,6 +73,7 @@ def _policy_changes(old: Policy, new: Policy) -> list[str]:
         ("allowedTypes", allowed(old), allowed(new)),
         ("returnMode", old.return_mode.value, new.return_mode.value),
         ("reclaimAfterSeconds", str(old.reclaim_after_seconds), str(new.reclaim_after_seconds)),
+        ("headroomSeconds", str(old.headroom_seconds), str(new.headroom_seconds)),
         ("namespaces", _selector(old.namespaces), _selector(new.namespaces)),
         ("dryRun", _selector(old.dry_run), _selector(new.dry_run)),
         ("podOptOuts", _opt_outs(old.pod_opt_outs), _opt_outs(new.pod_opt_outs)),

@@ -200,6 +200,35 @@ class NodeState:
         return replace(self, used=used)
 
 
+# Arrivals are counted in buckets this many seconds long: a view of the recent demand stays a few hundred
+# numbers whatever the number of pods.
+DEMAND_BUCKET_SECONDS = 10
+
+
+@dataclass(frozen=True)
+class Demand:
+    """MIG slices asked for by pods as they arrived lately: (bucket start, type) -> slices; see core/headroom.py.
+
+    `at` is when the view was taken (seconds since the epoch, as pods' creationTimestamps are).
+    """
+
+    at: float = 0.0
+    slices: Mapping[tuple[int, str], int] = field(default_factory=dict)
+
+    def since(self, seconds: float) -> dict[str, int]:
+        """Slices per type asked for in the last `seconds`: every bucket that ends within them counts whole."""
+        start = self.at - seconds
+        asked: dict[str, int] = {}
+        for (bucket, resource), count in self.slices.items():
+            if bucket + DEMAND_BUCKET_SECONDS > start:
+                asked[resource] = asked.get(resource, 0) + count
+        return asked
+
+
+def demand_bucket(second: float) -> int:
+    return int(second // DEMAND_BUCKET_SECONDS) * DEMAND_BUCKET_SECONDS
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """An immutable view of every node the extender knows; readers take one and never see it change.
@@ -213,6 +242,21 @@ class Snapshot:
     reserved: Mapping[str, tuple[str, MigCounts]] = field(default_factory=dict)
     # Pending pods nominated to a node (pod UID -> node, request): see core/preempt.py yield_to_nominated.
     nominated: Mapping[str, tuple[str, PodRequest]] = field(default_factory=dict)
+    demand: Demand = field(default_factory=Demand)
+    # Per type, (free, allocatable) slices over the nodes that offer them; None: summed from `nodes` when first
+    # asked. The ledger keeps it as nodes change, so no request sums ten thousand nodes.
+    fleet: Mapping[str, tuple[int, int]] | None = None
+    # What has been worked out from this view (core/headroom.py): never copied into another view.
+    memo: dict[Any, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def fleet_slices(self) -> Mapping[str, tuple[int, int]]:
+        """Per type, the free and the allocatable slices of every node that offers slices."""
+        if self.fleet is not None:
+            return self.fleet
+        totals = self.memo.get("fleet")
+        if totals is None:
+            totals = self.memo["fleet"] = fleet_slices(self.nodes.values())
+        return totals
 
     @classmethod
     def of(cls, nodes: Iterable[NodeState]) -> Snapshot:
@@ -235,7 +279,25 @@ class Snapshot:
         state = self.nodes.get(node)
         if state is None:
             return self
-        return replace(self, nodes={**self.nodes, node: state.without(slices)})
+        freed = state.without(slices)
+        fleet = self.fleet
+        if fleet is not None and state.offers_slices:
+            fleet = dict(fleet)
+            for resource, (free, allocatable) in fleet.items():
+                fleet[resource] = (free + freed.free.get(resource, 0) - state.free.get(resource, 0), allocatable)
+        return replace(self, nodes={**self.nodes, node: freed}, fleet=fleet)
+
+
+def fleet_slices(nodes: Iterable[NodeState]) -> dict[str, tuple[int, int]]:
+    """Per type, the free and the allocatable slices of those `nodes` that offer slices."""
+    totals: dict[str, tuple[int, int]] = {}
+    for node in nodes:
+        if node.offers_slices:
+            free = node.free
+            for resource, allocatable in node.allocatable.items():
+                had_free, had = totals.get(resource, (0, 0))
+                totals[resource] = (had_free + free[resource], had + allocatable)
+    return totals
 
 
 def quantity(value: Any, where: str) -> int:

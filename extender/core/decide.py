@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from extender.core.cluster import MigCounts, NodeState, PodRequest, Snapshot
+from extender.core.headroom import lending_rules
 from extender.core.mig import short_name
 from extender.core.rules import BorrowOption, ChainRules
 from extender.core.untrusted import excerpt
@@ -160,6 +161,8 @@ def _outcomes(pod: PodRequest, node_names: Iterable[str], snapshot: Snapshot, ru
     """Each named node's outcome. Nodes alike in everything the decision reads (NodeState.signature) are
     decided once: a fleet of a few GPU models and layouts has few distinct states, so the work per request
     grows with the number of distinct states, not of nodes."""
+    if pod.may_borrow:
+        rules = lending_rules(snapshot, rules)
     lookup = snapshot.nodes.get
     memo: dict[str, _Outcome] = {}
     remembered = memo.get

@@ -24,6 +24,7 @@ from extender.core.decide import (
     place,
     score_nodes,
 )
+from extender.core.headroom import lending_rules
 from extender.core.loan import Loan, record_loan
 from extender.core.mig import short_name
 from extender.core.returns import (
@@ -165,9 +166,10 @@ def explain(
     scores = score_nodes(request, candidates, snapshot, rules)
     passed = set(decision.passed)
     verdicts = []
+    lending = lending_rules(snapshot, rules)  # what filter and bind decide with: the types kept free not lent
     for name in dict.fromkeys(candidates):
         node = snapshot.nodes.get(name)
-        verdict = place(request, node, name, rules)
+        verdict = place(request, node, name, lending)
         placement = verdict if isinstance(verdict, Placement) else None
         verdicts.append(
             _verdict(name, node, placement, decision=decision, passed=passed, score=scores[name], keep=keep)
@@ -286,11 +288,12 @@ def _request_policies(
     request: PodRequest, snapshot: Snapshot, candidates: Sequence[str], rules: ChainRules
 ) -> tuple[RequestPolicy, ...]:
     products = sorted({snapshot.nodes[name].gpu_product for name in candidates if name in snapshot.nodes})
+    lending = lending_rules(snapshot, rules)
     lines = []
     for requested, count in request.mig:
         for product in products:
             chains = tuple(c.name for c in rules.chains if requested in c.types and product in c.gpu_products)
-            options = rules.borrow_options(requested, product, request.namespace, request.owner) if chains else ()
+            options = lending.borrow_options(requested, product, request.namespace, request.owner) if chains else ()
             lines.append(RequestPolicy(requested, count, product, chains, options))
     return tuple(lines)
 
@@ -513,6 +516,7 @@ def _policy_text(chain: Chain, namespace: str) -> str:
         f"maxSteps {'unlimited' if policy.max_steps is None else policy.max_steps}; "
         f"allowedTypes {allowed}; namespaces {namespaces} ({namespace} {covered}); "
         f"returnMode {policy.return_mode.value}; reclaimAfterSeconds {policy.reclaim_after_seconds}; "
+        f"headroomSeconds {policy.headroom_seconds}; "
         f"dryRun {dry_run} for {namespace}; "
         f"pod opt-outs honoured for {namespace}: {', '.join(honoured) or 'none'}"
     )
@@ -632,6 +636,7 @@ def _chain_document(chain: Chain, namespace: str) -> dict[str, Any]:
         },
         "return_mode": policy.return_mode.value,
         "reclaim_after_seconds": policy.reclaim_after_seconds,
+        "headroom_seconds": policy.headroom_seconds,
         "dry_run_for_pod": policy.dry_run is not None and policy.dry_run.admits(namespace),
         "pod_opt_outs_for_pod": {
             "return": policy.pod_opt_outs.honours_return(namespace),

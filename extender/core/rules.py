@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from extender.core.mig import parse_mig_resource, short_name
 from extender.core.untrusted import excerpt
@@ -80,6 +80,15 @@ NEVER_SAFE_OWNER_KINDS = frozenset({OwnerKind("apps/v1", "StatefulSet"), OwnerKi
 # Stands for every owner kind no policy lists, so remembered answers stay few whatever kinds pods name.
 UNLISTED_OWNER = OwnerKind("", "(unlisted)")
 
+# The defaults of policy.headroomSeconds and policy.reclaimAfterSeconds, chosen on the simulator's traces
+# (docs/simulator-and-performance.md): together they keep nearly every pod that asks for a larger type from
+# waiting on a loan, at a tenth of the restarts taking slices back at once would cost.
+DEFAULT_HEADROOM_SECONDS = 300
+DEFAULT_RECLAIM_AFTER_SECONDS = 120
+MAX_HEADROOM_SECONDS = 3600
+# Views of the rules with some types kept free (ChainRules.keeping_free) remembered per rules object.
+KEPT_FREE_VIEWS = 64
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -92,7 +101,14 @@ class Policy:
     # How long a pod may wait for its own type while a borrower holds a slice of it, before that slice is
     # taken back (the borrower returned to Pending, even with its own type not free): loans never starve the
     # pods a type is carved for. Eager and on-demand chains; never does not take slices back.
-    reclaim_after_seconds: int = 0
+    reclaim_after_seconds: int = DEFAULT_RECLAIM_AFTER_SECONDS
+    # A larger type is lent only while more of its slices are free, fleet-wide, than its own pods asked for in
+    # the last this many seconds (at most half its slices): what they will likely ask for next, so they find a
+    # slice free instead of taking one back from a borrower. 0: every free slice may be lent.
+    headroom_seconds: int = DEFAULT_HEADROOM_SECONDS
+    # The types of these chains kept free right now (see core/headroom.py): set per view of the cluster, never
+    # read from a file.
+    kept_free: frozenset[str] = frozenset()
     namespaces: NamespaceSelector = field(default_factory=NamespaceSelector)
     # None: live. A selector: in the namespaces it admits, borrows and returns
     # along these chains are decided, logged, counted and announced, never done.
@@ -126,6 +142,11 @@ class Policy:
             return f"{steps} steps exceed maxSteps {self.max_steps} of chain {chain}"
         if self.allowed_types is not None and granted not in self.allowed_types:
             return f"{short_name(granted)} is not in allowedTypes of chain {chain}"
+        if granted in self.kept_free:
+            return (
+                f"{short_name(granted)} is kept free for the pods that ask for it "
+                f"(headroomSeconds {self.headroom_seconds} of chain {chain})"
+            )
         return None
 
 
@@ -172,10 +193,30 @@ class ChainRules:
         # some chain starts from are remembered, at most MEMO_ENTRIES answers.
         self._memo: dict[tuple[str, str, str, OwnerKind | None], tuple[BorrowOption, ...]] = {}
         self._by_name = {chain.name: chain for chain in self.chains}
+        self._keeping: dict[frozenset[str], ChainRules] = {}
         # Every owner kind some policy lets borrow: any other kind is UNLISTED_OWNER to the memo.
         self.owner_kinds: frozenset[OwnerKind] = SAFE_OWNER_KINDS.union(
             *(chain.policy.owner_kinds for chain in self.chains)
         )
+
+    def keeping_free(self, kept: frozenset[str]) -> ChainRules:
+        """These rules with the `kept` types lent by none of their chains (core/headroom.py decides which).
+
+        Remembered per set, so a view's borrow_options memo stays warm across requests; the sets seen are few
+        (the types some pod asked for lately), and past KEPT_FREE_VIEWS of them the oldest is forgotten.
+        """
+        if not kept:
+            return self
+        view = self._keeping.get(kept)
+        if view is None:
+            view = ChainRules(
+                replace(chain, policy=replace(chain.policy, kept_free=kept.intersection(chain.types)))
+                for chain in self.chains
+            )
+            if len(self._keeping) >= KEPT_FREE_VIEWS:
+                self._keeping.pop(next(iter(self._keeping), frozenset()), None)
+            self._keeping[kept] = view
+        return view
 
     def owner_refusal(self, owner: OwnerKind | None) -> str:
         """Why a pod with this controller borrows along no chain at all, or "" when some policy lets it.

@@ -27,6 +27,7 @@ from extender.core.cluster import (
     pod_request,
 )
 from extender.core.decide import Placement, Rejection, place, refuse_needless_borrow
+from extender.core.headroom import lending_rules
 from extender.core.loan import plan_borrow
 from extender.core.preempt import node_after_nominated
 from extender.core.rules import ChainRules
@@ -113,7 +114,9 @@ class Binder:
                 return BindOutcome("")  # a retried bind that already succeeded
             return self._refuse(f"pod {record.request.key} is already bound to {record.node}")
         with self.cache.lock:
-            rules = self.rules.current()  # once: the whole bind decides on one version of the rules
+            # Once: the whole bind decides on one version of the rules, with the types kept free as the filter
+            # saw them (core/headroom.py).
+            rules = lending_rules(self.cache.store.snapshot(), self.rules.current())
             state = self.cache.ledger.node_state(args.node, for_pod=record.request.uid)
             state = node_after_nominated(state, record.request, self.cache.ledger.nominated(), rules)
             verdict = place(record.request, state, args.node, rules)

@@ -294,6 +294,9 @@ class ClusterCache:
                 if gone:
                     self.errors.count("cache", "reservation_expired", len(gone))
                     log.warning("reservations of %d pod(s) expired unconfirmed: %s", len(gone), gone)
+                # A view dates the recent demand (core/headroom.py): as arrivals age out of it, a type kept
+                # free may be lent again, and a pod refused for that must be looked at again (kube/requeue.py).
+                if gone or self.ledger.has_demand():
                     self._publish()
 
     def _count_unreadable(self, count: int) -> None:

@@ -17,13 +17,23 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from extender.core.cluster import MigCounts, NodeState, PodRecord, PodRequest, Snapshot
+from extender.core.cluster import (
+    DEMAND_BUCKET_SECONDS,
+    Demand,
+    MigCounts,
+    NodeState,
+    PodRecord,
+    PodRequest,
+    Snapshot,
+    demand_bucket,
+)
 from extender.core.constraints import NodeConstraints
 from extender.core.decide import Placement, filter_nodes, place, score_nodes
+from extender.core.headroom import lending_rules
 from extender.core.loan import Loan
 from extender.core.mig import parse_mig_resource
 from extender.core.returns import Borrower, loan_policy, plan_returns
-from extender.core.rules import ChainRules, ReturnMode
+from extender.core.rules import MAX_HEADROOM_SECONDS, ChainRules, ReturnMode
 from extender.sim.geometry import compute_of, compute_slices
 
 
@@ -117,12 +127,23 @@ def _mean_and_p95(waits: list[float]) -> tuple[float, float]:
 
 
 def rules_for(policy: SimPolicy, rules: ChainRules) -> ChainRules:
-    """The chains a policy runs with: none for static; the given ones with its return mode otherwise."""
+    """The chains a policy runs with: none for static; the given ones, on-demand, as their policy says; the
+    given ones with the plain eager or never policy otherwise (no headroom kept, nothing waited for)."""
     if policy is SimPolicy.STATIC:
         return ChainRules([])
-    mode = {SimPolicy.EAGER: ReturnMode.EAGER, SimPolicy.NEVER: ReturnMode.NEVER}.get(policy, ReturnMode.ON_DEMAND)
+    if policy is SimPolicy.ON_DEMAND:
+        return ChainRules(
+            dataclasses.replace(chain, policy=dataclasses.replace(chain.policy, return_mode=ReturnMode.ON_DEMAND))
+            for chain in rules.chains
+        )
+    # eager and never are the references: every free slice lent, and (eager) taken back at once.
+    mode = ReturnMode.EAGER if policy is SimPolicy.EAGER else ReturnMode.NEVER
     return ChainRules(
-        dataclasses.replace(chain, policy=dataclasses.replace(chain.policy, return_mode=mode)) for chain in rules.chains
+        dataclasses.replace(
+            chain,
+            policy=dataclasses.replace(chain.policy, return_mode=mode, headroom_seconds=0, reclaim_after_seconds=0),
+        )
+        for chain in rules.chains
     )
 
 
@@ -178,6 +199,7 @@ class _Run:
         self.capacity = sum(compute_slices(r) * n for r, n in self.capacity_by_type.items())
         # A pending pod may take back a borrowed slice only after the policy's reclaimAfterSeconds: a round then.
         self.reclaim_delays = sorted({chain.policy.reclaim_after_seconds for chain in rules.chains} - {0})
+        self.demand: dict[tuple[int, str], int] = {}  # slices asked for as pods arrived, as the ledger counts them
         # Pods running from start to end hold their slices before the first arrival.
         self.initial = {pod.name: (pod.node, pod.slices) for pod in initial}
         for pod in initial:
@@ -208,7 +230,7 @@ class _Run:
                 if kind == "arrive":
                     self.pods[name] = _Pod(self.by_name[name], pending_since=time)
                     self.pending.append(name)
-                    self.reclaim_rounds(name)
+                    self.arrived(name)
                 elif kind == "finish":
                     pod = self.pods[name]
                     if pod.epoch == epoch and pod.node:
@@ -244,7 +266,10 @@ class _Run:
     # -- placement ------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(self.state)
+        oldest = demand_bucket(self.now - MAX_HEADROOM_SECONDS) - DEMAND_BUCKET_SECONDS
+        if self.demand and min(self.demand)[0] < oldest:
+            self.demand = {key: count for key, count in self.demand.items() if key[0] >= oldest}
+        return Snapshot(self.state, demand=Demand(self.now, self.demand))
 
     def schedule(self) -> None:
         """Place pending pods oldest first, as the scheduler would; a request that fit nowhere is not retried."""
@@ -268,7 +293,8 @@ class _Run:
                 continue
             scores = score_nodes(pod.request, decision.passed, snapshot, self.rules)
             chosen = max(decision.passed, key=lambda node: scores[node])  # the first best, as listed
-            verdict = place(pod.request, snapshot.nodes[chosen], chosen, self.rules)  # what /bind decides
+            # what /bind decides: with the types kept free as the filter saw them
+            verdict = place(pod.request, snapshot.nodes[chosen], chosen, lending_rules(snapshot, self.rules))
             assert isinstance(verdict, Placement)
             self.start(pod, verdict)
         self.pending = still
@@ -350,7 +376,7 @@ class _Run:
             self.release(pod)
             pod.pending_since = self.now
             self.pending.append(pod.job.name)
-            self.reclaim_rounds(pod.job.name)
+            self.arrived(pod.job.name)  # as its restored copy is a new pod, created now
         if plans:
             # A pod a reclaim was for goes first, as its nomination makes it (core/preempt.py yield_to_nominated):
             # the slice taken back is its own, not the reclaimed borrower's to borrow again.
@@ -358,8 +384,12 @@ class _Run:
             self.pending.sort(key=lambda name: (name not in first, self.pods[name].job.arrival, name))
             self.schedule()
 
-    def reclaim_rounds(self, name: str) -> None:
-        """Rounds (no-op events) when pod `name` will have waited long enough to take back a borrowed slice."""
+    def arrived(self, name: str) -> None:
+        """Pod `name` is pending, anew: count what it asks for (core/headroom.py), and add rounds (no-op events)
+        for when it will have waited long enough to take back a borrowed slice."""
+        bucket = demand_bucket(self.now)
+        for resource, count in self.pods[name].job.mig:
+            self.demand[bucket, resource] = self.demand.get((bucket, resource), 0) + count
         for delay in self.reclaim_delays:
             self.push(self.now + delay, "tick", name)
 

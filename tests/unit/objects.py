@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -9,9 +10,14 @@ from extender.config import load_rules
 from extender.core.cluster import NodeState, pod_mig_requests, pod_request
 from extender.core.decide import Placement, place
 from extender.core.loan import LOAN_SIGNATURE_ANNOTATION, RESTARTS_ANNOTATION, loan_signature, plan_borrow
+from extender.core.rules import ChainRules
 
 ROOT = Path(__file__).resolve().parents[2]
-RULES = load_rules([ROOT / "chains" / "a100-40gb.yaml"])
+# The shipped chain, taking slices back at once and keeping none free: these tests look at the planner alone.
+RULES = ChainRules(
+    dataclasses.replace(chain, policy=dataclasses.replace(chain.policy, reclaim_after_seconds=0, headroom_seconds=0))
+    for chain in load_rules([ROOT / "chains" / "a100-40gb.yaml"]).chains
+)
 A100 = "NVIDIA-A100-SXM4-40GB"
 G1 = "nvidia.com/mig-1g.5gb"
 G2 = "nvidia.com/mig-2g.10gb"

@@ -35,7 +35,7 @@ def test_a_type_added_and_a_policy_change_are_named_with_who_gains_what(tmp_path
     lines = diff_rules(old, new)
     assert "chain a100-40gb: policy maxSteps: 3 => 2" in lines
     assert "chain a100-40gb: policy returnMode: on-demand => eager" in lines
-    assert "chain a100-40gb: policy reclaimAfterSeconds: 0 => 300" in lines
+    assert "chain a100-40gb: policy reclaimAfterSeconds: 120 => 300" in lines
     assert "on NVIDIA-A100-SXM4-40GB: 1g.5gb may no longer borrow 3g.20gb (3 steps up chain a100-40gb)" in lines
     assert not any("may now borrow" in line for line in lines)
 

@@ -185,7 +185,7 @@ def test_the_policy_lines_show_every_larger_type_allowed_or_denied_and_the_chain
     text = explain_text(e)
     assert "7g.40gb   2 steps up a100-40gb        denied: 7g.40gb is not in allowedTypes of chain a100-40gb" in text
     assert "maxSteps 3; allowedTypes 1g.10gb 2g.10gb 3g.20gb 4g.20gb; namespaces all except kube-system" in text
-    assert "(ml covered); returnMode on-demand; reclaimAfterSeconds 0; dryRun off for ml" in text
+    assert "(ml covered); returnMode on-demand; reclaimAfterSeconds 120; headroomSeconds 300; dryRun off for ml" in text
 
 
 def test_an_excluded_namespace_is_shown_as_not_covered():
@@ -255,7 +255,7 @@ def test_an_on_demand_borrower_with_nobody_waiting_stays_and_says_what_would_ret
     assert outlook.loan.original == ((G1, 1),) and outlook.loan.borrowed == ((G2, 1),)
     assert outlook.condition == (
         "when a 1g.5gb is free on a node where it fits exactly and a pending pod that fits nowhere may run on a "
-        "and would fit the 2g.10gb it gives back there (on-demand); or, back to Pending, when a pod waiting 0 s "
+        "and would fit the 2g.10gb it gives back there (on-demand); or, back to Pending, when a pod waiting 120 s "
         "or more for its own 2g.10gb fits nowhere else (reclaimed)"
     )
     assert outlook.why_not == "no free 1g.5gb where it would fit exactly"

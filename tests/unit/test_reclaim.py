@@ -13,7 +13,7 @@ from extender.config import ConfigError, load_rules
 from extender.core.cluster import NodeState, PodRequest, Snapshot
 from extender.core.decide import Placement, place
 from extender.core.returns import Borrower, borrowers_of, plan_returns
-from extender.core.rules import ReturnMode, ReturnOrder
+from extender.core.rules import DEFAULT_RECLAIM_AFTER_SECONDS, ReturnMode, ReturnOrder
 from tests.strategies import A100
 from tests.unit import planner_reference as reference
 from tests.unit.test_returns import RULES, TYPES, fleets, record
@@ -146,7 +146,7 @@ def test_the_policy_reads_reclaim_after_seconds_and_names_a_bad_value(tmp_path):
     assert load_rules([good]).chains[0].policy.reclaim_after_seconds == 120
     default = tmp_path / "default.yaml"
     default.write_text(chain)
-    assert load_rules([default]).chains[0].policy.reclaim_after_seconds == 0
+    assert load_rules([default]).chains[0].policy.reclaim_after_seconds == DEFAULT_RECLAIM_AFTER_SECONDS == 120
     bad = tmp_path / "bad.yaml"
     bad.write_text(chain + "policy:\n  reclaimAfterSeconds: -5\n")
     with pytest.raises(ConfigError) as error:

@@ -16,12 +16,18 @@ from extender.core.returns import Borrower, borrowers_of, plan_returns
 from extender.core.rules import Chain, ChainRules, NamespaceSelector, PodOptOuts, Policy, ReturnMode, ReturnOrder
 from tests.strategies import A100
 
+
+def at_once(mode: ReturnMode) -> Policy:
+    """A policy that takes slices back at once and keeps none free: the planner's rules, alone."""
+    return Policy(return_mode=mode, reclaim_after_seconds=0, headroom_seconds=0)
+
+
 TYPES = ("nvidia.com/mig-1g.5gb", "nvidia.com/mig-2g.10gb", "nvidia.com/mig-3g.20gb")
 RULES = ChainRules(
     [
-        Chain("eager", frozenset({A100}), TYPES, Policy(return_mode=ReturnMode.EAGER)),
-        Chain("lazy", frozenset({A100}), TYPES, Policy(return_mode=ReturnMode.ON_DEMAND)),
-        Chain("stay", frozenset({A100}), TYPES, Policy(return_mode=ReturnMode.NEVER)),
+        Chain("eager", frozenset({A100}), TYPES, at_once(ReturnMode.EAGER)),
+        Chain("lazy", frozenset({A100}), TYPES, at_once(ReturnMode.ON_DEMAND)),
+        Chain("stay", frozenset({A100}), TYPES, at_once(ReturnMode.NEVER)),
     ]
 )
 NODES = ("n0", "n1", "n2")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import statistics
 import sys
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from extender.config import load_rules
 from extender.core.cluster import MigCounts, NodeState, Snapshot
+from extender.core.rules import ChainRules
 from extender.sim.bounds import bounds
 from extender.sim.engine import Job, SimPolicy, _requested_type, simulate
 from extender.sim.geometry import compute_of
@@ -22,6 +24,11 @@ from extender.sim.workload import DAY, WorkloadSpec, format_request, generate, p
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = load_rules([ROOT / "chains" / "a100-40gb.yaml"])
+# The same chain taking slices back at once and keeping none free: the moves of the return planner alone.
+AT_ONCE = ChainRules(
+    dataclasses.replace(chain, policy=dataclasses.replace(chain.policy, reclaim_after_seconds=0, headroom_seconds=0))
+    for chain in RULES.chains
+)
 A100 = "NVIDIA-A100-SXM4-40GB"
 G1, G1M, G2, G3 = (f"nvidia.com/mig-{p}" for p in ("1g.5gb", "1g.10gb", "2g.10gb", "3g.20gb"))
 
@@ -172,7 +179,7 @@ def test_a_multi_type_pod_borrows_per_type_and_a_return_loses_all_its_work():
 
     jobs = [Job("a-blocker", 0, ((G2, 1),), 100), Job("b-x", 0, ((G1, 1), (G2, 1)), 150), Job("c", 50, ((G3, 1),), 60)]
     nodes = [node("n0", **{"1g.5gb": 1, "3g.20gb": 1}), node("n1", **{"1g.5gb": 1, "2g.10gb": 1})]
-    m = simulate(nodes, RULES, jobs, SimPolicy.ON_DEMAND, horizon=200, observe=observe)
+    m = simulate(nodes, AT_ONCE, jobs, SimPolicy.ON_DEMAND, horizon=200, observe=observe)
     assert seen[0]["b-x"] == ("n0", ((G1, 1), (G3, 1)))
     assert seen[-1] == {} and any(running.get("b-x") == ("n1", ((G1, 1), (G2, 1))) for running in seen)
     assert (m.borrows, m.restarts, m.never_placed) == (1, 1, 0)
