@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
+from datetime import UTC, datetime
 
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from extender.core.cluster import NodeState, PodRecord, PodRequest
+from extender.core.cluster import DEMAND_BUCKET_SECONDS, NodeState, PodRecord, PodRequest, demand_bucket, fleet_slices
 from extender.ledger import Ledger
 
 NODES = ("n0", "n1", "n2")
@@ -17,8 +19,15 @@ UIDS = tuple(f"uid-{index}" for index in range(6))
 slices = st.dictionaries(st.sampled_from(TYPES), st.integers(1, 3), min_size=1).map(lambda d: tuple(sorted(d.items())))
 
 
-def record(uid: str, node: str, mig: tuple[tuple[str, int], ...], terminal: bool, replaces: str = "") -> PodRecord:
-    return PodRecord(PodRequest("ns", f"pod-{uid}", uid, mig), node, terminal, replaces)
+# Creation times a minute apart, all within the last hour: the demand a view counts (core/headroom.py).
+NOW = time.time()
+CREATED = tuple(datetime.fromtimestamp(NOW - 60 * ago, UTC).strftime("%Y-%m-%dT%H:%M:%SZ") for ago in range(4))
+
+
+def record(
+    uid: str, node: str, mig: tuple[tuple[str, int], ...], terminal: bool, replaces: str = "", *, created: str = ""
+) -> PodRecord:
+    return PodRecord(PodRequest("ns", f"pod-{uid}", uid, mig), node, terminal, replaces, created=created)
 
 
 class LedgerModel(RuleBasedStateMachine):
@@ -30,6 +39,7 @@ class LedgerModel(RuleBasedStateMachine):
         self.reserved: dict[str, tuple[str, tuple[tuple[str, int], ...], float]] = {}
         self.writing: dict[str, int] = {}  # binds of each uid whose writes are under way
         self.now = 0.0
+        self.asked: dict[str, PodRecord] = {}  # each pod as first seen (since the last relist): what it asked for
 
     @rule(
         uid=st.sampled_from(UIDS),
@@ -37,10 +47,14 @@ class LedgerModel(RuleBasedStateMachine):
         mig=slices,
         terminal=st.booleans(),
         replaces=st.sampled_from(("", *UIDS)),
+        created=st.sampled_from(CREATED),
     )
-    def pod_event(self, uid: str, node: str, mig: tuple[tuple[str, int], ...], terminal: bool, replaces: str) -> None:
-        self.ledger.put_pod(record(uid, node, mig, terminal, replaces))
-        self.pods[uid] = record(uid, node, mig, terminal, replaces)
+    def pod_event(
+        self, uid: str, node: str, mig: tuple[tuple[str, int], ...], terminal: bool, *, replaces: str, created: str
+    ) -> None:
+        self.ledger.put_pod(record(uid, node, mig, terminal, replaces, created=created))
+        self.pods[uid] = record(uid, node, mig, terminal, replaces, created=created)
+        self.asked.setdefault(uid, self.pods[uid])
         if node:  # the watch confirmed the bind of this pod, or of the one it replaces on the reserved node
             self.reserved.pop(uid, None)
             if replaces in self.reserved and self.reserved[replaces][0] == node:
@@ -50,6 +64,7 @@ class LedgerModel(RuleBasedStateMachine):
     def pod_deleted(self, uid: str) -> None:
         self.ledger.remove_pod(uid)
         self.pods.pop(uid, None)  # its reservation, if any, stays: a borrow deletes the original first
+        self.asked.pop(uid, None)
 
     @rule(uid=st.sampled_from(UIDS), node=st.sampled_from(NODES), mig=slices, ttl=st.floats(1, 10))
     def reserve(self, uid: str, node: str, mig: tuple[tuple[str, int], ...], ttl: float) -> None:
@@ -90,6 +105,7 @@ class LedgerModel(RuleBasedStateMachine):
         listed = [pod for uid, pod in self.pods.items() if uid in keep]
         self.ledger.replace_pods(listed)
         self.pods = {pod.request.uid: pod for pod in listed}
+        self.asked = dict(self.pods)
         # A reservation survives a relist unless the list shows its pod bound, or its replacement bound where
         # it was reserved.
         bound = [pod for pod in self.pods.values() if pod.node]
@@ -115,6 +131,20 @@ class LedgerModel(RuleBasedStateMachine):
             assert state is not None
             assert {t: n for t, n in state.used.items() if n} == expected
             assert self.ledger.snapshot().nodes[name] == state
+
+    @invariant()
+    def the_fleet_and_the_demand_are_what_the_nodes_and_the_pods_add_up_to(self) -> None:
+        snapshot = self.ledger.snapshot(NOW)
+        kept = {t: totals for t, totals in (snapshot.fleet or {}).items() if totals != (0, 0)}
+        assert kept == fleet_slices(snapshot.nodes.values())
+        for seconds in (30, 90, 3600):
+            expected: dict[str, int] = {}
+            for pod in self.asked.values():
+                created = datetime.fromisoformat(pod.created).timestamp()
+                if demand_bucket(created) + DEMAND_BUCKET_SECONDS > NOW - seconds:
+                    for resource, count in pod.request.mig:
+                        expected[resource] = expected.get(resource, 0) + count
+            assert snapshot.demand.since(seconds) == expected
 
     @invariant()
     def a_pod_sees_every_reservation_but_its_own(self) -> None:
