@@ -5,8 +5,7 @@ restarts the borrower. Lending every free slice of a type leaves the next pod
 that asks for it two choices, both bad: wait for some loan to end, or take a
 slice back. So a type is lent only while more of its slices are free,
 fleet-wide, than its own pods asked for in the last `headroomSeconds` of the
-chains that lend it (the longest, where several do), and never more than half
-its slices are kept so: the recent arrivals of a type are the best guess of
+chain that would lend it, and never more than half its slices are kept so: the recent arrivals of a type are the best guess of
 the next ones, and a burst of requests, real or not, holds back at most half
 a type. On the simulator's traces this cut restarts to a tenth, with every
 type's pending time kept within a minute or two of what the plain mixed
@@ -23,26 +22,26 @@ from extender.core.cluster import Snapshot
 from extender.core.rules import ChainRules
 
 
-def kept_free(snapshot: Snapshot, rules: ChainRules) -> frozenset[str]:
-    """The types no chain may lend in this view of the cluster: as few of them free as their pods asked for lately."""
+def kept_free(snapshot: Snapshot, rules: ChainRules) -> frozenset[tuple[str, str]]:
+    """The (chain, type) pairs no borrow may take in this view of the cluster: types of which no more slices are
+    free than their pods asked for in the chain's last headroomSeconds (never more than half a type's slices)."""
     memo = snapshot.memo.get("kept_free")
     if memo is not None and memo[0] is rules:
         return memo[1]  # type: ignore[no-any-return]
-    windows: dict[str, int] = {}  # type -> the longest headroomSeconds of the chains that lend it
+    kept: set[tuple[str, str]] = set()
+    asked_within: dict[int, dict[str, int]] = {}
+    fleet = snapshot.fleet_slices() if any(chain.policy.headroom_seconds for chain in rules.chains) else {}
     for chain in rules.chains:
         seconds = chain.policy.headroom_seconds
-        if seconds and chain.policy.borrowing:
-            for resource in chain.types[1:]:
-                windows[resource] = max(windows.get(resource, 0), seconds)
-    kept: set[str] = set()
-    if windows:
-        fleet = snapshot.fleet_slices()
-        asked_by_window = {seconds: snapshot.demand.since(seconds) for seconds in set(windows.values())}
-        for resource, seconds in windows.items():
+        if not seconds or not chain.policy.borrowing:
+            continue
+        asked = asked_within.get(seconds)
+        if asked is None:
+            asked = asked_within[seconds] = snapshot.demand.since(seconds)
+        for resource in chain.types[1:]:
             free, allocatable = fleet.get(resource, (0, 0))
-            asked = asked_by_window[seconds].get(resource, 0)
-            if free and free <= min(asked, allocatable // 2):
-                kept.add(resource)
+            if free and free <= min(asked.get(resource, 0), allocatable // 2):
+                kept.add((chain.name, resource))
     answer = frozenset(kept)
     snapshot.memo["kept_free"] = (rules, answer)
     return answer

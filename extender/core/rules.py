@@ -193,14 +193,14 @@ class ChainRules:
         # some chain starts from are remembered, at most MEMO_ENTRIES answers.
         self._memo: dict[tuple[str, str, str, OwnerKind | None], tuple[BorrowOption, ...]] = {}
         self._by_name = {chain.name: chain for chain in self.chains}
-        self._keeping: dict[frozenset[str], ChainRules] = {}
+        self._keeping: dict[frozenset[tuple[str, str]], ChainRules] = {}
         # Every owner kind some policy lets borrow: any other kind is UNLISTED_OWNER to the memo.
         self.owner_kinds: frozenset[OwnerKind] = SAFE_OWNER_KINDS.union(
             *(chain.policy.owner_kinds for chain in self.chains)
         )
 
-    def keeping_free(self, kept: frozenset[str]) -> ChainRules:
-        """These rules with the `kept` types lent by none of their chains (core/headroom.py decides which).
+    def keeping_free(self, kept: frozenset[tuple[str, str]]) -> ChainRules:
+        """These rules with each (chain, type) pair in `kept` lent by no borrow (core/headroom.py decides which).
 
         Remembered per set, so a view's borrow_options memo stays warm across requests; the sets seen are few
         (the types some pod asked for lately), and past KEPT_FREE_VIEWS of them the oldest is forgotten.
@@ -210,7 +210,10 @@ class ChainRules:
         view = self._keeping.get(kept)
         if view is None:
             view = ChainRules(
-                replace(chain, policy=replace(chain.policy, kept_free=kept.intersection(chain.types)))
+                replace(
+                    chain,
+                    policy=replace(chain.policy, kept_free=frozenset(t for name, t in kept if name == chain.name)),
+                )
                 for chain in self.chains
             )
             if len(self._keeping) >= KEPT_FREE_VIEWS:

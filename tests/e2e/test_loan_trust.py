@@ -119,12 +119,14 @@ def test_a_forged_loan_is_no_borrower_and_blocks_no_genuine_return(scenario: Sce
             "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {"app": "forger"}}},
         },
     )
-    scenario.create_pod("forger", {"2g.10gb": 1}, labels={"app": "forger"}, annotations=forged_loan())
+    # b borrows before the forger asks for its 2g.10gb: after that, the last free 2g.10gb is kept for the
+    # pods that ask for it (headroomSeconds), and b would not borrow it.
     scenario.create_pod("filler", {"1g.5gb": 1})
-    scenario.wait_bound("forger")
     scenario.wait_bound("filler")
     scenario.create_pod("b", {"1g.5gb": 1})
     wait_until(lambda: borrowing(scenario.pod("b")) and scenario.pod("b")["spec"].get("nodeName"), 30, "b to borrow")
+    scenario.create_pod("forger", {"2g.10gb": 1}, labels={"app": "forger"}, annotations=forged_loan())
+    scenario.wait_bound("forger")
     borrower, forger = scenario.pod("b"), scenario.pod("forger")
     scenario.set_phase("filler", "Succeeded")
     scenario.create_pod("needs-2g", {"2g.10gb": 1})

@@ -70,3 +70,25 @@ def test_pods_of_the_larger_types_get_their_slices_back_from_a_burst_of_small_bo
     exact = next(name for name in (f"small-{index}" for index in range(4)) if name not in loans)
     scenario.set_phase(exact, "Succeeded")
     wait_until(lambda: any(scenario.pod(name)["spec"].get("nodeName") for name in loans), 30, "a reclaimed pod to run")
+
+
+def test_the_last_free_slices_of_a_type_its_pods_asked_for_lately_are_kept_for_the_next_one(scenario: Scenario):
+    """Headroom: a 1g.5gb pod does not borrow the last free 2g.10gb while 2g.10gb pods have been asking for it, so
+    the next 2g.10gb pod runs at once instead of taking it back from a borrower."""
+    node = f"gpu-{scenario.test}-a"
+    create_node(scenario.api, node, A100, {"1g.5gb": 1, "2g.10gb": 2}, scenario.test)
+    reclaimed_before = scenario.cluster.returner_metric("migchain_returns_total", outcome="reclaimed")
+    scenario.create_pod("first-2g", {"2g.10gb": 1})
+    scenario.create_pod("filler", {"1g.5gb": 1})
+    assert scenario.wait_bound("first-2g") == node
+    assert scenario.wait_bound("filler") == node
+    scenario.create_pod("small", {"1g.5gb": 1})
+    kept = "2g.10gb is kept free for the pods that ask for it (headroomSeconds 300 of chain a100-40gb)"
+    messages = wait_until(
+        lambda: [m for m in scenario.events("small", "FailedScheduling") if kept in m], 30, "small refused the 2g.10gb"
+    )
+    assert messages and not scenario.pod("small")["spec"].get("nodeName")
+    scenario.create_pod("second-2g", {"2g.10gb": 1})
+    assert scenario.wait_bound("second-2g") == node
+    assert not borrowing(scenario)
+    assert scenario.cluster.returner_metric("migchain_returns_total", outcome="reclaimed") == reclaimed_before

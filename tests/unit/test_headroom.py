@@ -22,7 +22,8 @@ from extender.core.cluster import (
     pod_record,
 )
 from extender.core.decide import Placement, filter_nodes, place
-from extender.core.headroom import kept_free, lending_rules
+from extender.core.headroom import kept_free as kept_pairs
+from extender.core.headroom import lending_rules
 from extender.core.rules import DEFAULT_HEADROOM_SECONDS, ChainRules
 from extender.ledger import Ledger
 from extender.sim.engine import Job, SimPolicy, simulate
@@ -41,6 +42,13 @@ def rules_with(headroom: int, reclaim_after: int = 0) -> ChainRules:
         )
         for chain in SHIPPED.chains
     )
+
+
+def kept_free(view: Snapshot, rules: ChainRules) -> frozenset[str]:
+    """The types kept free, on the one chain of the shipped file."""
+    pairs = kept_pairs(view, rules)
+    assert {chain for chain, _ in pairs} <= {"a100-40gb"}
+    return frozenset(resource for _, resource in pairs)
 
 
 def state(name: str, free: dict[str, int], used: dict[str, int] | None = None) -> NodeState:
