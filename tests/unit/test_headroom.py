@@ -180,3 +180,25 @@ def test_the_ledger_counts_a_borrower_as_the_type_it_asked_for_and_forgets_a_pod
     ledger.remove_pod(exact.request.uid)
     assert ledger.snapshot(now).demand.since(300) == {G1: 1}
     assert ledger.snapshot(now + 400).demand.since(300) == {}
+
+
+def test_a_chain_with_no_headroom_lends_what_another_chain_keeps_free():
+    other = "TEST-EAGER-GPU"
+    plain = ChainRules(
+        [
+            *rules_with(300).chains,
+            dataclasses.replace(
+                rules_with(0).chains[0], name="eager", gpu_products=frozenset({other}), types=(G1, G2, G3)
+            ),
+        ]
+    )
+    nodes = {
+        "a": state("a", {G2: 1}, {G1: 1, G2: 1}),
+        "b": NodeState("b", other, "success", {G1: 1, G2: 3}, {G1: 1, G2: 2}),
+    }
+    view = Snapshot(nodes, demand=asked((10, G2, 5)))  # 2 of 5 2g.10gb free, fleet-wide: both kept
+    assert kept_pairs(view, plain) == {("a100-40gb", G2)}
+    small = PodRequest("ml", "s", "uid-s", ((G1, 1),))
+    assert not isinstance(place(small, nodes["a"], "a", lending_rules(view, plain)), Placement)
+    lent = place(small, nodes["b"], "b", lending_rules(view, plain))
+    assert isinstance(lent, Placement) and lent.slices == ((G2, 1),)
