@@ -18,9 +18,9 @@ import matplotlib.pyplot as plt
 from make_traces import TRACES  # the script's own folder is on sys.path
 
 from extender.config import load_rules
+from extender.core.geometry import compute_slices
 from extender.core.mig import short_name
 from extender.sim.engine import SimPolicy
-from extender.sim.geometry import compute_slices
 from extender.sim.report import Report, run_policies
 
 ROOT = Path(__file__).resolve().parents[1]

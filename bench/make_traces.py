@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from extender.core.geometry import compute_of
 from extender.sim.fleet import load_fleet
-from extender.sim.geometry import compute_of
 from extender.sim.workload import WorkloadSpec, generate, write_csv
 
 HERE = Path(__file__).resolve().parent

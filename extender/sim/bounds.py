@@ -31,9 +31,9 @@ from scipy.optimize import linprog  # type: ignore[import-untyped]
 from scipy.sparse import csr_array  # type: ignore[import-untyped]
 
 from extender.core.cluster import NodeState
+from extender.core.geometry import compute_slices
 from extender.core.rules import ChainRules
 from extender.sim.engine import Job
-from extender.sim.geometry import compute_slices
 
 BIN_S = 900.0  # the time-aware bound's bins: 15 minutes
 

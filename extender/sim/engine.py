@@ -29,12 +29,12 @@ from extender.core.cluster import (
 )
 from extender.core.constraints import NodeConstraints
 from extender.core.decide import Placement, filter_nodes, place, score_nodes
+from extender.core.geometry import compute_of, compute_slices
 from extender.core.headroom import lending_rules
 from extender.core.loan import Loan
 from extender.core.mig import parse_mig_resource
 from extender.core.returns import Borrower, loan_policy, plan_returns
 from extender.core.rules import MAX_HEADROOM_SECONDS, ChainRules, ReturnMode
-from extender.sim.geometry import compute_of, compute_slices
 
 
 class SimPolicy(enum.Enum):

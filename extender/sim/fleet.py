@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from extender.core.cluster import NodeState
+from extender.core.geometry import fits_gpu, model_of
 from extender.core.mig import MIG_RESOURCE_PREFIX
-from extender.sim.geometry import fits_gpu, model_of
 
 
 class FleetError(ValueError):

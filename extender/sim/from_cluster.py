@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from extender.core.cluster import NodeState, PodRecord, Snapshot
+from extender.core.geometry import compute_slices
 from extender.core.loan import Loan, record_loan
 from extender.core.rules import ChainRules
 from extender.sim.bounds import Bounds, bounds
 from extender.sim.engine import Job, Running, SimPolicy, simulate
-from extender.sim.geometry import compute_slices
 from extender.sim.report import Report, load_jobs
 
 SHOWN_LEFT_OUT = 5  # pod names listed in the table; JSON lists all

@@ -8,12 +8,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from extender.core.geometry import compute_slices
 from extender.core.mig import short_name
 from extender.core.rules import ChainRules
 from extender.sim.bounds import Bounds, bounds
 from extender.sim.engine import Job, Metrics, SimPolicy, simulate
 from extender.sim.fleet import load_fleet
-from extender.sim.geometry import compute_slices
 from extender.sim.workload import read_csv, read_openb
 
 

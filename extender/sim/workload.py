@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from extender.core.cluster import MigCounts
+from extender.core.geometry import compute_of
 from extender.core.mig import MIG_RESOURCE_PREFIX, is_mig_resource, parse_mig_resource, short_name
 from extender.sim.engine import Job
-from extender.sim.geometry import compute_of
 
 DAY = 24 * 3600.0
 COLUMNS = ("name", "arrival_s", "type", "runtime_s")

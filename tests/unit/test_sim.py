@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 
 from extender.config import load_rules
 from extender.core.cluster import MigCounts, NodeState, Snapshot
+from extender.core.geometry import A100_40, all_layouts_valid, compute_of, fits_gpu
 from extender.core.rules import ChainRules
 from extender.sim.bounds import bounds
 from extender.sim.engine import Job, SimPolicy, simulate
 from extender.sim.fleet import FleetError, load_fleet, nodes_of
-from extender.sim.geometry import A100_40, all_layouts_valid, compute_of, fits_gpu
 from extender.sim.report import run_policies
 from extender.sim.workload import WorkloadSpec, generate, read_csv
 

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 from extender.config import load_rules
 from extender.core.cluster import MigCounts, NodeState, Snapshot
+from extender.core.geometry import compute_of
 from extender.core.rules import ChainRules
 from extender.sim.bounds import bounds
 from extender.sim.engine import Job, SimPolicy, _requested_type, simulate
-from extender.sim.geometry import compute_of
 from extender.sim.workload import DAY, WorkloadSpec, format_request, generate, parse_request, read_csv, write_csv
 
 ROOT = Path(__file__).resolve().parents[2]

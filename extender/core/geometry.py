@@ -10,6 +10,7 @@ placed without overlap.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -137,6 +138,50 @@ def compute_slices(resource: str) -> int:
 def compute_of(counts: Iterable[tuple[str, int]]) -> int:
     """Compute slices of a request or a holding ((resource, count), ...): `((1g.5gb, 2), (3g.20gb, 1))` is 5."""
     return sum(compute_slices(resource) * count for resource, count in counts)
+
+
+def profiles_of(model: GpuModel) -> tuple[str, ...]:
+    """The profiles the GPU Operator's layouts of `model` use, smallest first (`1g.5gb`, ..., `7g.40gb`)."""
+    names = {profile for layout in model.layouts.values() for profile in layout}
+    return tuple(sorted(names, key=lambda p: parse_mig_resource(MIG_RESOURCE_PREFIX + p)))
+
+
+def valid_layouts(model: GpuModel) -> tuple[Mapping[str, int], ...]:
+    """Every non-empty layout of `model`'s profiles that the placement rules allow on one GPU, in a fixed order."""
+    return _valid_layouts(model.family)
+
+
+def maximal_layouts(model: GpuModel) -> tuple[Mapping[str, int], ...]:
+    """The valid layouts to which no further instance can be added: the only ones worth carving."""
+    return _maximal_layouts(model.family)
+
+
+@functools.lru_cache(maxsize=len(MODELS))
+def _valid_layouts(family: str) -> tuple[Mapping[str, int], ...]:
+    model = next(m for m in MODELS if m.family == family)
+    names = profiles_of(model)
+    compute_budget = 7 if model.memory_slices == 8 else model.memory_slices
+    limits = [compute_budget // compute_slices(MIG_RESOURCE_PREFIX + p) for p in names]
+    found = []
+    for counts in itertools.product(*(range(limit + 1) for limit in limits)):
+        layout = {p: n for p, n in zip(names, counts, strict=True) if n}
+        if layout and fits_gpu(model, layout):
+            found.append(layout)
+    return tuple(found)
+
+
+@functools.lru_cache(maxsize=len(MODELS))
+def _maximal_layouts(family: str) -> tuple[Mapping[str, int], ...]:
+    model = next(m for m in MODELS if m.family == family)
+    valid = _valid_layouts(family)
+    keys = {tuple(sorted(layout.items())) for layout in valid}
+
+    def grows(layout: Mapping[str, int], profile: str) -> bool:
+        bigger = dict(layout)
+        bigger[profile] = bigger.get(profile, 0) + 1
+        return tuple(sorted(bigger.items())) in keys
+
+    return tuple(layout for layout in valid if not any(grows(layout, p) for p in profiles_of(model)))
 
 
 def all_layouts_valid() -> list[tuple[str, str]]:

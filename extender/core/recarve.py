@@ -1,0 +1,182 @@
+"""The re-carve planner: which whole idle nodes to re-partition, and to which MIG layout; pure, no I/O, no clock.
+
+migchain sees a node's MIG slices only as counts in its allocatable and as the
+pods bound to it; it cannot see which GPU of the node a slice (or a pod) is
+on. So it plans only whole idle nodes: no pod holds or is about to take a MIG
+slice anywhere on them, and every GPU of the node gets the same new layout.
+A busy node, a node being re-carved, or a node whose layout migchain cannot
+read as a valid layout of its model is never planned. A layout never changes
+the GPU's mode (MIG stays on): targets are non-empty layouts of the node's
+own model, valid by the placement rules in `core/geometry.py`.
+
+The planner is greedy over nodes, each step taking the (node, layout) with the
+best value: the unmet demand it serves (in compute slices) minus what it takes
+away (capacity of types nobody is short of counts a little, of types that are
+short counts fully) and minus fragmentation (compute left uncarved). Hysteresis:
+a re-carve is planned only when what it serves exceeds `margin` times what it
+takes away. Cool-down, the per-node hourly limit and the fleet-wide in-flight
+limit come from `RecarvePolicy`. Ties break by node name and layout order, so
+the plan is a function of its inputs alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from extender.core.geometry import MODELS, GpuModel, fits_gpu, maximal_layouts
+from extender.core.mig import MIG_RESOURCE_PREFIX, is_mig_resource, parse_mig_resource, short_name
+
+HOUR = 3600.0
+
+
+@dataclass(frozen=True)
+class RecarvePolicy:
+    sustained_seconds: float = 300.0  # unmet demand must have lasted this long
+    cooldown_seconds: float = 1800.0  # a node is not re-carved again sooner
+    max_per_hour: int = 2  # re-carves per node per hour
+    max_in_flight: int = 1  # nodes being re-carved at once, fleet-wide
+    # Hysteresis: served compute must exceed `margin` x the weighted compute taken away.
+    margin: float = 1.5
+    # What one compute slice of a type nobody is short of is worth when a re-carve removes it.
+    spare_weight: float = 0.25
+
+
+@dataclass(frozen=True)
+class CarvableNode:
+    name: str
+    product: str  # nvidia.com/gpu.product
+    gpus: int  # nvidia.com/gpu.count
+    layout: Mapping[str, int]  # resource -> slices per GPU now (allocatable / gpus)
+    idle: bool  # no pod holds or is about to take a MIG slice on it
+    recarved_at: tuple[float, ...] = ()  # when it was re-carved before (seconds)
+    in_flight: bool = False  # a re-carve of it is under way
+
+
+@dataclass(frozen=True)
+class Recarve:
+    node: str
+    layout: Mapping[str, int]  # resource -> slices per GPU after (the same on every GPU)
+    serves: Mapping[str, int]  # unmet slices per type it lets run
+    reason: str  # one line for Events / explain / logs
+
+
+def _model(product: str) -> GpuModel | None:
+    return next((model for model in MODELS if product in model.products), None)
+
+
+def _compute(resource: str) -> int:
+    return parse_mig_resource(resource).compute_slices
+
+
+def _as_profiles(layout: Mapping[str, int]) -> dict[str, int] | None:
+    """`{nvidia.com/mig-1g.5gb: 7}` -> `{1g.5gb: 7}`; None when a key is no MIG resource or a count is odd."""
+    profiles = {}
+    for resource, count in layout.items():
+        if not isinstance(count, int) or count < 0 or not is_mig_resource(resource):
+            return None
+        try:
+            parse_mig_resource(resource)
+        except ValueError:
+            return None
+        if count:
+            profiles[short_name(resource)] = count
+    return profiles
+
+
+def cooling(node: CarvableNode, now: float, policy: RecarvePolicy) -> str:
+    """Why `node` may not be re-carved yet by the cool-down or the hourly limit; empty when it may."""
+    if node.recarved_at and now - max(node.recarved_at) < policy.cooldown_seconds:
+        return f"cooling down until {max(node.recarved_at) + policy.cooldown_seconds:.0f}"
+    recent = sum(1 for at in node.recarved_at if now - at < HOUR)
+    if recent >= policy.max_per_hour:
+        return f"{recent} re-carves in the last hour (limit {policy.max_per_hour})"
+    return ""
+
+
+@dataclass(frozen=True)
+class _Option:
+    value: float
+    node: CarvableNode
+    layout: Mapping[str, int]  # resource -> per GPU
+    serves: Mapping[str, int]
+    served: int  # compute slices served
+    taken: float  # weighted compute slices taken away
+
+
+def _options(node: CarvableNode, model: GpuModel, unmet: Mapping[str, int], policy: RecarvePolicy) -> list[_Option]:
+    options = []
+    for target_profiles in maximal_layouts(model):
+        target = {MIG_RESOURCE_PREFIX + p: n for p, n in target_profiles.items()}
+        if target == {r: n for r, n in node.layout.items() if n}:
+            continue
+        serves = {}
+        taken = 0.0
+        for resource in sorted(set(target) | set(node.layout)):
+            change = node.gpus * (target.get(resource, 0) - node.layout.get(resource, 0))
+            if change > 0 and unmet.get(resource, 0) > 0:
+                serves[resource] = min(change, unmet[resource])
+            elif change < 0:
+                weight = 1.0 if unmet.get(resource, 0) > 0 else policy.spare_weight
+                taken += weight * _compute(resource) * -change
+        served = sum(_compute(r) * n for r, n in serves.items())
+        if not served or served <= policy.margin * taken:
+            continue
+        uncarved = node.gpus * (7 if model.memory_slices == 8 else model.memory_slices) - node.gpus * sum(
+            _compute(r) * n for r, n in target.items()
+        )
+        options.append(_Option(served - taken - uncarved, node, target, serves, served, taken))
+    return options
+
+
+def plan_recarves(
+    nodes: Sequence[CarvableNode], unmet: Mapping[str, int], now: float, policy: RecarvePolicy
+) -> tuple[Recarve, ...]:
+    """Re-carves to start now: whole idle nodes, each to one valid layout of its model, best value first."""
+    budget = policy.max_in_flight - sum(1 for node in nodes if node.in_flight)
+    remaining = {r: n for r, n in unmet.items() if isinstance(n, int) and n > 0 and is_mig_resource(r)}
+    candidates = []
+    for node in sorted(nodes, key=lambda n: n.name):
+        model = _model(node.product)
+        current = _as_profiles(node.layout)
+        if (
+            model is None
+            or not node.idle
+            or node.in_flight
+            or node.gpus < 1
+            or not current
+            or not fits_gpu(model, current)
+            or any(p not in {q for layout in model.layouts.values() for q in layout} for p in current)
+            or cooling(node, now, policy)
+        ):
+            continue
+        candidates.append((node, model))
+    plan: list[Recarve] = []
+    while budget > 0 and remaining and candidates:
+        best: _Option | None = None
+        for node, model in candidates:
+            for option in _options(node, model, remaining, policy):
+                if best is None or option.value > best.value:
+                    best = option
+        if best is None:
+            break
+        plan.append(
+            Recarve(best.node.name, best.layout, best.serves, _reason(best.node, best.layout, best.serves, best.taken))
+        )
+        for resource, count in best.serves.items():
+            remaining[resource] -= count
+            if remaining[resource] <= 0:
+                del remaining[resource]
+        candidates = [(node, model) for node, model in candidates if node.name != best.node.name]
+        budget -= 1
+    return tuple(plan)
+
+
+def _reason(node: CarvableNode, layout: Mapping[str, int], serves: Mapping[str, int], taken: float) -> str:
+    def text(counts: Mapping[str, int]) -> str:
+        return ", ".join(f"{n} x {short_name(r)}" for r, n in sorted(counts.items()) if n) or "nothing"
+
+    return (
+        f"re-carve idle node {node.name} ({node.gpus} GPUs) from {text(node.layout)} to {text(layout)} per GPU: "
+        f"serves {text(serves)} of sustained unmet demand"
+    )
