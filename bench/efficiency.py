@@ -25,10 +25,11 @@ from extender.sim.engine import SimPolicy
 from extender.sim.report import Report, run_policies
 
 ROOT = Path(__file__).resolve().parents[1]
-# The recarve column: whole idle nodes re-carved after 5 min of unmet demand, busy ones drained for it
-# (cordoned; their last holders evicted once the wait has wasted what evicting loses), 3 nodes at a time,
-# each node at most twice an hour and not again within 30 min; 120 s of reconfiguration per node.
-BENCH_RECARVE = RecarvePolicy(drain=True, max_in_flight=3)  # spare_weight and margin as by default
+# The recarve column: the default policy (whole idle nodes re-carved after 5 min of unmet demand, one node at
+# a time, each at most twice an hour and not again within 30 min) with drains on (a busy node cordoned, its last
+# holders evicted once the wait has wasted what evicting loses); 120 s of reconfiguration per node. Three at a
+# time did better on small-heavy (87 % useful, 8 min) and far worse on mixed-a100-h100 (docs/recarving.md).
+BENCH_RECARVE = RecarvePolicy(drain=True)
 
 
 def plot(name: str, report: Report, path: Path, fleet: str) -> None:
@@ -75,7 +76,7 @@ def recarve_targets(report: Report) -> str:
     worse = [
         f"{short_name(t)} {borrow.mean_pending_by_type_s[t] / 60:.1f} -> {wait / 60:.1f} min"
         for t, wait in recarve.mean_pending_by_type_s.items()
-        if wait > borrow.mean_pending_by_type_s.get(t, 0.0) + 1e-9
+        if round(wait / 60, 1) > round(borrow.mean_pending_by_type_s.get(t, 0.0) / 60, 1)  # as printed
     ]
     of_static = recarve.mean_pending_s / static.mean_pending_s if static.mean_pending_s else 0.0
     hours = max(report.horizon_h, 1e-9)
