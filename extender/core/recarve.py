@@ -17,6 +17,10 @@ a re-carve is planned only when what it serves exceeds `margin` times what it
 takes away. Cool-down, the per-node hourly limit and the fleet-wide in-flight
 limit come from `RecarvePolicy`. Ties break by node name and layout order, so
 the plan is a function of its inputs alone.
+
+With `RecarvePolicy.drain`, `plan_drains` picks busy nodes to cordon so that
+they empty for a re-carve, and `finish_drain` says when to evict the last
+holders of one; the planner itself still plans only idle nodes.
 """
 
 from __future__ import annotations
