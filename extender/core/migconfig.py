@@ -18,8 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from extender.core.cluster import MIG_CONFIG_STATE_LABEL, NodeState, Snapshot
-from extender.core.mig import MIG_RESOURCE_PREFIX, is_mig_resource
+from extender.core.cluster import MIG_CONFIG_STATE_LABEL, NodeState, PodRequest, Snapshot
+from extender.core.mig import MIG_RESOURCE_PREFIX, is_mig_resource, short_name
 
 MIG_CONFIG_LABEL = "nvidia.com/mig.config"  # the named config the MIG Manager applies to the node
 GPU_COUNT_LABEL = "nvidia.com/gpu.count"  # set by GPU feature discovery
@@ -223,3 +223,20 @@ def refusal(node: NodeState, foreign: Sequence[str]) -> str:
     if node.labels.get(MIG_CONFIG_STATE_LABEL) not in (None, "success"):
         return f"its MIG Manager is busy ({MIG_CONFIG_STATE_LABEL}={node.labels.get(MIG_CONFIG_STATE_LABEL)})"
     return ""
+
+
+def recarve_notes(request: PodRequest, nodes: Iterable[tuple[NodeState, RecarveRecord]]) -> list[str]:
+    """What `migchain explain` says of a pending pod that waits for a re-carve: each node being re-carved that
+    the pod may run on, to a layout with slices of a type it asks for."""
+    asked = {resource for resource, _ in request.mig}
+    notes = []
+    for node, record in sorted(nodes, key=lambda item: item[0].name):
+        if not record.in_flight or not asked & set(record.layout) or not request.may_run_on(node):
+            continue
+        doing = "planned" if record.step == PLANNED else "waiting for the MIG Manager and the device plugin"
+        served = ", ".join(f"{count}x {short_name(resource)}" for resource, count in sorted(record.serves.items()))
+        notes.append(
+            f"it waits for a re-carve: node {node.name} is being re-carved as {record.config} ({doing}), for "
+            f"{served or 'sustained unmet demand'}; the slices count once the node's allocatable shows them"
+        )
+    return notes

@@ -29,7 +29,9 @@ from extender.core.migconfig import (
 from extender.core.recarve import RecarvePolicy
 from extender.kube.api import ApiError
 from extender.kube.events import EventRecorder
+from extender.kube.explain import render
 from extender.kube.recarver import ConfigMapRef, Recarver
+from extender.kube.snapshot import read_cluster
 from extender.metrics import ReturnerMetrics
 from tests.unit.objects import G1, G2, G3, RULES, node, pod
 
@@ -90,6 +92,8 @@ class ScriptedApi:
     def list_all(self, resource: str, **query: Any) -> tuple[list[dict[str, Any]], str]:
         if resource == "/api/v1/nodes":
             return [copy.deepcopy(obj) for obj in self.nodes.values()], "1"
+        if "fieldSelector" not in query:
+            return copy.deepcopy(self.pods), "1"
         where = query["fieldSelector"].removeprefix("spec.nodeName=")
         return [p for p in self.pods if p["spec"].get("nodeName") == where], "1"
 
@@ -305,3 +309,15 @@ def test_a_record_write_without_an_answer_holds_up_no_other_node_and_is_read_bac
     api.fail = ""
     round_of(subject, api, NOW + 5)  # the records read afresh: a is planned again, b followed
     assert api.record("a")["step"] == "labelled" and api.record("b")["step"] == "labelled"
+
+
+def test_explain_says_a_pending_pod_waits_for_the_recarve_under_way_and_no_longer_once_it_is_done():
+    api = ScriptedApi([carvable("a")], [waiting("p1")])
+    subject = recarver(api)
+    round_of(subject, api)
+    text = render(read_cluster(api), RULES, "ml", "p1", nodes=None, output="text")  # type: ignore[arg-type]
+    assert f"it waits for a re-carve: node a is being re-carved as {api.record('a')['config']}" in text
+    api.carve("a", api.record("a")["layout"])
+    round_of(subject, api, NOW + 30)
+    text = render(read_cluster(api), RULES, "ml", "p1", nodes=None, output="json")  # type: ignore[arg-type]
+    assert "re-carve" not in text
