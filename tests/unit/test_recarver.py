@@ -321,3 +321,12 @@ def test_explain_says_a_pending_pod_waits_for_the_recarve_under_way_and_no_longe
     round_of(subject, api, NOW + 30)
     text = render(read_cluster(api), RULES, "ml", "p1", nodes=None, output="json")  # type: ignore[arg-type]
     assert "re-carve" not in text
+
+
+def test_demand_a_recarve_under_way_serves_is_not_asked_of_another_node():
+    api = ScriptedApi([carvable("a"), carvable("b")], [waiting("p1")])
+    subject = recarver(api)
+    for second in range(0, 60, 5):  # the MIG Manager is slow: the pod stays pending all along
+        round_of(subject, api, NOW + second)
+    planned = [name for name in ("a", "b") if RECORD_ANNOTATION in api.nodes[name]["metadata"]["annotations"]]
+    assert len(planned) == 1
