@@ -22,7 +22,7 @@ from extender.kube.events import EventRecorder
 from extender.kube.executor import Executor
 from extender.kube.lease import LeaderElection
 from extender.kube.overdue import OVERDUE_AFTER_SECONDS
-from extender.kube.recarver import ConfigMapRef, Recarver
+from extender.kube.recarver import QUIET_SECONDS, ConfigMapRef, Recarver
 from extender.kube.returner import Returner
 from extender.loan_guard import LoanGuard
 from extender.loan_key import LoanKeyError, read_key_file
@@ -140,6 +140,14 @@ def parser() -> argparse.ArgumentParser:
         "ConfigMap through a volume, which kubelet refreshes about once a minute (default %(default)s)",
     )
     recarve.add_argument(
+        "--recarve-quiet-seconds",
+        type=float,
+        default=QUIET_SECONDS,
+        metavar="SECONDS",
+        help="a node to be re-carved is tainted migchain.io/recarving:NoSchedule first; its pods are read again "
+        "this long after, once the binds decided before the taint have landed (default %(default)s)",
+    )
+    recarve.add_argument(
         "--recarve-foreign-label",
         action="append",
         metavar="KEY[=VALUE]",
@@ -206,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dry_run=args.recarve_dry_run,
             foreign=(*FOREIGN_LABELS, *(args.recarve_foreign_label or ())),
             settle_seconds=args.recarve_settle_seconds,
+            quiet_seconds=args.recarve_quiet_seconds,
         )
     returner = Returner(
         cache,

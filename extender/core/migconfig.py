@@ -27,6 +27,8 @@ MIG_STRATEGY_LABEL = "nvidia.com/mig.strategy"
 MIG_MANAGER_DEPLOY_LABEL = "nvidia.com/gpu.deploy.mig-manager"  # "false": the GPU Operator runs no MIG Manager there
 OPT_IN_LABEL = "migchain.io/recarve"  # "true": the admin lets migchain re-carve this node when it is idle
 RECORD_ANNOTATION = "migchain.io/recarve-record"  # what migchain is doing (or did last) to the node
+# NoSchedule while a re-carve of the node is under way: no pod is placed on a node whose slices are about to go.
+RECARVING_TAINT = "migchain.io/recarving"
 CONFIG_KEY = "config.yaml"  # the key of the MIG Manager's ConfigMap that holds the configs
 CONFIG_PREFIX = "migchain-"  # the names of the configs migchain writes; it never edits another
 
@@ -231,7 +233,8 @@ def recarve_notes(request: PodRequest, nodes: Iterable[tuple[NodeState, RecarveR
     asked = {resource for resource, _ in request.mig}
     notes = []
     for node, record in sorted(nodes, key=lambda item: item[0].name):
-        if not record.in_flight or not asked & set(record.layout) or not request.may_run_on(node):
+        untainted = replace(node, taints=tuple(taint for taint in node.taints if taint.key != RECARVING_TAINT))
+        if not record.in_flight or not asked & set(record.layout) or not request.may_run_on(untainted):
             continue
         doing = "planned" if record.step == PLANNED else "waiting for the MIG Manager and the device plugin"
         served = ", ".join(f"{count}x {short_name(resource)}" for resource, count in sorted(record.serves.items()))

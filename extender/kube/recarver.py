@@ -34,6 +34,7 @@ from extender.core.migconfig import (
     MIG_CONFIG_LABEL,
     OPT_IN_LABEL,
     PLANNED,
+    RECARVING_TAINT,
     RECORD_ANNOTATION,
     RecarveRecord,
     config_name,
@@ -60,6 +61,9 @@ log = logging.getLogger(__name__)
 # A re-carve whose node does not show the new layout this long after its label was set is reported (an Event,
 # counted as timed-out once); it stays in flight: the MIG Manager may still finish it.
 TIMEOUT_SECONDS = 600.0
+# A node to be re-carved is tainted first (RECARVING_TAINT, NoSchedule); its pods are read again this long after,
+# once every bind kube-scheduler decided before it saw the taint has landed (a bind takes milliseconds to seconds).
+QUIET_SECONDS = 5.0
 # The cache shows our own patch of a node within milliseconds; a label that differs from the record longer than
 # this was changed by someone else.
 LABEL_SEEN_SECONDS = 30.0
@@ -128,6 +132,7 @@ class Recarver:
         dry_run: bool = False,
         foreign: Sequence[str] = FOREIGN_LABELS,
         settle_seconds: float = 0.0,
+        quiet_seconds: float = QUIET_SECONDS,
         timeout_seconds: float = TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -139,6 +144,7 @@ class Recarver:
         self.dry_run = dry_run  # --recarve-dry-run: planned re-carves announced (WouldRecarve), nothing written
         self.foreign = tuple(foreign)
         self.settle_seconds = settle_seconds  # after a new config is written, before the label names it
+        self.quiet_seconds = quiet_seconds  # after the taint, before the node's pods are read again
         self.timeout_seconds = timeout_seconds
         self.clock = clock
         self._records: dict[str, RecarveRecord] | None = None  # node -> its record; None: read them afresh
@@ -250,7 +256,7 @@ class Recarver:
             history=recent(earlier.history, now) if earlier else (),
             reason=plan.reason,
         )
-        if not self._write(plan.node, record):
+        if not self._write(plan.node, record, taint=True):
             return
         log.info("re-carving %s as %s: %s", plan.node, record.config, plan.reason, extra={"node": plan.node})
         self.events.record(
@@ -260,10 +266,12 @@ class Recarver:
             about="Node",
         )
         failpoint("recarve-after-record")
-        self._label(plan.node, record, now)
+        self._label(plan.node, record, now)  # at once when there is no quiet time to wait out
 
     def _label(self, name: str, record: RecarveRecord, now: float) -> None:
         """Planned -> labelled: the node still idle (read afresh), the config in the ConfigMap, the label set."""
+        if now < record.started + self.quiet_seconds:
+            return  # binds kube-scheduler decided before the taint may still land: the pods are read after them
         try:
             busy = self._holders(name)
         except ApiError as error:
@@ -283,7 +291,7 @@ class Recarver:
             return  # the MIG Manager reads its ConfigMap through a volume: give the new config time to arrive
         failpoint("recarve-after-config")
         labelled = replace(record, step=LABELLED, labelled=now)
-        if self._write(name, labelled, labels={MIG_CONFIG_LABEL: record.config}):
+        if self._write(name, labelled, labels={MIG_CONFIG_LABEL: record.config}, taint=True):
             failpoint("recarve-after-label")
 
     def _follow(self, name: str, record: RecarveRecord, node: NodeState | None, now: float) -> None:
@@ -343,7 +351,7 @@ class Recarver:
         write: bool = True,
     ) -> None:
         ended = record.ended(step, reason)
-        if write and not self._write(name, ended, labels=labels):
+        if write and not self._write(name, ended, labels=labels, taint=False):
             return  # tried again next round: the record still says in flight
         assert self._records is not None
         self._records[name] = ended
@@ -368,15 +376,27 @@ class Recarver:
 
     # -- writes ---------------------------------------------------------------
 
-    def _write(self, name: str, record: RecarveRecord, labels: Mapping[str, str] | None = None) -> bool:
-        """The record (and labels) on the Node in one patch; False when it did not land for sure: the next round
-        reads the node again. A refusal for good (the node gone) ends the re-carve."""
+    def _write(self, name: str, record: RecarveRecord, labels: Mapping[str, str] | None = None, *, taint: bool) -> bool:
+        """The record, labels and the RECARVING_TAINT (on, or off) on the Node in one patch; False when it did not
+        land for sure: the next round reads the node again.
+
+        A Node's taints are one list to a patch (no merge key): the node is read
+        first and patched with its resourceVersion, so a taint someone else sets
+        meanwhile is never lost (409: tried again next round).
+        """
         assert self._records is not None
-        patch: dict[str, Any] = {"annotations": {RECORD_ANNOTATION: record.text()}}
-        if labels:
-            patch["labels"] = dict(labels)
         try:
-            self.api.patch(node_path(name), {"metadata": patch})
+            current = self.api.get(node_path(name))
+            others = [t for t in (current.get("spec") or {}).get("taints") or [] if t.get("key") != RECARVING_TAINT]
+            mark = {"key": RECARVING_TAINT, "value": record.config, "effect": "NoSchedule"}
+            taints = [*others, mark] if taint else others
+            metadata: dict[str, Any] = {
+                "resourceVersion": current["metadata"]["resourceVersion"],
+                "annotations": {RECORD_ANNOTATION: record.text()},
+            }
+            if labels:
+                metadata["labels"] = dict(labels)
+            self.api.patch(node_path(name), {"metadata": metadata, "spec": {"taints": taints or None}})
         except ApiError as error:
             self.metrics.errors.count("recarver", "api")
             log.warning("cannot write the re-carve record of %s: %s", name, error)

@@ -6,13 +6,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import yaml
 
-from extender.core.migconfig import GPU_COUNT_LABEL, MIG_CONFIG_LABEL, OPT_IN_LABEL, RECORD_ANNOTATION
+from extender.core.migconfig import (
+    GPU_COUNT_LABEL,
+    MIG_CONFIG_LABEL,
+    OPT_IN_LABEL,
+    RECARVING_TAINT,
+    RECORD_ANNOTATION,
+)
 from extender.kube.api import ApiError, path
 from tests.e2e.conftest import Cluster, Scenario
 from tests.e2e.controlplane import wait_until
@@ -34,6 +41,7 @@ RECARVE_ARGS = [
     "--recarve-cooldown-seconds=3600",
     "--recarve-max-in-flight=2",
     "--recarve-settle-seconds=0",
+    "--recarve-quiet-seconds=1",
     f"--recarve-config-map={CONFIG_MAP[0]}/{CONFIG_MAP[1]}",
 ]
 
@@ -138,6 +146,7 @@ def test_idle_balanced_nodes_are_recarved_for_small_pods_and_used_and_a_busy_one
     busy = balanced_node(scenario, f"gpu-{scenario.test}-busy")
     scenario.create_pod("holder", {"3g.20gb": 1}, node_selector={"kubernetes.io/hostname": busy})
     assert scenario.wait_bound("holder") == busy
+    started = time.monotonic()
     pods = small_pods(scenario, 4)  # 12 slices of 1g.5gb: two all-1g.5gb GPUs hold 14
     bound = {name: scenario.wait_bound(name, timeout=90) for name in pods}
     assert set(bound.values()) == set(idle)
@@ -149,6 +158,7 @@ def test_idle_balanced_nodes_are_recarved_for_small_pods_and_used_and_a_busy_one
         assert obj["metadata"]["labels"]["nvidia.com/mig.config.state"] == "success"
         assert [item.outcome for item in mig_manager.applied_to(name)] == ["success"]
         assert node_events(scenario, name, "Recarved")
+        assert not [t for t in obj["spec"].get("taints") or [] if t["key"] == RECARVING_TAINT]
     busy_obj = node(scenario, busy)
     assert busy_obj["metadata"]["labels"][MIG_CONFIG_LABEL] == "all-balanced"
     assert mig_allocatable(busy_obj) == {f"nvidia.com/mig-{p}": n for p, n in BALANCED.items()}
@@ -160,7 +170,11 @@ def test_idle_balanced_nodes_are_recarved_for_small_pods_and_used_and_a_busy_one
         "mig-configs"
     ]
     assert cluster.returner_metric("migchain_recarves_total", outcome="applied") - applied_before == 2
-    assert cluster.returner_metric("migchain_recarve_seconds_count") >= 2
+    count = cluster.returner_metric("migchain_recarve_seconds_count")
+    seconds = cluster.returner_metric("migchain_recarve_seconds_sum") / count
+    # The stand-in applies in about a second; the re-carver notices within a round (2 s) on a loaded machine.
+    print(f"recarve: {len(pods)} pods bound in {time.monotonic() - started:.1f} s; time to capacity {seconds:.1f} s")
+    assert count >= 2 and seconds < 30
 
 
 def test_a_pod_that_takes_a_slice_before_the_label_is_set_keeps_the_node_as_it_is(

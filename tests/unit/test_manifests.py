@@ -181,13 +181,16 @@ API_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
 GPU_OPERATOR = "gpu-operator"
 MIG_CONFIG = "custom-mig-config"
 RECARVE_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
-    ("extender/kube/recarver.py", "get"): (1, [Access(RETURNER, "get", "configmaps", GPU_OPERATOR, name=MIG_CONFIG)]),
+    ("extender/kube/recarver.py", "get"): (
+        2,  # the ConfigMap; the Node, for its taints and resourceVersion, before each write of the record
+        [Access(RETURNER, "get", "configmaps", GPU_OPERATOR, name=MIG_CONFIG), Access(RETURNER, "get", "nodes")],
+    ),
     ("extender/kube/recarver.py", "list_all"): (
         2,  # the opted-in nodes' records at a new term; the pods on a node just before its label is set
         [Access(RETURNER, "list", "nodes"), Access(RETURNER, "list", "pods")],
     ),
     ("extender/kube/recarver.py", "patch"): (
-        2,  # the record and the label on the Node; the named config in the ConfigMap
+        2,  # the record, the label and the taint on the Node; the named config in the ConfigMap
         [Access(RETURNER, "patch", "nodes"), Access(RETURNER, "patch", "configmaps", GPU_OPERATOR, name=MIG_CONFIG)],
     ),
 }

@@ -18,6 +18,7 @@ from extender.core.migconfig import (
     GPU_COUNT_LABEL,
     MIG_CONFIG_LABEL,
     OPT_IN_LABEL,
+    RECARVING_TAINT,
     RECORD_ANNOTATION,
     RecarveRecord,
     config_name,
@@ -48,6 +49,7 @@ def carvable(name: str, slices: dict[str, int] = BALANCED, **labels: str) -> dic
         {OPT_IN_LABEL: "true", GPU_COUNT_LABEL: "1", MIG_CONFIG_LABEL: "all-balanced", **labels}
     )
     obj["metadata"]["annotations"] = {}
+    obj["metadata"]["resourceVersion"] = "1"
     return obj
 
 
@@ -67,6 +69,9 @@ class ScriptedApi:
     def get(self, resource: str, **_: Any) -> dict[str, Any]:
         if resource == CONFIG_PATH:
             return copy.deepcopy(self.configmap)
+        name = resource.rsplit("/", 1)[1]
+        if resource.startswith("/api/v1/nodes/") and name in self.nodes:
+            return copy.deepcopy(self.nodes[name])
         raise ApiError(404, "NotFound", resource)
 
     def patch(self, resource: str, body: Any, content_type: str = "") -> dict[str, Any]:
@@ -81,6 +86,11 @@ class ScriptedApi:
             return {}
         name = resource.rsplit("/", 1)[1]
         metadata = self.nodes[name]["metadata"]
+        if body["metadata"].get("resourceVersion", metadata["resourceVersion"]) != metadata["resourceVersion"]:
+            raise ApiError(409, "Conflict", "the object has been modified")
+        metadata["resourceVersion"] = str(int(metadata["resourceVersion"]) + 1)
+        if "spec" in body:  # a merge patch replaces a list whole
+            self.nodes[name].setdefault("spec", {})["taints"] = body["spec"]["taints"] or []
         for field in ("labels", "annotations"):
             for key, value in (body["metadata"].get(field) or {}).items():
                 if value is None:
@@ -111,7 +121,9 @@ class ScriptedApi:
         return dict(json.loads(self.nodes[name]["metadata"]["annotations"][RECORD_ANNOTATION]))
 
 
-def recarver(api: ScriptedApi, *, dry_run: bool = False, metrics: ReturnerMetrics | None = None) -> Recarver:
+def recarver(
+    api: ScriptedApi, *, dry_run: bool = False, metrics: ReturnerMetrics | None = None, quiet: float = 0.0
+) -> Recarver:
     return Recarver(
         api,  # type: ignore[arg-type]
         EventRecorder(api),  # type: ignore[arg-type]
@@ -119,6 +131,7 @@ def recarver(api: ScriptedApi, *, dry_run: bool = False, metrics: ReturnerMetric
         RecarvePolicy(sustained_seconds=60, cooldown_seconds=600, max_in_flight=2),
         CONFIG_MAP,
         dry_run=dry_run,
+        quiet_seconds=quiet,
         clock=lambda: NOW,
     )
 
@@ -330,3 +343,34 @@ def test_demand_a_recarve_under_way_serves_is_not_asked_of_another_node():
         round_of(subject, api, NOW + second)
     planned = [name for name in ("a", "b") if RECORD_ANNOTATION in api.nodes[name]["metadata"]["annotations"]]
     assert len(planned) == 1
+
+
+def taints(api: ScriptedApi, name: str) -> list[str]:
+    return [taint["key"] for taint in api.nodes[name].get("spec", {}).get("taints") or []]
+
+
+def test_the_node_is_tainted_first_its_pods_read_after_the_quiet_time_and_the_taint_goes_with_the_recarve():
+    api = ScriptedApi([carvable("a")], [waiting("p1")])
+    api.nodes["a"]["spec"] = {"taints": [{"key": "admins-own", "effect": "NoSchedule"}]}
+    subject = recarver(api, quiet=5)
+    round_of(subject, api)
+    assert api.record("a")["step"] == "planned" and taints(api, "a") == ["admins-own", RECARVING_TAINT]
+    assert api.nodes["a"]["metadata"]["labels"][MIG_CONFIG_LABEL] == "all-balanced"
+    round_of(subject, api, NOW + 2)
+    assert api.record("a")["step"] == "planned"
+    round_of(subject, api, NOW + 5)
+    assert api.record("a")["step"] == "labelled"
+    api.carve("a", api.record("a")["layout"])
+    round_of(subject, api, NOW + 10)
+    assert api.record("a")["step"] == "done" and taints(api, "a") == ["admins-own"]
+
+
+def test_a_taint_set_meanwhile_by_someone_else_is_kept():
+    api = ScriptedApi([carvable("a")], [waiting("p1")])
+    subject = recarver(api, quiet=5)
+    round_of(subject, api)
+    node = api.nodes["a"]
+    node["spec"]["taints"].append({"key": "drain", "effect": "NoExecute"})
+    node["metadata"]["resourceVersion"] = "99"
+    round_of(subject, api, NOW + 5)
+    assert sorted(taints(api, "a")) == ["drain", RECARVING_TAINT] and api.record("a")["step"] == "labelled"
