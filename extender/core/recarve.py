@@ -21,13 +21,17 @@ the plan is a function of its inputs alone.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
-from extender.core.geometry import MODELS, GpuModel, fits_gpu, maximal_layouts
+from extender.core.cluster import NodeState, PodRequest, Snapshot
+from extender.core.decide import filter_nodes
+from extender.core.geometry import MODELS, GpuModel, fits_gpu, maximal_layouts, profiles_of
 from extender.core.mig import MIG_RESOURCE_PREFIX, is_mig_resource, parse_mig_resource, short_name
+from extender.core.rules import ChainRules
 
 HOUR = 3600.0
+GPU_COUNT_LABEL = "nvidia.com/gpu.count"  # set by GPU feature discovery
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,9 @@ class RecarvePolicy:
     margin: float = 1.5
     # What one compute slice of a type nobody is short of is worth when a re-carve removes it.
     spare_weight: float = 0.25
+    # Drain to re-carve: when no idle node serves the demand, cordon a busy one so it drains, and evict its last
+    # holders once waiting has wasted as much as evicting them loses (`finish_drain`).
+    drain: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,12 @@ class CarvableNode:
     idle: bool  # no pod holds or is about to take a MIG slice on it
     recarved_at: tuple[float, ...] = ()  # when it was re-carved before (seconds)
     in_flight: bool = False  # a re-carve of it is under way
+    draining: bool = False  # cordoned so that it drains for a re-carve (policy.drain)
+    held: Mapping[str, int] = field(default_factory=dict)  # slices held on it now, node-wide (drains pick by it)
+    # While draining: compute-slice-seconds its free slices have sat unused since it was cordoned, and the
+    # compute-slice-seconds of work its holders would lose if evicted now (time each has run x its slices).
+    drain_waste: float = 0.0
+    drain_cost: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,45 @@ class Recarve:
     layout: Mapping[str, int]  # resource -> slices per GPU after (the same on every GPU)
     serves: Mapping[str, int]  # unmet slices per type it lets run
     reason: str  # one line for Events / explain / logs
+
+
+def carvable_node(
+    node: NodeState, idle: bool, recarved_at: tuple[float, ...] = (), in_flight: bool = False
+) -> CarvableNode | None:
+    """`node` as the planner sees it, or None when its GPU count label is missing or its slices do not split evenly
+    over its GPUs (then its per-GPU layout is unknown, and it is never planned)."""
+    try:
+        gpus = int(node.labels.get(GPU_COUNT_LABEL, ""))
+    except ValueError:
+        return None
+    if gpus < 1 or any(count % gpus for count in node.allocatable.values()):
+        return None
+    layout = {resource: count // gpus for resource, count in sorted(node.allocatable.items()) if count}
+    return CarvableNode(node.name, node.gpu_product, gpus, layout, idle, recarved_at, in_flight)
+
+
+def unmet_demand(
+    snapshot: Snapshot,
+    pending: Sequence[PodRequest],
+    rules: ChainRules,
+    waited: Mapping[str, float],
+    policy: RecarvePolicy,
+) -> dict[str, int]:
+    """Slices per MIG resource asked for by `pending` pods that have waited `sustained_seconds` (by `waited`, keyed
+    by pod key) and fit no node they may run on, even by borrowing under `rules`: what only a re-carve can serve."""
+    unmet: dict[str, int] = {}
+    fits: dict[object, bool] = {}  # pods alike in request and placement rules fit alike
+    for pod in pending:
+        if waited.get(pod.key, 0.0) < policy.sustained_seconds or not pod.mig:
+            continue
+        key = (pod.mig, pod.constraints, pod.no_borrow)
+        if key not in fits:
+            names = [name for name, node in snapshot.nodes.items() if pod.may_run_on(node)]
+            fits[key] = bool(filter_nodes(pod, names, snapshot, rules).passed)
+        if not fits[key]:
+            for resource, count in pod.mig:
+                unmet[resource] = unmet.get(resource, 0) + count
+    return unmet
 
 
 def _model(product: str) -> GpuModel | None:
@@ -132,26 +184,16 @@ def _options(node: CarvableNode, model: GpuModel, unmet: Mapping[str, int], poli
 def plan_recarves(
     nodes: Sequence[CarvableNode], unmet: Mapping[str, int], now: float, policy: RecarvePolicy
 ) -> tuple[Recarve, ...]:
-    """Re-carves to start now: whole idle nodes, each to one valid layout of its model, best value first."""
+    """Re-carves to start now: whole idle nodes, each to one valid layout of its model, best value first.
+
+    At most `max_in_flight` nodes are re-carved at once, fleet-wide. Nodes
+    drained for a re-carve come first among equals: they were emptied for it.
+    """
     budget = policy.max_in_flight - sum(1 for node in nodes if node.in_flight)
-    remaining = {r: n for r, n in unmet.items() if isinstance(n, int) and n > 0 and is_mig_resource(r)}
-    candidates = []
-    for node in sorted(nodes, key=lambda n: n.name):
-        model = _model(node.product)
-        current = _as_profiles(node.layout)
-        if (
-            model is None
-            or not node.idle
-            or node.in_flight
-            or node.gpus < 1
-            or not current
-            or not fits_gpu(model, current)
-            or any(p not in {q for layout in model.layouts.values() for q in layout} for p in current)
-            or cooling(node, now, policy)
-        ):
-            continue
-        candidates.append((node, model))
+    idle = sorted((node for node in nodes if node.idle), key=lambda node: (not node.draining, node.name))
+    candidates = _candidates(idle, now, policy)
     plan: list[Recarve] = []
+    remaining = _demand(unmet)
     while budget > 0 and remaining and candidates:
         best: _Option | None = None
         for node, model in candidates:
@@ -160,23 +202,92 @@ def plan_recarves(
                     best = option
         if best is None:
             break
-        plan.append(
-            Recarve(best.node.name, best.layout, best.serves, _reason(best.node, best.layout, best.serves, best.taken))
-        )
-        for resource, count in best.serves.items():
-            remaining[resource] -= count
-            if remaining[resource] <= 0:
-                del remaining[resource]
+        plan.append(Recarve(best.node.name, best.layout, best.serves, _reason(best.node, best.layout, best.serves)))
+        _serve(remaining, best.serves)
         candidates = [(node, model) for node, model in candidates if node.name != best.node.name]
         budget -= 1
     return tuple(plan)
 
 
-def _reason(node: CarvableNode, layout: Mapping[str, int], serves: Mapping[str, int], taken: float) -> str:
+def plan_drains(
+    nodes: Sequence[CarvableNode], unmet: Mapping[str, int], now: float, policy: RecarvePolicy
+) -> tuple[Recarve, ...]:
+    """Busy nodes that should be draining now for a re-carve (with `policy.drain`), those draining already first.
+
+    Call it with the demand that the idle nodes' re-carves (`plan_recarves`)
+    leave unmet. A draining node is cordoned: no new pod lands on it, no pod is
+    moved, and once idle `plan_recarves` re-carves it. A draining node missing
+    from the answer is no longer worth its drain: uncordon it. Among busy nodes
+    the one holding the fewest compute slices goes first (the least work to
+    wait for); the drain serves the demand its re-carve would.
+    """
+    if not policy.drain:
+        return ()
+    budget = policy.max_in_flight - sum(1 for node in nodes if node.in_flight)
+    busy = sorted(
+        (node for node in nodes if not node.idle),
+        key=lambda node: (not node.draining, sum(_compute(r) * n for r, n in node.held.items()), node.name),
+    )
+    remaining = _demand(unmet)
+    plan: list[Recarve] = []
+    for node, model in _candidates(busy, now, policy):
+        if budget <= 0 or not remaining:
+            break
+        best = max(_options(node, model, remaining, policy), key=lambda option: option.value, default=None)
+        if best is None:
+            continue
+        plan.append(Recarve(node.name, best.layout, best.serves, "drain: " + _reason(node, best.layout, best.serves)))
+        _serve(remaining, best.serves)
+        budget -= 1
+    return tuple(plan)
+
+
+def finish_drain(node: CarvableNode) -> bool:
+    """Whether to evict the holders left on a draining node now: once the capacity its drain has left unused is at
+    least the work evicting them loses. A ski-rental rule: waiting and evicting each cost at most twice the best
+    choice in hindsight, and the long tail of a drain (one pod that runs for hours) is cut short."""
+    return node.draining and not node.idle and node.drain_waste >= node.drain_cost
+
+
+def _demand(unmet: Mapping[str, int]) -> dict[str, int]:
+    return {r: n for r, n in sorted(unmet.items()) if isinstance(n, int) and n > 0 and is_mig_resource(r)}
+
+
+def _serve(remaining: dict[str, int], serves: Mapping[str, int]) -> None:
+    for resource, count in serves.items():
+        remaining[resource] -= count
+        if remaining[resource] <= 0:
+            del remaining[resource]
+
+
+def _candidates(
+    nodes: Iterable[CarvableNode], now: float, policy: RecarvePolicy
+) -> list[tuple[CarvableNode, GpuModel]]:
+    """The nodes that may be planned, in the order given, with their model: not in flight, not cooling, carved in a
+    valid layout of their own model's profiles (a node migchain cannot read is never touched)."""
+    candidates = []
+    for node in nodes:
+        model = _model(node.product)
+        current = _as_profiles(node.layout)
+        if (
+            model is None
+            or node.in_flight
+            or node.gpus < 1
+            or not current
+            or not fits_gpu(model, current)
+            or any(p not in profiles_of(model) for p in current)
+            or cooling(node, now, policy)
+        ):
+            continue
+        candidates.append((node, model))
+    return candidates
+
+
+def _reason(node: CarvableNode, layout: Mapping[str, int], serves: Mapping[str, int]) -> str:
     def text(counts: Mapping[str, int]) -> str:
         return ", ".join(f"{n} x {short_name(r)}" for r, n in sorted(counts.items()) if n) or "nothing"
 
     return (
-        f"re-carve idle node {node.name} ({node.gpus} GPUs) from {text(node.layout)} to {text(layout)} per GPU: "
+        f"re-carve node {node.name} ({node.gpus} GPUs) from {text(node.layout)} to {text(layout)} per GPU: "
         f"serves {text(serves)} of sustained unmet demand"
     )

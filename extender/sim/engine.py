@@ -33,6 +33,17 @@ from extender.core.geometry import compute_of, compute_slices
 from extender.core.headroom import lending_rules
 from extender.core.loan import Loan
 from extender.core.mig import parse_mig_resource
+from extender.core.recarve import (
+    HOUR,
+    CarvableNode,
+    Recarve,
+    RecarvePolicy,
+    carvable_node,
+    finish_drain,
+    plan_drains,
+    plan_recarves,
+    unmet_demand,
+)
 from extender.core.returns import Borrower, loan_policy, plan_returns
 from extender.core.rules import MAX_HEADROOM_SECONDS, ChainRules, ReturnMode
 
@@ -42,6 +53,11 @@ class SimPolicy(enum.Enum):
     EAGER = "eager"  # borrow, and return eagerly (the reference behaviour)
     ON_DEMAND = "on-demand"  # borrow, and return only when it unblocks a pending pod
     NEVER = "never"  # borrow, and never return: what returns buy is measured against it
+    RECARVE = "recarve"  # borrow, return on demand, and re-carve whole idle nodes when demand stays unmet
+
+
+RECARVE_ROUND_SECONDS = 30.0  # how often the re-carver looks at unmet demand, as the returner's loop would
+RECONFIGURE_SECONDS = 120.0  # a node offers no MIG slice while the MIG manager applies a layout
 
 
 @dataclass(frozen=True)
@@ -119,6 +135,9 @@ class Metrics:
     finished: int = 0
     running_at_end: int = 0
     pending_at_end: int = 0
+    recarves: int = 0  # nodes re-carved (recarve policy)
+    max_recarves_node_hour: int = 0  # the most re-carves of one node within any hour
+    reconfiguring_gpu_hours: float = 0.0  # GPU-hours offered nothing while a MIG manager applied a layout
 
 
 def _mean_and_p95(waits: list[float]) -> tuple[float, float]:
@@ -131,7 +150,7 @@ def rules_for(policy: SimPolicy, rules: ChainRules) -> ChainRules:
     given ones with the plain eager or never policy otherwise (no headroom kept, nothing waited for)."""
     if policy is SimPolicy.STATIC:
         return ChainRules([])
-    if policy is SimPolicy.ON_DEMAND:
+    if policy in (SimPolicy.ON_DEMAND, SimPolicy.RECARVE):
         return ChainRules(
             dataclasses.replace(chain, policy=dataclasses.replace(chain.policy, return_mode=ReturnMode.ON_DEMAND))
             for chain in rules.chains
@@ -157,16 +176,22 @@ def simulate(
     sample_every: float = 600.0,
     observe: Callable[[Snapshot, Mapping[str, tuple[str, MigCounts]]], None] | None = None,
     initial: Sequence[Running] = (),
+    recarve: RecarvePolicy | None = None,
+    reconfigure_seconds: float = RECONFIGURE_SECONDS,
 ) -> Metrics:
     """Replay `jobs` on `nodes` under `policy`; utilisation is measured over [0, horizon] (default: last arrival).
 
     `initial` pods run from the start to the end, on the slices they hold: they count in utilisation, not in
     the pod counts, pending times, borrows or restarts, which are the trace's. `observe`, if given, sees the
     nodes and the running pods (name -> node, slices; initial ones too) after every step: tests check
-    conservation with it.
+    conservation with it. Under the recarve policy, `recarve` (default: `RecarvePolicy()`) rules the re-carver and
+    a node offers no slice for `reconfigure_seconds` while its new layout is applied (the device plugin's drop).
     """
     run = _Run(list(nodes), rules_for(policy, rules), sorted(jobs, key=lambda job: (job.arrival, job.name)), initial)
     run.observe = observe
+    if policy is SimPolicy.RECARVE:
+        run.recarve = recarve or RecarvePolicy()
+        run.reconfigure_seconds = reconfigure_seconds
     return run.go(horizon, sample_every)
 
 
@@ -196,7 +221,20 @@ class _Run:
         for node in nodes:
             for resource, count in node.allocatable.items():
                 self.capacity_by_type[resource] = self.capacity_by_type.get(resource, 0) + count
+        # The fleet as carved at the start: useful utilisation is measured against it whatever re-carves do.
         self.capacity = sum(compute_slices(r) * n for r, n in self.capacity_by_type.items())
+        self.offered_now = dict(self.capacity_by_type)  # slices per type offered now (re-carves change it)
+        self.offered_by_type: dict[str, float] = {}  # their integral over time
+        # the re-carver (recarve policy only)
+        self.recarve: RecarvePolicy | None = None
+        self.reconfigure_seconds = RECONFIGURE_SECONDS
+        self.recarved_at: dict[str, list[float]] = {}
+        self.in_flight: dict[str, tuple[Recarve, int]] = {}  # node -> the re-carve under way, its GPUs
+        # Nodes cordoned to drain for a re-carve (policy.drain). The live re-carver would taint them NoSchedule;
+        # here their MIG config state says so, and filter, returns and headroom leave them alone as they would.
+        self.draining: set[str] = set()
+        self.drain_waste: dict[str, float] = {}  # per draining node: compute-slice-seconds left unused since cordoned
+        self.on_node: dict[str, set[str]] = {}  # the trace's pods running on each node
         # A pending pod may take back a borrowed slice only after the policy's reclaimAfterSeconds: a round then.
         self.reclaim_delays = sorted({chain.policy.reclaim_after_seconds for chain in rules.chains} - {0})
         self.demand: dict[tuple[int, str], int] = {}  # slices asked for as pods arrived, as the ledger counts them
@@ -215,6 +253,8 @@ class _Run:
         self.end = end
         for job in self.jobs:
             self.push(job.arrival, "arrive", job.name)
+        if self.recarve is not None:
+            self.push(0.0, "recarve", "")
         next_sample = 0.0
         while self.events:
             time = self.events[0][0]
@@ -225,8 +265,10 @@ class _Run:
                 )
                 next_sample += sample_every
             self.now = time
+            self.kinds_now: list[str] = []
             while self.events and self.events[0][0] == time:
                 _, _, kind, name, epoch = heapq.heappop(self.events)
+                self.kinds_now.append(kind)
                 if kind == "arrive":
                     self.pods[name] = _Pod(self.by_name[name], pending_since=time)
                     self.pending.append(name)
@@ -236,9 +278,13 @@ class _Run:
                     if pod.epoch == epoch and pod.node:
                         self.release(pod)
                         pod.finished = time
+                elif kind == "reconfigured":
+                    self.reconfigured(name)
             self.schedule()
             if self.rules.chains:
                 self.returns()
+            if "recarve" in self.kinds_now:
+                self.recarve_round()
             if self.observe is not None:
                 running = dict(self.initial)
                 running.update(
@@ -262,6 +308,13 @@ class _Run:
         self.held += self.held_rate * span
         for resource, count in self.held_now.items():
             self.held_by_type[resource] = self.held_by_type.get(resource, 0.0) + count * span
+        for resource, count in self.offered_now.items():
+            self.offered_by_type[resource] = self.offered_by_type.get(resource, 0.0) + count * span
+        self.metrics.reconfiguring_gpu_hours += sum(gpus for _, gpus in self.in_flight.values()) * span / HOUR
+        for name in self.draining:
+            state = self.state[name]
+            unused = sum(compute_slices(r) * (n - state.used.get(r, 0)) for r, n in state.allocatable.items())
+            self.drain_waste[name] = self.drain_waste.get(name, 0.0) + unused * span
 
     # -- placement ------------------------------------------------------------
 
@@ -308,12 +361,14 @@ class _Run:
             self.borrowing[pod.job.name] = self._borrower(pod, placement)
         self._use(placement.node, placement.slices, +1)
         self._rates(compute_of(pod.job.mig), placement.slices, +1)
+        self.on_node.setdefault(placement.node, set()).add(pod.job.name)
         self.push(self.now + pod.job.runtime, "finish", pod.job.name, pod.epoch)
 
     def release(self, pod: _Pod) -> None:
         assert pod.placement is not None
         self._use(pod.node, pod.placement.slices, -1)
         self._rates(compute_of(pod.job.mig), pod.placement.slices, -1)
+        self.on_node[pod.node].discard(pod.job.name)
         self.borrowing.pop(pod.job.name, None)
         pod.node, pod.placement = "", None
 
@@ -364,25 +419,26 @@ class _Run:
         waited = {request.key: self.now - self.pods[request.name].pending_since for request in oldest.values()}
         plans = plan_returns(self.snapshot(), borrowers, list(oldest.values()), self.rules, waited=waited)
         for plan in plans:
-            pod = self.pods[plan.borrower.record.request.name]
-            # A restart throws away the work done so far: the pod starts over,
-            # and what it did no longer counts as useful.
-            slices = compute_of(pod.job.mig)
-            self.metrics.lost_work_slice_hours += slices * (self.now - pod.started) / 3600
-            self.useful -= slices * max(0.0, min(self.now, self.end) - min(pod.started, self.end))
-            self.metrics.restarts += 1
-            pod.restarts += 1
-            pod.epoch += 1
-            self.release(pod)
-            pod.pending_since = self.now
-            self.pending.append(pod.job.name)
-            self.arrived(pod.job.name)  # as its restored copy is a new pod, created now
+            self.restart(self.pods[plan.borrower.record.request.name])
         if plans:
             # A pod a reclaim was for goes first, as its nomination makes it (core/preempt.py yield_to_nominated):
             # the slice taken back is its own, not the reclaimed borrower's to borrow again.
             first = {plan.unblocks.removeprefix("default/") for plan in plans if not plan.target}
             self.pending.sort(key=lambda name: (name not in first, self.pods[name].job.arrival, name))
             self.schedule()
+
+    def restart(self, pod: _Pod) -> None:
+        """Evict `pod` (a return, or a drain): it starts over, pending again, and what it did no longer counts."""
+        slices = compute_of(pod.job.mig)
+        self.metrics.lost_work_slice_hours += slices * (self.now - pod.started) / 3600
+        self.useful -= slices * max(0.0, min(self.now, self.end) - min(pod.started, self.end))
+        self.metrics.restarts += 1
+        pod.restarts += 1
+        pod.epoch += 1
+        self.release(pod)
+        pod.pending_since = self.now
+        self.pending.append(pod.job.name)
+        self.arrived(pod.job.name)  # as its restored copy is a new pod, created now
 
     def arrived(self, name: str) -> None:
         """Pod `name` is pending, anew: count what it asks for (core/headroom.py), and add rounds (no-op events)
@@ -392,6 +448,86 @@ class _Run:
             self.demand[bucket, resource] = self.demand.get((bucket, resource), 0) + count
         for delay in self.reclaim_delays:
             self.push(self.now + delay, "tick", name)
+
+    # -- re-carving -----------------------------------------------------------
+
+    def recarve_round(self) -> None:
+        """What the re-carver does every round: plan with the core, drop the planned nodes' slices, and look again."""
+        assert self.recarve is not None
+        if self.now + RECARVE_ROUND_SECONDS <= self.end:
+            self.push(self.now + RECARVE_ROUND_SECONDS, "recarve", "")
+        requests = [self.pods[name].request for name in self.pending]
+        waited = {self.pods[name].request.key: self.now - self.pods[name].pending_since for name in self.pending}
+        unmet = unmet_demand(self.snapshot(), requests, self.rules, waited, self.recarve)
+        for recarve, _ in self.in_flight.values():  # demand a re-carve under way will serve is met already
+            for resource, count in recarve.serves.items():
+                unmet[resource] = unmet.get(resource, 0) - count
+        unmet = {resource: count for resource, count in unmet.items() if count > 0}
+        if not unmet and not self.draining:
+            return
+        carvable = []
+        for name, state in self.state.items():
+            node = carvable_node(
+                state,
+                not any(state.used.values()),
+                tuple(self.recarved_at.get(name, ())),
+                name in self.in_flight,
+            )
+            if node is not None:
+                carvable.append(self._drain_view(node))
+        for index, node in enumerate(carvable):
+            if finish_drain(node):  # the last holders of a drained node go, and it is idle
+                for pod in sorted(self.on_node.get(node.name, ())):
+                    self.restart(self.pods[pod])
+                carvable[index] = dataclasses.replace(node, idle=True, held={}, drain_cost=0.0)
+        plan = plan_recarves(carvable, unmet, self.now, self.recarve)
+        for recarve in plan:
+            self.start_recarve(recarve, next(node.gpus for node in carvable if node.name == recarve.node))
+            for resource, count in recarve.serves.items():
+                unmet[resource] -= count
+        started = {recarve.node for recarve in plan}
+        rest = [dataclasses.replace(node, in_flight=node.in_flight or node.name in started) for node in carvable]
+        drains = {drain.node for drain in plan_drains(rest, unmet, self.now, self.recarve)}
+        for name in sorted(self.draining - drains - started):  # no longer worth draining: uncordon
+            self.state[name] = dataclasses.replace(self.state[name], mig_config_state="success")
+        for name in sorted(drains - self.draining):
+            self.state[name] = dataclasses.replace(self.state[name], mig_config_state="draining")
+        self.draining = drains
+        self.drain_waste = {name: waste for name, waste in self.drain_waste.items() if name in drains}
+
+    def _drain_view(self, node: CarvableNode) -> CarvableNode:
+        """`node` with what drains read: the slices held on it, and for a draining one its waste and eviction cost."""
+        state = self.state[node.name]
+        held = {resource: count for resource, count in state.used.items() if count}
+        if node.name not in self.draining:
+            return dataclasses.replace(node, held=held)
+        cost = sum(
+            compute_of(self.pods[pod].job.mig) * (self.now - self.pods[pod].started)
+            for pod in self.on_node.get(node.name, ())
+        )
+        waste = self.drain_waste.get(node.name, 0.0)
+        return dataclasses.replace(node, draining=True, held=held, drain_waste=waste, drain_cost=cost)
+
+    def start_recarve(self, recarve: Recarve, gpus: int) -> None:
+        """The MIG manager takes the node: its device plugin stops, and it offers nothing until `reconfigured`."""
+        state = self.state[recarve.node]
+        assert not any(state.used.values()), state  # the planner plans idle nodes only
+        for resource, count in state.allocatable.items():
+            self.offered_now[resource] -= count
+        self.state[recarve.node] = dataclasses.replace(state, allocatable={}, used={}, mig_config_state="pending")
+        self.in_flight[recarve.node] = (recarve, gpus)
+        self.recarved_at.setdefault(recarve.node, []).append(self.now)
+        self.metrics.recarves += 1
+        self.push(self.now + self.reconfigure_seconds, "reconfigured", recarve.node)
+
+    def reconfigured(self, node: str) -> None:
+        recarve, gpus = self.in_flight.pop(node)
+        allocatable = {resource: count * gpus for resource, count in recarve.layout.items() if count}
+        for resource, count in allocatable.items():
+            self.offered_now[resource] = self.offered_now.get(resource, 0) + count
+        self.state[node] = dataclasses.replace(
+            self.state[node], allocatable=allocatable, used={}, mig_config_state="success"
+        )
 
     # -- results --------------------------------------------------------------
 
@@ -418,7 +554,15 @@ class _Run:
             self.metrics.useful_utilisation = self.useful / (self.capacity * end)
             self.metrics.held_utilisation = self.held / (self.capacity * end)
             self.metrics.utilisation_by_type = {
-                resource: self.held_by_type.get(resource, 0.0) / (count * end)
-                for resource, count in sorted(self.capacity_by_type.items())
-                if count
+                resource: self.held_by_type.get(resource, 0.0) / offered
+                for resource, offered in sorted(self.offered_by_type.items())
+                if offered
             }
+        self.metrics.max_recarves_node_hour = max(
+            (
+                sum(1 for t in times if start <= t < start + HOUR)
+                for times in self.recarved_at.values()
+                for start in times
+            ),
+            default=0,
+        )

@@ -18,6 +18,7 @@ import yaml
 from extender.core.cluster import NodeState
 from extender.core.geometry import fits_gpu, model_of
 from extender.core.mig import MIG_RESOURCE_PREFIX
+from extender.core.recarve import GPU_COUNT_LABEL
 
 
 class FleetError(ValueError):
@@ -29,7 +30,8 @@ def nodes_of(product: str, count: int, layout: Mapping[str, int], per_node: int,
     for index in range(0, count, per_node):
         gpus = min(per_node, count - index)
         allocatable = {MIG_RESOURCE_PREFIX + profile: n * gpus for profile, n in layout.items() if n}
-        nodes.append(NodeState(f"{prefix}-{index // per_node:03d}", product, "success", allocatable, {}))
+        name = f"{prefix}-{index // per_node:03d}"
+        nodes.append(NodeState(name, product, "success", allocatable, {}, labels={GPU_COUNT_LABEL: str(gpus)}))
     return nodes
 
 

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from extender.config import load_rules
+from extender.core.cluster import NodeState, PodRequest, Snapshot
 from extender.core.geometry import MODELS, fits_gpu, maximal_layouts, model_of, valid_layouts
 from extender.core.mig import MIG_RESOURCE_PREFIX, short_name
-from extender.core.recarve import HOUR, CarvableNode, RecarvePolicy, cooling, plan_recarves
+from extender.core.recarve import (
+    GPU_COUNT_LABEL,
+    HOUR,
+    CarvableNode,
+    RecarvePolicy,
+    carvable_node,
+    cooling,
+    plan_drains,
+    plan_recarves,
+    unmet_demand,
+)
 
+ROOT = Path(__file__).resolve().parents[2]
 A100 = "NVIDIA-A100-SXM4-40GB"
 G1, G2, G3, G7 = (MIG_RESOURCE_PREFIX + p for p in ("1g.5gb", "2g.10gb", "3g.20gb", "7g.40gb"))
 BALANCED = {G1: 2, G2: 1, G3: 1}
@@ -99,16 +113,20 @@ def fleets(draw: st.DrawFn) -> tuple[list[CarvableNode], dict[str, int], float, 
     nodes = []
     for index in range(draw(st.integers(0, 6))):
         model = model_of(draw(st.sampled_from(PRODUCTS)))
-        layout = draw(st.sampled_from(valid_layouts(model)))
+        layout = {MIG_RESOURCE_PREFIX + p: n for p, n in draw(st.sampled_from(valid_layouts(model))).items()}
+        gpus = draw(st.integers(1, 8))
+        idle = draw(st.booleans())
         nodes.append(
             CarvableNode(
                 f"n{index}",
                 model.products[0],
-                draw(st.integers(1, 8)),
-                {MIG_RESOURCE_PREFIX + p: n for p, n in layout.items()},
-                idle=draw(st.booleans()),
+                gpus,
+                layout,
+                idle=idle,
                 recarved_at=tuple(draw(st.lists(st.floats(0, now), max_size=3))),
                 in_flight=draw(st.booleans()),
+                draining=draw(st.booleans()),
+                held={} if idle else {r: draw(st.integers(0, n * gpus)) for r, n in layout.items()},
             )
         )
     profiles = sorted({p for model in MODELS for layout in model.layouts.values() for p in layout})
@@ -117,6 +135,7 @@ def fleets(draw: st.DrawFn) -> tuple[list[CarvableNode], dict[str, int], float, 
         cooldown_seconds=draw(st.floats(0, 4_000)),
         max_per_hour=draw(st.integers(0, 3)),
         max_in_flight=draw(st.integers(0, 4)),
+        drain=draw(st.booleans()),
     )
     return nodes, unmet, now, policy
 
@@ -158,3 +177,58 @@ def test_the_plan_is_a_function_of_its_inputs_whatever_the_node_order(
     nodes, unmet, now, policy = case
     first = plan_recarves(nodes, unmet, now, policy)
     assert plan_recarves(list(reversed(nodes)), dict(reversed(list(unmet.items()))), now, policy) == first
+
+
+def test_drains_pick_the_least_held_busy_node_and_keep_those_draining_already():
+    policy = RecarvePolicy(drain=True)
+    nodes = [
+        balanced("full", idle=False, held={G1: 16, G2: 8, G3: 8}),
+        balanced("light", idle=False, held={G3: 1}),
+    ]
+    assert plan_drains(nodes, {G1: 40}, 10_000, RecarvePolicy()) == ()  # off unless the policy asks
+    (drain,) = plan_drains(nodes, {G1: 40}, 10_000, policy)
+    assert (drain.node, drain.serves) == ("light", {G1: 40})
+    nodes[0] = dataclasses.replace(nodes[0], draining=True)
+    assert [d.node for d in plan_drains(nodes, {G1: 40}, 10_000, policy)] == ["full"]
+    # once drained, the node is re-carved before an idle one that serves as much
+    drained = [dataclasses.replace(nodes[0], idle=True, held={}), balanced("a-idle")]
+    assert [r.node for r in plan_recarves(drained, {G1: 40}, 10_000, policy)] == ["full"]
+
+
+def test_carvable_node_reads_gpus_from_the_label_and_refuses_what_it_cannot_split():
+    node = NodeState("n", A100, "success", {G1: 16, G2: 8, G3: 8}, labels={GPU_COUNT_LABEL: "8"})
+    carvable = carvable_node(node, idle=True)
+    assert carvable is not None and (carvable.gpus, carvable.layout) == (8, BALANCED)
+    assert carvable_node(dataclasses.replace(node, labels={}), idle=True) is None
+    assert carvable_node(dataclasses.replace(node, labels={GPU_COUNT_LABEL: "x8"}), idle=True) is None
+    assert carvable_node(dataclasses.replace(node, labels={GPU_COUNT_LABEL: "3"}), idle=True) is None
+
+
+def test_unmet_demand_counts_only_sustained_pods_that_fit_nowhere_even_by_borrowing():
+    rules = load_rules([ROOT / "chains" / "a100-40gb.yaml"])
+    full = NodeState("n", A100, "success", {G1: 1, G2: 1}, {G1: 1}, labels={GPU_COUNT_LABEL: "1"})
+    snapshot = Snapshot.of([full])
+    one_g = PodRequest("d", "a", "a", ((G1, 1),))
+    three_g = PodRequest("d", "b", "b", ((G3, 1),))
+    fresh = PodRequest("d", "c", "c", ((G3, 2),))
+    waited = {"d/a": 400.0, "d/b": 400.0, "d/c": 10.0}
+    # the 1g pod may borrow the free 2g: not unmet; the 3g pod fits nowhere; the fresh one has not waited enough
+    assert unmet_demand(snapshot, [one_g, three_g, fresh], rules, waited, POLICY) == {G3: 1}
+
+
+@given(fleets())
+def test_drains_are_valid_busy_nodes_within_the_limits(
+    case: tuple[list[CarvableNode], dict[str, int], float, RecarvePolicy],
+) -> None:
+    nodes, unmet, now, policy = case
+    drains = plan_drains(nodes, unmet, now, policy)
+    by_name = {node.name: node for node in nodes}
+    assert policy.drain or not drains
+    assert len(drains) <= max(0, policy.max_in_flight - sum(node.in_flight for node in nodes))
+    for drain in drains:
+        node = by_name[drain.node]
+        assert not node.idle and not node.in_flight and not cooling(node, now, policy)
+        assert fits_gpu(model_of(node.product), {short_name(r): n for r, n in drain.layout.items()})
+    for resource in unmet:
+        assert sum(d.serves.get(resource, 0) for d in drains) <= max(0, unmet[resource])
+    assert plan_drains(list(reversed(nodes)), unmet, now, policy) == drains

@@ -217,6 +217,8 @@ def test_no_policy_beats_the_time_aware_bound_and_it_is_within_the_day_aggregate
     b = bounds(nodes, RULES, jobs, horizon=300, bin_s=bin_s)
     assert b.timed <= b.borrowing + 1e-9
     for policy in SimPolicy:
+        if policy is SimPolicy.RECARVE:
+            continue  # re-carving changes the geometry these bounds hold fixed
         assert simulate(nodes, RULES, jobs, policy, horizon=300).useful_utilisation <= b.timed + 1e-9, policy
 
 

@@ -1,0 +1,97 @@
+"""The simulator's recarve policy: a re-carve through the core on a tiny fleet, the device plugin's drop, drains."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from extender.core.cluster import MigCounts, Snapshot
+from extender.core.geometry import A100_40
+from extender.core.recarve import RecarvePolicy
+from extender.core.rules import ChainRules
+from extender.sim.engine import Job, SimPolicy, simulate
+from extender.sim.fleet import nodes_of
+
+A100 = "NVIDIA-A100-SXM4-40GB"
+G1, G3 = "nvidia.com/mig-1g.5gb", "nvidia.com/mig-3g.20gb"
+NO_CHAINS = ChainRules([])  # no borrowing: only a re-carve serves what fits nowhere
+FAST = RecarvePolicy(sustained_seconds=60)
+
+
+def fleet() -> list:  # type: ignore[type-arg]
+    # n-000: one balanced GPU (2 x 1g, 1 x 2g, 1 x 3g); m-000: one GPU carved all-3g.20gb, which 1g pods cannot use.
+    return [
+        *nodes_of(A100, 1, A100_40.layouts["all-balanced"], 1, "n"),
+        *nodes_of(A100, 1, A100_40.layouts["all-3g.20gb"], 1, "m"),
+    ]
+
+
+FIVE_1G = [Job(f"p{i}", 0, ((G1, 1),), 1000) for i in range(5)]
+
+
+def test_an_idle_node_is_re_carved_for_sustained_demand_and_offers_nothing_meanwhile():
+    # 2 of the 1g pods run on n at 0; 3 fit nowhere. At 60 s (a round, 60 s waited) m is re-carved, keeping
+    # one 3g (4 x 1g + 1 x 3g beats 7 x 1g: it serves the same and takes less away); 120 s later they run.
+    m = simulate(fleet(), NO_CHAINS, FIVE_1G, SimPolicy.RECARVE, horizon=2000, recarve=FAST)
+    assert m.recarves == 1 and m.max_recarves_node_hour == 1
+    assert m.mean_pending_s == pytest.approx(3 * 180 / 5)
+    assert m.reconfiguring_gpu_hours == pytest.approx(120 / 3600)
+    # m offered 2 x 3g for 60 s, nothing for 120 s, then 4 x 1g and 1 x 3g
+    assert m.utilisation_by_type[G1] == pytest.approx((2 * 1000 + 3 * 1000) / (2 * 2000 + 4 * 1820))
+
+
+def test_without_recarve_the_same_pods_wait_for_the_balanced_slices():
+    m = simulate(fleet(), NO_CHAINS, FIVE_1G, SimPolicy.ON_DEMAND, horizon=2000)
+    assert m.recarves == 0
+    assert m.mean_pending_s == pytest.approx((2 * 1000 + 1 * 2000) / 5)
+
+
+def test_a_slow_reconfiguration_is_a_parameter():
+    m = simulate(fleet(), NO_CHAINS, FIVE_1G, SimPolicy.RECARVE, horizon=2000, recarve=FAST, reconfigure_seconds=600)
+    assert m.mean_pending_s == pytest.approx(3 * 660 / 5)
+
+
+def test_a_busy_node_is_drained_only_when_the_policy_says_so_then_re_carved():
+    # n: one GPU of 7 x 1g, full until 5000; 3 more 1g pods wait. m: one GPU of 2 x 3g running A and B until 500;
+    # C (3g) arrives at 460. Without drains C takes m at 500, m idles at 1000, is re-carved at the 1020 round and
+    # offers 1g at 1140. With drains m is cordoned at the 60 s round, C waits, m idles at 500, is re-carved at 510
+    # to 4 x 1g + 1 x 3g (keeping a 3g) and serves all four at 630.
+    jobs = [
+        *(Job(f"long{i}", 0, ((G1, 1),), 5000) for i in range(7)),
+        *FIVE_1G[:3],
+        Job("a", 0, ((G3, 1),), 500),
+        Job("b", 0, ((G3, 1),), 500),
+        Job("c", 460, ((G3, 1),), 500),
+    ]
+    nodes = [*nodes_of(A100, 1, A100_40.layouts["all-1g.5gb"], 1, "n"), fleet()[1]]
+    without = simulate(nodes, NO_CHAINS, jobs, SimPolicy.RECARVE, horizon=3000, recarve=FAST)
+    assert without.recarves == 1
+    assert without.mean_pending_s == pytest.approx((3 * 1140 + 40) / 13)
+    drain = RecarvePolicy(sustained_seconds=60, drain=True)
+    drained = simulate(nodes, NO_CHAINS, jobs, SimPolicy.RECARVE, horizon=3000, recarve=drain)
+    assert drained.recarves == 1
+    assert drained.mean_pending_s == pytest.approx((3 * 630 + 170) / 13)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    jobs=st.lists(
+        st.tuples(st.integers(0, 600), st.sampled_from((G1, G1, G1, G3)), st.integers(10, 400)), min_size=1, max_size=25
+    ),
+    drain=st.booleans(),
+)
+def test_re_carving_never_double_uses_a_slice_nor_loses_a_pod(jobs: list[tuple[int, str, int]], drain: bool):
+    trace = [Job(f"p{i}", at, ((kind, 1),), runtime) for i, (at, kind, runtime) in enumerate(jobs)]
+
+    def check(snapshot: Snapshot, running: Mapping[str, tuple[str, MigCounts]]) -> None:
+        for node in snapshot.nodes.values():
+            for resource, count in node.used.items():
+                assert 0 <= count <= node.allocatable.get(resource, 0), node
+
+    policy = RecarvePolicy(sustained_seconds=30, cooldown_seconds=100, max_in_flight=2, drain=drain)
+    m = simulate(fleet(), NO_CHAINS, trace, SimPolicy.RECARVE, horizon=900, recarve=policy, observe=check)
+    assert m.finished + m.running_at_end + m.pending_at_end == m.pods
+    assert m.max_recarves_node_hour <= policy.max_per_hour
