@@ -20,9 +20,9 @@ from typing import Any
 
 from extender.core.cluster import MIG_CONFIG_STATE_LABEL, NodeState, PodRequest, Snapshot
 from extender.core.mig import MIG_RESOURCE_PREFIX, is_mig_resource, short_name
+from extender.core.recarve import GPU_COUNT_LABEL  # set by GPU feature discovery
 
 MIG_CONFIG_LABEL = "nvidia.com/mig.config"  # the named config the MIG Manager applies to the node
-GPU_COUNT_LABEL = "nvidia.com/gpu.count"  # set by GPU feature discovery
 MIG_STRATEGY_LABEL = "nvidia.com/mig.strategy"
 MIG_MANAGER_DEPLOY_LABEL = "nvidia.com/gpu.deploy.mig-manager"  # "false": the GPU Operator runs no MIG Manager there
 OPT_IN_LABEL = "migchain.io/recarve"  # "true": the admin lets migchain re-carve this node when it is idle
@@ -183,11 +183,6 @@ def gpus_of(node: NodeState) -> int:
     """GPUs on the node, from GPU feature discovery's label; 0 when it does not say."""
     text = node.labels.get(GPU_COUNT_LABEL, "")
     return int(text) if text.isascii() and text.isdigit() and 0 < len(text) <= 3 else 0
-
-
-def per_gpu(node: NodeState, gpus: int) -> dict[str, int]:
-    """The node's slices per GPU, as the allocatable divided among its GPUs (the same layout on each)."""
-    return {resource: count // gpus for resource, count in sorted(node.allocatable.items()) if count // gpus}
 
 
 def shows(node: NodeState, layout: Mapping[str, int], gpus: int) -> bool:

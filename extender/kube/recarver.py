@@ -22,7 +22,6 @@ from typing import Any
 import yaml
 
 from extender.core.cluster import MIG_CONFIG_STATE_LABEL, NodeState, PodRecord, Snapshot
-from extender.core.decide import Placement, place
 from extender.core.mig import short_name
 from extender.core.migconfig import (
     ABANDONED,
@@ -40,14 +39,13 @@ from extender.core.migconfig import (
     config_name,
     gpus_of,
     idle,
-    per_gpu,
     read_record,
     recent,
     refusal,
     shows,
     with_config,
 )
-from extender.core.recarve import CarvableNode, Recarve, RecarvePolicy, plan_recarves
+from extender.core.recarve import CarvableNode, Recarve, RecarvePolicy, carvable_node, plan_recarves, unmet_demand
 from extender.core.returns import pending_requests, waiting_times
 from extender.core.rules import ChainRules
 from extender.kube.api import ApiError, KubeApi, path
@@ -95,29 +93,6 @@ def node_reference(name: str) -> dict[str, Any]:
     return {"metadata": {"name": name, "namespace": "default"}}
 
 
-def unmet_slices(
-    snapshot: Snapshot,
-    records: Sequence[PodRecord],
-    rules: ChainRules,
-    *,
-    schedulers: Sequence[str],
-    waited: Mapping[str, float],
-    sustained: float,
-) -> dict[str, int]:
-    """Slices per type asked for by pending pods that have waited `sustained` seconds and fit no node now, not
-    even by borrowing: what no return, borrow or wait for a running pod is serving."""
-    unmet: dict[str, int] = {}
-    nodes = list(snapshot.nodes.values())
-    for pod in pending_requests(records, schedulers):
-        if waited.get(pod.key, 0.0) < sustained:
-            continue
-        if any(pod.may_run_on(node) and isinstance(place(pod, node, node.name, rules), Placement) for node in nodes):
-            continue
-        for resource, count in pod.mig:
-            unmet[resource] = unmet.get(resource, 0) + count
-    return unmet
-
-
 class Recarver:
     """Called once a round by the returner's leader; keeps the records of the nodes it re-carves."""
 
@@ -152,6 +127,7 @@ class Recarver:
         self._announced = Once[str]()  # dry run: (node, config) already announced
         self._refusals = Once[str]()  # (node, reason) already reported
         self._timed_out = Once[str]()  # (node, start) already reported late
+        self._told = 0  # refusals reported this round
         self._settles: dict[str, float] = {}  # config -> when it may be named by a label (just written)
 
     def new_term(self) -> None:
@@ -178,9 +154,7 @@ class Recarver:
                 self._follow(name, record, snapshot.nodes.get(name), now)
         in_flight = [record for record in self._records.values() if record.in_flight]
         waited = waiting_times(records, now)
-        unmet = unmet_slices(
-            snapshot, records, rules, schedulers=schedulers, waited=waited, sustained=self.policy.sustained_seconds
-        )
+        unmet = unmet_demand(snapshot, pending_requests(records, schedulers), rules, waited, self.policy)
         for record in in_flight:  # what a re-carve under way will serve is not asked of another node
             for resource, count in record.serves.items():
                 unmet[resource] = unmet.get(resource, 0) - count
@@ -203,33 +177,32 @@ class Recarver:
         left out with one Event each."""
         assert self._records is not None
         candidates = []
-        told = 0
+        self._told = 0
         for node in snapshot.nodes.values():
             if node.labels.get(OPT_IN_LABEL) != "true":
                 continue
             record = self._records.get(node.name)
             why = refusal(node, self.foreign) if record is None or not record.in_flight else ""
             if why:
-                if told < REFUSALS_TOLD_PER_ROUND and self._refusals.first(f"{node.name}\0{why}"):
-                    told += 1
-                    log.info("node %s is not re-carved: %s", node.name, why, extra={"node": node.name})
-                    self.events.record(
-                        node_reference(node.name), "RecarveRefused", f"not re-carved: {why}", "Warning", about="Node"
-                    )
+                self._refused(node.name, why)
                 continue
-            gpus = gpus_of(node)
-            candidates.append(
-                CarvableNode(
-                    name=node.name,
-                    product=node.gpu_product,
-                    gpus=gpus,
-                    layout=per_gpu(node, gpus),
-                    idle=idle(node, snapshot),
-                    recarved_at=recent(record.history, now) if record else (),
-                    in_flight=bool(record and record.in_flight),
-                )
-            )
+            in_flight = bool(record and record.in_flight)
+            history = recent(record.history, now) if record else ()
+            carvable = carvable_node(node, idle(node, snapshot), history, in_flight)
+            if carvable is None and in_flight:  # mid-change: counted against the in-flight limit all the same
+                carvable = CarvableNode(node.name, node.gpu_product, 0, {}, False, history, True)
+            if carvable is None:
+                self._refused(node.name, "its MIG slices do not split evenly over its GPUs: its layout is unknown")
+                continue
+            candidates.append(carvable)
         return candidates
+
+    def _refused(self, name: str, why: str) -> None:
+        """One Event per node and reason (a few a round), and a log line."""
+        if self._told < REFUSALS_TOLD_PER_ROUND and self._refusals.first(f"{name}\0{why}"):
+            self._told += 1
+            log.info("node %s is not re-carved: %s", name, why, extra={"node": name})
+            self.events.record(node_reference(name), "RecarveRefused", f"not re-carved: {why}", "Warning", about="Node")
 
     def _announce(self, plan: Recarve) -> None:
         config = config_name(plan.layout)
