@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from extender.core.cluster import Snapshot, node_state, pod_record
 from extender.core.migconfig import (
     FOREIGN_LABELS,
-    GPU_COUNT_LABEL,
     MIG_CONFIG_LABEL,
     OPT_IN_LABEL,
     RECARVING_TAINT,
@@ -27,7 +26,7 @@ from extender.core.migconfig import (
     refusal,
     with_config,
 )
-from extender.core.recarve import RecarvePolicy
+from extender.core.recarve import GPU_COUNT_LABEL, RecarvePolicy
 from extender.kube.api import ApiError
 from extender.kube.events import EventRecorder
 from extender.kube.explain import render
