@@ -255,3 +255,21 @@ def test_a_returner_killed_mid_recarve_is_followed_by_one_that_finishes_it(
     assert len(carved["history"]) == 1  # one re-carve, not two
     assert [(item.config, item.outcome) for item in mig_manager.applied_to(target)] == [(carved["config"], "success")]
     assert set(configs(scenario)) >= {carved["config"], *OTHER_CONFIGS}
+
+
+def test_dry_run_announces_the_recarve_on_the_node_and_writes_nothing(scenario: Scenario, mig_manager: MigManager):
+    cluster = scenario.cluster
+    restart_returner(cluster, ["--recarve-dry-run" if arg == "--recarve" else arg for arg in RECARVE_ARGS])
+    try:
+        target = balanced_node(scenario, f"gpu-{scenario.test}-0")
+        small_pods(scenario, 1)
+        [message] = wait_until(lambda: node_events(scenario, target, "WouldRecarve"), 60, "the dry run's Event")
+        time.sleep(4)  # two more rounds: still nothing written, announced once
+        assert len(node_events(scenario, target, "WouldRecarve")) == 1
+    finally:
+        restart_returner(cluster, RECARVE_ARGS)
+    obj = node(scenario, target)
+    assert message.startswith("dry run: would re-carve every GPU as migchain-")
+    assert RECORD_ANNOTATION not in (obj["metadata"].get("annotations") or {})
+    assert obj["metadata"]["labels"][MIG_CONFIG_LABEL] == "all-balanced" and not obj["spec"].get("taints")
+    assert not mig_manager.applied_to(target)
