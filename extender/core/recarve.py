@@ -43,7 +43,7 @@ class RecarvePolicy:
     # Hysteresis: served compute must exceed `margin` x the weighted compute taken away.
     margin: float = 1.5
     # What one compute slice of a type nobody is short of is worth when a re-carve removes it.
-    spare_weight: float = 0.25
+    spare_weight: float = 0.5
     # Drain to re-carve: when no idle node serves the demand, cordon a busy one so it drains, and evict its last
     # holders once waiting has wasted as much as evicting them loses (`finish_drain`).
     drain: bool = False

@@ -475,12 +475,15 @@ class _Run:
             )
             if node is not None:
                 carvable.append(self._drain_view(node))
-        for index, node in enumerate(carvable):
-            if finish_drain(node):  # the last holders of a drained node go, and it is idle
-                for pod in sorted(self.on_node.get(node.name, ())):
-                    self.restart(self.pods[pod])
-                carvable[index] = dataclasses.replace(node, idle=True, held={}, drain_cost=0.0)
-        plan = plan_recarves(carvable, unmet, self.now, self.recarve)
+        # The last holders of a drained node are evicted only when the node, idle, would be re-carved now.
+        ending = {node.name for node in carvable if finish_drain(node)}
+        emptied = [
+            dataclasses.replace(n, idle=True, held={}, drain_cost=0.0) if n.name in ending else n for n in carvable
+        ]
+        plan = plan_recarves(emptied, unmet, self.now, self.recarve)
+        for recarve in plan:
+            for pod in sorted(self.on_node.get(recarve.node, ()) if recarve.node in ending else ()):
+                self.restart(self.pods[pod])
         for recarve in plan:
             self.start_recarve(recarve, next(node.gpus for node in carvable if node.name == recarve.node))
             for resource, count in recarve.serves.items():

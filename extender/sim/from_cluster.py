@@ -150,5 +150,11 @@ def run_from_cluster(
         for policy in policies
     }
     return ClusterReport(
-        len(jobs), horizon / 3600, starting_bounds(start, rules, jobs, horizon), runs, start=start, skipped=skipped
+        len(jobs),
+        horizon / 3600,
+        starting_bounds(start, rules, jobs, horizon),
+        runs,
+        len(start.nodes),
+        start=start,
+        skipped=skipped,
     )

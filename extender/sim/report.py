@@ -10,6 +10,7 @@ from typing import Any
 
 from extender.core.geometry import compute_slices
 from extender.core.mig import short_name
+from extender.core.recarve import RecarvePolicy
 from extender.core.rules import ChainRules
 from extender.sim.bounds import Bounds, bounds
 from extender.sim.engine import Job, Metrics, SimPolicy, simulate
@@ -23,6 +24,7 @@ class Report:
     horizon_h: float
     bounds: Bounds
     runs: dict[str, Metrics]
+    nodes: int = 0  # nodes in the fleet (re-carves per node per hour)
 
     def table(self) -> str:
         b = self.bounds
@@ -33,16 +35,25 @@ class Report:
             "mean and p95 pending count pods still pending at the end (the 'never' placed ones too), "
             "censored at the end of the run",
             "",
-            f"{'policy':<10} {'mean pend':>10} {'p95 pend':>10} {'useful':>7} {'of bound':>8} {'held':>6} "
-            f"{'borrows':>8} {'restarts':>8} {'lost s-h':>9} {'never':>6}",
+            f"{'policy':<10} {'mean pend':>10} {'p95 pend':>10} {'useful':>7} {'of bound':>8} {'of fluid':>8} "
+            f"{'held':>6} {'borrows':>8} {'restarts':>8} {'lost s-h':>9} {'never':>6}",
         ]
         for name, m in self.runs.items():
             of_bound = m.useful_utilisation / b.timed if b.timed else 0.0
+            of_fluid = m.useful_utilisation / b.fluid if b.fluid else 0.0
             lines.append(
                 f"{name:<10} {m.mean_pending_s / 60:>8.1f} m {m.p95_pending_s / 60:>8.1f} m "
-                f"{m.useful_utilisation:>7.1%} {of_bound:>8.1%} {m.held_utilisation:>6.1%} "
+                f"{m.useful_utilisation:>7.1%} {of_bound:>8.1%} {of_fluid:>8.1%} {m.held_utilisation:>6.1%} "
                 f"{m.borrows:>8} {m.restarts:>8} {m.lost_work_slice_hours:>9.1f} {m.never_placed:>6}"
             )
+        for name, m in self.runs.items():
+            if m.recarves:
+                per_node_hour = m.recarves / max(1, self.nodes) / max(self.horizon_h, 1e-9)
+                lines.append(
+                    f"{name}: {m.recarves} re-carves ({per_node_hour:.3f} per node per hour, at most "
+                    f"{m.max_recarves_node_hour} of one node in any hour), {m.reconfiguring_gpu_hours:.1f} GPU-h "
+                    "offering nothing while reconfigured ('of bound' is against fixed geometry: re-carving may pass it)"
+                )
         lines.append("")
         asked = sorted({t for m in self.runs.values() for t in m.mean_pending_by_type_s}, key=_size)
         lines.append(f"{'pending per type, mean / p95 (min)':<36}" + "".join(f"{short_name(t):>16}" for t in asked))
@@ -88,10 +99,16 @@ def load_jobs(workload: str | None, openb: str | None, rules: ChainRules) -> lis
 
 
 def run_policies(
-    fleet: Path, rules: ChainRules, workload: str | None, openb: str | None, policies: Sequence[SimPolicy]
+    fleet: Path,
+    rules: ChainRules,
+    workload: str | None,
+    openb: str | None,
+    policies: Sequence[SimPolicy],
+    *,
+    recarve: RecarvePolicy | None = None,
 ) -> Report:
     nodes = load_fleet(fleet)
     jobs = load_jobs(workload, openb, rules)
     horizon = max((job.arrival for job in jobs), default=0.0)
-    runs = {policy.value: simulate(nodes, rules, jobs, policy, horizon=horizon) for policy in policies}
-    return Report(len(jobs), horizon / 3600, bounds(nodes, rules, jobs, horizon), runs)
+    runs = {policy.value: simulate(nodes, rules, jobs, policy, horizon=horizon, recarve=recarve) for policy in policies}
+    return Report(len(jobs), horizon / 3600, bounds(nodes, rules, jobs, horizon), runs, len(nodes))

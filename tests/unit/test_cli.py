@@ -40,7 +40,7 @@ def test_simulate_prints_every_policy_beside_the_bounds(tmp_path, capsys):
     args = ["simulate", "--fleet", str(fleet), "--chains", chains, "--workload", str(trace), "-o", "json"]
     assert cli.main(args) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report["runs"]) == {"static", "eager", "on-demand", "never"}
+    assert set(report["runs"]) == {"static", "eager", "on-demand", "never", "recarve"}
     assert report["runs"]["static"]["borrows"] == 0
     assert report["runs"]["on-demand"]["borrows"] == 1  # the fifth 1g.5gb pod takes a larger slice
     assert (report["runs"]["never"]["borrows"], report["runs"]["never"]["restarts"]) == (1, 0)

@@ -48,14 +48,15 @@ def test_a_flood_of_1g_re_carves_one_idle_node_to_all_1g():
 def test_more_in_flight_re_carves_as_many_nodes_as_the_demand_needs():
     policy = RecarvePolicy(max_in_flight=5)
     plan = plan_recarves([balanced(f"n{i}") for i in range(5)], {G1: 60}, now=10_000, policy=policy)
-    # 40 extra 1g per node: two nodes serve 60; a third would serve nothing.
-    assert [r.node for r in plan] == ["n0", "n1"]
-    assert sum(r.serves[G1] for r in plan) == 60
+    # all-1g adds 40 on the first node; the 20 left are better served by 4 x 1g + 1 x 3g (16 more, keeping the
+    # 3g) than by taking more away; the last 4 are too few to pay for a third node (hysteresis).
+    assert [(r.node, r.layout) for r in plan] == [("n0", {G1: 7}), ("n1", {G1: 4, G3: 1})]
+    assert [r.serves[G1] for r in plan] == [40, 16]
 
 
 def test_a_small_demand_keeps_the_other_types():
-    # 8 x 1g unmet: a layout that adds a little 1g and keeps 3g beats all-1g.
-    plan = plan_recarves([balanced("n0")], {G1: 8}, now=10_000, policy=POLICY)
+    # 16 x 1g unmet on 8 GPUs: a layout that adds two 1g per GPU and keeps the 3g beats all-1g.
+    plan = plan_recarves([balanced("n0")], {G1: 16}, now=10_000, policy=POLICY)
     assert len(plan) == 1
     assert plan[0].layout[G1] < 7
     assert plan[0].layout.get(G3, 0) == 1
