@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -373,3 +374,19 @@ def test_a_taint_set_meanwhile_by_someone_else_is_kept():
     node["metadata"]["resourceVersion"] = "99"
     round_of(subject, api, NOW + 5)
     assert sorted(taints(api, "a")) == ["drain", RECARVING_TAINT] and api.record("a")["step"] == "labelled"
+
+
+PROFILES = st.builds(
+    lambda c, m, suffix: f"nvidia.com/mig-{c}g.{m}gb{suffix}",
+    st.integers(1, 7),
+    st.sampled_from([5, 10, 20, 40, 80, 141]),
+    st.sampled_from(["", ".me", "-me", ".me.all"]),
+)
+
+
+@given(st.dictionaries(PROFILES, st.integers(1, 7), min_size=1, max_size=7))
+def test_every_layout_gets_a_config_name_that_is_a_label_value_and_two_layouts_never_share_one(layout: dict[str, int]):
+    name = config_name(layout)
+    assert re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?", name) and name.startswith("migchain-")
+    other = {**layout, next(iter(layout)): layout[next(iter(layout))] + 1}
+    assert config_name(other) != name
