@@ -134,9 +134,6 @@ class Recarver:
         """A new term of leadership: the records are read afresh from the Nodes before anything is done."""
         self._records = None
 
-    def records(self) -> Mapping[str, RecarveRecord]:
-        return dict(self._records or {})
-
     def round(
         self,
         snapshot: Snapshot,
@@ -195,6 +192,11 @@ class Recarver:
                 self._refused(node.name, "its MIG slices do not split evenly over its GPUs: its layout is unknown")
                 continue
             candidates.append(carvable)
+        # A re-carve under way on a node no longer opted in (or gone from the cache) still counts against the limit.
+        listed = {candidate.name for candidate in candidates}
+        for name, record in self._records.items():
+            if record.in_flight and name not in listed:
+                candidates.append(CarvableNode(name, "", 0, {}, False, record.history, True))
         return candidates
 
     def _refused(self, name: str, why: str) -> None:

@@ -390,3 +390,13 @@ def test_every_layout_gets_a_config_name_that_is_a_label_value_and_two_layouts_n
     assert re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?", name) and name.startswith("migchain-")
     other = {**layout, next(iter(layout)): layout[next(iter(layout))] + 1}
     assert config_name(other) != name
+
+
+def test_a_recarve_under_way_on_a_node_no_longer_opted_in_still_counts_against_the_in_flight_limit():
+    api = ScriptedApi([carvable("a"), carvable("b"), carvable("c")], [waiting(f"p{i}") for i in range(6)])
+    subject = recarver(api)  # at most two nodes at once
+    round_of(subject, api)
+    [first, second] = [n for n in "abc" if RECORD_ANNOTATION in api.nodes[n]["metadata"]["annotations"]]
+    api.nodes[first]["metadata"]["labels"][OPT_IN_LABEL] = "false"
+    round_of(subject, api, NOW + 5)
+    assert [n for n in "abc" if RECORD_ANNOTATION in api.nodes[n]["metadata"]["annotations"]] == [first, second]
