@@ -116,6 +116,11 @@ def done(obj: dict[str, Any]) -> dict[str, Any] | None:
     return obj if record(obj).get("step") == "done" else None
 
 
+def settled(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The node once its MIG Manager reports success; None before."""
+    return obj if obj["metadata"]["labels"].get("nvidia.com/mig.config.state") == "success" else None
+
+
 def configs(scenario: Scenario) -> dict[str, Any]:
     configmap = scenario.api.get(path("api", "v1", "namespaces", CONFIG_MAP[0], "configmaps", CONFIG_MAP[1]))
     return dict(yaml.safe_load(configmap["data"]["config.yaml"])["mig-configs"])
@@ -177,6 +182,27 @@ def test_idle_balanced_nodes_are_recarved_for_small_pods_and_used_and_a_busy_one
     assert count >= 2 and seconds < 30
 
 
+def bind_intruder(scenario: Scenario, target: str) -> None:
+    """A pod holding a 1g.5gb on `target`, bound by its spec (no scheduler, so no taint keeps it off)."""
+    intruder = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "intruder"},
+        "spec": {
+            "nodeName": target,
+            "terminationGracePeriodSeconds": 0,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "registry.k8s.io/pause:3.10",
+                    "resources": {"limits": {"nvidia.com/mig-1g.5gb": "1"}},
+                }
+            ],
+        },
+    }
+    scenario.api.create(path("api", "v1", "namespaces", scenario.namespace, "pods"), intruder)
+
+
 def test_a_pod_that_takes_a_slice_before_the_label_is_set_keeps_the_node_as_it_is(
     scenario: Scenario, mig_manager: MigManager
 ):
@@ -187,23 +213,7 @@ def test_a_pod_that_takes_a_slice_before_the_label_is_set_keeps_the_node_as_it_i
     try:
         small_pods(scenario, 1)
         wait_until(lambda: record(node(scenario, target)).get("step") == "planned", 60, "the re-carve to be planned")
-        intruder = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "intruder"},
-            "spec": {
-                "nodeName": target,
-                "terminationGracePeriodSeconds": 0,
-                "containers": [
-                    {
-                        "name": "main",
-                        "image": "registry.k8s.io/pause:3.10",
-                        "resources": {"limits": {"nvidia.com/mig-1g.5gb": "1"}},
-                    }
-                ],
-            },
-        }
-        scenario.api.create(path("api", "v1", "namespaces", scenario.namespace, "pods"), intruder)
+        bind_intruder(scenario, target)
         wait_until(lambda: record(node(scenario, target)).get("step") == "abandoned", 60, "the re-carve abandoned")
     finally:
         restart_returner(cluster, RECARVE_ARGS)
@@ -212,6 +222,34 @@ def test_a_pod_that_takes_a_slice_before_the_label_is_set_keeps_the_node_as_it_i
     assert mig_allocatable(obj) == {f"nvidia.com/mig-{p}": n for p, n in BALANCED.items()}
     assert not mig_manager.applied_to(target)
     assert "intruder" in record(obj)["reason"]
+    assert node_events(scenario, target, "RecarveFailed")
+
+
+def test_a_config_the_mig_manager_refuses_puts_the_label_back_and_changes_nothing(
+    scenario: Scenario, mig_manager: MigManager
+):
+    cluster = scenario.cluster
+    failed_before = cluster.returner_metric("migchain_recarves_total", outcome="failed")
+    target = balanced_node(scenario, f"gpu-{scenario.test}-0")
+    # The re-carver stalls 4 s between the config and the label, after its last read of the node's pods: a pod
+    # bound meanwhile holds a slice when the MIG Manager applies, which refuses (as a real one on a busy instance).
+    [returner] = cluster.returners
+    restart_returner(cluster, RECARVE_ARGS, env={**os.environ, "MIGCHAIN_FAILPOINTS": "recarve-after-config@4"})
+    since = len(returner.log.read_text())
+    try:
+        small_pods(scenario, 1)
+        stalling = "failpoint recarve-after-config: stalling"  # after its last read of the pods, before the label
+        wait_until(lambda: stalling in returner.log.read_text()[since:], 60, "the re-carver to stall")
+        bind_intruder(scenario, target)
+        wait_until(lambda: record(node(scenario, target)).get("step") == "failed", 60, "the re-carve to fail")
+        obj = wait_until(lambda: settled(node(scenario, target)), 30, "the old config applied again")
+        assert cluster.returner_metric("migchain_recarves_total", outcome="failed") - failed_before == 1
+    finally:
+        restart_returner(cluster, RECARVE_ARGS)
+    assert obj["metadata"]["labels"][MIG_CONFIG_LABEL] == "all-balanced"
+    assert mig_allocatable(obj) == {f"nvidia.com/mig-{p}": n for p, n in BALANCED.items()}
+    assert [item.outcome for item in mig_manager.applied_to(target)] == ["failed"]
+    assert not obj["spec"].get("taints")
     assert node_events(scenario, target, "RecarveFailed")
 
 
