@@ -156,7 +156,9 @@ class _Option:
     taken: float  # weighted compute slices taken away
 
 
-def _options(node: CarvableNode, model: GpuModel, unmet: Mapping[str, int], policy: RecarvePolicy) -> list[_Option]:
+def _options(
+    node: CarvableNode, model: GpuModel, unmet: Mapping[str, int], wanted: Mapping[str, int], policy: RecarvePolicy
+) -> list[_Option]:
     options = []
     for target_profiles in maximal_layouts(model):
         target = {MIG_RESOURCE_PREFIX + p: n for p, n in target_profiles.items()}
@@ -169,8 +171,9 @@ def _options(node: CarvableNode, model: GpuModel, unmet: Mapping[str, int], poli
             if change > 0 and unmet.get(resource, 0) > 0:
                 serves[resource] = min(change, unmet[resource])
             elif change < 0:
-                weight = 1.0 if unmet.get(resource, 0) > 0 else policy.spare_weight
-                taken += weight * _compute(resource) * -change
+                # Slices a pod asks for now are worth their whole compute; the rest only `spare_weight` of it.
+                asked = min(-change, wanted.get(resource, 0))
+                taken += _compute(resource) * (asked + policy.spare_weight * (-change - asked))
         served = sum(_compute(r) * n for r, n in serves.items())
         if not served or served <= policy.margin * taken:
             continue
@@ -182,22 +185,30 @@ def _options(node: CarvableNode, model: GpuModel, unmet: Mapping[str, int], poli
 
 
 def plan_recarves(
-    nodes: Sequence[CarvableNode], unmet: Mapping[str, int], now: float, policy: RecarvePolicy
+    nodes: Sequence[CarvableNode],
+    unmet: Mapping[str, int],
+    now: float,
+    policy: RecarvePolicy,
+    waiting: Mapping[str, int] | None = None,
 ) -> tuple[Recarve, ...]:
     """Re-carves to start now: whole idle nodes, each to one valid layout of its model, best value first.
 
     At most `max_in_flight` nodes are re-carved at once, fleet-wide. Nodes
     drained for a re-carve come first among equals: they were emptied for it.
+    `waiting` (optional): MIG slices per type that pending pods ask for now,
+    sustained or not; a re-carve taking away as many slices of a type pays
+    their full worth.
     """
     budget = policy.max_in_flight - sum(1 for node in nodes if node.in_flight)
     idle = sorted((node for node in nodes if node.idle), key=lambda node: (not node.draining, node.name))
     candidates = _candidates(idle, now, policy)
     plan: list[Recarve] = []
     remaining = _demand(unmet)
+    wanted = _wanted(remaining, waiting)
     while budget > 0 and remaining and candidates:
         best: _Option | None = None
         for node, model in candidates:
-            for option in _options(node, model, remaining, policy):
+            for option in _options(node, model, remaining, wanted, policy):
                 if best is None or option.value > best.value:
                     best = option
         if best is None:
@@ -210,7 +221,11 @@ def plan_recarves(
 
 
 def plan_drains(
-    nodes: Sequence[CarvableNode], unmet: Mapping[str, int], now: float, policy: RecarvePolicy
+    nodes: Sequence[CarvableNode],
+    unmet: Mapping[str, int],
+    now: float,
+    policy: RecarvePolicy,
+    waiting: Mapping[str, int] | None = None,
 ) -> tuple[Recarve, ...]:
     """Busy nodes that should be draining now for a re-carve (with `policy.drain`), those draining already first.
 
@@ -229,11 +244,12 @@ def plan_drains(
         key=lambda node: (not node.draining, sum(_compute(r) * n for r, n in node.held.items()), node.name),
     )
     remaining = _demand(unmet)
+    wanted = _wanted(remaining, waiting)
     plan: list[Recarve] = []
     for node, model in _candidates(busy, now, policy):
         if budget <= 0 or not remaining:
             break
-        best = max(_options(node, model, remaining, policy), key=lambda option: option.value, default=None)
+        best = max(_options(node, model, remaining, wanted, policy), key=lambda option: option.value, default=None)
         if best is None:
             continue
         plan.append(Recarve(node.name, best.layout, best.serves, "drain: " + _reason(node, best.layout, best.serves)))
@@ -247,6 +263,14 @@ def finish_drain(node: CarvableNode) -> bool:
     least the work evicting them loses. A ski-rental rule: waiting and evicting each cost at most twice the best
     choice in hindsight, and the long tail of a drain (one pod that runs for hours) is cut short."""
     return node.draining and not node.idle and node.drain_waste >= node.drain_cost
+
+
+def _wanted(unmet: Mapping[str, int], waiting: Mapping[str, int] | None) -> dict[str, int]:
+    """Slices per type a re-carve takes away at their full worth: as many as are unmet or pods wait for now."""
+    wanted = dict(unmet)
+    for resource, count in _demand(waiting or {}).items():
+        wanted[resource] = max(wanted.get(resource, 0), count)
+    return wanted
 
 
 def _demand(unmet: Mapping[str, int]) -> dict[str, int]:

@@ -233,3 +233,12 @@ def test_drains_are_valid_busy_nodes_within_the_limits(
     for resource in unmet:
         assert sum(d.serves.get(resource, 0) for d in drains) <= max(0, unmet[resource])
     assert plan_drains(list(reversed(nodes)), unmet, now, policy) == drains
+
+
+def test_types_pods_wait_for_now_are_not_taken_away_cheaply():
+    # With eight 2g.10gb slices asked for by pods waiting (not yet sustained), all-1g would take the node's eight
+    # 2g away at their full worth: the plan keeps a 2g per GPU instead. One waiting pod is not worth that much.
+    (plan,) = plan_recarves([balanced("n0")], {G1: 40}, 10_000, POLICY, waiting={G2: 8, G1: 40})
+    assert plan.layout == {G1: 5, G2: 1}
+    (plain,) = plan_recarves([balanced("n0")], {G1: 40}, 10_000, POLICY, waiting={G2: 1})
+    assert plain.layout == {G1: 7}

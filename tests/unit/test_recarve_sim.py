@@ -55,25 +55,29 @@ def test_a_slow_reconfiguration_is_a_parameter():
 
 
 def test_a_busy_node_is_drained_only_when_the_policy_says_so_then_re_carved():
-    # n: one GPU of 7 x 1g, full until 5000; 3 more 1g pods wait. m: one GPU of 2 x 3g running A and B until 500;
-    # C (3g) arrives at 460. Without drains C takes m at 500, m idles at 1000, is re-carved at the 1020 round and
-    # offers 1g at 1140. With drains m is cordoned at the 60 s round, C waits, m idles at 500, is re-carved at 510
-    # to 4 x 1g + 1 x 3g (keeping a 3g) and serves all four at 630.
+    # n: one GPU of 7 x 1g, full until 5000; 8 more 1g pods wait. m: two GPUs of 2 x 3g, running A, B, E until
+    # 500 and F until 4000. Without drains m idles at 4000, is re-carved at the 4020 round, offers 1g at 4140.
+    # With drains m is cordoned at the 60 s round; from 500 its three free 3g (9 compute slices) sit unused, and
+    # at 750 that waste (9 x 250) reaches what evicting F loses (3 x 750): F is evicted, m re-carved to
+    # 4 x 1g + 1 x 3g per GPU (8 x 1g: all the demand; keeping 3g) and offers at 870, where F runs again.
     jobs = [
         *(Job(f"long{i}", 0, ((G1, 1),), 5000) for i in range(7)),
-        *FIVE_1G[:3],
-        Job("a", 0, ((G3, 1),), 500),
-        Job("b", 0, ((G3, 1),), 500),
-        Job("c", 460, ((G3, 1),), 500),
+        *(Job(f"p{i}", 0, ((G1, 1),), 1000) for i in range(8)),
+        *(Job(name, 0, ((G3, 1),), 500) for name in ("a", "b", "e")),
+        Job("f", 0, ((G3, 1),), 4000),
     ]
-    nodes = [*nodes_of(A100, 1, A100_40.layouts["all-1g.5gb"], 1, "n"), fleet()[1]]
-    without = simulate(nodes, NO_CHAINS, jobs, SimPolicy.RECARVE, horizon=3000, recarve=FAST)
-    assert without.recarves == 1
-    assert without.mean_pending_s == pytest.approx((3 * 1140 + 40) / 13)
+    nodes = [
+        *nodes_of(A100, 1, A100_40.layouts["all-1g.5gb"], 1, "n"),
+        *nodes_of(A100, 2, A100_40.layouts["all-3g.20gb"], 2, "m"),
+    ]
+    without = simulate(nodes, NO_CHAINS, jobs, SimPolicy.RECARVE, horizon=5000, recarve=FAST)
+    assert (without.recarves, without.restarts) == (1, 0)
+    assert without.mean_pending_s == pytest.approx(8 * 4140 / 19)
     drain = RecarvePolicy(sustained_seconds=60, drain=True)
-    drained = simulate(nodes, NO_CHAINS, jobs, SimPolicy.RECARVE, horizon=3000, recarve=drain)
-    assert drained.recarves == 1
-    assert drained.mean_pending_s == pytest.approx((3 * 630 + 170) / 13)
+    drained = simulate(nodes, NO_CHAINS, jobs, SimPolicy.RECARVE, horizon=5000, recarve=drain)
+    assert (drained.recarves, drained.restarts) == (1, 1)
+    assert drained.mean_pending_s == pytest.approx((8 * 870 + 120) / 19)
+    assert drained.lost_work_slice_hours == pytest.approx(3 * 750 / 3600)
 
 
 @settings(max_examples=60, deadline=None)
