@@ -260,7 +260,13 @@ class Recarver:
             self._ensure_config(record.config, record.layout, now)
         except (ApiError, ValueError, yaml.YAMLError) as error:
             self.metrics.errors.count("recarver", "config")
-            log.warning("cannot write config %s: %s; the re-carve waits", record.config, error)
+            if isinstance(error, ApiError) and (not error.definitive or error.status == 409):
+                log.warning("cannot write config %s yet: %s; the re-carve waits", record.config, error)
+                return
+            # No ConfigMap, no access to it, or a document the MIG Manager would not read: waiting would keep the
+            # node tainted for nothing. Nothing was changed but the record and the taint.
+            where = f"{self.config_map.namespace}/{self.config_map.name}"
+            self._end(name, record, FAILED, f"the MIG Manager's ConfigMap {where} cannot be written: {error}", "failed")
             return
         if self._settles.get(record.config, 0.0) > now:
             return  # the MIG Manager reads its ConfigMap through a volume: give the new config time to arrive

@@ -59,7 +59,8 @@ class ScriptedApi:
     def __init__(self, nodes: list[dict[str, Any]], pods: Sequence[dict[str, Any]] = (), configs: str = "") -> None:
         self.nodes = {obj["metadata"]["name"]: obj for obj in nodes}
         self.pods = list(pods)
-        self.configmap = {"metadata": {"name": "custom-mig-config", "resourceVersion": "1"}, "data": {}}
+        self.configmap: dict[str, Any] = {"metadata": {"name": "custom-mig-config", "resourceVersion": "1"}, "data": {}}
+        self.configmap_missing = False
         if configs:
             self.configmap["data"]["config.yaml"] = configs
         self.events: list[tuple[str, str]] = []
@@ -67,6 +68,8 @@ class ScriptedApi:
         self.fail: str = ""  # a path whose writes fail with no answer
 
     def get(self, resource: str, **_: Any) -> dict[str, Any]:
+        if resource == CONFIG_PATH and self.configmap_missing:
+            raise ApiError(404, "NotFound", 'configmaps "custom-mig-config" not found')
         if resource == CONFIG_PATH:
             return copy.deepcopy(self.configmap)
         name = resource.rsplit("/", 1)[1]
@@ -400,3 +403,14 @@ def test_a_recarve_under_way_on_a_node_no_longer_opted_in_still_counts_against_t
     api.nodes[first]["metadata"]["labels"][OPT_IN_LABEL] = "false"
     round_of(subject, api, NOW + 5)
     assert [n for n in "abc" if RECORD_ANNOTATION in api.nodes[n]["metadata"]["annotations"]] == [first, second]
+
+
+@pytest.mark.parametrize("broken", ["missing", "not yaml: [", "version: v9\nmig-configs: {}\n"])
+def test_a_config_map_that_cannot_be_written_ends_the_recarve_and_frees_the_node(broken: str):
+    api = ScriptedApi([carvable("a")], [waiting("p1")], configs="" if broken == "missing" else broken)
+    api.configmap_missing = broken == "missing"
+    metrics = ReturnerMetrics()
+    round_of(recarver(api, metrics=metrics), api)
+    assert api.record("a")["step"] == "failed" and "custom-mig-config" in api.record("a")["reason"]
+    assert taints(api, "a") == [] and api.nodes["a"]["metadata"]["labels"][MIG_CONFIG_LABEL] == "all-balanced"
+    assert outcomes(metrics) == {"failed": 1.0}
