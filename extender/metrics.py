@@ -25,6 +25,8 @@ from extender.tls import CertificateStatus
 # Filter and prioritize answer in well under a millisecond per hundred nodes;
 # buckets resolve the range kube-scheduler cares about (its timeout is seconds).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# A re-carve takes the MIG Manager about two minutes a node (the device plugin, GFD and DCGM paused and back).
+RECARVE_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0, 1200.0)
 
 # What `ClusterCollector` reads: the snapshot and every pod record, or None while the cache is not in sync.
 ClusterView = Callable[[], tuple[Snapshot, Iterable[PodRecord]] | None]
@@ -199,9 +201,28 @@ class ReturnerMetrics:
             "1 while this returner replica holds the lease (and so acts), else 0.",
             registry=self.registry,
         )
+        self.recarves = Counter(
+            "migchain_recarves",
+            "Re-carves of idle nodes (every GPU to a new MIG layout, through the GPU Operator's MIG Manager), by "
+            "outcome: applied (the node's allocatable shows the new layout), failed (the MIG Manager refused; the "
+            "label put back), abandoned (a pod took a slice first, or the label or node changed under it: nothing "
+            "changed), timed-out (not applied after the timeout; still followed), dry-run (planned and announced).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.recarve_seconds = Histogram(
+            "migchain_recarve_seconds",
+            "Time to capacity of a re-carve: from the node's nvidia.com/mig.config label set to its allocatable "
+            "showing the new layout.",
+            buckets=RECARVE_BUCKETS,
+            registry=self.registry,
+        )
         self.errors = Errors(self.registry)
         self.unreadable_loans = UnreadableLoans(self.registry)
         self.journal = JournalGauges(self.registry)
+
+    def count_recarve(self, outcome: str) -> None:
+        self.recarves.labels(outcome).inc()
 
     def count_return(self, loan: Loan, outcome: str) -> None:
         for requested, granted, count in loan_pairs(loan):

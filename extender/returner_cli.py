@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 from extender import logs, probes
 from extender.core.cluster import MIGCHAIN_SCHEDULER
+from extender.core.migconfig import FOREIGN_LABELS
+from extender.core.recarve import RecarvePolicy
 from extender.core.rules import ReturnOrder
 from extender.kube.api import Connection, KubeApi
 from extender.kube.cache import ClusterCache
@@ -20,6 +22,7 @@ from extender.kube.events import EventRecorder
 from extender.kube.executor import Executor
 from extender.kube.lease import LeaderElection
 from extender.kube.overdue import OVERDUE_AFTER_SECONDS
+from extender.kube.recarver import QUIET_SECONDS, ConfigMapRef, Recarver
 from extender.kube.returner import Returner
 from extender.loan_guard import LoanGuard
 from extender.loan_key import LoanKeyError, read_key_file
@@ -80,6 +83,77 @@ def parser() -> argparse.ArgumentParser:
         help="which borrower goes first when several could: least-work-lost (the youngest loan, so a restart "
         "throws away the least work) or most-steps (the most steps, then the oldest loan) (default %(default)s)",
     )
+    recarve = cli.add_argument_group("re-carving (docs/recarving.md)")
+    recarve.add_argument(
+        "--recarve",
+        action="store_true",
+        help="re-carve idle nodes labelled migchain.io/recarve=true for sustained unmet demand, through the GPU "
+        "Operator's MIG Manager (its ConfigMap and the nvidia.com/mig.config label)",
+    )
+    recarve.add_argument(
+        "--recarve-dry-run",
+        action="store_true",
+        help="plan re-carves as usual, log, count and announce them (WouldRecarve events on the Node), write nothing",
+    )
+    recarve.add_argument(
+        "--recarve-config-map",
+        default="gpu-operator/custom-mig-config",
+        metavar="NAMESPACE/NAME",
+        help="the MIG Manager's ConfigMap (ClusterPolicy migManager.config.name); migchain adds its migchain-* "
+        "configs to config.yaml and keeps every other (default %(default)s)",
+    )
+    recarve.add_argument(
+        "--recarve-sustained-seconds",
+        type=float,
+        default=RecarvePolicy.sustained_seconds,
+        metavar="SECONDS",
+        help="a pending pod counts as unmet demand once it has waited this long and fits nowhere, not even by "
+        "borrowing (default %(default)s)",
+    )
+    recarve.add_argument(
+        "--recarve-cooldown-seconds",
+        type=float,
+        default=RecarvePolicy.cooldown_seconds,
+        metavar="SECONDS",
+        help="a node is not re-carved again sooner (default %(default)s)",
+    )
+    recarve.add_argument(
+        "--recarve-max-per-hour",
+        type=int,
+        default=RecarvePolicy.max_per_hour,
+        metavar="N",
+        help="re-carves per node per hour at most (default %(default)s)",
+    )
+    recarve.add_argument(
+        "--recarve-max-in-flight",
+        type=int,
+        default=RecarvePolicy.max_in_flight,
+        metavar="N",
+        help="nodes being re-carved at once, fleet-wide (default %(default)s)",
+    )
+    recarve.add_argument(
+        "--recarve-settle-seconds",
+        type=float,
+        default=90.0,
+        metavar="SECONDS",
+        help="after writing a new config, wait this long before a label names it: the MIG Manager reads the "
+        "ConfigMap through a volume, which kubelet refreshes about once a minute (default %(default)s)",
+    )
+    recarve.add_argument(
+        "--recarve-quiet-seconds",
+        type=float,
+        default=QUIET_SECONDS,
+        metavar="SECONDS",
+        help="a node to be re-carved is tainted migchain.io/recarving:NoSchedule first; its pods are read again "
+        "this long after, once the binds decided before the taint have landed (default %(default)s)",
+    )
+    recarve.add_argument(
+        "--recarve-foreign-label",
+        action="append",
+        metavar="KEY[=VALUE]",
+        help="a node label saying another MIG manager owns the node's GPUs: such nodes are never re-carved "
+        f"(repeatable; added to the built-in {', '.join(FOREIGN_LABELS)})",
+    )
     cli.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     cli.add_argument("--log-format", default="text", choices=logs.FORMATS, help="text lines, or one JSON object a line")
     return cli
@@ -97,6 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         loan_key = read_key_file(args.loan_key_file)
     except LoanKeyError as error:
         print(f"migchain-returner: {error}", file=sys.stderr)
+        return 2
+    try:
+        config_map = ConfigMapRef.parse(args.recarve_config_map)
+    except ValueError as error:
+        print(f"migchain-returner: --recarve-config-map: {error}", file=sys.stderr)
         return 2
     api = KubeApi(Connection.load(args.kubeconfig))
     try:
@@ -118,6 +197,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics.watch_leadership(election.leading)
     threading.Thread(target=election.run, args=(stop,), name="lease", daemon=True).start()
     events = EventRecorder(api, args.identity, metrics.errors)
+    recarver = None
+    if args.recarve or args.recarve_dry_run:
+        policy = RecarvePolicy(
+            sustained_seconds=args.recarve_sustained_seconds,
+            cooldown_seconds=args.recarve_cooldown_seconds,
+            max_per_hour=args.recarve_max_per_hour,
+            max_in_flight=args.recarve_max_in_flight,
+        )
+        recarver = Recarver(
+            api,
+            events,
+            metrics,
+            policy,
+            config_map,
+            dry_run=args.recarve_dry_run,
+            foreign=(*FOREIGN_LABELS, *(args.recarve_foreign_label or ())),
+            settle_seconds=args.recarve_settle_seconds,
+            quiet_seconds=args.recarve_quiet_seconds,
+        )
     returner = Returner(
         cache,
         rules_in_force,
@@ -129,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         order=ReturnOrder(args.return_order),
         journal_overdue_after=args.journal_overdue_after,
         schedulers=tuple(args.scheduler_name or (MIGCHAIN_SCHEDULER,)),
+        recarver=recarver,
     )
     log.info("returner %s started; acting only while it holds the lease", args.identity)
     returner.run(stop)

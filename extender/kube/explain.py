@@ -7,6 +7,7 @@ objects, picks the candidate nodes and prints. It never writes to the cluster.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import IO
 
 from extender.config import ConfigError, load_rules
-from extender.core.cluster import MIGCHAIN_SCHEDULER, ObjectError, pod_record
+from extender.core.cluster import MIGCHAIN_SCHEDULER, NodeState, ObjectError, pod_record
 from extender.core.explain import candidate_nodes, explain, explain_document, explain_text
 from extender.core.loan import loan_doubt, vouched
+from extender.core.migconfig import RECORD_ANNOTATION, RecarveRecord, read_record, recarve_notes
 from extender.core.rules import ChainRules
 from extender.kube.snapshot import ClusterObjects, open_cluster
 
@@ -84,9 +86,25 @@ def render(
         schedulers=schedulers,
         loan_doubt=loan_doubt(written, rejected),
     )
+    if not record.node and not record.terminal:
+        notes = recarve_notes(record.request, _recarves(cluster))
+        explanation = dataclasses.replace(explanation, notes=(*explanation.notes, *notes))
     if output == "json":
         return json.dumps(explain_document(explanation), indent=2)
     return explain_text(explanation)
+
+
+def _recarves(cluster: ClusterObjects) -> list[tuple[NodeState, RecarveRecord]]:
+    """The nodes with a re-carve record (core/migconfig.py RECORD_ANNOTATION) that can be read."""
+    found = []
+    for obj in cluster.nodes:
+        metadata = obj.get("metadata") or {}
+        text = (metadata.get("annotations") or {}).get(RECORD_ANNOTATION)
+        node = cluster.snapshot.nodes.get(metadata.get("name", ""))
+        record = read_record(text) if isinstance(text, str) else None
+        if node is not None and isinstance(record, RecarveRecord):
+            found.append((node, record))
+    return found
 
 
 def run(

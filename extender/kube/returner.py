@@ -58,6 +58,7 @@ from extender.kube.lease import LeaderElection
 from extender.kube.once import Once
 from extender.kube.overdue import OVERDUE_AFTER_SECONDS, OverdueJournal
 from extender.kube.preemptor import Preemptor
+from extender.kube.recarver import Recarver
 from extender.loan_guard import MAX_QUEUED_REPORTS
 from extender.metrics import ReturnerMetrics
 from extender.reload import RulesInForce
@@ -114,7 +115,9 @@ class Returner:
         journal_overdue_after: float = OVERDUE_AFTER_SECONDS,
         order: ReturnOrder = ReturnOrder.LEAST_WORK_LOST,
         clock: Callable[[], float] = time.time,
+        recarver: Recarver | None = None,
     ) -> None:
+        self.recarver = recarver  # --recarve: idle opted-in nodes re-carved for sustained unmet demand
         self.order = order  # --return-order: which borrower goes first
         self.clock = clock  # wall clock: how long pending pods have waited, from their creationTimestamp
         self.schedulers = schedulers  # --scheduler-name: pending pods for these are demand; others never cost a return
@@ -151,6 +154,8 @@ class Returner:
             self.cache.changed.clear()
             if not self.election.leading():
                 self._recover_at = 0.0  # a new term starts with the journal
+                if self.recarver is not None:
+                    self.recarver.new_term()  # and with the re-carve records read afresh from the Nodes
                 self.cache.loans.take_reports(MAX_QUEUED_REPORTS)  # the leader reports them
                 continue
             started = time.monotonic()
@@ -203,6 +208,13 @@ class Returner:
             waiting={r.unblocks for r in returning if r.unblocks},
             spared={r.borrower.record.request.uid for r in returning},
         )
+        if self.recarver is not None:
+            # Last: a pod a return or a preemption serves is no demand for a re-carve next round.
+            try:
+                self.recarver.round(snapshot, records, rules, schedulers=self.schedulers, leading=self.election.leading)
+            except Exception:  # the returns must go on whatever a re-carve meets
+                self.metrics.errors.count("recarver", "round")
+                log.exception("re-carve round failed")
 
     def return_borrowers(
         self,

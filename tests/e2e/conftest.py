@@ -8,7 +8,7 @@ import shutil
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +37,9 @@ class Cluster:
     forwarder: Forwarder  # what kube-scheduler calls: the Service, in front of the ready replica
     returners: list[Process] = field(default_factory=list)
 
-    def start_returner(self, identity: str, env: dict[str, str] | None = None) -> Process:
+    def start_returner(self, identity: str, env: dict[str, str] | None = None, args: Sequence[str] = ()) -> Process:
         """A migchain-returner replica with its own lease identity; its log is kept with the others'."""
-        process = self.plane.start_returner(self.chain_files, identity, env)
+        process = self.plane.start_returner(self.chain_files, identity, env, args)
         if process not in self.returners:
             self.returners.append(process)
         return process

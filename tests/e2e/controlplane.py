@@ -399,25 +399,34 @@ class ControlPlane:
         return extender
 
     def start_returner(
-        self, chains: Sequence[str], identity: str = "returner-a", env: dict[str, str] | None = None
+        self,
+        chains: Sequence[str],
+        identity: str = "returner-a",
+        env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
     ) -> Process:
-        """A migchain-returner replica with its own lease identity (started again if it exists)."""
+        """A migchain-returner replica with its own lease identity (started again if it exists, on the same health
+        port, with these `args` only)."""
         name = f"returner-{identity}"
         process = self.processes.get(name)
         if process is None:
-            argv = [
-                sys.executable,
-                "-m",
-                "extender.returner_cli",
-                f"--kubeconfig={self.kubeconfig}",
-                f"--loan-key-file={self.loan_key}",
-                f"--identity={identity}",
-                f"--health-bind=127.0.0.1:{free_port()}",
-                "--chains",
-                *chains,
-            ]
-            process = Process(name, argv, self.folder / f"{name}.log")
+            process = Process(name, [], self.folder / f"{name}.log")
             self.processes[name] = process
+            health = f"--health-bind=127.0.0.1:{free_port()}"
+        else:
+            [health] = [a for a in process.argv if a.startswith("--health-bind=")]
+        process.argv = [
+            sys.executable,
+            "-m",
+            "extender.returner_cli",
+            f"--kubeconfig={self.kubeconfig}",
+            f"--loan-key-file={self.loan_key}",
+            f"--identity={identity}",
+            health,
+            *args,
+            "--chains",
+            *chains,
+        ]
         process.env = env
         process.start()
         return process

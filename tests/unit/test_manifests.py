@@ -176,6 +176,25 @@ API_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
     ("extender/kube/loan_key.py", "create"): (1, [Access(LOAN_KEY, "create", "secrets", NAMESPACE)]),
 }
 
+# The re-carver's calls (extender/kube/recarver.py, only with --recarve): granted by the component manifests/recarve/,
+# not by the base (the MIG Manager's ConfigMap lives in the GPU Operator's namespace, which the base must not need).
+GPU_OPERATOR = "gpu-operator"
+MIG_CONFIG = "custom-mig-config"
+RECARVE_CALLS: dict[tuple[str, str], tuple[int, list[Access]]] = {
+    ("extender/kube/recarver.py", "get"): (
+        2,  # the ConfigMap; the Node, for its taints and resourceVersion, before each write of the record
+        [Access(RETURNER, "get", "configmaps", GPU_OPERATOR, name=MIG_CONFIG), Access(RETURNER, "get", "nodes")],
+    ),
+    ("extender/kube/recarver.py", "list_all"): (
+        2,  # the opted-in nodes' records at a new term; the pods on a node just before its label is set
+        [Access(RETURNER, "list", "nodes"), Access(RETURNER, "list", "pods")],
+    ),
+    ("extender/kube/recarver.py", "patch"): (
+        2,  # the record, the label and the taint on the Node; the named config in the ConfigMap
+        [Access(RETURNER, "patch", "nodes"), Access(RETURNER, "patch", "configmaps", GPU_OPERATOR, name=MIG_CONFIG)],
+    ),
+}
+
 API_CALL = re.compile(r"\bapi\.(get|create|patch|delete|list_all|watch|request)\(")
 
 
@@ -793,7 +812,7 @@ def test_the_api_call_inventory_is_current():
     for path in sorted((ROOT / "extender").rglob("*.py")):
         for method in API_CALL.findall(path.read_text()):
             found[(str(path.relative_to(ROOT)), method)] += 1
-    expected = {key: count for key, (count, _) in API_CALLS.items()}
+    expected = {key: count for key, (count, _) in {**API_CALLS, **RECARVE_CALLS}.items()}
     assert dict(found) == expected, (
         "the Kubernetes API calls in extender/ changed: give each new call its access in API_CALLS, "
         "then check manifests/rbac-*.yaml and the table in manifests/README.md"
@@ -838,9 +857,47 @@ def test_every_granted_verb_is_used_by_some_call(rendered):
         assert users, f"{account} is granted {verb} {resource} in {namespace or 'the cluster'}, which no call needs"
 
 
+def test_the_recarve_component_grants_every_call_of_the_recarver_and_turns_it_on(tmp_path):
+    if not KUBECTL.exists():
+        pytest.skip(f"{KUBECTL} is not built: run `make control-plane` (make test does)")
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(MANIFESTS, tmp_path)],
+                "components": [os.path.relpath(MANIFESTS / "recarve", tmp_path)],
+            }
+        )
+    )
+    result = subprocess.run(
+        [str(KUBECTL), "kustomize", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    objects = [document for document in yaml.safe_load_all(result.stdout) if document]
+    grants = _granted(objects)
+    for access in (access for _, listed in RECARVE_CALLS.values() for access in listed):
+        assert any(
+            (account, group, verb) == (access.account, access.group, access.verb)
+            and resource == "/".join(filter(None, (access.resource, access.subresource)))
+            and namespace in ("", access.namespace)
+            and (not names or access.name in names)
+            for account, namespace, group, resource, verb, names in grants
+        ), f"the recarve component does not grant {access}"
+    returner = the(objects, "Deployment", RETURNER)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--recarve" in returner and f"--recarve-config-map={GPU_OPERATOR}/{MIG_CONFIG}" in returner
+    base = [o for o in render() if o["kind"] in ("ClusterRole", "Role")]
+    assert not any("configmaps" in rule["resources"] and o["metadata"].get("namespace") == GPU_OPERATOR
+                   for o in base for rule in o["rules"])  # fmt: skip
+
+
 def test_every_rule_names_the_code_that_needs_it():
     """Each rule of manifests/rbac-*.yaml follows a comment naming the code; named functions and files exist."""
-    for path in sorted(MANIFESTS.glob("rbac-*.yaml")):
+    for path in sorted([*MANIFESTS.glob("rbac-*.yaml"), *MANIFESTS.glob("recarve/rbac-*.yaml")]):
         lines = path.read_text().splitlines()
         for number, line in enumerate(lines):
             if not line.lstrip().startswith("- apiGroups:"):
