@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from extender.core.cluster import NodeState, PodRequest, Snapshot
+from extender.core.cluster import MigCounts, NodeState, PodRequest, Snapshot
 from extender.core.decide import filter_nodes
 from extender.core.geometry import MODELS, GpuModel, fits_gpu, maximal_layouts, profiles_of
 from extender.core.mig import MIG_RESOURCE_PREFIX, is_mig_resource, parse_mig_resource, short_name
@@ -52,8 +52,8 @@ class RecarvePolicy:
     # holders once waiting has wasted as much as evicting them loses (`finish_drain`).
     drain: bool = False
     # Fairness: a re-carve takes away no slice of a type that its own pods may need. The fleet keeps, per type, as
-    # many slices free as its pods asked for in the last `forecast_seconds` (the signal headroom reads) plus what
-    # its pending pods ask for now (`spare_slices`); 0 turns the rule off.
+    # many slices as its pods asked for in the last `forecast_seconds` (the signal headroom reads; at most an hour)
+    # plus what its pending pods ask for now (`spare_slices`); 0 turns the rule off.
     forecast_seconds: float = 1800.0
 
 
@@ -121,14 +121,17 @@ def unmet_demand(
     return unmet
 
 
-def spare_slices(snapshot: Snapshot, pending: Sequence[PodRequest], policy: RecarvePolicy) -> dict[str, int] | None:
-    """Slices per MIG type a re-carve may take away: the free ones, fleet-wide, beyond what the type's own pods
-    asked for in the last `forecast_seconds` (`Snapshot.demand`) and what pending pods ask for now; None when the
-    policy has no forecast. The recent arrivals of a type are the best guess of the next ones (core/headroom.py):
-    a re-carve that leaves fewer free would make them wait for slices it gave to another type.
+def spare_slices(
+    snapshot: Snapshot, pending: Sequence[PodRequest], lent: Iterable[MigCounts], policy: RecarvePolicy
+) -> dict[str, int] | None:
+    """Slices per MIG type a re-carve may take away: the type's free slices, fleet-wide, and those borrowers hold
+    (`lent`: each borrower's granted slices; a return gives them back to the type's own pods), beyond what its own
+    pods asked for in the last `forecast_seconds` (`Snapshot.demand`) and what pending pods ask for now; None when
+    the policy has no forecast. The recent arrivals of a type are the best guess of the next ones
+    (core/headroom.py): a re-carve that leaves fewer would make them wait for slices given to another type, or for
+    the pods of their own type to end.
 
-    Free counts every node's allocatable less its used slices, a draining node's too: its capacity is there until
-    its re-carve takes it away, and its holders, restarted, would ask again."""
+    A draining node's free slices count: they are the type's until its re-carve takes them away."""
     if not policy.forecast_seconds:
         return None
     spare: dict[str, int] = {}
@@ -136,6 +139,10 @@ def spare_slices(snapshot: Snapshot, pending: Sequence[PodRequest], policy: Reca
         for resource, count in node.allocatable.items():
             if is_mig_resource(resource):
                 spare[resource] = spare.get(resource, 0) + count - node.used.get(resource, 0)
+    for slices in lent:
+        for resource, count in slices:
+            if resource in spare:
+                spare[resource] += count
     asked = snapshot.demand.since(min(policy.forecast_seconds, MAX_HEADROOM_SECONDS))
     for pod in pending:
         for resource, count in pod.mig:

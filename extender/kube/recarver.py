@@ -54,7 +54,7 @@ from extender.core.recarve import (
     spare_slices,
     unmet_demand,
 )
-from extender.core.returns import pending_requests, waiting_times
+from extender.core.returns import borrowers_of, pending_requests, waiting_times
 from extender.core.rules import ChainRules
 from extender.kube.api import ApiError, KubeApi, path
 from extender.kube.events import EventRecorder
@@ -168,7 +168,8 @@ class Recarver:
         if not unmet:
             return
         candidates = self._candidates(snapshot, now)
-        spare = spare_slices(snapshot, pending, self.policy)
+        lent = [borrower.loan.borrowed for borrower in borrowers_of(records, rules)]
+        spare = spare_slices(snapshot, pending, lent, self.policy)
         for plan in plan_recarves(candidates, unmet, now, self.policy, spare=spare):
             if not leading():
                 return

@@ -461,7 +461,8 @@ class _Run:
         waited = {self.pods[name].request.key: self.now - self.pods[name].pending_since for name in self.pending}
         snapshot = self.snapshot()
         unmet = unmet_demand(snapshot, requests, self.rules, waited, self.recarve)
-        spare = spare_slices(snapshot, requests, self.recarve)
+        lent = [borrower.loan.borrowed for borrower in self.borrowing.values()]
+        spare = spare_slices(snapshot, requests, lent, self.recarve)
         for recarve, _ in self.in_flight.values():  # demand a re-carve under way will serve is met already
             for resource, count in recarve.serves.items():
                 unmet[resource] = unmet.get(resource, 0) - count

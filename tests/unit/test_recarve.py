@@ -255,9 +255,10 @@ def test_a_re_carve_takes_no_slice_of_a_type_its_own_pods_are_about_to_ask_for()
     assert [r.layout for r in plan_recarves([balanced("n0")], {G1: 40}, 10_000, POLICY)] == [{G1: 7}]
 
 
-def test_spare_slices_are_the_free_ones_beyond_recent_arrivals_and_pending_pods():
-    # 8 x 2g free on n (one used on m); 2g pods asked for 3 in the last half hour (an older bucket is out of the
-    # window) and one pending asks for 2 more: 9 - 1 - 3 - 2 = 3 spare. 3g: 8 free, nobody asked: 8 spare.
+def test_spare_slices_are_the_free_and_lent_ones_beyond_recent_arrivals_and_pending_pods():
+    # 8 x 2g free on n, and the one in use on m is lent to a borrower (a return gives it back); 2g pods asked for 3
+    # in the last half hour (an older bucket is out of the window) and one pending asks for 2 more: 9 - 3 - 2 = 4
+    # spare. 3g: 8 free, nobody asked: 8 spare. 1g: far more asked than there are.
     nodes = [
         NodeState("n", A100, "success", {G1: 16, G2: 8, G3: 8}, labels={GPU_COUNT_LABEL: "8"}),
         NodeState("m", A100, "success", {G2: 1}, {G2: 1}, labels={GPU_COUNT_LABEL: "1"}),
@@ -266,8 +267,9 @@ def test_spare_slices_are_the_free_ones_beyond_recent_arrivals_and_pending_pods(
     snapshot = Snapshot({node.name: node for node in nodes}, demand=demand)
     pending = [PodRequest("d", "a", "a", ((G2, 2),))]
     policy = RecarvePolicy(forecast_seconds=1800)
-    assert spare_slices(snapshot, pending, policy) == {G1: 16 - 100, G2: 3, G3: 8}
-    assert spare_slices(snapshot, pending, RecarvePolicy(forecast_seconds=0)) is None
+    assert spare_slices(snapshot, pending, [((G2, 1),)], policy) == {G1: 16 - 100, G2: 4, G3: 8}
+    assert spare_slices(snapshot, pending, [], policy) == {G1: 16 - 100, G2: 3, G3: 8}  # the used one, not lent
+    assert spare_slices(snapshot, pending, [], RecarvePolicy(forecast_seconds=0)) is None
 
 
 @given(fleets(), st.dictionaries(st.sampled_from([G1, G2, G3, G7]), st.integers(-8, 64)))
