@@ -52,9 +52,10 @@ class RecarvePolicy:
     # holders once waiting has wasted as much as evicting them loses (`finish_drain`).
     drain: bool = False
     # Fairness: a re-carve takes away no slice of a type that its own pods may need. The fleet keeps, per type, as
-    # many slices as its pods asked for in the last `forecast_seconds` (the signal headroom reads; at most an hour)
-    # plus what its pending pods ask for now (`spare_slices`); 0 turns the rule off.
-    forecast_seconds: float = 1800.0
+    # many slices free or lent as its pods asked for in the last `forecast_seconds` (the signal headroom reads; at
+    # most an hour) plus what its pending pods ask for now (`spare_slices`); 0 turns the rule off. Half an hour
+    # let h100-large-slots' 3g.40gb pods wait 10.9 min instead of 1.2 (docs/recarving.md).
+    forecast_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)
