@@ -35,6 +35,7 @@ from extender.core.mig import MIG_RESOURCE_PREFIX, is_mig_resource, parse_mig_re
 from extender.core.rules import MAX_HEADROOM_SECONDS, ChainRules
 
 HOUR = 3600.0
+DRAIN_START_ROOM = 2  # a drain starts only when this many times what it takes of each type is spare
 GPU_COUNT_LABEL = "nvidia.com/gpu.count"  # set by GPU feature discovery
 
 
@@ -202,6 +203,7 @@ def _options(
     policy: RecarvePolicy,
     *,
     spare: Mapping[str, int] | None,
+    room: int = 1,
 ) -> list[_Option]:
     options = []
     for target_profiles in maximal_layouts(model):
@@ -209,7 +211,7 @@ def _options(
         if target == {r: n for r, n in node.layout.items() if n}:
             continue
         removed = {r: node.gpus * (n - target.get(r, 0)) for r, n in node.layout.items() if n > target.get(r, 0)}
-        if spare is not None and any(n > spare.get(r, 0) for r, n in removed.items()):
+        if spare is not None and any(room * n > spare.get(r, 0) for r, n in removed.items()):
             continue  # it would leave a type fewer free slices than its own pods are about to ask for
         serves = {}
         taken = 0.0
@@ -306,7 +308,10 @@ def plan_drains(
     for node, model in _candidates(busy, now, policy):
         if budget <= 0 or not remaining:
             break
-        options = _options(node, model, remaining, wanted, policy, spare=left)
+        # A drain starts only with room for twice what it takes, so that the arrivals of an hour do not stop it
+        # halfway: a drain given up has cordoned the node for nothing.
+        room = 1 if node.draining else DRAIN_START_ROOM
+        options = _options(node, model, remaining, wanted, policy, spare=left, room=room)
         best = max(options, key=lambda option: option.value, default=None)
         if best is None:
             continue
