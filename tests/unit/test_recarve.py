@@ -292,3 +292,15 @@ def test_no_plan_takes_more_of_a_type_than_is_spare(
     # a spare large enough for everything changes nothing
     plenty = {resource: 10**6 for node in nodes for resource in node.layout}
     assert plan_recarves(nodes, unmet, now, policy, spare=plenty) == plan_recarves(nodes, unmet, now, policy)
+
+
+def test_a_drain_starts_only_with_room_for_twice_what_it_takes_and_goes_on_with_room_for_it():
+    policy = RecarvePolicy(drain=True)
+    busy = balanced("n0", idle=False, held={G3: 1})
+    assert plan_drains([busy], {G1: 40}, 10_000, policy, spare={G2: 8, G3: 8}) == ()
+    (going_on,) = plan_drains(
+        [dataclasses.replace(busy, draining=True)], {G1: 40}, 10_000, policy, spare={G2: 8, G3: 8}
+    )
+    assert going_on.layout == {G1: 7}
+    (started,) = plan_drains([busy], {G1: 40}, 10_000, policy, spare={G2: 16, G3: 16})
+    assert started.layout == {G1: 7}
