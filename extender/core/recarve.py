@@ -28,13 +28,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from extender.core.cluster import NodeState, PodRequest, Snapshot
+from extender.core.cluster import MigCounts, NodeState, PodRequest, Snapshot
 from extender.core.decide import filter_nodes
 from extender.core.geometry import MODELS, GpuModel, fits_gpu, maximal_layouts, profiles_of
 from extender.core.mig import MIG_RESOURCE_PREFIX, is_mig_resource, parse_mig_resource, short_name
-from extender.core.rules import ChainRules
+from extender.core.rules import MAX_HEADROOM_SECONDS, ChainRules
 
 HOUR = 3600.0
+DRAIN_START_ROOM = 2  # a drain starts only when this many times what it takes of each type is spare
 GPU_COUNT_LABEL = "nvidia.com/gpu.count"  # set by GPU feature discovery
 
 
@@ -51,6 +52,11 @@ class RecarvePolicy:
     # Drain to re-carve: when no idle node serves the demand, cordon a busy one so it drains, and evict its last
     # holders once waiting has wasted as much as evicting them loses (`finish_drain`).
     drain: bool = False
+    # Fairness: a re-carve takes away no slice of a type that its own pods may need. The fleet keeps, per type, as
+    # many slices free or lent as its pods asked for in the last `forecast_seconds` (the signal headroom reads; at
+    # most an hour) plus what its pending pods ask for now (`spare_slices`); 0 turns the rule off. Half an hour
+    # let h100-large-slots' 3g.40gb pods wait 10.9 min instead of 1.2 (docs/recarving.md).
+    forecast_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,35 @@ def unmet_demand(
     return unmet
 
 
+def spare_slices(
+    snapshot: Snapshot, pending: Sequence[PodRequest], lent: Iterable[MigCounts], policy: RecarvePolicy
+) -> dict[str, int] | None:
+    """Slices per MIG type a re-carve may take away: the type's free slices, fleet-wide, and those borrowers hold
+    (`lent`: each borrower's granted slices; a return gives them back to the type's own pods), beyond what its own
+    pods asked for in the last `forecast_seconds` (`Snapshot.demand`) and what pending pods ask for now; None when
+    the policy has no forecast. The recent arrivals of a type are the best guess of the next ones
+    (core/headroom.py): a re-carve that leaves fewer would make them wait for slices given to another type, or for
+    the pods of their own type to end.
+
+    A draining node's free slices count: they are the type's until its re-carve takes them away."""
+    if not policy.forecast_seconds:
+        return None
+    spare: dict[str, int] = {}
+    for node in snapshot.nodes.values():
+        for resource, count in node.allocatable.items():
+            if is_mig_resource(resource):
+                spare[resource] = spare.get(resource, 0) + count - node.used.get(resource, 0)
+    for slices in lent:
+        for resource, count in slices:
+            if resource in spare:
+                spare[resource] += count
+    asked = snapshot.demand.since(min(policy.forecast_seconds, MAX_HEADROOM_SECONDS))
+    for pod in pending:
+        for resource, count in pod.mig:
+            asked[resource] = asked.get(resource, 0) + count
+    return {resource: count - asked.get(resource, 0) for resource, count in sorted(spare.items())}
+
+
 def _model(product: str) -> GpuModel | None:
     return next((model for model in MODELS if product in model.products), None)
 
@@ -161,13 +196,23 @@ class _Option:
 
 
 def _options(
-    node: CarvableNode, model: GpuModel, unmet: Mapping[str, int], wanted: Mapping[str, int], policy: RecarvePolicy
+    node: CarvableNode,
+    model: GpuModel,
+    unmet: Mapping[str, int],
+    wanted: Mapping[str, int],
+    policy: RecarvePolicy,
+    *,
+    spare: Mapping[str, int] | None,
+    room: int = 1,
 ) -> list[_Option]:
     options = []
     for target_profiles in maximal_layouts(model):
         target = {MIG_RESOURCE_PREFIX + p: n for p, n in target_profiles.items()}
         if target == {r: n for r, n in node.layout.items() if n}:
             continue
+        removed = {r: node.gpus * (n - target.get(r, 0)) for r, n in node.layout.items() if n > target.get(r, 0)}
+        if spare is not None and any(room * n > spare.get(r, 0) for r, n in removed.items()):
+            continue  # it would leave a type fewer free slices than its own pods are about to ask for
         serves = {}
         taken = 0.0
         for resource in sorted(set(target) | set(node.layout)):
@@ -194,6 +239,8 @@ def plan_recarves(
     now: float,
     policy: RecarvePolicy,
     waiting: Mapping[str, int] | None = None,
+    *,
+    spare: Mapping[str, int] | None = None,
 ) -> tuple[Recarve, ...]:
     """Re-carves to start now: whole idle nodes, each to one valid layout of its model, best value first.
 
@@ -201,7 +248,9 @@ def plan_recarves(
     drained for a re-carve come first among equals: they were emptied for it.
     `waiting` (optional): MIG slices per type that pending pods ask for now,
     sustained or not; a re-carve taking away as many slices of a type pays
-    their full worth.
+    their full worth. `spare` (optional, `spare_slices`): slices per type the
+    plan may take away in all; a re-carve that would take more of any type
+    is never planned.
     """
     budget = policy.max_in_flight - sum(1 for node in nodes if node.in_flight)
     idle = sorted((node for node in nodes if node.idle), key=lambda node: (not node.draining, node.name))
@@ -209,16 +258,18 @@ def plan_recarves(
     plan: list[Recarve] = []
     remaining = _demand(unmet)
     wanted = _wanted(remaining, waiting)
+    left = None if spare is None else dict(spare)
     while budget > 0 and remaining and candidates:
         best: _Option | None = None
         for node, model in candidates:
-            for option in _options(node, model, remaining, wanted, policy):
+            for option in _options(node, model, remaining, wanted, policy, spare=left):
                 if best is None or option.value > best.value:
                     best = option
         if best is None:
             break
         plan.append(Recarve(best.node.name, best.layout, best.serves, _reason(best.node, best.layout, best.serves)))
         _serve(remaining, best.serves)
+        _take(left, best.node, best.layout)
         candidates = [(node, model) for node, model in candidates if node.name != best.node.name]
         budget -= 1
     return tuple(plan)
@@ -230,6 +281,8 @@ def plan_drains(
     now: float,
     policy: RecarvePolicy,
     waiting: Mapping[str, int] | None = None,
+    *,
+    spare: Mapping[str, int] | None = None,
 ) -> tuple[Recarve, ...]:
     """Busy nodes that should be draining now for a re-carve (with `policy.drain`), those draining already first.
 
@@ -238,7 +291,8 @@ def plan_drains(
     moved, and once idle `plan_recarves` re-carves it. A draining node missing
     from the answer is no longer worth its drain: uncordon it. Among busy nodes
     the one holding the fewest compute slices goes first (the least work to
-    wait for); the drain serves the demand its re-carve would.
+    wait for); the drain serves the demand its re-carve would. `spare` as for
+    `plan_recarves`.
     """
     if not policy.drain:
         return ()
@@ -249,15 +303,21 @@ def plan_drains(
     )
     remaining = _demand(unmet)
     wanted = _wanted(remaining, waiting)
+    left = None if spare is None else dict(spare)
     plan: list[Recarve] = []
     for node, model in _candidates(busy, now, policy):
         if budget <= 0 or not remaining:
             break
-        best = max(_options(node, model, remaining, wanted, policy), key=lambda option: option.value, default=None)
+        # A drain starts only with room for twice what it takes, so that the arrivals of an hour do not stop it
+        # halfway: a drain given up has cordoned the node for nothing.
+        room = 1 if node.draining else DRAIN_START_ROOM
+        options = _options(node, model, remaining, wanted, policy, spare=left, room=room)
+        best = max(options, key=lambda option: option.value, default=None)
         if best is None:
             continue
         plan.append(Recarve(node.name, best.layout, best.serves, "drain: " + _reason(node, best.layout, best.serves)))
         _serve(remaining, best.serves)
+        _take(left, node, best.layout)
         budget -= 1
     return tuple(plan)
 
@@ -286,6 +346,15 @@ def _serve(remaining: dict[str, int], serves: Mapping[str, int]) -> None:
         remaining[resource] -= count
         if remaining[resource] <= 0:
             del remaining[resource]
+
+
+def _take(spare: dict[str, int] | None, node: CarvableNode, layout: Mapping[str, int]) -> None:
+    """What re-carving `node` to `layout` takes from `spare`, and adds to it (new slices of a type are free)."""
+    if spare is not None:
+        for resource in set(node.layout) | set(layout):
+            spare[resource] = spare.get(resource, 0) + node.gpus * (
+                layout.get(resource, 0) - node.layout.get(resource, 0)
+            )
 
 
 def _candidates(

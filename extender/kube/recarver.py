@@ -45,8 +45,16 @@ from extender.core.migconfig import (
     shows,
     with_config,
 )
-from extender.core.recarve import CarvableNode, Recarve, RecarvePolicy, carvable_node, plan_recarves, unmet_demand
-from extender.core.returns import pending_requests, waiting_times
+from extender.core.recarve import (
+    CarvableNode,
+    Recarve,
+    RecarvePolicy,
+    carvable_node,
+    plan_recarves,
+    spare_slices,
+    unmet_demand,
+)
+from extender.core.returns import borrowers_of, pending_requests, waiting_times
 from extender.core.rules import ChainRules
 from extender.kube.api import ApiError, KubeApi, path
 from extender.kube.events import EventRecorder
@@ -151,7 +159,8 @@ class Recarver:
                 self._follow(name, record, snapshot.nodes.get(name), now)
         in_flight = [record for record in self._records.values() if record.in_flight]
         waited = waiting_times(records, now)
-        unmet = unmet_demand(snapshot, pending_requests(records, schedulers), rules, waited, self.policy)
+        pending = pending_requests(records, schedulers)
+        unmet = unmet_demand(snapshot, pending, rules, waited, self.policy)
         for record in in_flight:  # what a re-carve under way will serve is not asked of another node
             for resource, count in record.serves.items():
                 unmet[resource] = unmet.get(resource, 0) - count
@@ -159,7 +168,9 @@ class Recarver:
         if not unmet:
             return
         candidates = self._candidates(snapshot, now)
-        for plan in plan_recarves(candidates, unmet, now, self.policy):
+        lent = [borrower.loan.borrowed for borrower in borrowers_of(records, rules)]
+        spare = spare_slices(snapshot, pending, lent, self.policy)
+        for plan in plan_recarves(candidates, unmet, now, self.policy, spare=spare):
             if not leading():
                 return
             if self.dry_run:

@@ -42,6 +42,7 @@ from extender.core.recarve import (
     finish_drain,
     plan_drains,
     plan_recarves,
+    spare_slices,
     unmet_demand,
 )
 from extender.core.returns import Borrower, loan_policy, plan_returns
@@ -458,7 +459,10 @@ class _Run:
             self.push(self.now + RECARVE_ROUND_SECONDS, "recarve", "")
         requests = [self.pods[name].request for name in self.pending]
         waited = {self.pods[name].request.key: self.now - self.pods[name].pending_since for name in self.pending}
-        unmet = unmet_demand(self.snapshot(), requests, self.rules, waited, self.recarve)
+        snapshot = self.snapshot()
+        unmet = unmet_demand(snapshot, requests, self.rules, waited, self.recarve)
+        lent = [borrower.loan.borrowed for borrower in self.borrowing.values()]
+        spare = spare_slices(snapshot, requests, lent, self.recarve)
         for recarve, _ in self.in_flight.values():  # demand a re-carve under way will serve is met already
             for resource, count in recarve.serves.items():
                 unmet[resource] = unmet.get(resource, 0) - count
@@ -482,7 +486,7 @@ class _Run:
         ]
         # Without `waiting`: passing every pending pod's slices cost small-heavy 1.2 points of useful utilisation
         # and tripled 2g.10gb's mean pending (docs/recarving.md).
-        plan = plan_recarves(emptied, unmet, self.now, self.recarve)
+        plan = plan_recarves(emptied, unmet, self.now, self.recarve, spare=spare)
         for recarve in plan:
             for pod in sorted(self.on_node.get(recarve.node, ()) if recarve.node in ending else ()):
                 self.restart(self.pods[pod])
@@ -492,7 +496,7 @@ class _Run:
                 unmet[resource] -= count
         started = {recarve.node for recarve in plan}
         rest = [dataclasses.replace(node, in_flight=node.in_flight or node.name in started) for node in carvable]
-        drains = {drain.node for drain in plan_drains(rest, unmet, self.now, self.recarve)}
+        drains = {drain.node for drain in plan_drains(rest, unmet, self.now, self.recarve, spare=spare)}
         for name in sorted(self.draining - drains - started):  # no longer worth draining: uncordon
             self.state[name] = dataclasses.replace(self.state[name], mig_config_state="success")
         for name in sorted(drains - self.draining):

@@ -149,7 +149,9 @@ def test_idle_balanced_nodes_are_recarved_for_small_pods_and_used_and_a_busy_one
     applied_before = cluster.returner_metric("migchain_recarves_total", outcome="applied")
     idle = [balanced_node(scenario, f"gpu-{scenario.test}-{i}") for i in range(2)]
     busy = balanced_node(scenario, f"gpu-{scenario.test}-busy")
-    scenario.create_pod("holder", {"3g.20gb": 1}, node_selector={"kubernetes.io/hostname": busy})
+    # The holder asks for 1g.5gb, the type the re-carves serve: a 3g.20gb pod arrived within the hour would leave
+    # no 3g.20gb spare for the second re-carve (the forecast keeps the one free 3g for the next such pod).
+    scenario.create_pod("holder", {"1g.5gb": 1}, node_selector={"kubernetes.io/hostname": busy})
     assert scenario.wait_bound("holder") == busy
     started = time.monotonic()
     pods = small_pods(scenario, 4)  # 12 slices of 1g.5gb: two all-1g.5gb GPUs hold 14

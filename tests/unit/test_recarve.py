@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from extender.config import load_rules
-from extender.core.cluster import NodeState, PodRequest, Snapshot
+from extender.core.cluster import Demand, NodeState, PodRequest, Snapshot
 from extender.core.geometry import MODELS, fits_gpu, maximal_layouts, model_of, valid_layouts
 from extender.core.mig import MIG_RESOURCE_PREFIX, short_name
 from extender.core.recarve import (
@@ -22,6 +22,7 @@ from extender.core.recarve import (
     cooling,
     plan_drains,
     plan_recarves,
+    spare_slices,
     unmet_demand,
 )
 
@@ -242,3 +243,64 @@ def test_types_pods_wait_for_now_are_not_taken_away_cheaply():
     assert plan.layout == {G1: 5, G2: 1}
     (plain,) = plan_recarves([balanced("n0")], {G1: 40}, 10_000, POLICY, waiting={G2: 1})
     assert plain.layout == {G1: 7}
+
+
+def test_a_re_carve_takes_no_slice_of_a_type_its_own_pods_are_about_to_ask_for():
+    # 2g.10gb pods asked for 5 slices lately and 8 are free: only 3 are spare, and every layout without 2g takes 8.
+    # The plan keeps one 2g per GPU and takes the 3g, of which 8 are spare.
+    (plan,) = plan_recarves([balanced("n0")], {G1: 40}, 10_000, POLICY, spare={G2: 3, G3: 8})
+    assert plan.layout == {G1: 5, G2: 1}
+    # with nothing spare of either, no re-carve at all; without the forecast, all-1g as before
+    assert plan_recarves([balanced("n0")], {G1: 40}, 10_000, POLICY, spare={}) == ()
+    assert [r.layout for r in plan_recarves([balanced("n0")], {G1: 40}, 10_000, POLICY)] == [{G1: 7}]
+
+
+def test_spare_slices_are_the_free_and_lent_ones_beyond_recent_arrivals_and_pending_pods():
+    # 8 x 2g free on n, and the one in use on m is lent to a borrower (a return gives it back); 2g pods asked for 3
+    # in the last half hour (an older bucket is out of the window) and one pending asks for 2 more: 9 - 3 - 2 = 4
+    # spare. 3g: 8 free, nobody asked: 8 spare. 1g: far more asked than there are.
+    nodes = [
+        NodeState("n", A100, "success", {G1: 16, G2: 8, G3: 8}, labels={GPU_COUNT_LABEL: "8"}),
+        NodeState("m", A100, "success", {G2: 1}, {G2: 1}, labels={GPU_COUNT_LABEL: "1"}),
+    ]
+    demand = Demand(10_000.0, {(9_000, G2): 3, (8_000, G2): 50, (9_990, G1): 100})
+    snapshot = Snapshot({node.name: node for node in nodes}, demand=demand)
+    pending = [PodRequest("d", "a", "a", ((G2, 2),))]
+    policy = RecarvePolicy(forecast_seconds=1800)
+    assert spare_slices(snapshot, pending, [((G2, 1),)], policy) == {G1: 16 - 100, G2: 4, G3: 8}
+    assert spare_slices(snapshot, pending, [], policy) == {G1: 16 - 100, G2: 3, G3: 8}  # the used one, not lent
+    assert spare_slices(snapshot, pending, [], RecarvePolicy(forecast_seconds=0)) is None
+
+
+@given(fleets(), st.dictionaries(st.sampled_from([G1, G2, G3, G7]), st.integers(-8, 64)))
+def test_no_plan_takes_more_of_a_type_than_is_spare(
+    case: tuple[list[CarvableNode], dict[str, int], float, RecarvePolicy], spare: dict[str, int]
+) -> None:
+    nodes, unmet, now, policy = case
+    by_name = {node.name: node for node in nodes}
+    for plan in (
+        plan_recarves(nodes, unmet, now, policy, spare=spare),
+        plan_drains(nodes, unmet, now, policy, spare=spare),
+    ):
+        left = dict(spare)
+        for recarve in plan:  # in plan order: slices a re-carve adds are free for the next one
+            node = by_name[recarve.node]
+            for resource in set(node.layout) | set(recarve.layout):
+                change = node.gpus * (recarve.layout.get(resource, 0) - node.layout.get(resource, 0))
+                assert change >= 0 or -change <= left.get(resource, 0)
+                left[resource] = left.get(resource, 0) + change
+    # a spare large enough for everything changes nothing
+    plenty = {resource: 10**6 for node in nodes for resource in node.layout}
+    assert plan_recarves(nodes, unmet, now, policy, spare=plenty) == plan_recarves(nodes, unmet, now, policy)
+
+
+def test_a_drain_starts_only_with_room_for_twice_what_it_takes_and_goes_on_with_room_for_it():
+    policy = RecarvePolicy(drain=True)
+    busy = balanced("n0", idle=False, held={G3: 1})
+    assert plan_drains([busy], {G1: 40}, 10_000, policy, spare={G2: 8, G3: 8}) == ()
+    (going_on,) = plan_drains(
+        [dataclasses.replace(busy, draining=True)], {G1: 40}, 10_000, policy, spare={G2: 8, G3: 8}
+    )
+    assert going_on.layout == {G1: 7}
+    (started,) = plan_drains([busy], {G1: 40}, 10_000, policy, spare={G2: 16, G3: 16})
+    assert started.layout == {G1: 7}

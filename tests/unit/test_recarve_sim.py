@@ -73,7 +73,9 @@ def test_a_busy_node_is_drained_only_when_the_policy_says_so_then_re_carved():
     without = simulate(nodes, NO_CHAINS, jobs, SimPolicy.RECARVE, horizon=5000, recarve=FAST)
     assert (without.recarves, without.restarts) == (1, 0)
     assert without.mean_pending_s == pytest.approx(8 * 4140 / 19)
-    drain = RecarvePolicy(sustained_seconds=60, drain=True)
+    # The forecast is off: the 3g pods that arrived at 0 would otherwise keep m's 3g for half an hour
+    # (test_re_carving_makes_no_type_wait_longer_than_without_it); this test is about the drain's timing.
+    drain = RecarvePolicy(sustained_seconds=60, drain=True, forecast_seconds=0)
     drained = simulate(nodes, NO_CHAINS, jobs, SimPolicy.RECARVE, horizon=5000, recarve=drain)
     assert (drained.recarves, drained.restarts) == (1, 1)
     assert drained.mean_pending_s == pytest.approx((8 * 870 + 120) / 19)
@@ -99,3 +101,16 @@ def test_re_carving_never_double_uses_a_slice_nor_loses_a_pod(jobs: list[tuple[i
     m = simulate(fleet(), NO_CHAINS, trace, SimPolicy.RECARVE, horizon=900, recarve=policy, observe=check)
     assert m.finished + m.running_at_end + m.pending_at_end == m.pods
     assert m.max_recarves_node_hour <= policy.max_per_hour
+
+
+def test_re_carving_makes_no_type_wait_longer_than_without_it():
+    # m, one GPU carved all-3g.20gb, serves pairs of 3g pods arriving every 300 s for 100 s. Five 1g pods fit
+    # nowhere. Re-carving m for them (idle at the 120 s round) would take a 3g its own pods ask for every 300 s:
+    # the 3g pods' recent arrivals leave no 3g spare, so m keeps its layout and the 3g pods never wait.
+    jobs = [*FIVE_1G, *(Job(f"t{i}{k}", 300 * i, ((G3, 1),), 100) for i in range(6) for k in "ab")]
+    nodes = nodes_of(A100, 1, A100_40.layouts["all-3g.20gb"], 1, "m")
+    without = simulate(nodes, NO_CHAINS, jobs, SimPolicy.ON_DEMAND, horizon=2000)
+    recarved = simulate(nodes, NO_CHAINS, jobs, SimPolicy.RECARVE, horizon=2000, recarve=FAST)
+    assert without.mean_pending_by_type_s[G3] == 0
+    assert recarved.mean_pending_by_type_s[G3] == 0
+    assert recarved.recarves == 0
