@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The recarve column: the default policy (whole idle nodes re-carved after 5 min of unmet demand, one node at
 # a time, each at most twice an hour and not again within 30 min) with drains on (a busy node cordoned, its last
 # holders evicted once the wait has wasted what evicting loses); 120 s of reconfiguration per node. Three at a
-# time did better on small-heavy (87 % useful, 8 min) and far worse on mixed-a100-h100 (docs/recarving.md).
+# time did better on small-heavy and far worse on mixed-a100-h100, before the forecast (docs/recarving.md).
 BENCH_RECARVE = RecarvePolicy(drain=True)
 
 
