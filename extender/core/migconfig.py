@@ -149,7 +149,7 @@ def read_record(text: Any) -> RecarveRecord | str:
             history=tuple(float(moment) for moment in data.get("history") or ())[-HISTORY_KEPT:],
             reason=str(data.get("reason", ""))[:300],
         )
-    except (ValueError, TypeError, AttributeError, RecursionError) as error:
+    except (ValueError, TypeError, AttributeError, RecursionError, OverflowError) as error:
         return f"unreadable ({type(error).__name__})"
 
 

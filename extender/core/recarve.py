@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from extender.core.cluster import MigCounts, NodeState, PodRequest, Snapshot
+from extender.core.cluster import MigCounts, NodeState, ObjectError, PodRequest, Snapshot, quantity
 from extender.core.decide import filter_nodes
 from extender.core.geometry import MODELS, GpuModel, fits_gpu, maximal_layouts, profiles_of
 from extender.core.mig import MIG_RESOURCE_PREFIX, is_mig_resource, parse_mig_resource, short_name
@@ -90,8 +90,8 @@ def carvable_node(
     """`node` as the planner sees it, or None when its GPU count label is missing or its slices do not split evenly
     over its GPUs (then its per-GPU layout is unknown, and it is never planned)."""
     try:
-        gpus = int(node.labels.get(GPU_COUNT_LABEL, ""))
-    except ValueError:
+        gpus = quantity(node.labels.get(GPU_COUNT_LABEL, ""), GPU_COUNT_LABEL)
+    except ObjectError:
         return None
     if gpus < 1 or any(count % gpus for count in node.allocatable.values()):
         return None

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from extender.core.cluster import MIG_CONFIG_STATE_LABEL, NodeState, PodRecord, Snapshot
+from extender.core.cluster import MIG_CONFIG_STATE_LABEL, NodeState, ObjectError, PodRecord, Snapshot, pod_mig_requests
 from extender.core.mig import short_name
 from extender.core.migconfig import (
     ABANDONED,
@@ -421,16 +421,12 @@ class Recarver:
         for pod in pods:
             if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
                 continue
-            spec = pod.get("spec") or {}
-            for container in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
-                resources = container.get("resources") or {}
-                if any(
-                    str(r).startswith("nvidia.com/mig-")
-                    for kind in ("limits", "requests")
-                    for r in resources.get(kind) or {}
-                ):
-                    holders.append(f"{pod['metadata'].get('namespace')}/{pod['metadata'].get('name')}")
-                    break
+            try:
+                holds = bool(pod_mig_requests(pod.get("spec") or {}))
+            except ObjectError:
+                holds = True  # a request that cannot be read may hold a slice: never re-carve under it
+            if holds:
+                holders.append(f"{pod['metadata'].get('namespace')}/{pod['metadata'].get('name')}")
         return ", ".join(sorted(holders)[:5])
 
     def _read_records(self) -> dict[str, RecarveRecord]:

@@ -204,6 +204,8 @@ def test_carvable_node_reads_gpus_from_the_label_and_refuses_what_it_cannot_spli
     assert carvable_node(dataclasses.replace(node, labels={}), idle=True) is None
     assert carvable_node(dataclasses.replace(node, labels={GPU_COUNT_LABEL: "x8"}), idle=True) is None
     assert carvable_node(dataclasses.replace(node, labels={GPU_COUNT_LABEL: "3"}), idle=True) is None
+    for odd in ("\u0668", "8" * 400, "-8", "0"):  # an Arabic-Indic 8, too long, negative, none
+        assert carvable_node(dataclasses.replace(node, labels={GPU_COUNT_LABEL: odd}), idle=True) is None
 
 
 def test_unmet_demand_counts_only_sustained_pods_that_fit_nowhere_even_by_borrowing():
