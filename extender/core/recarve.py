@@ -109,11 +109,12 @@ def unmet_demand(
     """Slices per MIG resource asked for by `pending` pods that have waited `sustained_seconds` (by `waited`, keyed
     by pod key) and fit no node they may run on, even by borrowing under `rules`: what only a re-carve can serve."""
     unmet: dict[str, int] = {}
-    fits: dict[object, bool] = {}  # pods alike in request and placement rules fit alike
+    # Pods alike in request, placement rules and what borrowing policy reads of them (namespace, owner) fit alike.
+    fits: dict[object, bool] = {}
     for pod in pending:
         if waited.get(pod.key, 0.0) < policy.sustained_seconds or not pod.mig:
             continue
-        key = (pod.mig, pod.constraints, pod.no_borrow)
+        key = (pod.mig, pod.constraints, pod.no_borrow, pod.namespace, pod.owner)
         if key not in fits:
             names = [name for name, node in snapshot.nodes.items() if pod.may_run_on(node)]
             fits[key] = bool(filter_nodes(pod, names, snapshot, rules).passed)

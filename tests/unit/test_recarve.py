@@ -218,6 +218,11 @@ def test_unmet_demand_counts_only_sustained_pods_that_fit_nowhere_even_by_borrow
     waited = {"d/a": 400.0, "d/b": 400.0, "d/c": 10.0}
     # the 1g pod may borrow the free 2g: not unmet; the 3g pod fits nowhere; the fresh one has not waited enough
     assert unmet_demand(snapshot, [one_g, three_g, fresh], rules, waited, POLICY) == {G3: 1}
+    # A pod the chain's policy does not let borrow (kube-system is excluded) fits nowhere, whatever a pod alike
+    # in another namespace may do.
+    system = PodRequest("kube-system", "s", "s", ((G1, 1),))
+    waited["kube-system/s"] = 400.0
+    assert unmet_demand(snapshot, [one_g, system], rules, waited, POLICY) == {G1: 1}
 
 
 @given(fleets())
