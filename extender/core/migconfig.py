@@ -20,7 +20,7 @@ from typing import Any
 
 from extender.core.cluster import MIG_CONFIG_STATE_LABEL, NodeState, PodRequest, Snapshot
 from extender.core.mig import MIG_RESOURCE_PREFIX, is_mig_resource, short_name
-from extender.core.recarve import GPU_COUNT_LABEL  # set by GPU feature discovery
+from extender.core.recarve import GPU_COUNT_LABEL, gpus_of
 
 MIG_CONFIG_LABEL = "nvidia.com/mig.config"  # the named config the MIG Manager applies to the node
 MIG_STRATEGY_LABEL = "nvidia.com/mig.strategy"
@@ -177,12 +177,6 @@ def _counts(value: Any) -> dict[str, int]:
 def recent(history: Iterable[float], now: float) -> tuple[float, ...]:
     """The re-carves worth remembering at `now`."""
     return tuple(moment for moment in history if now - moment < HISTORY_SECONDS)
-
-
-def gpus_of(node: NodeState) -> int:
-    """GPUs on the node, from GPU feature discovery's label; 0 when it does not say."""
-    text = node.labels.get(GPU_COUNT_LABEL, "")
-    return int(text) if text.isascii() and text.isdigit() and 0 < len(text) <= 3 else 0
 
 
 def shows(node: NodeState, layout: Mapping[str, int], gpus: int) -> bool:

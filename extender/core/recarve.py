@@ -84,15 +84,20 @@ class Recarve:
     reason: str  # one line for Events / explain / logs
 
 
+def gpus_of(node: NodeState) -> int:
+    """GPUs on the node, from GPU feature discovery's label; 0 when it does not say, or not in plain digits."""
+    try:
+        return quantity(node.labels.get(GPU_COUNT_LABEL, ""), GPU_COUNT_LABEL)
+    except ObjectError:
+        return 0
+
+
 def carvable_node(
     node: NodeState, idle: bool, recarved_at: tuple[float, ...] = (), in_flight: bool = False
 ) -> CarvableNode | None:
     """`node` as the planner sees it, or None when its GPU count label is missing or its slices do not split evenly
     over its GPUs (then its per-GPU layout is unknown, and it is never planned)."""
-    try:
-        gpus = quantity(node.labels.get(GPU_COUNT_LABEL, ""), GPU_COUNT_LABEL)
-    except ObjectError:
-        return None
+    gpus = gpus_of(node)
     if gpus < 1 or any(count % gpus for count in node.allocatable.values()):
         return None
     layout = {resource: count // gpus for resource, count in sorted(node.allocatable.items()) if count}
