@@ -12,6 +12,12 @@ config asks for a mode change (MIG on or off needs a GPU reset).
 
 It acts only on nodes labelled MANAGED_LABEL, and keeps what it applied last in
 the APPLIED_ANNOTATION of the node (a real one reads the GPUs themselves).
+
+On a fake node it patches the Node's allocatable itself. On a real node
+(tests/e2e/realnode.py, given in `device_plugins`) it re-partitions through the
+node's device-plugin stand-in, as the real one restarts NVIDIA's: the plugin
+serves no device while it applies, then the new ones, and the kubelet's own
+status shows them.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -35,6 +41,12 @@ CONFIG_LABEL = "nvidia.com/mig.config"
 STATE_LABEL = "nvidia.com/mig.config.state"
 GPU_COUNT_LABEL = "nvidia.com/gpu.count"
 CONFIG_KEY = "config.yaml"
+
+
+class DevicePlugin(Protocol):
+    """A real node's device-plugin stand-in (tests/e2e/realnode.RealNode): serves `layout`, profile -> devices."""
+
+    def relayout(self, layout: dict[str, int]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,7 @@ class MigManager:
         self.interval = interval
         self.applied: list[Applied] = []
         self._failed: dict[str, str] = {}  # node -> the config last refused on it: refused once per label value
+        self.device_plugins: dict[str, DevicePlugin] = {}  # node -> its device plugin: a real node, not a patch
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mig-manager", daemon=True)
 
@@ -103,7 +116,10 @@ class MigManager:
         if why:
             self._fail(name, wanted, why)
             return
-        self._bounce(node, layout)
+        if name in self.device_plugins:
+            self._restart_plugin(self.device_plugins[name], layout)
+        else:
+            self._bounce(node, layout)
         self.api.patch(
             path("api", "v1", "nodes", name),
             {
@@ -167,6 +183,15 @@ class MigManager:
         after: dict[str, str | None] = dict.fromkeys(before)
         after.update({resource: str(count) for resource, count in layout.items()})
         self.api.patch(status, {"status": {"capacity": after, "allocatable": after}})
+
+    def _restart_plugin(self, plugin: DevicePlugin, layout: Mapping[str, int]) -> None:
+        """The device plugin paused (no device: the kubelet's allocatable drops to 0), then back with the new ones.
+        The state says success before the kubelet shows them, as the real one's: the re-carver must wait for them."""
+        plugin.relayout({})
+        self._stop.wait(self.apply_seconds)
+        plugin.relayout(
+            {resource.removeprefix(MIG_RESOURCE_PREFIX): count for resource, count in layout.items() if count}
+        )
 
     def _fail(self, name: str, wanted: str, why: str) -> None:
         self._failed[name] = wanted

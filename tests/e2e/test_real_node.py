@@ -50,8 +50,8 @@ def node(cluster: Cluster) -> Iterator[RealNode]:
         yield started
 
 
-def allocatable(cluster: Cluster, profile: str) -> str | None:
-    status = cluster.api.get(path("api", "v1", "nodes", NODE))["status"]
+def allocatable(cluster: Cluster, profile: str, name: str = NODE) -> str | None:
+    status = cluster.api.get(path("api", "v1", "nodes", name))["status"]
     conditions = {item["type"]: item["status"] for item in status.get("conditions", [])}
     if conditions.get("Ready") != "True":
         return None
@@ -62,9 +62,16 @@ def allocatable(cluster: Cluster, profile: str) -> str | None:
 @pytest.fixture
 def on_node(node: RealNode, scenario: Scenario) -> Iterator[RealNode]:
     """The real node, in this test's scenario for the test's length; empty of pods afterwards."""
-    scenario.api.patch(path("api", "v1", "nodes", NODE), {"metadata": {"labels": {TEST_LABEL: scenario.test}}})
-    try:
+    with in_scenario(node, scenario):
         yield node
+
+
+@contextlib.contextmanager
+def in_scenario(node: RealNode, scenario: Scenario) -> Iterator[None]:
+    """A real node in `scenario` (its pods may land there) until the end; empty of pods afterwards."""
+    scenario.api.patch(path("api", "v1", "nodes", node.name), {"metadata": {"labels": {TEST_LABEL: scenario.test}}})
+    try:
+        yield
     finally:
         scenario.api.delete(  # its controllers first: they would make new pods
             path("apis", "apps", "v1", "namespaces", scenario.namespace, "replicasets"), {"propagationPolicy": "Orphan"}
@@ -75,19 +82,20 @@ def on_node(node: RealNode, scenario: Scenario) -> Iterator[RealNode]:
                     path("api", "v1", "namespaces", scenario.namespace, "pods", pod["metadata"]["name"]),
                     {"gracePeriodSeconds": 1},  # not 0 (forced): the kubelet confirms, its devices are free
                 )
-        wait_until(lambda: not pods_on_node(scenario), 60, "the real node to be empty")
+        wait_until(lambda: not pods_on_node(scenario, node.name), 60, "the real node to be empty")
         wait_until(lambda: not node.running_tasks(), 60, "the real node's containers to stop")
-        scenario.api.patch(path("api", "v1", "nodes", NODE), {"metadata": {"labels": {TEST_LABEL: None}}})
+        scenario.api.patch(path("api", "v1", "nodes", node.name), {"metadata": {"labels": {TEST_LABEL: None}}})
 
 
-def pods_on_node(scenario: Scenario) -> list[dict[str, Any]]:
-    items, _ = scenario.api.list_all("/api/v1/pods", fieldSelector=f"spec.nodeName={NODE}")
+def pods_on_node(scenario: Scenario, name: str = NODE) -> list[dict[str, Any]]:
+    items, _ = scenario.api.list_all("/api/v1/pods", fieldSelector=f"spec.nodeName={name}")
     return items
 
 
-def real_pod(scenario: Scenario, name: str, requests: dict[str, int]) -> dict[str, Any]:
-    """A MIG pod whose container really runs on the node (the local busybox image: no registry is reachable)."""
-    pod = mig_pod(name, scenario.test, requests)
+def real_pod(scenario: Scenario, name: str, requests: dict[str, int], **kwargs: Any) -> dict[str, Any]:
+    """A MIG pod whose container really runs on the node (the local busybox image: no registry is reachable);
+    `kwargs` as `mig_pod`'s."""
+    pod = mig_pod(name, scenario.test, requests, **kwargs)
     container = pod["spec"]["containers"][0]
     container |= {"image": BUSYBOX_IMAGE, "imagePullPolicy": "Never", "command": ["/bin/busybox", "sleep", "3600"]}
     return scenario.api.create(path("api", "v1", "namespaces", scenario.namespace, "pods"), pod)
