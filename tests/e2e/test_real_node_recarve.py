@@ -87,6 +87,31 @@ def on_node(node: RealNode, scenario: Scenario) -> Iterator[RealNode]:
         yield node
 
 
+def test_a_busy_real_node_is_never_recarved_and_its_container_runs_on(
+    scenario: Scenario, on_node: RealNode, mig_manager: MigManager
+):
+    # First in the module: once re-carved, the node cools down for an hour and would be left alone anyway.
+    one_node.real_pod(scenario, "holder", {"1g.5gb": 1})
+    holder = wait_until(lambda: one_node.running(scenario, "holder"), 60, "holder to run")
+    container = holder["status"]["containerStatuses"][0]["containerID"].removeprefix("containerd://")
+    plugin_log = on_node.processes["migdeviceplugin"].log
+    logged_before = len(plugin_log.read_text())
+    one_node.real_pod(scenario, "small-0", {"1g.5gb": 3}, annotations=recarve.NO_BORROW)
+    wait_until(lambda: scenario.events("small-0", "FailedScheduling"), 30, "small-0 to find no node")
+    time.sleep(8)  # unmet demand after 2 s, then rounds of the re-carver: none may touch the node
+    obj = recarve.node(scenario, NODE)
+    assert not recarve.record(obj)
+    assert obj["metadata"]["labels"][MIG_CONFIG_LABEL] == "all-balanced"
+    assert not obj["spec"].get("taints")
+    assert not mig_manager.applied_to(NODE)
+    assert "registered" not in plugin_log.read_text()[logged_before:]
+    assert kubelet_slices(scenario.cluster) == recarve.BALANCED
+    assert container in on_node.running_tasks()
+    # The pending pod goes before the holder: an idle node with demand left would be re-carved meanwhile.
+    scenario.api.delete(path("api", "v1", "namespaces", scenario.namespace, "pods", "small-0"))
+    wait_until(lambda: "small-0" not in [pod["metadata"]["name"] for pod in scenario.pods()], 30, "small-0 gone")
+
+
 def test_an_idle_real_node_is_recarved_through_its_device_plugin_and_a_pending_pod_runs_on_a_new_device(
     scenario: Scenario, on_node: RealNode, mig_manager: MigManager
 ):
