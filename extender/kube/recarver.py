@@ -199,7 +199,7 @@ class Recarver:
             return
         # A draining node whose last holders are worth evicting is planned as if idle: they are evicted only when
         # its re-carve would start now, which it does once they are gone (the node idle, a later round).
-        ending = {node.name for node in candidates if finish_drain(node)}
+        ending = {node.name for node in candidates if self.policy.drain and finish_drain(node)}
         emptied = [replace(n, idle=True, held={}, drain_cost=0.0) if n.name in ending else n for n in candidates]
         taken = set()
         for plan in plan_recarves(emptied, unmet, now, self.policy, spare=spare):
