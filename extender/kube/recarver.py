@@ -460,6 +460,7 @@ class Recarver:
             f"gone: {plan.reason}",
             about="Node",
         )
+        failpoint("recarve-after-drain")
 
     def _undrain(self, name: str, node: NodeState | None) -> None:
         """A drain no longer worth it (the demand went away, or another node serves it): the taint goes, the record
@@ -522,6 +523,7 @@ class Recarver:
                 continue
             evicted.append(who)
             self.metrics.drain_evictions.inc()
+            failpoint("recarve-after-evict")
         if evicted:
             message = (
                 f"evicted {len(evicted)} pod(s) to re-carve the node: {', '.join(evicted)}; its free slices had sat "

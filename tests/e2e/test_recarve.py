@@ -401,3 +401,29 @@ def test_without_drain_no_busy_node_is_cordoned_nor_any_pod_evicted(scenario: Sc
     assert not scenario.pod(pod)["spec"].get("nodeName")
     assert cluster.returner_metric("migchain_recarve_drain_evictions_total") == evictions
     assert not mig_manager.applied_to(busy)
+
+
+@pytest.mark.parametrize("step", ["recarve-after-drain", "recarve-after-evict"])
+def test_a_returner_killed_mid_drain_is_followed_by_one_that_finishes_it_with_no_pod_lost(
+    scenario: Scenario, mig_manager: MigManager, step: str
+):
+    cluster = scenario.cluster
+    [returner] = cluster.returners
+    drain = [*RECARVE_ARGS, "--recarve-drain"]
+    try:
+        busy, before = holders_on_a_busy_node(scenario)
+        restart_returner(cluster, drain, env={**os.environ, "MIGCHAIN_FAILPOINTS": step})
+        [pod] = small_pods(scenario, 1)
+        wait_until(lambda: not returner.alive(), 60, f"the returner to die at {step}")
+        died = node(scenario, busy)
+        assert record(died)["step"] == "draining" and recarving_taints(died)
+        restart_returner(cluster, drain)
+        assert scenario.wait_bound(pod, timeout=120) == busy
+        obj = wait_until(lambda: done(node(scenario, busy)), 60, "the record to say done")
+        after = wait_until(lambda: running_holders(scenario, busy, 2), 60, "the holders to run again")
+    finally:
+        restart_returner(cluster, RECARVE_ARGS)
+    assert not set(after.values()) & set(before.values())
+    carved = record(obj)
+    assert len(carved["history"]) == 1 and not recarving_taints(obj)
+    assert [(item.config, item.outcome) for item in mig_manager.applied_to(busy)] == [(carved["config"], "success")]
