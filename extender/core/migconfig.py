@@ -258,9 +258,14 @@ def recarve_notes(request: PodRequest, nodes: Iterable[tuple[NodeState, RecarveR
     notes = []
     for node, record in sorted(nodes, key=lambda item: item[0].name):
         untainted = replace(node, taints=tuple(taint for taint in node.taints if taint.key != RECARVING_TAINT))
-        if not record.in_flight or not asked & set(record.layout) or not request.may_run_on(untainted):
+        if not (record.in_flight or record.draining) or not asked & set(record.layout):
             continue
-        doing = "planned" if record.step == PLANNED else "waiting for the MIG Manager and the device plugin"
+        if not request.may_run_on(untainted):
+            continue
+        doing = {
+            PLANNED: "planned",
+            DRAINING: "draining: cordoned until its pods are gone, or evicted once waiting wastes more",
+        }.get(record.step, "waiting for the MIG Manager and the device plugin")
         served = ", ".join(f"{count}x {short_name(resource)}" for resource, count in sorted(record.serves.items()))
         notes.append(
             f"it waits for a re-carve: node {node.name} is being re-carved as {record.config} ({doing}), for "

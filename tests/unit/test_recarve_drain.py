@@ -15,9 +15,11 @@ from extender.core.migconfig import RECARVING_TAINT, RECORD_ANNOTATION, RecarveR
 from extender.core.recarve import RecarvePolicy, drain_cost, drain_waste, free_compute
 from extender.kube.events import EventRecorder
 from extender.kube.executor import EvictionBlocked
+from extender.kube.explain import render
 from extender.kube.recarver import Recarver
+from extender.kube.snapshot import read_cluster
 from extender.metrics import ReturnerMetrics
-from tests.unit.objects import A100, G1, G2, G3, node, pod
+from tests.unit.objects import A100, G1, G2, G3, RULES, node, pod
 from tests.unit.test_recarver import (
     BALANCED,
     CONFIG_MAP,
@@ -279,3 +281,10 @@ def test_the_waste_a_drain_reads_is_never_more_than_what_was_left_unused(changes
                 waste, waste_at, seen = waste_now, now, current
         if reads is moments and growing:
             assert abs(drain_waste(waste, waste_at, seen, free_at(end), end) - truly(end)) < 1e-6
+
+
+def test_explain_says_a_pending_pod_waits_for_a_node_draining_for_it():
+    api = fleet(holder("h1"), holder("h2"))
+    round_of(drainer(api, Evictions(api)), api)
+    text = render(read_cluster(api), RULES, "ml", "p1", nodes=None, output="text")  # type: ignore[arg-type]
+    assert f"it waits for a re-carve: node busy is being re-carved as {api.record('busy')['config']} (draining" in text
