@@ -90,6 +90,9 @@ QUIET_SECONDS = 5.0
 # The cache shows our own patch of a node within milliseconds; a label that differs from the record longer than
 # this was changed by someone else.
 LABEL_SEEN_SECONDS = 30.0
+# A drain evicts a holder only when its controller recreates it. Not a Job's (the Job counts the eviction as a
+# failure of the pod) nor a static pod's mirror (owned by its Node: the kubelet, not the API, runs it).
+UNEVICTABLE_OWNERS = ("Job", "Node")
 # An Event on a refused opted-in node at most this often per node and reason.
 REFUSALS_TOLD_PER_ROUND = 20
 
@@ -502,8 +505,12 @@ class Recarver:
             if not holds:
                 continue
             controller = controller_of(metadata)
-            if controller is None or controller.get("kind") == "Job":
-                why = "it has no controller to recreate it" if controller is None else "it is a Job's"
+            if controller is None or controller.get("kind") in UNEVICTABLE_OWNERS:
+                why = (
+                    "it has no controller to recreate it"
+                    if controller is None
+                    else f"its owner is a {controller.get('kind')}"
+                )
                 self._drain_waits(name, f"pod {metadata.get('namespace')}/{metadata.get('name')}: {why}")
                 return
             holders.append(pod)
