@@ -427,3 +427,33 @@ def test_a_returner_killed_mid_drain_is_followed_by_one_that_finishes_it_with_no
     carved = record(obj)
     assert len(carved["history"]) == 1 and not recarving_taints(obj)
     assert [(item.config, item.outcome) for item in mig_manager.applied_to(busy)] == [(carved["config"], "success")]
+
+
+def test_with_drain_a_disruption_budget_that_allows_none_is_waited_for_never_forced(
+    scenario: Scenario, mig_manager: MigManager
+):
+    cluster = scenario.cluster
+    budgets = path("apis", "policy", "v1", "namespaces", scenario.namespace, "poddisruptionbudgets")
+    restart_returner(cluster, [*RECARVE_ARGS, "--recarve-drain"])
+    try:
+        busy, before = holders_on_a_busy_node(scenario)
+        budget = {"minAvailable": 2, "selector": {"matchLabels": {"app": "holders"}}}
+        scenario.api.create(
+            budgets,
+            {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": "holders"}, "spec": budget},
+        )
+        evictions = cluster.returner_metric("migchain_recarve_drain_evictions_total")
+        [pod] = small_pods(scenario, 1)
+        waits = wait_until(lambda: node_events(scenario, busy, "DrainWaits"), 60, "the drain to wait for the budget")
+        time.sleep(4)  # two rounds more: asked again, refused again
+        assert all("PodDisruptionBudget" in message for message in waits)
+        assert running_holders(scenario, busy, 2) == before
+        assert cluster.returner_metric("migchain_recarve_drain_evictions_total") == evictions
+        assert record(node(scenario, busy))["step"] == "draining" and not scenario.pod(pod)["spec"].get("nodeName")
+        scenario.api.delete(f"{budgets}/holders")  # the budget goes: the next round evicts
+        assert scenario.wait_bound(pod, timeout=120) == busy
+        after = wait_until(lambda: running_holders(scenario, busy, 2), 60, "the holders to run again")
+        evicted = cluster.returner_metric("migchain_recarve_drain_evictions_total") - evictions
+    finally:
+        restart_returner(cluster, RECARVE_ARGS)
+    assert not set(after.values()) & set(before.values()) and evicted == 2
