@@ -206,8 +206,14 @@ class ReturnerMetrics:
             "Re-carves of idle nodes (every GPU to a new MIG layout, through the GPU Operator's MIG Manager), by "
             "outcome: applied (the node's allocatable shows the new layout), failed (the MIG Manager refused; the "
             "label put back), abandoned (a pod took a slice first, or the label or node changed under it: nothing "
-            "changed), timed-out (not applied after the timeout; still followed), dry-run (planned and announced).",
+            "changed), timed-out (not applied after the timeout; still followed), dry-run (planned and announced), "
+            "drain-abandoned (a busy node cordoned to drain for a re-carve, uncordoned: no longer worth it).",
             ["outcome"],
+            registry=self.registry,
+        )
+        self.drain_evictions = Counter(
+            "migchain_recarve_drain_evictions",
+            "Pods evicted (Eviction API) from a node drained for a re-carve: the restarts drain to re-carve costs.",
             registry=self.registry,
         )
         self.recarve_seconds = Histogram(

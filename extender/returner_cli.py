@@ -96,6 +96,13 @@ def parser() -> argparse.ArgumentParser:
         help="plan re-carves as usual, log, count and announce them (WouldRecarve events on the Node), write nothing",
     )
     recarve.add_argument(
+        "--recarve-drain",
+        action="store_true",
+        help="when no idle node serves sustained unmet demand, cordon a busy opted-in node so that it drains, and "
+        "evict its last holders (Eviction API, PodDisruptionBudgets respected) once waiting wastes more than "
+        "evicting loses; off by default",
+    )
+    recarve.add_argument(
         "--recarve-config-map",
         default="gpu-operator/custom-mig-config",
         metavar="NAMESPACE/NAME",
@@ -197,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics.watch_leadership(election.leading)
     threading.Thread(target=election.run, args=(stop,), name="lease", daemon=True).start()
     events = EventRecorder(api, args.identity, metrics.errors)
+    executor = Executor(api, args.namespace, loan_key)
     recarver = None
     if args.recarve or args.recarve_dry_run:
         policy = RecarvePolicy(
@@ -204,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cooldown_seconds=args.recarve_cooldown_seconds,
             max_per_hour=args.recarve_max_per_hour,
             max_in_flight=args.recarve_max_in_flight,
+            drain=args.recarve_drain,
         )
         recarver = Recarver(
             api,
@@ -215,11 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             foreign=(*FOREIGN_LABELS, *(args.recarve_foreign_label or ())),
             settle_seconds=args.recarve_settle_seconds,
             quiet_seconds=args.recarve_quiet_seconds,
+            evict=executor.evict,
         )
     returner = Returner(
         cache,
         rules_in_force,
-        Executor(api, args.namespace, loan_key),
+        executor,
         events,
         election,
         metrics=metrics,

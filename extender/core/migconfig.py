@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -43,10 +44,11 @@ FOREIGN_LABELS: tuple[str, ...] = (
     "nvidia.com/gpu.deploy.device-plugin=false",
 )
 
-# The steps of a re-carve, in order, as recorded on the Node. Planned: decided, nothing written yet.
-# Labelled: the config is in the ConfigMap and the node's label names it. Done and failed end it.
-PLANNED, LABELLED, DONE, FAILED, ABANDONED = "planned", "labelled", "done", "failed", "abandoned"
-STEPS = (PLANNED, LABELLED, DONE, FAILED, ABANDONED)
+# The steps of a re-carve, in order, as recorded on the Node. Draining (drain to re-carve only): the busy node is
+# cordoned (RECARVING_TAINT) so that it empties. Planned: decided, nothing written yet. Labelled: the config is in
+# the ConfigMap and the node's label names it. Done and failed end it; abandoned ends it, or a drain, unchanged.
+DRAINING, PLANNED, LABELLED, DONE, FAILED, ABANDONED = "draining", "planned", "labelled", "done", "failed", "abandoned"
+STEPS = (DRAINING, PLANNED, LABELLED, DONE, FAILED, ABANDONED)
 # A node's re-carves remembered (for the cool-down and the hourly limit) at most this far back.
 HISTORY_SECONDS = 24 * 3600.0
 HISTORY_KEPT = 32
@@ -103,10 +105,20 @@ class RecarveRecord:
     labelled: float = 0.0  # when the label was set: time to capacity counts from here
     history: tuple[float, ...] = ()  # when earlier re-carves of the node started, oldest first
     reason: str = ""  # one line: why planned, or why it ended as it did
+    # While draining (core/recarve.py drain_waste): when the node was cordoned, and the compute-slice-seconds its
+    # free slices had left unused by `waste_at`, when `unused` compute slices were free.
+    drained: float = 0.0
+    waste: float = 0.0
+    waste_at: float = 0.0
+    unused: int = 0
 
     @property
     def in_flight(self) -> bool:
         return self.step in (PLANNED, LABELLED)
+
+    @property
+    def draining(self) -> bool:
+        return self.step == DRAINING
 
     def text(self) -> str:
         return json.dumps(
@@ -120,6 +132,11 @@ class RecarveRecord:
                 "labelled": self.labelled,
                 "history": list(self.history),
                 "reason": self.reason,
+                **(
+                    {"drained": self.drained, "waste": self.waste, "waste_at": self.waste_at, "unused": self.unused}
+                    if self.draining
+                    else {}
+                ),
             },
             separators=(",", ":"),
             sort_keys=True,
@@ -148,6 +165,10 @@ def read_record(text: Any) -> RecarveRecord | str:
             labelled=float(data.get("labelled") or 0.0),
             history=tuple(float(moment) for moment in data.get("history") or ())[-HISTORY_KEPT:],
             reason=str(data.get("reason", ""))[:300],
+            drained=_finite(data.get("drained") or 0.0),
+            waste=max(0.0, _finite(data.get("waste") or 0.0)),
+            waste_at=_finite(data.get("waste_at") or 0.0),
+            unused=_count(data.get("unused") or 0, 10_000),
         )
     except (ValueError, TypeError, AttributeError, RecursionError, OverflowError) as error:
         return f"unreadable ({type(error).__name__})"
@@ -158,6 +179,20 @@ def _label_value(value: Any) -> str:
         return ""
     if not isinstance(value, str) or not _LABEL_VALUE.match(value):
         raise ValueError("not a label value")
+    return value
+
+
+def _finite(value: Any) -> float:
+    """A number of the record that drains read: a NaN or an infinity would evict at once, or never."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError("not a finite number")
+    return number
+
+
+def _count(value: Any, most: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= most:
+        raise ValueError("not a count")
     return value
 
 
@@ -223,9 +258,14 @@ def recarve_notes(request: PodRequest, nodes: Iterable[tuple[NodeState, RecarveR
     notes = []
     for node, record in sorted(nodes, key=lambda item: item[0].name):
         untainted = replace(node, taints=tuple(taint for taint in node.taints if taint.key != RECARVING_TAINT))
-        if not record.in_flight or not asked & set(record.layout) or not request.may_run_on(untainted):
+        if not (record.in_flight or record.draining) or not asked & set(record.layout):
             continue
-        doing = "planned" if record.step == PLANNED else "waiting for the MIG Manager and the device plugin"
+        if not request.may_run_on(untainted):
+            continue
+        doing = {
+            PLANNED: "planned",
+            DRAINING: "draining: cordoned until its pods are gone, or evicted once waiting wastes more",
+        }.get(record.step, "waiting for the MIG Manager and the device plugin")
         served = ", ".join(f"{count}x {short_name(resource)}" for resource, count in sorted(record.serves.items()))
         notes.append(
             f"it waits for a re-carve: node {node.name} is being re-carved as {record.config} ({doing}), for "

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from extender.core.cluster import MigCounts, NodeState, ObjectError, PodRequest, Snapshot, quantity
 from extender.core.decide import filter_nodes
-from extender.core.geometry import MODELS, GpuModel, fits_gpu, maximal_layouts, profiles_of
+from extender.core.geometry import MODELS, GpuModel, compute_of, fits_gpu, maximal_layouts, profiles_of
 from extender.core.mig import MIG_RESOURCE_PREFIX, is_mig_resource, parse_mig_resource, short_name
 from extender.core.rules import MAX_HEADROOM_SECONDS, ChainRules
 
@@ -333,6 +333,28 @@ def finish_drain(node: CarvableNode) -> bool:
     least the work evicting them loses. A ski-rental rule: waiting and evicting each cost at most twice the best
     choice in hindsight, and the long tail of a drain (one pod that runs for hours) is cut short."""
     return node.draining and not node.idle and node.drain_waste >= node.drain_cost
+
+
+def free_compute(node: NodeState) -> int:
+    """Compute slices of the node's MIG slices that no pod holds now: what a drain leaves unused while it waits."""
+    return sum(
+        _compute(resource) * max(0, count - node.used.get(resource, 0))
+        for resource, count in node.allocatable.items()
+        if is_mig_resource(resource)
+    )
+
+
+def drain_waste(waste: float, waste_at: float, unused_then: int, unused_now: int, now: float) -> float:
+    """Compute-slice-seconds a drain has left unused by `now`, from `waste` counted by `waste_at` when
+    `unused_then` compute slices were free. Between two readings the fewer of the two counts: a slice freed
+    meanwhile counts from the reading that sees it, so the waste is never overstated (an eviction never comes
+    early), and the live re-carver writes a new reading whenever the count changes (within a round of exact)."""
+    return waste + min(unused_then, unused_now) * max(0.0, now - waste_at)
+
+
+def drain_cost(holders: Iterable[tuple[MigCounts, float]], now: float) -> float:
+    """Compute-slice-seconds of work evicting `holders` (each its slices and when it started) loses at `now`."""
+    return sum(compute_of(slices) * max(0.0, now - started) for slices, started in holders)
 
 
 def _wanted(unmet: Mapping[str, int], waiting: Mapping[str, int] | None) -> dict[str, int]:

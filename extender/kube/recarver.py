@@ -8,11 +8,14 @@ followed by one that finishes it: planned (nothing else written), labelled (the
 config is in the ConfigMap and the label names it), then done when the node's
 allocatable shows the new layout, or failed (the label put back) when the MIG
 Manager refuses. Only whole idle nodes are ever re-carved: migchain cannot see
-which GPU of a node a slice is on.
+which GPU of a node a slice is on. With drain to re-carve (`RecarvePolicy.drain`,
+--recarve-drain) a busy node is first cordoned (draining, `plan_drains`) until
+it empties, its last holders evicted once `finish_drain` says waiting costs more.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,12 +24,21 @@ from typing import Any
 
 import yaml
 
-from extender.core.cluster import MIG_CONFIG_STATE_LABEL, NodeState, ObjectError, PodRecord, Snapshot, pod_mig_requests
+from extender.core.cluster import (
+    MIG_CONFIG_STATE_LABEL,
+    NodeState,
+    ObjectError,
+    PodRecord,
+    Snapshot,
+    controller_of,
+    pod_mig_requests,
+)
 from extender.core.mig import short_name
 from extender.core.migconfig import (
     ABANDONED,
     CONFIG_KEY,
     DONE,
+    DRAINING,
     FAILED,
     FOREIGN_LABELS,
     LABELLED,
@@ -49,7 +61,12 @@ from extender.core.recarve import (
     Recarve,
     RecarvePolicy,
     carvable_node,
+    drain_cost,
+    drain_waste,
+    finish_drain,
+    free_compute,
     gpus_of,
+    plan_drains,
     plan_recarves,
     spare_slices,
     unmet_demand,
@@ -58,7 +75,7 @@ from extender.core.returns import borrowers_of, pending_requests, waiting_times
 from extender.core.rules import ChainRules
 from extender.kube.api import ApiError, KubeApi, path
 from extender.kube.events import EventRecorder
-from extender.kube.executor import failpoint
+from extender.kube.executor import EvictionBlocked, failpoint
 from extender.kube.once import Once
 from extender.metrics import ReturnerMetrics
 
@@ -73,6 +90,9 @@ QUIET_SECONDS = 5.0
 # The cache shows our own patch of a node within milliseconds; a label that differs from the record longer than
 # this was changed by someone else.
 LABEL_SEEN_SECONDS = 30.0
+# A drain evicts a holder only when its controller recreates it. Not a Job's (the Job counts the eviction as a
+# failure of the pod) nor a static pod's mirror (owned by its Node: the kubelet, not the API, runs it).
+UNEVICTABLE_OWNERS = ("Job", "Node")
 # An Event on a refused opted-in node at most this often per node and reason.
 REFUSALS_TOLD_PER_ROUND = 20
 
@@ -118,6 +138,7 @@ class Recarver:
         quiet_seconds: float = QUIET_SECONDS,
         timeout_seconds: float = TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.time,
+        evict: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> None:
         self.api = api
         self.events = events
@@ -130,6 +151,9 @@ class Recarver:
         self.quiet_seconds = quiet_seconds  # after the taint, before the node's pods are read again
         self.timeout_seconds = timeout_seconds
         self.clock = clock
+        # Evicts one pod through the Eviction API (Executor.evict: PodDisruptionBudgets hold, EvictionBlocked on
+        # 429); drains evict nothing without it.
+        self.evict = evict
         self._records: dict[str, RecarveRecord] | None = None  # node -> its record; None: read them afresh
         self._stale = False  # a write whose outcome is unknown: read the records afresh next round
         self._announced = Once[str]()  # dry run: (node, config) already announced
@@ -137,6 +161,7 @@ class Recarver:
         self._timed_out = Once[str]()  # (node, start) already reported late
         self._told = 0  # refusals reported this round
         self._settles: dict[str, float] = {}  # config -> when it may be named by a label (just written)
+        self._waits = Once[str]()  # (node, why) a drain waits rather than evicts, already reported
 
     def new_term(self) -> None:
         """A new term of leadership: the records are read afresh from the Nodes before anything is done."""
@@ -165,27 +190,50 @@ class Recarver:
             for resource, count in record.serves.items():
                 unmet[resource] = unmet.get(resource, 0) - count
         unmet = {resource: count for resource, count in unmet.items() if count > 0}
-        if not unmet:
+        draining = {name for name, record in self._records.items() if record.draining}
+        if not unmet and not draining:
             return
-        candidates = self._candidates(snapshot, now)
+        candidates = self._candidates(snapshot, records, now)
         lent = [borrower.loan.borrowed for borrower in borrowers_of(records, rules)]
         spare = spare_slices(snapshot, pending, lent, self.policy)
-        for plan in plan_recarves(candidates, unmet, now, self.policy, spare=spare):
+        if self.dry_run:
+            for plan in plan_recarves(candidates, unmet, now, self.policy, spare=spare):
+                self._announce(plan)
+            return
+        # A draining node whose last holders are worth evicting is planned as if idle: they are evicted only when
+        # its re-carve would start now, which it does once they are gone (the node idle, a later round).
+        ending = {node.name for node in candidates if self.policy.drain and finish_drain(node)}
+        emptied = [replace(n, idle=True, held={}, drain_cost=0.0) if n.name in ending else n for n in candidates]
+        taken = set()
+        for plan in plan_recarves(emptied, unmet, now, self.policy, spare=spare):
             if not leading():
                 return
-            if self.dry_run:
-                self._announce(plan)
+            if plan.node in ending:
+                self._evict_holders(plan.node, next(n for n in candidates if n.name == plan.node))
             else:
                 self._start(plan, snapshot.nodes[plan.node], now)
+            taken.add(plan.node)
+            for resource, count in plan.serves.items():
+                unmet[resource] = unmet.get(resource, 0) - count
+        unmet = {resource: count for resource, count in unmet.items() if count > 0}
+        rest = [replace(node, in_flight=node.in_flight or node.name in taken) for node in candidates]
+        drains = {drain.node: drain for drain in plan_drains(rest, unmet, now, self.policy, spare=spare)}
+        for name in sorted(draining - set(drains) - taken):
+            if leading():
+                self._undrain(name, snapshot.nodes.get(name))
+        for name, drain in sorted(drains.items()):
+            if leading() and name in snapshot.nodes:
+                self._drain(drain, snapshot.nodes[name], now)
 
     # -- planning ---------------------------------------------------------------
 
-    def _candidates(self, snapshot: Snapshot, now: float) -> list[CarvableNode]:
-        """Every opted-in node the planner may look at: idle or busy (a busy one is never planned), refused ones
-        left out with one Event each."""
+    def _candidates(self, snapshot: Snapshot, records: Sequence[PodRecord], now: float) -> list[CarvableNode]:
+        """Every opted-in node the planner may look at: idle or busy (a busy one is never planned, only drained),
+        refused ones left out with one Event each."""
         assert self._records is not None
         candidates = []
         self._told = 0
+        started = _started_by_node(records)
         for node in snapshot.nodes.values():
             if node.labels.get(OPT_IN_LABEL) != "true":
                 continue
@@ -202,6 +250,16 @@ class Recarver:
             if carvable is None:
                 self._refused(node.name, "its MIG slices do not split evenly over its GPUs: its layout is unknown")
                 continue
+            held = {resource: count for resource, count in node.used.items() if count}
+            carvable = replace(carvable, held=held)
+            if record is not None and record.draining:
+                unused = free_compute(node)
+                carvable = replace(
+                    carvable,
+                    draining=True,
+                    drain_waste=drain_waste(record.waste, record.waste_at, record.unused, unused, now),
+                    drain_cost=drain_cost(started.get(node.name, ()), now),
+                )
             candidates.append(carvable)
         # A re-carve under way on a node no longer opted in (or gone from the cache) still counts against the limit.
         listed = {candidate.name for candidate in candidates}
@@ -366,6 +424,127 @@ class Recarver:
                 about="Node",
             )
 
+    # -- drain to re-carve -----------------------------------------------------
+
+    def _drain(self, plan: Recarve, node: NodeState, now: float) -> None:
+        """Cordon a busy node for a re-carve (record and taint in one patch), or, draining already, write a new
+        reading of its unused slices when their count changed (the waste `finish_drain` weighs)."""
+        assert self._records is not None
+        earlier = self._records.get(plan.node)
+        unused = free_compute(node)
+        if earlier is not None and earlier.draining:
+            if unused == earlier.unused:
+                return
+            waste = drain_waste(earlier.waste, earlier.waste_at, earlier.unused, unused, now)
+            self._write(plan.node, replace(earlier, waste=waste, waste_at=now, unused=unused), taint=True)
+            return
+        record = RecarveRecord(
+            step=DRAINING,
+            config=config_name(plan.layout),
+            layout=dict(plan.layout),
+            previous=node.labels.get(MIG_CONFIG_LABEL, ""),
+            serves=dict(plan.serves),
+            started=now,
+            history=recent(earlier.history, now) if earlier else (),
+            reason=plan.reason,
+            drained=now,
+            waste_at=now,
+            unused=unused,
+        )
+        if not self._write(plan.node, record, taint=True):
+            return
+        log.info(
+            "draining %s to re-carve it as %s: %s", plan.node, record.config, plan.reason, extra={"node": plan.node}
+        )
+        self.events.record(
+            node_reference(plan.node),
+            "Draining",
+            f"cordoned ({RECARVING_TAINT}:NoSchedule) to re-carve every GPU as {record.config} once its pods are "
+            f"gone: {plan.reason}",
+            about="Node",
+        )
+        failpoint("recarve-after-drain")
+
+    def _undrain(self, name: str, node: NodeState | None) -> None:
+        """A drain no longer worth it (the demand went away, or another node serves it): the taint goes, the record
+        says abandoned, the node as it was."""
+        assert self._records is not None
+        record = self._records[name]
+        ended = record.ended(ABANDONED, "drain given up: no sustained unmet demand left for its re-carve")
+        if node is not None and not self._write(name, ended, taint=False):
+            return
+        self._records[name] = ended
+        self.metrics.count_recarve("drain-abandoned")
+        log.info("node %s: %s", name, ended.reason, extra={"node": name})
+        if node is not None:
+            self.events.record(node_reference(name), "DrainAbandoned", ended.reason, about="Node")
+
+    def _evict_holders(self, name: str, node: CarvableNode) -> None:
+        """Evict the pods holding MIG slices on a draining node, read afresh, through the Eviction API: each one's
+        controller recreates it elsewhere or, once re-carved, here. Only when every one may be: a pod with no
+        controller (it would be lost) or a Job's (an eviction counts as its failure) is waited for instead, and
+        nothing is evicted. A PodDisruptionBudget that allows no disruption now (429) is waited for: tried again
+        next round, never forced."""
+        if self.evict is None:
+            return
+        try:
+            pods = self._pods_on(name)
+        except ApiError as error:
+            self.metrics.errors.count("recarver", "api")
+            log.warning("cannot list the pods on %s: %s; the drain waits", name, error)
+            return
+        holders = []
+        for pod in pods:
+            metadata = pod.get("metadata") or {}
+            if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed") or metadata.get("deletionTimestamp"):
+                continue
+            try:
+                holds = bool(pod_mig_requests(pod.get("spec") or {}))
+            except ObjectError:
+                holds = True
+            if not holds:
+                continue
+            controller = controller_of(metadata)
+            if controller is None or controller.get("kind") in UNEVICTABLE_OWNERS:
+                why = (
+                    "it has no controller to recreate it"
+                    if controller is None
+                    else f"its owner is a {controller.get('kind')}"
+                )
+                self._drain_waits(name, f"pod {metadata.get('namespace')}/{metadata.get('name')}: {why}")
+                return
+            holders.append(pod)
+        evicted, blocked = [], []
+        for pod in holders:
+            metadata = pod["metadata"]
+            who = f"{metadata.get('namespace')}/{metadata.get('name')}"
+            try:
+                self.evict(pod)
+            except EvictionBlocked as error:
+                blocked.append(who)
+                self._drain_waits(name, f"pod {who}: its PodDisruptionBudget allows no disruption now ({error})")
+                continue
+            except ApiError as error:
+                self.metrics.errors.count("recarver", "api")
+                log.warning("cannot evict %s to drain %s: %s; tried again next round", who, name, error)
+                continue
+            evicted.append(who)
+            self.metrics.drain_evictions.inc()
+            failpoint("recarve-after-evict")
+        if evicted:
+            message = (
+                f"evicted {len(evicted)} pod(s) to re-carve the node: {', '.join(evicted)}; its free slices had sat "
+                f"unused {node.drain_waste:.0f} compute-slice-seconds, at least the {node.drain_cost:.0f} their "
+                "eviction loses"
+            )
+            log.info("node %s: %s", name, message, extra={"node": name})
+            self.events.record(node_reference(name), "DrainEvicted", message, about="Node")
+
+    def _drain_waits(self, name: str, why: str) -> None:
+        if self._waits.first(f"{name}\0{why}"):
+            log.info("drain of %s waits: %s", name, why, extra={"node": name})
+            self.events.record(node_reference(name), "DrainWaits", f"not evicted: {why}", "Warning", about="Node")
+
     # -- writes ---------------------------------------------------------------
 
     def _write(self, name: str, record: RecarveRecord, labels: Mapping[str, str] | None = None, *, taint: bool) -> bool:
@@ -416,9 +595,8 @@ class Recarver:
 
     def _holders(self, name: str) -> str:
         """Pods holding a MIG slice on the node, read afresh from the API server (not the cache)."""
-        pods, _ = self.api.list_all("/api/v1/pods", fieldSelector=f"spec.nodeName={name}")
         holders = []
-        for pod in pods:
+        for pod in self._pods_on(name):
             if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
                 continue
             try:
@@ -428,6 +606,11 @@ class Recarver:
             if holds:
                 holders.append(f"{pod['metadata'].get('namespace')}/{pod['metadata'].get('name')}")
         return ", ".join(sorted(holders)[:5])
+
+    def _pods_on(self, name: str) -> list[dict[str, Any]]:
+        """The pods bound to the node, read afresh from the API server (not the cache)."""
+        pods, _ = self.api.list_all("/api/v1/pods", fieldSelector=f"spec.nodeName={name}")
+        return pods
 
     def _read_records(self) -> dict[str, RecarveRecord]:
         """Every opted-in node's record, from the API server; an unreadable one is reported and left alone."""
@@ -456,6 +639,21 @@ class Recarver:
                 )
             records[name] = record
         return records
+
+
+def _started_by_node(records: Sequence[PodRecord]) -> dict[str, list[tuple[Any, float]]]:
+    """Per node, each pod holding MIG slices there: its slices, and when it was created (the cache keeps no start
+    time; creation is earlier, so the work an eviction loses is never understated)."""
+    started: dict[str, list[tuple[Any, float]]] = {}
+    for record in records:
+        if not record.holds_slices:
+            continue
+        try:
+            created = datetime.datetime.fromisoformat(record.created).timestamp()
+        except ValueError:
+            created = 0.0  # unknown: counted as running since long ago, the costliest to evict
+        started.setdefault(record.node, []).append((record.request.mig, created))
+    return started
 
 
 def _layout_text(layout: Mapping[str, int]) -> str:

@@ -23,7 +23,7 @@ from extender.core.recarve import GPU_COUNT_LABEL
 from extender.kube.api import ApiError, path
 from tests.e2e.conftest import Cluster, Scenario
 from tests.e2e.controlplane import wait_until
-from tests.e2e.fleet import create_node
+from tests.e2e.fleet import create_node, replica_set
 from tests.e2e.migmanager import APPLIED_ANNOTATION, MANAGED_LABEL, MigManager, mig_config_document
 
 pytestmark = pytest.mark.e2e
@@ -317,3 +317,143 @@ def test_dry_run_announces_the_recarve_on_the_node_and_writes_nothing(scenario: 
     assert RECORD_ANNOTATION not in (obj["metadata"].get("annotations") or {})
     assert obj["metadata"]["labels"][MIG_CONFIG_LABEL] == "all-balanced" and not obj["spec"].get("taints")
     assert not applied
+
+
+def holders_on_a_busy_node(scenario: Scenario) -> tuple[str, dict[str, str]]:
+    """A fleet with no idle opted-in node: one balanced node, opted in, whose two 1g.5gb slices two pods of a
+    ReplicaSet hold; and one balanced node not opted in, whose free 2g.10gb and 3g.20gb make the busy node's spare
+    for the forecast (a drain starts only with twice what it takes spare). Returns the busy node and the holders
+    (name -> uid)."""
+    busy = balanced_node(scenario, f"gpu-{scenario.test}-busy")
+    create_node(scenario.api, f"gpu-{scenario.test}-other", A100, BALANCED, scenario.test)
+    holders = replica_set("holders", scenario.test, {"1g.5gb": 1}, 2)
+    holders["spec"]["template"]["spec"]["nodeSelector"]["kubernetes.io/hostname"] = busy
+    scenario.api.create(path("apis", "apps", "v1", "namespaces", scenario.namespace, "replicasets"), holders)
+    running = wait_until(lambda: running_holders(scenario, busy, 2), 60, "the holders to run on the busy node")
+    return busy, running
+
+
+def running_holders(scenario: Scenario, where: str, count: int) -> dict[str, str] | None:
+    """The ReplicaSet's pods (name -> uid) once `count` of them run on `where`, none leaving; None before."""
+    pods = [pod for pod in scenario.pods() if pod["metadata"].get("labels", {}).get("app") == "holders"]
+    running = {
+        pod["metadata"]["name"]: pod["metadata"]["uid"]
+        for pod in pods
+        if pod["spec"].get("nodeName") == where
+        and pod.get("status", {}).get("phase") == "Running"
+        and not pod["metadata"].get("deletionTimestamp")
+    }
+    return running if len(running) == count == len(pods) else None
+
+
+def recarving_taints(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    return [taint for taint in obj["spec"].get("taints") or [] if taint["key"] == RECARVING_TAINT]
+
+
+def test_with_drain_a_busy_node_is_cordoned_its_holders_evicted_and_it_is_recarved_and_used_with_no_pod_lost(
+    scenario: Scenario, mig_manager: MigManager
+):
+    cluster = scenario.cluster
+    restart_returner(cluster, [*RECARVE_ARGS, "--recarve-drain"])
+    try:
+        busy, before = holders_on_a_busy_node(scenario)
+        evictions = cluster.returner_metric("migchain_recarve_drain_evictions_total")
+        started = time.monotonic()
+        [pod] = small_pods(scenario, 1)  # three 1g.5gb: fits no GPU of the fleet, not by borrowing either
+        draining = wait_until(
+            lambda: record(node(scenario, busy)).get("step") == "draining" or None, 60, "the busy node to drain"
+        )
+        assert draining
+        cordoned = node(scenario, busy)
+        assert recarving_taints(cordoned) and recarving_taints(cordoned)[0]["effect"] == "NoSchedule"
+        cordoned_after = time.monotonic() - started
+        assert scenario.wait_bound(pod, timeout=120) == busy
+        bound_after = time.monotonic() - started
+        obj = wait_until(lambda: done(node(scenario, busy)), 60, "the record to say done")
+        # No pod lost: the ReplicaSet's two pods run again, new ones (evicted, recreated), on the re-carved node.
+        after = wait_until(lambda: running_holders(scenario, busy, 2), 60, "the holders to run again")
+        evicted = cluster.returner_metric("migchain_recarve_drain_evictions_total") - evictions
+    finally:
+        restart_returner(cluster, RECARVE_ARGS)
+    assert not set(after.values()) & set(before.values())
+    assert evicted == 2
+    [told] = node_events(scenario, busy, "DrainEvicted")
+    assert all(name in told for name in before)
+    assert node_events(scenario, busy, "Draining")
+    carved = record(obj)
+    assert mig_allocatable(obj) == carved["layout"] and carved["layout"]["nvidia.com/mig-1g.5gb"] >= 5
+    assert obj["metadata"]["labels"][MIG_CONFIG_LABEL] == carved["config"]
+    assert [(item.config, item.outcome) for item in mig_manager.applied_to(busy)] == [(carved["config"], "success")]
+    assert len(carved["history"]) == 1 and not recarving_taints(obj)
+    print(f"drain: cordoned after {cordoned_after:.1f} s, pod bound after {bound_after:.1f} s, {evicted:.0f} evicted")
+
+
+def test_without_drain_no_busy_node_is_cordoned_nor_any_pod_evicted(scenario: Scenario, mig_manager: MigManager):
+    cluster = scenario.cluster
+    busy, before = holders_on_a_busy_node(scenario)
+    evictions = cluster.returner_metric("migchain_recarve_drain_evictions_total")
+    [pod] = small_pods(scenario, 1)
+    # The pod is unmet demand after 2 s; the re-carver runs a round every 2 s or sooner: five rounds or more.
+    time.sleep(12)
+    obj = node(scenario, busy)
+    assert not recarving_taints(obj) and RECORD_ANNOTATION not in (obj["metadata"].get("annotations") or {})
+    assert running_holders(scenario, busy, 2) == before
+    assert not scenario.pod(pod)["spec"].get("nodeName")
+    assert cluster.returner_metric("migchain_recarve_drain_evictions_total") == evictions
+    assert not mig_manager.applied_to(busy)
+
+
+@pytest.mark.parametrize("step", ["recarve-after-drain", "recarve-after-evict"])
+def test_a_returner_killed_mid_drain_is_followed_by_one_that_finishes_it_with_no_pod_lost(
+    scenario: Scenario, mig_manager: MigManager, step: str
+):
+    cluster = scenario.cluster
+    [returner] = cluster.returners
+    drain = [*RECARVE_ARGS, "--recarve-drain"]
+    try:
+        busy, before = holders_on_a_busy_node(scenario)
+        restart_returner(cluster, drain, env={**os.environ, "MIGCHAIN_FAILPOINTS": step})
+        [pod] = small_pods(scenario, 1)
+        wait_until(lambda: not returner.alive(), 60, f"the returner to die at {step}")
+        died = node(scenario, busy)
+        assert record(died)["step"] == "draining" and recarving_taints(died)
+        restart_returner(cluster, drain)
+        assert scenario.wait_bound(pod, timeout=120) == busy
+        obj = wait_until(lambda: done(node(scenario, busy)), 60, "the record to say done")
+        after = wait_until(lambda: running_holders(scenario, busy, 2), 60, "the holders to run again")
+    finally:
+        restart_returner(cluster, RECARVE_ARGS)
+    assert not set(after.values()) & set(before.values())
+    carved = record(obj)
+    assert len(carved["history"]) == 1 and not recarving_taints(obj)
+    assert [(item.config, item.outcome) for item in mig_manager.applied_to(busy)] == [(carved["config"], "success")]
+
+
+def test_with_drain_a_disruption_budget_that_allows_none_is_waited_for_never_forced(
+    scenario: Scenario, mig_manager: MigManager
+):
+    cluster = scenario.cluster
+    budgets = path("apis", "policy", "v1", "namespaces", scenario.namespace, "poddisruptionbudgets")
+    restart_returner(cluster, [*RECARVE_ARGS, "--recarve-drain"])
+    try:
+        busy, before = holders_on_a_busy_node(scenario)
+        budget = {"minAvailable": 2, "selector": {"matchLabels": {"app": "holders"}}}
+        scenario.api.create(
+            budgets,
+            {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": "holders"}, "spec": budget},
+        )
+        evictions = cluster.returner_metric("migchain_recarve_drain_evictions_total")
+        [pod] = small_pods(scenario, 1)
+        waits = wait_until(lambda: node_events(scenario, busy, "DrainWaits"), 60, "the drain to wait for the budget")
+        time.sleep(4)  # two rounds more: asked again, refused again
+        assert all("PodDisruptionBudget" in message for message in waits)
+        assert running_holders(scenario, busy, 2) == before
+        assert cluster.returner_metric("migchain_recarve_drain_evictions_total") == evictions
+        assert record(node(scenario, busy))["step"] == "draining" and not scenario.pod(pod)["spec"].get("nodeName")
+        scenario.api.delete(f"{budgets}/holders")  # the budget goes: the next round evicts
+        assert scenario.wait_bound(pod, timeout=120) == busy
+        after = wait_until(lambda: running_holders(scenario, busy, 2), 60, "the holders to run again")
+        evicted = cluster.returner_metric("migchain_recarve_drain_evictions_total") - evictions
+    finally:
+        restart_returner(cluster, RECARVE_ARGS)
+    assert not set(after.values()) & set(before.values()) and evicted == 2
