@@ -21,15 +21,13 @@ from typing import Any
 
 from extender.core.cluster import MIG_CONFIG_STATE_LABEL, NodeState, PodRequest, Snapshot
 from extender.core.mig import MIG_RESOURCE_PREFIX, is_mig_resource, short_name
-from extender.core.recarve import GPU_COUNT_LABEL, gpus_of
+from extender.core.recarve import GPU_COUNT_LABEL, gpus_of, without_recarve_taint
 
 MIG_CONFIG_LABEL = "nvidia.com/mig.config"  # the named config the MIG Manager applies to the node
 MIG_STRATEGY_LABEL = "nvidia.com/mig.strategy"
 MIG_MANAGER_DEPLOY_LABEL = "nvidia.com/gpu.deploy.mig-manager"  # "false": the GPU Operator runs no MIG Manager there
 OPT_IN_LABEL = "migchain.io/recarve"  # "true": the admin lets migchain re-carve this node when it is idle
 RECORD_ANNOTATION = "migchain.io/recarve-record"  # what migchain is doing (or did last) to the node
-# NoSchedule while a re-carve of the node is under way: no pod is placed on a node whose slices are about to go.
-RECARVING_TAINT = "migchain.io/recarving"
 CONFIG_KEY = "config.yaml"  # the key of the MIG Manager's ConfigMap that holds the configs
 CONFIG_PREFIX = "migchain-"  # the names of the configs migchain writes; it never edits another
 
@@ -257,10 +255,9 @@ def recarve_notes(request: PodRequest, nodes: Iterable[tuple[NodeState, RecarveR
     asked = {resource for resource, _ in request.mig}
     notes = []
     for node, record in sorted(nodes, key=lambda item: item[0].name):
-        untainted = replace(node, taints=tuple(taint for taint in node.taints if taint.key != RECARVING_TAINT))
         if not (record.in_flight or record.draining) or not asked & set(record.layout):
             continue
-        if not request.may_run_on(untainted):
+        if not request.may_run_on(without_recarve_taint(node)):
             continue
         doing = {
             PLANNED: "planned",

@@ -26,7 +26,7 @@ holders of one; the planner itself still plans only idle nodes.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from extender.core.cluster import MigCounts, NodeState, ObjectError, PodRequest, Snapshot, quantity
 from extender.core.decide import filter_nodes
@@ -37,6 +37,8 @@ from extender.core.rules import MAX_HEADROOM_SECONDS, ChainRules
 HOUR = 3600.0
 DRAIN_START_ROOM = 2  # a drain starts only when this many times what it takes of each type is spare
 GPU_COUNT_LABEL = "nvidia.com/gpu.count"  # set by GPU feature discovery
+# NoSchedule while a re-carve of the node is under way: no pod is placed on a node whose slices are about to go.
+RECARVING_TAINT = "migchain.io/recarving"
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,16 @@ def unmet_demand(
     rules: ChainRules,
     waited: Mapping[str, float],
     policy: RecarvePolicy,
+    *,
+    carvable: Sequence[NodeState] | None = None,
 ) -> dict[str, int]:
     """Slices per MIG resource asked for by `pending` pods that have waited `sustained_seconds` (by `waited`, keyed
-    by pod key) and fit no node they may run on, even by borrowing under `rules`: what only a re-carve can serve."""
+    by pod key) and fit no node they may run on, even by borrowing under `rules`: what only a re-carve can serve.
+
+    With `carvable` (the nodes that may be re-carved), only pods that may run on one of them count: a pod pinned
+    elsewhere would wait on, whatever a re-carve made. Their re-carve taint is the re-carver's own, set aside."""
     unmet: dict[str, int] = {}
+    reachable = None if carvable is None else [without_recarve_taint(node) for node in carvable]
     # Pods alike in request, placement rules and what borrowing policy reads of them (namespace, owner) fit alike.
     fits: dict[object, bool] = {}
     for pod in pending:
@@ -122,11 +130,17 @@ def unmet_demand(
         key = (pod.mig, pod.constraints, pod.no_borrow, pod.namespace, pod.owner)
         if key not in fits:
             names = [name for name, node in snapshot.nodes.items() if pod.may_run_on(node)]
-            fits[key] = bool(filter_nodes(pod, names, snapshot, rules).passed)
+            served = reachable is None or any(pod.may_run_on(node) for node in reachable)
+            fits[key] = not served or bool(filter_nodes(pod, names, snapshot, rules).passed)
         if not fits[key]:
             for resource, count in pod.mig:
                 unmet[resource] = unmet.get(resource, 0) + count
     return unmet
+
+
+def without_recarve_taint(node: NodeState) -> NodeState:
+    """`node` as the pods would see it once re-carved: without the taint that cordons it meanwhile."""
+    return replace(node, taints=tuple(taint for taint in node.taints if taint.key != RECARVING_TAINT))
 
 
 def spare_slices(

@@ -45,7 +45,6 @@ from extender.core.migconfig import (
     MIG_CONFIG_LABEL,
     OPT_IN_LABEL,
     PLANNED,
-    RECARVING_TAINT,
     RECORD_ANNOTATION,
     RecarveRecord,
     config_name,
@@ -57,6 +56,7 @@ from extender.core.migconfig import (
     with_config,
 )
 from extender.core.recarve import (
+    RECARVING_TAINT,
     CarvableNode,
     Recarve,
     RecarvePolicy,
@@ -185,7 +185,8 @@ class Recarver:
         in_flight = [record for record in self._records.values() if record.in_flight]
         waited = waiting_times(records, now)
         pending = pending_requests(records, schedulers)
-        unmet = unmet_demand(snapshot, pending, rules, waited, self.policy)
+        opted_in = [node for node in snapshot.nodes.values() if node.labels.get(OPT_IN_LABEL) == "true"]
+        unmet = unmet_demand(snapshot, pending, rules, waited, self.policy, carvable=opted_in)
         for record in in_flight:  # what a re-carve under way will serve is not asked of another node
             for resource, count in record.serves.items():
                 unmet[resource] = unmet.get(resource, 0) - count

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from extender.core.migconfig import MIG_CONFIG_LABEL, OPT_IN_LABEL, RECARVING_TAINT
-from extender.core.recarve import GPU_COUNT_LABEL
+from extender.core.migconfig import MIG_CONFIG_LABEL, OPT_IN_LABEL
+from extender.core.recarve import GPU_COUNT_LABEL, RECARVING_TAINT
 from extender.kube.api import path
 from tests.e2e import test_real_node as one_node
 from tests.e2e import test_recarve as recarve

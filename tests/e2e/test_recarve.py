@@ -13,13 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from extender.core.migconfig import (
-    MIG_CONFIG_LABEL,
-    OPT_IN_LABEL,
-    RECARVING_TAINT,
-    RECORD_ANNOTATION,
-)
-from extender.core.recarve import GPU_COUNT_LABEL
+from extender.core.migconfig import MIG_CONFIG_LABEL, OPT_IN_LABEL, RECORD_ANNOTATION
+from extender.core.recarve import GPU_COUNT_LABEL, RECARVING_TAINT
 from extender.kube.api import ApiError, path
 from tests.e2e.conftest import Cluster, Scenario
 from tests.e2e.controlplane import wait_until

@@ -11,11 +11,13 @@ from hypothesis import strategies as st
 
 from extender.config import load_rules
 from extender.core.cluster import Demand, NodeState, PodRequest, Snapshot
+from extender.core.constraints import NodeConstraints, Taint
 from extender.core.geometry import MODELS, fits_gpu, maximal_layouts, model_of, valid_layouts
 from extender.core.mig import MIG_RESOURCE_PREFIX, short_name
 from extender.core.recarve import (
     GPU_COUNT_LABEL,
     HOUR,
+    RECARVING_TAINT,
     CarvableNode,
     RecarvePolicy,
     carvable_node,
@@ -223,6 +225,22 @@ def test_unmet_demand_counts_only_sustained_pods_that_fit_nowhere_even_by_borrow
     system = PodRequest("kube-system", "s", "s", ((G1, 1),))
     waited["kube-system/s"] = 400.0
     assert unmet_demand(snapshot, [one_g, system], rules, waited, POLICY) == {G1: 1}
+
+
+def test_unmet_demand_counts_only_pods_that_may_run_on_a_node_it_may_re_carve():
+    rules = load_rules([ROOT / "chains" / "a100-40gb.yaml"])
+    pool = {"pool": "a"}
+    opted = NodeState("opted", A100, "success", {G1: 1}, {G1: 1}, labels={GPU_COUNT_LABEL: "1", **pool})
+    snapshot = Snapshot.of([opted])
+    anywhere = PodRequest("d", "a", "a", ((G1, 1),))
+    elsewhere = PodRequest("d", "b", "b", ((G1, 1),), constraints=NodeConstraints(selector=(("pool", "b"),)))
+    waited = {"d/a": 400.0, "d/b": 400.0}
+    # Pinned to a pool with no node migchain may re-carve: no re-carve of `opted` can serve it.
+    assert unmet_demand(snapshot, [anywhere, elsewhere], rules, waited, POLICY, carvable=[opted]) == {G1: 1}
+    # The re-carve taint of a node being drained or re-carved keeps nobody's demand from it: it is the re-carver's.
+    tainted = dataclasses.replace(opted, taints=(Taint(RECARVING_TAINT, "x", "NoSchedule"),))
+    assert unmet_demand(snapshot, [anywhere], rules, waited, POLICY, carvable=[tainted]) == {G1: 1}
+    assert unmet_demand(snapshot, [anywhere], rules, waited, POLICY, carvable=[]) == {}
 
 
 @given(fleets())

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from extender.core.cluster import NodeState
-from extender.core.migconfig import RECARVING_TAINT, RECORD_ANNOTATION, RecarveRecord, read_record
-from extender.core.recarve import RecarvePolicy, drain_cost, drain_waste, free_compute
+from extender.core.migconfig import RECORD_ANNOTATION, RecarveRecord, read_record
+from extender.core.recarve import RECARVING_TAINT, RecarvePolicy, drain_cost, drain_waste, free_compute
 from extender.kube.events import EventRecorder
 from extender.kube.executor import EvictionBlocked
 from extender.kube.explain import render

@@ -19,7 +19,6 @@ from extender.core.migconfig import (
     FOREIGN_LABELS,
     MIG_CONFIG_LABEL,
     OPT_IN_LABEL,
-    RECARVING_TAINT,
     RECORD_ANNOTATION,
     RecarveRecord,
     config_name,
@@ -28,7 +27,7 @@ from extender.core.migconfig import (
     refusal,
     with_config,
 )
-from extender.core.recarve import GPU_COUNT_LABEL, RecarvePolicy
+from extender.core.recarve import GPU_COUNT_LABEL, RECARVING_TAINT, RecarvePolicy
 from extender.kube.api import ApiError
 from extender.kube.events import EventRecorder
 from extender.kube.explain import render
@@ -380,7 +379,9 @@ def taints(api: ScriptedApi, name: str) -> list[str]:
 
 
 def test_the_node_is_tainted_first_its_pods_read_after_the_quiet_time_and_the_taint_goes_with_the_recarve():
-    api = ScriptedApi([carvable("a")], [waiting("p1")])
+    tolerant = waiting("p1")
+    tolerant["spec"]["tolerations"] = [{"key": "admins-own", "operator": "Exists"}]  # else it may not run there
+    api = ScriptedApi([carvable("a")], [tolerant])
     api.nodes["a"]["spec"] = {"taints": [{"key": "admins-own", "effect": "NoSchedule"}]}
     subject = recarver(api, quiet=5)
     round_of(subject, api)
