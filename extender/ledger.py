@@ -103,6 +103,7 @@ class Ledger:
         self._writing: dict[str, int] = {}  # UID -> how many binds (or recoveries) of it are writing right now
         self._holders: dict[str, set[str]] = {}  # node -> uids of pods holding slices there
         self._states: dict[str, NodeState] = {}  # nodes with `used` filled: what readers see
+        self._signatures: dict[str, str] = {}  # their NodeState.signature: Snapshot.signatures
         self._nominated: dict[str, tuple[str, PodRequest]] = {}  # pending pods nominated to a node, by uid
         # Per type, (free, allocatable) over the nodes that offer slices: Snapshot.fleet, kept as states change.
         self._fleet: dict[str, tuple[int, int]] = {}
@@ -116,6 +117,7 @@ class Ledger:
     def replace_nodes(self, nodes: Iterable[NodeState]) -> None:
         self._nodes = {node.name: node for node in nodes}
         self._states = {}
+        self._signatures = {}
         self._fleet = {}
         for name in self._nodes:
             self._refresh(name)
@@ -126,6 +128,7 @@ class Ledger:
 
     def remove_node(self, name: str) -> None:
         self._nodes.pop(name, None)
+        self._signatures.pop(name, None)
         self._count(self._states.pop(name, None), -1)
 
     # -- pods -----------------------------------------------------------------
@@ -146,6 +149,7 @@ class Ledger:
             for key in self._confirms(record):
                 del self._reserved[key]
         self._states = {}
+        self._signatures = {}
         self._fleet = {}
         for name in self._nodes:
             self._refresh(name)
@@ -262,6 +266,7 @@ class Ledger:
             dict(self.nominated()),
             Demand(now, dict(self._demand)),
             dict(self._fleet),
+            dict(self._signatures),
         )
 
     def has_demand(self) -> bool:
@@ -347,6 +352,7 @@ class Ledger:
     def _refresh(self, name: str) -> None:
         node = self._nodes.get(name)
         if node is None:
+            self._signatures.pop(name, None)
             self._count(self._states.pop(name, None), -1)
             return
         used: dict[str, int] = {}
@@ -359,7 +365,7 @@ class Ledger:
                 for resource, count in reservation.slices:
                     used[resource] = used.get(resource, 0) + count
         state = replace(node, used=used)
-        state.signature  # noqa: B018 - computed here, on the watch thread, not on a request's path
+        self._signatures[name] = state.signature  # computed here, on the watch thread, not on a request's path
         self._count(self._states.get(name), -1)
         self._count(state, +1)
         self._states[name] = state

@@ -246,6 +246,9 @@ class Snapshot:
     # Per type, (free, allocatable) slices over the nodes that offer them; None: summed from `nodes` when first
     # asked. The ledger keeps it as nodes change, so no request sums ten thousand nodes.
     fleet: Mapping[str, tuple[int, int]] | None = None
+    # Per node name, its NodeState.signature: how the filter files the names it is sent. The ledger keeps it as
+    # nodes change; None: worked out from `nodes` when first asked.
+    signatures: Mapping[str, str] | None = None
     # What has been worked out from this view (core/headroom.py): never copied into another view.
     memo: dict[Any, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
@@ -257,6 +260,22 @@ class Snapshot:
         if totals is None:
             totals = self.memo["fleet"] = fleet_slices(self.nodes.values())
         return totals
+
+    def node_signatures(self) -> Mapping[str, str]:
+        """Per node name, its NodeState.signature."""
+        if self.signatures is not None:
+            return self.signatures
+        signatures = self.memo.get("signatures")
+        if signatures is None:
+            signatures = self.memo["signatures"] = {name: node.signature for name, node in self.nodes.items()}
+        return signatures
+
+    def with_nodes(self, changed: Mapping[str, NodeState], **fields: Any) -> Snapshot:
+        """This view with the `changed` node states in place of theirs (and any other `fields` replaced)."""
+        signatures = self.signatures
+        if signatures is not None:
+            signatures = {**signatures, **{name: node.signature for name, node in changed.items()}}
+        return replace(self, nodes={**self.nodes, **changed}, signatures=signatures, **fields)
 
     @classmethod
     def of(cls, nodes: Iterable[NodeState]) -> Snapshot:
@@ -285,7 +304,7 @@ class Snapshot:
             fleet = dict(fleet)
             for resource, (free, allocatable) in fleet.items():
                 fleet[resource] = (free + freed.free.get(resource, 0) - state.free.get(resource, 0), allocatable)
-        return replace(self, nodes={**self.nodes, node: freed}, fleet=fleet)
+        return self.with_nodes({node: freed}, fleet=fleet)
 
 
 def fleet_slices(nodes: Iterable[NodeState]) -> dict[str, tuple[int, int]]:

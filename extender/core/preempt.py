@@ -129,10 +129,9 @@ def yield_to_nominated(
             ahead.setdefault(node, []).append(nominee)
     if not ahead:
         return snapshot
-    nodes = dict(snapshot.nodes)
-    for name, nominees in ahead.items():
-        nodes[name] = _after(nodes[name], nominees, rules)
-    return dataclasses.replace(snapshot, nodes=nodes)
+    return snapshot.with_nodes(
+        {name: _after(snapshot.nodes[name], nominees, rules) for name, nominees in ahead.items()}
+    )
 
 
 def node_after_nominated(

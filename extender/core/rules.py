@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from extender.core.mig import parse_mig_resource, short_name
 from extender.core.untrusted import excerpt
@@ -194,6 +195,8 @@ class ChainRules:
         self._memo: dict[tuple[str, str, str, OwnerKind | None], tuple[BorrowOption, ...]] = {}
         self._by_name = {chain.name: chain for chain in self.chains}
         self._keeping: dict[frozenset[tuple[str, str]], ChainRules] = {}
+        # core/decide.py's memo of outcomes under these rules, by what it reads of a pod and of a node.
+        self.outcomes: dict[Any, Any] = {}
         # Every owner kind some policy lets borrow: any other kind is UNLISTED_OWNER to the memo.
         self.owner_kinds: frozenset[OwnerKind] = SAFE_OWNER_KINDS.union(
             *(chain.policy.owner_kinds for chain in self.chains)

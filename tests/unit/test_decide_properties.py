@@ -19,6 +19,7 @@ from extender.core.decide import (
     score,
     score_nodes,
 )
+from extender.core.headroom import lending_rules
 from extender.core.rules import ChainRules
 from tests.strategies import chain_rules, nodes, pods, snapshots
 
@@ -231,3 +232,48 @@ class Cluster(RuleBasedStateMachine):
 
 
 TestCluster = Cluster.TestCase
+
+
+@given(
+    rules=chain_rules(),
+    first=snapshots(),
+    then=snapshots(),
+    earlier=st.lists(pods(), max_size=3),
+    pod=pods(),
+    keep=st.none() | st.integers(0, 6),
+)
+def test_decisions_remembered_under_the_rules_are_those_fresh_rules_make_on_another_view(
+    *, rules, first, then, earlier, pod, keep
+):
+    """Outcomes are remembered with the rules across requests, pods and views of the cluster, by what the
+    decision reads of the pod and of the node: a pod decided after others, on another view, gets what rules
+    that never decided anything give."""
+    names = [*then.nodes, "not-in-cache"]
+    for other in [*earlier, pod]:  # fill the memo
+        filter_nodes(other, [*first.nodes, *names], first, rules, keep)
+        score_nodes(other, list(first.nodes), first, rules)
+    fresh = ChainRules(rules.chains)
+    assert filter_nodes(pod, names, then, rules, keep) == filter_nodes(pod, names, then, fresh, keep)
+    assert score_nodes(pod, names, then, rules) == score_nodes(pod, names, then, ChainRules(rules.chains))
+
+
+@given(rules=chain_rules(), snapshot=snapshots(), pod=pods())
+def test_each_named_node_is_decided_as_place_decides_it_alone(rules, snapshot, pod):
+    """Filing names by signature changes no node's answer: each passes, fails or is unresolvable as place() says
+    of it alone, and scores as score() says."""
+    names = [*snapshot.nodes, "not-in-cache"]
+    decision = filter_nodes(pod, names, snapshot, rules)
+    scores = score_nodes(pod, names, snapshot, rules)
+    view = lending_rules(snapshot, rules) if pod.may_borrow else rules
+    verdicts = {name: place(pod, node, name, view) for name, node in snapshot.nodes.items()}
+    costs = [v.cost for v in verdicts.values() if isinstance(v, Placement)]
+    for name, verdict in verdicts.items():
+        assert scores[name] == score(verdict)
+        if isinstance(verdict, Rejection):
+            assert name in (decision.unresolvable if not verdict.resolvable else decision.failed)
+        elif verdict.cost == min(costs):
+            assert name in decision.passed
+        else:
+            assert name in decision.failed
+    assert len(decision.passed) == len(set(decision.passed))
+    assert scores["not-in-cache"] == 0

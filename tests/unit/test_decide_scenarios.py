@@ -150,3 +150,14 @@ def test_a_pod_without_mig_requests_fits_everywhere(a100_rules):
     assert isinstance(verdict, Placement)
     assert verdict.grants == ()
     assert score(verdict) == 10
+
+
+def test_a_decision_remembered_for_one_pod_is_not_given_to_a_pod_the_policy_reads_otherwise():
+    """The outcome memo is keyed by all a decision reads of a pod: kube-system may not borrow under the shipped
+    A100 chain, so its pod must not get the borrow remembered for a pod alike in another namespace."""
+    rules = load_rules([ROOT / "chains" / "a100-40gb.yaml"])
+    node = NodeState("n", "NVIDIA-A100-SXM4-40GB", "success", {"nvidia.com/mig-2g.10gb": 1})
+    snapshot = Snapshot.of([node])
+    for namespace, passes in (("team", ("n",)), ("kube-system", ()), ("team", ("n",))):
+        pod = PodRequest(namespace, "p", namespace, (("nvidia.com/mig-1g.5gb", 1),))
+        assert filter_nodes(pod, ["n"], snapshot, rules).passed == passes

@@ -137,6 +137,7 @@ class LedgerModel(RuleBasedStateMachine):
         snapshot = self.ledger.snapshot(NOW)
         kept = {t: totals for t, totals in (snapshot.fleet or {}).items() if totals != (0, 0)}
         assert kept == fleet_slices(snapshot.nodes.values())
+        assert snapshot.signatures == {name: node.signature for name, node in snapshot.nodes.items()}
         for seconds in (30, 90, 3600):
             expected: dict[str, int] = {}
             for pod in self.asked.values():
