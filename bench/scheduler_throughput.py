@@ -1,13 +1,17 @@
 """Pods scheduled per second by the real kube-scheduler at 1,000 fake GPU nodes: with migchain, and without it.
 
-(a) kube-scheduler configured by scheduler-config.yaml, migchain filtering,
-    prioritizing and binding; (b) the same configuration without the extender,
-    MIG counted by the scheduler itself as extended resources (exact fits only).
-The same burst of 1g.5gb pods is created while no scheduler runs; the rate is
-measured from the first bind to the last. Also prints migchain's own bind
-latency (its histogram) from run (a).
+Three configurations of kube-scheduler, each given the same burst of 1g.5gb
+pods, created while no scheduler runs; the rate is measured from the first
+bind to the last, and the pods are deleted before the next burst:
+  (a) scheduler-config.yaml as shipped: migchain filters and binds;
+  (p) the same with migchain's prioritize verb too (the setup before issue 22);
+  (b) no extender: MIG counted by the scheduler itself (exact fits only).
+Rounds run (a), (p), (b) in turn, so all three see the same machine; the best
+of the rounds and the spread are printed, with the CPU each component spent
+per pod (2 cores shared: where the time goes) and migchain's bind latency.
 
-Run: .venv/bin/python bench/scheduler_throughput.py [--nodes 1000] [--pods 1000]   (needs make control-plane)
+Run: .venv/bin/python bench/scheduler_throughput.py [--nodes 1000] [--pods 1000] [--rounds 3]
+(needs make control-plane)
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def cpu_seconds(process: Process) -> float:
 
 
 def burst(plane: ControlPlane, namespace: str, pods: int, config: Path) -> tuple[float, dict[str, float]]:
-    """Create `pods` pending pods, start kube-scheduler with `config`.
+    """Create `pods` pending pods, start kube-scheduler with `config`, wait for every bind, delete the pods.
 
     Returns pods bound per second and the CPU seconds each component spent from
     the scheduler's start until the last pod was bound (on 2 cores the
@@ -89,6 +93,9 @@ def burst(plane: ControlPlane, namespace: str, pods: int, config: Path) -> tuple
     scheduler.stop()
     if bound < pods:
         raise RuntimeError(f"only {bound} of {pods} pods were bound")
+    plane.api.delete(collection, {"gracePeriodSeconds": 0})  # the next burst finds every slice free
+    while plane.api.list_all(collection)[0]:
+        time.sleep(0.5)
     return pods / max(last - first, 1e-3), spent
 
 
@@ -107,10 +114,50 @@ def bind_latency(health_url: str) -> str:
     return f"bind latency (histogram bucket bounds): p50 <= {p50:.1f} ms, p99 <= {p99:.1f} ms"
 
 
+def configurations(plane: ControlPlane, folder: Path, url: str, tls: ExtenderTls) -> dict[str, Path]:
+    """kube-scheduler's configuration files for (a), (p) and (b), from scheduler-config.yaml."""
+    document = yaml.safe_load((ROOT / "scheduler-config.yaml").read_text())
+    document["clientConnection"]["kubeconfig"] = str(plane.kubeconfig)
+    document["leaderElection"] = {"leaderElect": False}
+    extender = document["extenders"][0]
+    extender["urlPrefix"] = url
+    extender["tlsConfig"] = tls.scheduler_config()
+    variants = {
+        "(a) migchain: filter, bind": {k: v for k, v in extender.items() if k != "prioritizeVerb"},
+        "(p) + prioritize": {**extender, "prioritizeVerb": "prioritize"},
+        "(b) no extender": None,
+    }
+    files = {}
+    for index, (label, variant) in enumerate(variants.items()):
+        files[label] = Path(folder) / f"scheduler-{index}.yaml"
+        files[label].write_text(yaml.safe_dump({**document, "extenders": [variant] if variant else []}))
+    return files
+
+
+def report(
+    pods: int, nodes: int, rates: dict[str, list[float]], cpu: dict[str, dict[str, float]], latency: str
+) -> None:
+    rounds = len(next(iter(rates.values())))
+    floor = max(rates["(b) no extender"])
+    print(f"\n{pods} MIG pods onto {nodes} nodes, real kube-scheduler v1.37.2, best of {rounds} rounds:")
+    print(f"  {'configuration':28} {'best pods/s':>11} {'spread':>11} {'best / (b) best':>16}")
+    for label, measured in rates.items():
+        spread = f"{min(measured):.0f}-{max(measured):.0f}"
+        print(f"  {label:28} {max(measured):11.1f} {spread:>11} {max(measured) / floor:16.0%}")
+    print(f"  {latency}")
+    print("\nCPU ms per pod, by component (mean of the rounds; 2 cores shared):")
+    print(f"  {'component':24} " + " ".join(f"{label[:3]:>7}" for label in rates))
+    first = cpu[next(iter(rates))]
+    for name in sorted(first, key=lambda n: -first[n]):
+        per_pod = [cpu[label].get(name, 0.0) * 1000 / (pods * rounds) for label in rates]
+        print(f"  {name:24} " + " ".join(f"{value:7.2f}" for value in per_pod))
+
+
 def main() -> int:
     cli = argparse.ArgumentParser(description=__doc__)
     cli.add_argument("--nodes", type=int, default=1000)
     cli.add_argument("--pods", type=int, default=1000)
+    cli.add_argument("--rounds", type=int, default=3)
     args = cli.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         plane = ControlPlane(Path(folder))
@@ -125,29 +172,17 @@ def main() -> int:
             print(f"{args.nodes} nodes created in {time.monotonic() - started:.0f} s")
             tls = ExtenderTls.issue(Path(folder))  # mutual TLS, as shipped: its cost is part of the figure
             extender = plane.start_extender(tls, CHAINS, "--log-level=warning")
-            document = yaml.safe_load((ROOT / "scheduler-config.yaml").read_text())
-            document["clientConnection"]["kubeconfig"] = str(plane.kubeconfig)
-            document["leaderElection"] = {"leaderElect": False}
-            document["extenders"][0]["urlPrefix"] = extender.url
-            document["extenders"][0]["tlsConfig"] = tls.scheduler_config()
-            with_migchain = Path(folder) / "with.yaml"
-            with_migchain.write_text(yaml.safe_dump(document))
-            del document["extenders"]
-            without = Path(folder) / "without.yaml"
-            without.write_text(yaml.safe_dump(document))
-            rate_with, cpu_with = burst(plane, "with-migchain", args.pods, with_migchain)
-            latency = bind_latency(extender.health_url)
-            rate_without, cpu_without = burst(plane, "without-extender", args.pods, without)
-            print(f"\n{args.pods} MIG pods onto {args.nodes} nodes, real kube-scheduler v1.37.2:")
-            print(f"  (a) with migchain (filter, prioritize, bind): {rate_with:7.1f} pods/s")
-            print(f"  (b) no extender, MIG counted by the scheduler: {rate_without:7.1f} pods/s")
-            print(f"  ratio a/b: {rate_with / rate_without:.0%}")
-            print(f"  {latency}")
-            print("\nCPU ms per pod, by component (2 cores shared):")
-            print(f"  {'component':24} {'(a)':>7} {'(b)':>7}")
-            for name in sorted(cpu_with, key=lambda n: -cpu_with[n]):
-                per_pod = (cpu_with[name] * 1000 / args.pods, cpu_without.get(name, 0.0) * 1000 / args.pods)
-                print(f"  {name:24} {per_pod[0]:7.2f} {per_pod[1]:7.2f}")
+            configs = configurations(plane, Path(folder), extender.url, tls)
+            rates: dict[str, list[float]] = {label: [] for label in configs}
+            cpu: dict[str, dict[str, float]] = {label: {} for label in configs}
+            for round_ in range(args.rounds):
+                for index, (label, config) in enumerate(configs.items()):
+                    rate, spent = burst(plane, f"round-{round_}-{index}", args.pods, config)
+                    rates[label].append(rate)
+                    for name, seconds in spent.items():
+                        cpu[label][name] = cpu[label].get(name, 0.0) + seconds
+                    print(f"  round {round_ + 1} {label:28} {rate:7.1f} pods/s", flush=True)
+            report(args.pods, args.nodes, rates, cpu, bind_latency(extender.health_url))
         finally:
             plane.stop()
     return 0

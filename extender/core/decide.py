@@ -227,9 +227,11 @@ def filter_nodes(
     Only the cheapest fits pass: if any node fits exactly, nodes that would need
     a borrow fail with a reason saying so. Scores alone could not promise this,
     because kube-scheduler adds the extender's score to its own plugins' scores.
-    With `keep`, at most that many pass: the best scored, ties in the order
-    given. The fitting nodes left out are in neither list: nothing is wrong
-    with them, and a reason each would only grow the reply.
+    Of the cheapest fits only the best scored pass (the tightest fits), so that
+    kube-scheduler needs no prioritize call to pack: its own plugins choose
+    among nodes migchain holds equal. With `keep`, at most that many pass, the
+    first in the order given. The fitting nodes left out are in neither list:
+    nothing is wrong with them, and a reason each would only grow the reply.
     """
     verdicts = _verdicts(pod, node_names, snapshot, rules)
     names, keys, outcome_of = verdicts.names, verdicts.keys, verdicts.outcome_of
@@ -246,8 +248,10 @@ def filter_nodes(
     hopeless = {key: o.text for key, o in outcome_of.items() if o.cost is None and not o.resolvable}
     failed = _by_name(names, keys, failing)
     failed.update((name, outcome.text) for name, outcome in verdicts.unknown.items())
-    if keep is not None and len(passed) > keep:
-        passed = _best_scored(names, keys, {key: outcome_of[key].score for key in passing}, keep)
+    best = max((outcome_of[key].score for key in passing), default=0)
+    tightest = {key for key in passing if outcome_of[key].score == best}
+    if tightest != passing or (keep is not None and len(passed) > keep):
+        passed = list(islice(compress(names, map(tightest.__contains__, keys)), keep))
     return FilterDecision(tuple(passed), failed, _by_name(names, keys, hopeless))
 
 
@@ -257,23 +261,6 @@ def _by_name(names: Sequence[str], keys: list[str | None], by_key: Mapping[str |
         return {}
     chosen = map(by_key.__contains__, keys)
     return dict(zip(compress(names, chosen), map(by_key.__getitem__, filter(by_key.__contains__, keys)), strict=True))
-
-
-def _best_scored(
-    names: Sequence[str], keys: list[str | None], score_of: Mapping[str | None, int], keep: int
-) -> list[str]:
-    """The `keep` best scored of the names whose key is in `score_of`: highest score first, ties in the order
-    given. One lazy pass per score, stopped once enough are found."""
-    bands: dict[int, set[str | None]] = {}
-    for key, points in score_of.items():
-        bands.setdefault(points, set()).add(key)
-    best: list[str] = []
-    for points in sorted(bands, reverse=True):
-        band = bands[points]
-        best += islice(compress(names, map(band.__contains__, keys)), keep - len(best))
-        if len(best) >= keep:
-            break
-    return best
 
 
 def cheapest_cost(pod: PodRequest, node_names: Iterable[str], snapshot: Snapshot, rules: ChainRules) -> int | None:
