@@ -124,7 +124,7 @@ def configurations(plane: ControlPlane, folder: Path, url: str, tls: ExtenderTls
     extender["tlsConfig"] = tls.scheduler_config()
     variants = {
         "(a) migchain: filter, bind": {k: v for k, v in extender.items() if k != "prioritizeVerb"},
-        "(p) + prioritize": {**extender, "prioritizeVerb": "prioritize"},
+        "(p) + prioritize": {**extender, "prioritizeVerb": "prioritize", "weight": 5},
         "(b) no extender": None,
     }
     files = {}

@@ -168,7 +168,9 @@ class Binder:
             self.metrics.count_borrow(verdict)
         if self.memory is not None:
             self.memory.forget(record.request.uid)
-        log.info(
+        # A borrow is worth a line at info; an exact fit is the common case, one a pod: debug only.
+        log.log(
+            logging.INFO if verdict.borrows else logging.DEBUG,
             "placed %s on %s: %s",
             record.request.key,
             args.node,

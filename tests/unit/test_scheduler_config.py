@@ -23,10 +23,9 @@ def test_it_is_a_v1_kube_scheduler_configuration_with_one_binding_extender():
     assert document["kind"] == "KubeSchedulerConfiguration"
     [extender] = document["extenders"]
     assert extender["filterVerb"] == "filter"
-    assert extender["prioritizeVerb"] == "prioritize"
+    assert "prioritizeVerb" not in extender  # the filter passes only the best nodes: one call a pod
     assert extender["bindVerb"] == "bind"
     assert extender["nodeCacheCapable"] is True
-    assert extender["weight"] > 0
     # mutual TLS to the Service that manifests/ creates, with the files the scheduler's Secret mounts
     assert extender["urlPrefix"] == "https://migchain-extender.migchain-system.svc:443"
     assert extender["enableHTTPS"] is True
