@@ -52,7 +52,8 @@ class Fit(enum.Enum):
     EXACT = "exact"  # passes: its own types fit
     BORROW = "borrow"  # passes: fits by borrowing larger types
     COSTLIER = "costlier"  # fits, but fails: other nodes fit more cheaply (an exact fit, or fewer steps)
-    BUDGET = "over budget"  # fits as cheaply as the best, but the filter passes only the best-scored `budget`
+    LOOSER = "looser"  # fits as cheaply as the best, but others fit tighter: the filter passes only the tightest
+    BUDGET = "over budget"  # fits as well as the best, but the filter passes at most `budget` nodes
     NO_FIT = "no fit"  # fails now (FailedNodes): freeing slices could help
     UNRESOLVABLE = "unresolvable"  # fails even if every slice were free (FailedAndUnresolvableNodes)
 
@@ -63,7 +64,7 @@ class Answer(enum.Enum):
     PASSED = "passed"  # NodeNames
     FAILED = "failed"  # FailedNodes
     UNRESOLVABLE = "unresolvable"  # FailedAndUnresolvableNodes
-    LEFT_OUT = "left out"  # in no list: it fits, but the budget was full
+    LEFT_OUT = "left out"  # in no list: it fits, but others fit tighter or the budget was full
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ def explain(
     decision = filter_nodes(request, candidates, snapshot, rules, keep)
     scores = score_nodes(request, candidates, snapshot, rules)
     passed = set(decision.passed)
+    best = max((scores[name] for name in passed), default=0)  # the score of the fits the filter passes
     verdicts = []
     lending = lending_rules(snapshot, rules)  # what filter and bind decide with: the types kept free not lent
     for name in dict.fromkeys(candidates):
@@ -172,7 +174,7 @@ def explain(
         verdict = place(request, node, name, lending)
         placement = verdict if isinstance(verdict, Placement) else None
         verdicts.append(
-            _verdict(name, node, placement, decision=decision, passed=passed, score=scores[name], keep=keep)
+            _verdict(name, node, placement, decision=decision, passed=passed, score=scores[name], keep=keep, best=best)
         )
     verdicts.sort(key=_display_order)
     records = list(records)
@@ -207,6 +209,7 @@ def _verdict(
     passed: set[str],
     score: int,
     keep: int,
+    best: int,
 ) -> NodeVerdict:
     product = node.gpu_product if node is not None else ""
     failed, unresolvable = decision.failed, decision.unresolvable
@@ -219,8 +222,11 @@ def _verdict(
     if name in failed:
         fit = Fit.NO_FIT if placement is None else Fit.COSTLIER
         return NodeVerdict(name, product, fit, Answer.FAILED, failed[name], score, placement)
-    assert placement is not None  # neither passed nor failed: a fit the budget left out
-    reason = f"{placement.describe()}; left out: the filter passes only the {keep} best-scored fitting nodes"
+    assert placement is not None  # neither passed nor failed: a looser fit, or one the budget left out
+    if score < best:
+        reason = f"{placement.describe()}; left out: other nodes fit tighter (score {best}), and only they pass"
+        return NodeVerdict(name, product, Fit.LOOSER, Answer.LEFT_OUT, reason, score, placement)
+    reason = f"{placement.describe()}; left out: the filter passes at most {keep} fitting nodes"
     return NodeVerdict(name, product, Fit.BUDGET, Answer.LEFT_OUT, reason, score, placement)
 
 

@@ -218,14 +218,17 @@ def test_a_pod_that_may_not_borrow_says_why(annotations, owner, why):
     assert explain_document(e)["pod"]["may_borrow"] is False
 
 
-def test_the_budget_leaves_out_fitting_nodes_as_the_extender_does():
-    objects = cluster(node("a", {G1: 1}), node("b", {G1: 4}), pod("train", {G1: 1}))
-    e = explained(objects, "train", budget=1)
-    assert e.passed == ("a",)  # the tighter fit scores higher
+def test_looser_fits_and_the_budget_leave_out_fitting_nodes_as_the_extender_does():
+    objects = cluster(node("a", {G1: 1}), node("b", {G1: 4}), node("c", {G1: 1}), pod("train", {G1: 1}))
+    e = explained(objects, "train")
+    assert e.passed == ("a", "c")  # the tighter fits score higher: only they pass
     b = verdict(e, "b")
-    assert (b.fit, b.answer) == (Fit.BUDGET, Answer.LEFT_OUT)
-    assert "left out: the filter passes only the 1 best-scored fitting nodes" in b.reason
-    assert explained(objects, "train").budget == 2  # nodes_to_pass of a 2-node cluster: all of them
+    assert (b.fit, b.answer) == (Fit.LOOSER, Answer.LEFT_OUT)
+    assert "left out: other nodes fit tighter (score 10), and only they pass" in b.reason
+    assert explained(objects, "train").budget == 3  # nodes_to_pass of a 3-node cluster: all of them
+    c = verdict(explained(objects, "train", budget=1), "c")
+    assert (c.fit, c.answer) == (Fit.BUDGET, Answer.LEFT_OUT)
+    assert "left out: the filter passes at most 1 fitting nodes" in c.reason
 
 
 def test_candidates_are_the_nodes_the_pod_may_run_on():
@@ -381,8 +384,10 @@ def test_explains_verdicts_are_the_filters_and_its_scores_the_prioritizes(rules,
         assert (n.placement is not None) == fits
         if n.answer is Answer.PASSED:
             assert n.fit is (Fit.BORROW if n.placement and n.placement.borrows else Fit.EXACT)
-        if n.answer is Answer.LEFT_OUT:  # only the budget leaves a fitting node out
-            assert fits and len(decision.passed) == keep
+        if n.answer is Answer.LEFT_OUT:  # a looser fit, or the budget full
+            best = max(scores[name] for name in decision.passed)
+            assert fits and (n.score < best or len(decision.passed) == keep)
+            assert (n.fit is Fit.LOOSER) == (n.score < best)
         assert (n.fit is Fit.COSTLIER) == (n.answer is Answer.FAILED and fits)
     json.dumps(explain_document(e))  # always JSON-ready
 
