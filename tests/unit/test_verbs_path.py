@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from collections import deque
 from typing import Any
@@ -211,3 +212,41 @@ def test_an_empty_answer_is_one_send_too():
     request = next(get_parser(Config(), [b"POST /filter HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"], None))
     assert worker.handle_request(request, conn) is True
     assert len(sock.writes) == 1 and sock.writes[0].startswith(b"HTTP/1.1 204")
+
+
+class _Broken:
+    def read(self, _size: int = -1) -> bytes:
+        raise OSError("connection reset mid-body")
+
+
+def _call(app: Any, body: Any, **environ: Any) -> tuple[str, dict[str, Any]]:
+    """The app called as gunicorn calls it, with a chunked body (no Content-Length) unless told otherwise."""
+    answered: list[str] = []
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/filter",
+        "CONTENT_TYPE": "application/json",
+        "HTTP_TRANSFER_ENCODING": "chunked",
+        "wsgi.input": body,
+        "wsgi.input_terminated": True,
+        **environ,
+    }
+    out = b"".join(app(environ, lambda status, headers: answered.append(status)))
+    return answered[0], orjson.loads(out)
+
+
+def test_a_chunked_body_is_read_to_its_end_but_no_further_than_the_limit():
+    app = create_app(WebSettings(max_body_bytes=4096), RulesInForce.fixed(RULES), SnapshotStore())
+    status, answer = _call(app, io.BytesIO(orjson.dumps(FILTER)))
+    assert status.startswith("200") and answer["Error"] == ""
+    status, answer = _call(app, io.BytesIO(b" " * 4097))
+    assert status.startswith("400") and answer == {"Error": "body larger than 4096 bytes"}
+    status, answer = _call(app, io.BytesIO(orjson.dumps(FILTER)), CONTENT_LENGTH="5000", HTTP_TRANSFER_ENCODING="")
+    assert status.startswith("400") and answer == {"Error": "body larger than 4096 bytes"}
+
+
+def test_a_body_cut_off_on_the_wire_is_a_400():
+    app = create_app(WebSettings(), RulesInForce.fixed(RULES), SnapshotStore())
+    status, answer = _call(app, _Broken())
+    assert status.startswith("400")
+    assert answer == {"Error": "the body could not be read: connection reset mid-body"}
