@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
@@ -170,20 +170,19 @@ class Verbs:
             "/bind": (self._bind, _Meter(metrics, "bind")),
         }
 
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         route = self._routes.get(path)
         if route is None:
             refused = self._not_the_scheduler(environ, path)
             if refused:  # the second lock holds on every door, not just the verbs'
                 return _send(start_response, 403, wire.error_result(refused))
-            answer: list[bytes] = self._rest(environ, start_response)  # type: ignore[assignment]
-            return answer
+            return self._rest(environ, start_response)
         started = time.perf_counter()
-        verb, meter = route
+        decide, meter = route
         headers: list[tuple[str, str]] = []
         try:
-            status, document = 200, self._answer(environ, path, verb)
+            status, document = 200, self._answer(environ, path, decide)
         except _Refusal as refusal:
             status, document = refusal.status, wire.error_result(str(refusal))
             if status == 405:
@@ -199,7 +198,7 @@ class Verbs:
         meter.record(status, time.perf_counter() - started)
         return answer
 
-    def _answer(self, environ: WSGIEnvironment, path: str, verb: Callable[[bytes], object]) -> object:
+    def _answer(self, environ: WSGIEnvironment, path: str, decide: Callable[[bytes], object]) -> object:
         refused = self._not_the_scheduler(environ, path)
         if refused:
             raise _Refusal(403, refused)
@@ -210,7 +209,7 @@ class Verbs:
             raise _Refusal(503, f"migchain is not ready: {readiness.detail}; retry later")
         if environ.get("REQUEST_METHOD") != "POST":
             raise _Refusal(405, _NOT_POST)
-        return verb(self._body(environ))
+        return decide(self._body(environ))
 
     def _not_the_scheduler(self, environ: WSGIEnvironment, path: str) -> str:
         """Why the caller may not use this port ("" when it may): no verified client certificate, or another's.
