@@ -23,7 +23,7 @@ the CPU before the body was out.
 
 The worker overrides gthread methods of gunicorn 27.0 (pinned in
 constraints.txt): accept, handle, handle_request, finish_request,
-on_client_socket_readable, murder_pending. HTTP/1.1 only (gunicorn's default;
+on_client_socket_readable, murder_pending, notify. HTTP/1.1 only (gunicorn's default;
 its HTTP/2 must stay off).
 """
 
@@ -69,6 +69,10 @@ PER_PEER = 64
 HEAD_LIMIT = 32 * 1024
 # How long a closed connection may still send before its socket is let go (see _linger).
 LINGER = 2.0
+# How often the worker tells the arbiter it is alive. gunicorn's loop did it on
+# every turn, several times a request (a utime() on a file each time, about 6 %
+# of a small call's time); the arbiter acts only after `timeout` (30 s) without one.
+HEARTBEAT = 1.0
 
 
 def write_json_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
@@ -132,6 +136,7 @@ class GuardedWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no ty
     """gthread with the handshake and the request head read by the event loop, under a deadline (module docstring)."""
 
     alive: bool
+    _next_heartbeat = 0.0  # monotonic time of the next heartbeat due (notify)
 
     def init_process(self) -> None:
         # gunicorn writes its errors through this module function and has no
@@ -142,6 +147,13 @@ class GuardedWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no ty
         # serve.py's application object carries them (gunicorn passes it to the worker).
         self._identities = frozenset(getattr(self.app, "client_identities", ()))
         super().init_process()
+
+    def notify(self) -> None:
+        """Tell the arbiter this worker is alive, at most once every HEARTBEAT seconds."""
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + HEARTBEAT
+            super().notify()
 
     # -- a new connection: handshake and head in the event loop -----------------
 

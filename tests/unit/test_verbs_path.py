@@ -250,3 +250,31 @@ def test_a_body_cut_off_on_the_wire_is_a_400():
     status, answer = _call(app, _Broken())
     assert status.startswith("400")
     assert answer == {"Error": "the body could not be read: connection reset mid-body"}
+
+
+class _Heartbeats:
+    """gunicorn's WorkerTmp: `notify` touches a file the arbiter reads to know the worker is alive."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def notify(self) -> None:
+        self.count += 1
+
+
+def test_the_worker_tells_the_arbiter_it_is_alive_once_a_second_not_on_every_turn_of_its_loop(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """The loop turns several times per request; each heartbeat is a utime() call, and the arbiter's timeout is 30 s."""
+    worker = _worker(None)
+    worker.tmp = _Heartbeats()
+    now = [1000.0]
+    monkeypatch.setattr("extender.worker.time.monotonic", lambda: now[0])
+    for _ in range(100):
+        worker.notify()
+        now[0] += 0.005
+    assert worker.tmp.count == 1
+    now[0] += 1.0
+    worker.notify()
+    assert worker.tmp.count == 2
+    assert Config().timeout >= 10  # the arbiter's deadline (serve.py keeps gunicorn's) stays far above the period
