@@ -16,9 +16,15 @@ waits up to 2 s for the peer on the loop's thread). Idle kept-alive
 connections wait in the loop as gunicorn has them, and are closed after its
 `keepalive` seconds.
 
+The answer leaves in one write, its head with the first piece of its body
+(OneSendResponse): gunicorn sends the head alone first, which on a loaded
+machine woke the client for a head it could do nothing with and let it take
+the CPU before the body was out.
+
 The worker overrides gthread methods of gunicorn 27.0 (pinned in
-constraints.txt): accept, handle, finish_request, on_client_socket_readable,
-murder_pending. HTTP/1.1 only (gunicorn's default; its HTTP/2 must stay off).
+constraints.txt): accept, handle, handle_request, finish_request,
+on_client_socket_readable, murder_pending, notify. HTTP/1.1 only (gunicorn's default;
+its HTTP/2 must stay off).
 """
 
 from __future__ import annotations
@@ -32,12 +38,14 @@ import ssl
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 
 import orjson
 from gunicorn import http
 from gunicorn import sock as gunicorn_sock
 from gunicorn import util as gunicorn_util
+from gunicorn.http import wsgi
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from extender.connections import Arrivals, certificate_names, shown_names
@@ -61,6 +69,10 @@ PER_PEER = 64
 HEAD_LIMIT = 32 * 1024
 # How long a closed connection may still send before its socket is let go (see _linger).
 LINGER = 2.0
+# How often the worker tells the arbiter it is alive. gunicorn's loop did it on
+# every turn, several times a request (a utime() on a file each time, about 6 %
+# of a small call's time); the arbiter acts only after `timeout` (30 s) without one.
+HEARTBEAT = 1.0
 
 
 def write_json_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
@@ -77,6 +89,40 @@ def write_json_error(sock: socket.socket, status: int, reason: str, message: str
     gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
+class _Gathered:
+    """Stands for the socket while gunicorn writes a response's first piece: keeps what it writes."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.parts.append(data)
+
+
+class OneSendResponse(wsgi.Response):  # type: ignore[misc]  # gunicorn ships no type hints
+    """gunicorn's HTTP/1.1 response, its head sent with the first piece of the body in one write, not two.
+
+    Two writes are two TLS records and two TCP segments (TCP_NODELAY), and wake
+    the client twice; the first wake-up is for a head it cannot use alone.
+    Everything else (framing, limits, HEAD, sendfile) is gunicorn's, unchanged.
+    """
+
+    sock: socket.socket | _Gathered
+    headers_sent: bool
+
+    def write(self, arg: bytes) -> None:
+        if self.headers_sent:
+            super().write(arg)
+            return
+        sock, gathered = self.sock, _Gathered()
+        self.sock = gathered
+        try:
+            super().write(arg)  # the head, then (or as) the first piece of the body
+        finally:
+            self.sock = sock
+        sock.sendall(b"".join(gathered.parts))
+
+
 @dataclass(eq=False)
 class _Arriving:
     """A connection whose handshake or request head is not complete yet."""
@@ -89,6 +135,9 @@ class _Arriving:
 class GuardedWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no type hints
     """gthread with the handshake and the request head read by the event loop, under a deadline (module docstring)."""
 
+    alive: bool
+    _next_heartbeat = 0.0  # monotonic time of the next heartbeat due (notify)
+
     def init_process(self) -> None:
         # gunicorn writes its errors through this module function and has no
         # hook for it; the worker process is ours alone, so replace it here.
@@ -98,6 +147,13 @@ class GuardedWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no ty
         # serve.py's application object carries them (gunicorn passes it to the worker).
         self._identities = frozenset(getattr(self.app, "client_identities", ()))
         super().init_process()
+
+    def notify(self) -> None:
+        """Tell the arbiter this worker is alive, at most once every HEARTBEAT seconds."""
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + HEARTBEAT
+            super().notify()
 
     # -- a new connection: handshake and head in the event loop -----------------
 
@@ -247,6 +303,56 @@ class GuardedWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn ships no ty
         except Exception as error:
             self.handle_error(req, conn.sock, conn.client, error)
         return False
+
+    def handle_request(self, req: http.Request, conn: TConn) -> bool:
+        """gthread's `handle_request` (gunicorn 27.0) with OneSendResponse as the response."""
+        environ: dict[str, object] = {}
+        resp = None
+        try:
+            self.cfg.pre_request(self, req)
+            request_start = datetime.now()
+            resp, environ = wsgi.create(
+                req, conn.sock, conn.client, conn.server, self.cfg, response_class=OneSendResponse
+            )
+            environ["wsgi.multithread"] = True
+            self.nr += 1
+            if self.nr >= self.max_requests:
+                if self.alive:
+                    self.log.info("Autorestarting worker after current request.")
+                    self.alive = False
+                resp.force_close()
+            if not self.alive or not self.cfg.keepalive or len(self.keepalived_conns) >= self.max_keepalived:
+                resp.force_close()
+            respiter = self.wsgi(environ, resp.start_response)
+            try:
+                if isinstance(respiter, environ["wsgi.file_wrapper"]):  # type: ignore[arg-type]
+                    resp.write_file(respiter)
+                else:
+                    for item in respiter:
+                        resp.write(item)
+                resp.close()
+            finally:
+                self.log.access(resp, req, environ, datetime.now() - request_start)
+                if hasattr(respiter, "close"):
+                    respiter.close()
+            if resp.should_close():
+                self.log.debug("Closing connection.")
+                return False
+        except OSError:
+            raise  # to `handle`
+        except (Exception, SystemExit):
+            if resp and resp.headers_sent:
+                # Timeout abort is SystemExit. If the response has begun, writing a 500 on the same socket corrupts it.
+                self.log.exception("Error handling request")
+                gunicorn_util.close_graceful(conn.sock)
+                raise StopIteration() from None
+            raise
+        finally:
+            try:
+                self.cfg.post_request(self, req, environ, resp)
+            except Exception:
+                self.log.exception("Exception in post_request hook")
+        return True
 
     # -- back in the event loop: keep alive, or close without blocking ------------
 

@@ -1,4 +1,4 @@
-"""What the Flask app serves: kube-scheduler's verbs, nothing else (no static files; the probes have their own port)."""
+"""What the app serves: kube-scheduler's verbs, nothing else (no static files; the probes have their own port)."""
 
 from __future__ import annotations
 
@@ -27,5 +27,11 @@ def test_flask_serves_no_static_files_from_the_working_directory(tmp_path: Path,
 
 
 def test_the_app_routes_the_three_verbs_only():
+    """The verbs are served in front of Flask (extender.web.app.Verbs), which routes nothing of its own."""
     app = create_app(WebSettings(), RulesInForce.fixed(RULES), SnapshotStore())
-    assert sorted(rule.rule for rule in app.url_map.iter_rules()) == ["/bind", "/filter", "/prioritize"]
+    assert list(app.url_map.iter_rules()) == []
+    client = app.test_client()
+    for verb in ("/bind", "/filter", "/prioritize"):
+        assert client.post(verb, json={}).status_code == 400, verb  # answered: the body is not kube-scheduler's
+    for other in ("/", "/static/app.js", "/filter/", "/preempt", "/healthz", "/metrics"):
+        assert client.post(other, json={}).status_code == 404, other
