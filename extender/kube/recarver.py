@@ -290,17 +290,7 @@ class Recarver:
     def _start(self, plan: Recarve, node: NodeState, now: float) -> None:
         """Record the plan on the Node, then carry it out: nothing is written before the record is."""
         assert self._records is not None
-        earlier = self._records.get(plan.node)
-        record = RecarveRecord(
-            step=PLANNED,
-            config=config_name(plan.layout),
-            layout=dict(plan.layout),
-            previous=node.labels.get(MIG_CONFIG_LABEL, ""),
-            serves=dict(plan.serves),
-            started=now,
-            history=recent(earlier.history, now) if earlier else (),
-            reason=plan.reason,
-        )
+        record = _new_record(PLANNED, plan, node, self._records.get(plan.node), now)
         if not self._write(plan.node, record, taint=True):
             return
         log.info("re-carving %s as %s: %s", plan.node, record.config, plan.reason, extra={"node": plan.node})
@@ -439,19 +429,7 @@ class Recarver:
             waste = drain_waste(earlier.waste, earlier.waste_at, earlier.unused, unused, now)
             self._write(plan.node, replace(earlier, waste=waste, waste_at=now, unused=unused), taint=True)
             return
-        record = RecarveRecord(
-            step=DRAINING,
-            config=config_name(plan.layout),
-            layout=dict(plan.layout),
-            previous=node.labels.get(MIG_CONFIG_LABEL, ""),
-            serves=dict(plan.serves),
-            started=now,
-            history=recent(earlier.history, now) if earlier else (),
-            reason=plan.reason,
-            drained=now,
-            waste_at=now,
-            unused=unused,
-        )
+        record = replace(_new_record(DRAINING, plan, node, earlier, now), drained=now, waste_at=now, unused=unused)
         if not self._write(plan.node, record, taint=True):
             return
         log.info(
@@ -655,6 +633,20 @@ def _started_by_node(records: Sequence[PodRecord]) -> dict[str, list[tuple[Any, 
             created = 0.0  # unknown: counted as running since long ago, the costliest to evict
         started.setdefault(record.node, []).append((record.request.mig, created))
     return started
+
+
+def _new_record(step: str, plan: Recarve, node: NodeState, earlier: RecarveRecord | None, now: float) -> RecarveRecord:
+    """The record of a re-carve (or a drain for one) that starts now at `step`: what it will do, from what."""
+    return RecarveRecord(
+        step=step,
+        config=config_name(plan.layout),
+        layout=dict(plan.layout),
+        previous=node.labels.get(MIG_CONFIG_LABEL, ""),
+        serves=dict(plan.serves),
+        started=now,
+        history=recent(earlier.history, now) if earlier else (),
+        reason=plan.reason,
+    )
 
 
 def _layout_text(layout: Mapping[str, int]) -> str:
