@@ -251,12 +251,18 @@ def test_kill_9_the_leader_mid_burst_and_mig_binds_resume_within_5_s(scenario: S
         resumed = binds.resumed_after(killed)
         pair.start(leader)  # back, as a follower
         wait_until(lambda: binds.count() >= 90, 90, "90 pods bound")
-    pods = settle(scenario.api, scenario.namespace, timeout=120)
+    settle(scenario.api, scenario.namespace, timeout=120)
     report("replicas kill -9 of the leader", resumed_s=round(resumed, 2), pods=len(stream.names), polls=binds.polls)
     assert not binds.over_commits, binds.over_commits[:5]
     check_invariants(scenario.api, scenario.namespace, stream.names)
     assert resumed <= RESUME_TARGET, f"MIG binds resumed {resumed:.2f}s after kill -9 of the leader"
-    assert len(bound(pods)) == min(len(stream.names), 128)
+    # Every pod there is room for is bound. Not read once from the settled list: a bind refused as a needless
+    # borrow (a cheaper slice came free since the filter) leaves its pod pending with the scheduler's error until
+    # kube-scheduler's backoff (at most 10 s) retries it.
+    expected = min(len(stream.names), 128)
+    wait_until(
+        lambda: len(bound(namespace_pods(scenario.api, scenario.namespace))) == expected, 30, f"{expected} pods bound"
+    )
 
 
 # -- ten failovers in one run -------------------------------------------------------------------------------
