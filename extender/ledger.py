@@ -122,9 +122,13 @@ class Ledger:
         for name in self._nodes:
             self._refresh(name)
 
-    def put_node(self, node: NodeState) -> None:
+    def put_node(self, node: NodeState) -> bool:
+        """Keep `node`; False when it equals the one kept (a heartbeat): nothing a reader sees changed."""
+        if self._nodes.get(node.name) == node:
+            return False
         self._nodes[node.name] = node
         self._refresh(node.name)
+        return True
 
     def remove_node(self, name: str) -> None:
         self._nodes.pop(name, None)
@@ -154,14 +158,20 @@ class Ledger:
         for name in self._nodes:
             self._refresh(name)
 
-    def put_pod(self, record: PodRecord) -> None:
+    def put_pod(self, record: PodRecord) -> bool:
+        """Keep `record`; False when it equals the one kept and confirms no reservation (a status update
+        migchain does not read, such as Running or a pod IP): nothing a reader sees changed."""
         uid = record.request.uid
         before = self._pods.get(uid)
+        confirmed = self._confirms(record)
+        if before == record and not confirmed:
+            return False
         self._store(record)
         touched = {record.node, before.node if before else ""}
-        for key in self._confirms(record):
+        for key in confirmed:
             touched.add(self._reserved.pop(key).node)  # the watch confirmed the bind: the pod itself counts now
         self._refresh_all(touched)
+        return True
 
     def remove_pod(self, uid: str) -> None:
         # A reservation outlives its pod: a borrow deletes the original before

@@ -259,8 +259,9 @@ class ClusterCache:
                 state = _node(obj)
                 if state is None:
                     self._count_unreadable(1)
-                else:
-                    self.ledger.put_node(state)
+                    return
+                if not self.ledger.put_node(state):
+                    return  # a heartbeat: no new view, no reader woken
             self._publish()
 
     def _list_pods(self, items: list[dict[str, Any]]) -> None:
@@ -283,8 +284,9 @@ class ClusterCache:
                 record = _pod(obj)
                 if record is None:
                     self._count_unreadable(1)
-                else:
-                    self.ledger.put_pod(self.loans.vouch(record))
+                    return
+                if not self.ledger.put_pod(self.loans.vouch(record)):
+                    return  # a status migchain does not read (Running, an IP): no new view, no reader woken
             self._publish()
 
     def _expire_loop(self) -> None:

@@ -47,6 +47,10 @@ RETRY_SECONDS = 1.0
 MAX_ATTEMPTS = 3
 # Even with nothing new, look this often (entries expire in the memory).
 IDLE_SECONDS = 30.0
+# At most one pass this often: in a burst the cache publishes hundreds of views a
+# second, and a pass per view cost a thread switch per watch event. Well inside
+# the grace, so a pod is still asked about on time.
+MIN_PASS_SECONDS = 0.05
 
 
 class Requeuer:
@@ -82,6 +86,7 @@ class Requeuer:
                 log.exception("requeue pass failed")
                 self.metrics.errors.count("requeue", "unexpected")
                 stop.wait(RETRY_SECONDS)
+            stop.wait(MIN_PASS_SECONDS)  # news meanwhile keeps `changed` set: the next pass sees it all
 
     def run_once(self) -> None:
         snapshot = self.cache.store.snapshot()

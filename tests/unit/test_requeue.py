@@ -14,7 +14,7 @@ from extender.core.cluster import PodRequest, Snapshot, pod_request
 from extender.filter_memory import FilterMemory
 from extender.kube.api import ApiError, KubeApi
 from extender.kube.cache import ClusterCache
-from extender.kube.requeue import GRACE_SECONDS, MAX_ATTEMPTS, REQUEUED_ANNOTATION, Requeuer
+from extender.kube.requeue import GRACE_SECONDS, MAX_ATTEMPTS, MIN_PASS_SECONDS, REQUEUED_ANNOTATION, Requeuer
 from extender.loan_guard import LoanGuard
 from extender.metrics import Metrics
 from extender.reload import RulesInForce
@@ -300,3 +300,34 @@ def test_the_requeuer_thread_acts_on_the_caches_news_within_the_grace():
         world.cache.changed.set()
         thread.join(5)
     assert not thread.is_alive()
+
+
+def test_a_stream_of_cache_news_wakes_the_requeuer_a_few_times_a_second_not_once_per_change():
+    # In a burst the cache publishes hundreds of views a second; a pass for each
+    # cost the extender a thread switch per watch event (issue 22's profile).
+    world = World()
+    passes: list[float] = []
+    run_once = world.requeuer.run_once
+
+    def counted() -> None:
+        passes.append(time.monotonic())
+        run_once()
+
+    world.requeuer.run_once = counted  # type: ignore[method-assign]
+    stop = threading.Event()
+    thread = threading.Thread(target=world.requeuer.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        for _ in range(40):  # 40 changes over at least 0.2 s
+            world.cache._publish()
+            time.sleep(0.005)
+        seconds = time.monotonic() - started
+        time.sleep(MIN_PASS_SECONDS * 2)
+    finally:
+        stop.set()
+        world.cache.changed.set()
+        thread.join(5)
+    assert passes, "the requeuer never looked"
+    assert len(passes) <= seconds / MIN_PASS_SECONDS + 3
+    assert passes[-1] > started + seconds - MIN_PASS_SECONDS  # the last news was looked at
