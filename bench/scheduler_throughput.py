@@ -5,10 +5,13 @@ pods, created while no scheduler runs; the rate is measured from the first
 bind to the last, and the pods are deleted before the next burst:
   (a) scheduler-config.yaml as shipped: migchain filters and binds;
   (p) the same with migchain's prioritize verb too (the setup before issue 22);
+  (t) the floor of any extender: bench/trivial_extender.py wired in as
+      migchain is (filter and bind, mutual TLS, gunicorn's threaded worker),
+      passing every node and only posting the Binding; it watches nothing;
   (b) no extender: MIG counted by the scheduler itself (exact fits only).
-Rounds run (a), (p), (b) in turn, so all three see the same machine; the best
-of the rounds and the spread are printed, with the CPU each component spent
-per pod (2 cores shared: where the time goes) and migchain's bind latency.
+Rounds run them in turn, so all see the same machine; the best of the rounds
+and the spread are printed, with the CPU each component spent per pod (2 cores
+shared: where the time goes) and migchain's bind latency.
 
 Run: .venv/bin/python bench/scheduler_throughput.py [--nodes 1000] [--pods 1000] [--rounds 3]
 (needs make control-plane)
@@ -17,6 +20,7 @@ Run: .venv/bin/python bench/scheduler_throughput.py [--nodes 1000] [--pods 1000]
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import sys
 import tempfile
@@ -32,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from extender.kube.api import path  # noqa: E402
-from tests.e2e.controlplane import ControlPlane, ExtenderTls, Process  # noqa: E402
+from tests.e2e.controlplane import ControlPlane, ExtenderTls, Process, free_port, wait_until  # noqa: E402
 from tests.e2e.fleet import create_node, mig_pod  # noqa: E402
 
 CHAINS = [str(ROOT / "chains" / "a100-40gb.yaml")]
@@ -114,8 +118,42 @@ def bind_latency(health_url: str) -> str:
     return f"bind latency (histogram bucket bounds): p50 <= {p50:.1f} ms, p99 <= {p99:.1f} ms"
 
 
-def configurations(plane: ControlPlane, folder: Path, url: str, tls: ExtenderTls) -> dict[str, Path]:
-    """kube-scheduler's configuration files for (a), (p) and (b), from scheduler-config.yaml."""
+def start_trivial_extender(plane: ControlPlane, tls: ExtenderTls) -> str:
+    """bench/trivial_extender.py served as migchain is (one gthread worker, 8 threads, mutual TLS); its URL."""
+    port = free_port()
+    plane._process(
+        "trivial-extender",
+        [
+            str(Path(sys.executable).with_name("gunicorn")),
+            f"--chdir={ROOT}",
+            f"--bind=127.0.0.1:{port}",
+            "--worker-class=gthread",
+            "--workers=1",
+            "--threads=8",
+            "--keep-alive=5",
+            f"--certfile={tls.serving.certificate}",
+            f"--keyfile={tls.serving.key}",
+            f"--ca-certs={tls.ca}",
+            "--cert-reqs=2",  # ssl.CERT_REQUIRED: the scheduler shows its client certificate, as to migchain
+            "bench.trivial_extender:app",
+        ],
+        env={**os.environ, "TRIVIAL_EXTENDER_KUBECONFIG": str(plane.kubeconfig)},
+    )
+
+    def answers() -> bool:
+        try:
+            connection = http.client.HTTPSConnection("127.0.0.1", port, context=tls.context(as_scheduler=True))
+            connection.request("POST", "/filter", b'{"NodeNames": []}', {"Content-Type": "application/json"})
+            return connection.getresponse().status == 200
+        except OSError:
+            return False
+
+    wait_until(answers, 60, "the trivial extender")
+    return f"https://127.0.0.1:{port}"
+
+
+def configurations(plane: ControlPlane, folder: Path, url: str, tls: ExtenderTls, floor_url: str) -> dict[str, Path]:
+    """kube-scheduler's configuration files for (a), (p), (t) and (b), from scheduler-config.yaml."""
     document = yaml.safe_load((ROOT / "scheduler-config.yaml").read_text())
     document["clientConnection"]["kubeconfig"] = str(plane.kubeconfig)
     document["leaderElection"] = {"leaderElect": False}
@@ -125,6 +163,10 @@ def configurations(plane: ControlPlane, folder: Path, url: str, tls: ExtenderTls
     variants = {
         "(a) migchain: filter, bind": {k: v for k, v in extender.items() if k != "prioritizeVerb"},
         "(p) + prioritize": {**extender, "prioritizeVerb": "prioritize", "weight": 5},
+        "(t) trivial extender": {
+            **{k: v for k, v in extender.items() if k != "prioritizeVerb"},
+            "urlPrefix": floor_url,
+        },
         "(b) no extender": None,
     }
     files = {}
@@ -144,6 +186,8 @@ def report(
     for label, measured in rates.items():
         spread = f"{min(measured):.0f}-{max(measured):.0f}"
         print(f"  {label:28} {max(measured):11.1f} {spread:>11} {max(measured) / floor:16.0%}")
+    shipped, trivial = max(rates["(a) migchain: filter, bind"]), max(rates["(t) trivial extender"])
+    print(f"  (a) best / (t) best: {shipped / trivial:.0%} (migchain against the floor of any extender wired so)")
     print(f"  {latency}")
     print("\nCPU ms per pod, by component (mean of the rounds; 2 cores shared):")
     print(f"  {'component':24} " + " ".join(f"{label[:3]:>7}" for label in rates))
@@ -172,7 +216,7 @@ def main() -> int:
             print(f"{args.nodes} nodes created in {time.monotonic() - started:.0f} s")
             tls = ExtenderTls.issue(Path(folder))  # mutual TLS, as shipped: its cost is part of the figure
             extender = plane.start_extender(tls, CHAINS, "--log-level=warning")
-            configs = configurations(plane, Path(folder), extender.url, tls)
+            configs = configurations(plane, Path(folder), extender.url, tls, start_trivial_extender(plane, tls))
             rates: dict[str, list[float]] = {label: [] for label in configs}
             cpu: dict[str, dict[str, float]] = {label: {} for label in configs}
             for round_ in range(args.rounds):
