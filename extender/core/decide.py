@@ -192,7 +192,8 @@ def _verdicts(pod: PodRequest, node_names: Iterable[str], snapshot: Snapshot, ru
     asking = (pod.mig, pod.no_borrow, pod.namespace, pod.owner)  # all that place() reads of the pod
     outcome_of: dict[str | None, _Outcome] = {}
     named: dict[str | None, str] | None = None
-    for key in set(keys):
+    distinct = set(keys)
+    for key in distinct:
         outcome = memo.get((asking, key)) if key is not None else None
         if outcome is None and key is not None:
             if named is None:
@@ -207,7 +208,7 @@ def _verdicts(pod: PodRequest, node_names: Iterable[str], snapshot: Snapshot, ru
         if outcome is not None:
             outcome_of[key] = outcome
     unknown = {}
-    if None in keys:
+    if None in distinct:
         unknown = {
             name: _Outcome(None, f"node {name} is not in migchain's cluster cache yet", True, 0)
             for name in compress(names, map(operator.not_, keys))
@@ -221,6 +222,8 @@ def filter_nodes(
     snapshot: Snapshot,
     rules: ChainRules,
     keep: int | None = None,
+    *,
+    reasons: bool = True,
 ) -> FilterDecision:
     """Split the candidate nodes into those that pass and those that fail, with a reason each.
 
@@ -232,26 +235,31 @@ def filter_nodes(
     among nodes migchain holds equal. With `keep`, at most that many pass, the
     first in the order given. The fitting nodes left out are in neither list:
     nothing is wrong with them, and a reason each would only grow the reply.
+
+    Without `reasons`, the failing nodes get their reasons only when no node
+    passes: kube-scheduler reads them only then (for its FailedScheduling
+    event and for preemption), and at 5,000 nodes they were most of the reply.
     """
     verdicts = _verdicts(pod, node_names, snapshot, rules)
     names, keys, outcome_of = verdicts.names, verdicts.keys, verdicts.outcome_of
     costs = {key: outcome.cost for key, outcome in outcome_of.items() if outcome.cost is not None}
     cheapest = min(costs.values(), default=0)
     passing = {key for key, cost in costs.items() if cost == cheapest}
-    passed = list(compress(names, map(passing.__contains__, keys)))
+    best = max((outcome_of[key].score for key in passing), default=0)
+    tightest = {key for key in passing if outcome_of[key].score == best}
+    passed = list(islice(compress(names, map(tightest.__contains__, keys)), keep))  # one pass, cut at `keep`
+    if passed and not reasons:
+        return FilterDecision(tuple(passed), {}, {})
+    offering = sum(map(passing.__contains__, keys))  # nodes at the cheapest cost, the tightest or not
     # Why each other node fails, said once per signature and handed to every name of it.
     failing = {key: o.text for key, o in outcome_of.items() if o.cost is None and o.resolvable}
     better = "an exact fit" if cheapest == 0 else f"a borrow of cost {cheapest}"
     failing.update(
-        (key, f"{outcome_of[key].text}; {len(passed)} other node(s) offer {better}") for key in costs.keys() - passing
+        (key, f"{outcome_of[key].text}; {offering} other node(s) offer {better}") for key in costs.keys() - passing
     )
     hopeless = {key: o.text for key, o in outcome_of.items() if o.cost is None and not o.resolvable}
     failed = _by_name(names, keys, failing)
     failed.update((name, outcome.text) for name, outcome in verdicts.unknown.items())
-    best = max((outcome_of[key].score for key in passing), default=0)
-    tightest = {key for key in passing if outcome_of[key].score == best}
-    if tightest != passing or (keep is not None and len(passed) > keep):
-        passed = list(islice(compress(names, map(tightest.__contains__, keys)), keep))
     return FilterDecision(tuple(passed), failed, _by_name(names, keys, hopeless))
 
 

@@ -264,7 +264,7 @@ class Verbs:
         current = self._store.snapshot()
         snapshot = self._snapshot(args, rules, current)
         keep = None if self._settings.pass_all_nodes else nodes_to_pass(len(snapshot.nodes))
-        decision = filter_nodes(args.pod, args.node_names, snapshot, rules, keep)
+        decision = filter_nodes(args.pod, args.node_names, snapshot, rules, keep, reasons=False)
         if self._filter_log is not None:
             # For the bind (where else the pod may run) and, when every node refused
             # it, for a retry once migchain's view catches up with the scheduler's.

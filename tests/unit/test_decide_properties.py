@@ -94,6 +94,21 @@ def test_a_budget_passes_the_best_scored_of_the_nodes_that_would_pass_and_drops_
     assert all(scores[kept] >= scores[other] for kept in budgeted.passed for other in left_out)
 
 
+@given(rules=chain_rules(), snapshot=snapshots(), pod=pods(), keep=st.none() | st.integers(1, 6), data=st.data())
+def test_without_reasons_the_same_nodes_pass_and_the_reasons_come_exactly_when_none_does(
+    rules, snapshot, pod, keep, data
+):
+    # kube-scheduler reads why nodes failed only when none passed (schedule_one.go: a FitError).
+    names = data.draw(st.permutations([*snapshot.nodes, "not-in-cache"]))
+    full = filter_nodes(pod, names, snapshot, rules, keep)
+    lean = filter_nodes(pod, names, snapshot, rules, keep, reasons=False)
+    assert lean.passed == full.passed
+    if full.passed:
+        assert not lean.failed and not lean.unresolvable
+    else:
+        assert lean.failed == full.failed and lean.unresolvable == full.unresolvable
+
+
 def test_the_budget_is_kube_schedulers_default_number_of_nodes_to_score():
     # numFeasibleNodesToFind with percentageOfNodesToScore unset, worked by hand.
     assert [nodes_to_pass(size) for size in (0, 7, 99, 100, 250, 1000, 5000, 6000, 10000)] == [

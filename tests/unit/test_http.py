@@ -81,15 +81,23 @@ def test_filter_by_node_names_answers_with_names(client):
     assert body["NodeNames"] == ["exact"]
     assert body["Nodes"] is None
     assert body["Error"] == ""
-    assert set(body["FailedNodes"]) == {"borrow", "full"}
-    assert "exact fit" in body["FailedNodes"]["borrow"]
+    # kube-scheduler reads why nodes failed only when none passes: a reason each would only grow the answer.
+    assert body["FailedNodes"] == {}
     assert body["FailedAndUnresolvableNodes"] == {}
 
 
 def test_filter_borrows_when_no_exact_fit_is_left(client):
     body = post(client, "filter", {"Pod": pod_json(), "NodeNames": ["borrow", "full"]}).get_json()
     assert body["NodeNames"] == ["borrow"]
-    assert body["FailedNodes"]["full"].startswith("no free 1g.5gb")
+    assert body["FailedNodes"] == {}
+
+
+def test_when_no_node_passes_each_gets_its_reason(client):
+    body = post(client, "filter", {"Pod": pod_json(**{"migchain.io/borrow": "false"}), "NodeNames": ["borrow", "full"]})
+    answer = body.get_json()
+    assert answer["NodeNames"] == []
+    assert answer["FailedNodes"]["full"].startswith("no free 1g.5gb")
+    assert "borrowing off" in answer["FailedAndUnresolvableNodes"]["borrow"]
 
 
 def test_filter_with_full_node_objects_answers_with_the_same_objects(client):
@@ -98,8 +106,11 @@ def test_filter_with_full_node_objects_answers_with_the_same_objects(client):
     body = response.get_json()
     assert body["NodeNames"] is None
     assert body["Nodes"]["items"] == [nodes[0]]
-    assert set(body["FailedNodes"]) == {"b"}
-    assert set(body["FailedAndUnresolvableNodes"]) == {"c"}
+    assert body["FailedNodes"] == {} and body["FailedAndUnresolvableNodes"] == {}
+    # b would fit by borrowing; c never: asked alone, c passes nothing and gets its reason.
+    alone = post(client, "filter", {"Pod": pod_json(), "Nodes": {"items": nodes[2:]}, "NodeNames": None}).get_json()
+    assert alone["Nodes"]["items"] == []
+    assert set(alone["FailedAndUnresolvableNodes"]) == {"c"}
 
 
 def test_full_node_mode_counts_the_usage_the_cache_knows(client):
