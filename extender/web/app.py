@@ -77,9 +77,6 @@ class WebSettings:
     client_identities: frozenset[str] = frozenset()
 
 
-VERBS = {"/filter": "filter", "/prioritize": "prioritize", "/bind": "bind"}
-
-
 def create_app(
     settings: WebSettings,
     rules: RulesInForce,
