@@ -239,17 +239,35 @@ def sneak_in(scenario: Scenario) -> None:
 
 
 def refused_by_kubelet(scenario: Scenario, name: str) -> dict[str, Any]:
-    """What the kubelet does (and what the fake kubelet never did): it refuses the borrowing copy."""
+    """What the kubelet does (and what the fake kubelet never did): it refuses the borrowing copy.
 
-    def refused() -> dict[str, Any] | None:
-        pod = scenario.pod(name)
-        return pod if pod.get("status", {}).get("reason") == "UnexpectedAdmissionError" else None
+    Read from the kubelet's Event, which stays: the returner may bring a bare pod back within a
+    quarter of a second, before a poll of the pod sees it Failed. The refused pod, if still there.
+    """
 
-    failed: dict[str, Any] = wait_until(refused, 60, f"the kubelet to refuse {name}")
-    assert failed["status"]["phase"] == "Failed"
-    assert "requested number of devices unavailable" in failed["status"]["message"]
-    assert scenario.events(name, "UnexpectedAdmissionError")
-    return failed
+    def refusal() -> dict[str, Any] | None:
+        items, _ = scenario.api.list_all(
+            path("api", "v1", "namespaces", scenario.namespace, "events"),
+            fieldSelector=f"involvedObject.name={name},reason=UnexpectedAdmissionError",
+        )
+        return items[0] if items else None
+
+    event: dict[str, Any] = wait_until(refusal, 60, f"the kubelet to refuse {name}")
+    assert "requested number of devices unavailable" in event["message"]
+    uid = event["involvedObject"]["uid"]
+    gone = {"metadata": {"name": name, "uid": uid}}
+
+    def failed_or_gone() -> dict[str, Any] | None:
+        try:
+            pod = scenario.pod(name)
+        except ApiError:
+            return gone
+        if pod["metadata"]["uid"] != uid:
+            return gone  # brought back already, under its name
+        return pod if pod.get("status", {}).get("phase") == "Failed" else None
+
+    refused: dict[str, Any] = wait_until(failed_or_gone, 30, f"the refused {name} to be Failed")
+    return refused
 
 
 def test_a_bare_borrower_the_kubelet_rejects_for_a_slice_taken_behind_migchains_back_is_brought_back(
@@ -266,7 +284,7 @@ def test_a_bare_borrower_the_kubelet_rejects_for_a_slice_taken_behind_migchains_
         failed = refused_by_kubelet(scenario, "borrows")
     back = wait_until(lambda: brought_back(scenario, "borrows", failed["metadata"]["uid"]), 60, "borrows to come back")
     assert not back["spec"].get("nodeName")  # pending: the node is full
-    [event] = scenario.events("borrows", "TurnedAway")
+    [event] = wait_until(lambda: scenario.events("borrows", "TurnedAway"), 30, "migchain's TurnedAway event")
     assert "brought back pending under its name" in event
     # The refused copy held nothing: once the pod behind migchain's back goes, borrows gets its 2g.10gb.
     scenario.api.delete(path("api", "v1", "namespaces", scenario.namespace, "pods", "sneak"), {"gracePeriodSeconds": 1})

@@ -87,7 +87,8 @@ def test_a_bare_borrower_its_node_refuses_is_brought_back_pending_under_its_name
     annotations = back["metadata"].get("annotations") or {}
     assert REPLACED_UID not in annotations
     assert annotations["migchain.io/restarts"] == "1"  # a restart: a node that keeps refusing cannot cycle it
-    [event] = scenario.events("notebook", "TurnedAway")
+    # The event is written once the pod is back: waited for, not read once.
+    [event] = wait_until(lambda: scenario.events("notebook", "TurnedAway"), 30, "migchain's TurnedAway event")
     assert f"node {node} refused the borrowed slices at admission (UnexpectedAdmissionError)" in event
     assert "brought back pending under its name" in event
     assert scenario.cluster.returner_metric(TURNED_AWAY, outcome="brought-back") == brought_back_before + 1
