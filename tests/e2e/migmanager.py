@@ -120,6 +120,7 @@ class MigManager:
             self._restart_plugin(self.device_plugins[name], layout)
         else:
             self._bounce(node, layout)
+        self.applied.append(Applied(name, wanted, "success", layout=layout))  # before the state shows it
         self.api.patch(
             path("api", "v1", "nodes", name),
             {
@@ -132,7 +133,6 @@ class MigManager:
                 }
             },
         )
-        self.applied.append(Applied(name, wanted, "success", layout=layout))
         log.info("mig-manager stand-in: %s carved as %s: %s", name, wanted, layout)
 
     def _plan(self, node: Mapping[str, Any], wanted: str) -> tuple[str, dict[str, int]]:
@@ -195,8 +195,8 @@ class MigManager:
 
     def _fail(self, name: str, wanted: str, why: str) -> None:
         self._failed[name] = wanted
+        self.applied.append(Applied(name, wanted, "failed", why))  # before the state a test waits for shows it
         self._set_state(name, "failed")
-        self.applied.append(Applied(name, wanted, "failed", why))
         log.info("mig-manager stand-in: %s not carved as %s: %s", name, wanted, why)
 
     def _set_state(self, name: str, state: str) -> None:
